@@ -1,0 +1,48 @@
+"""Plain-XLA attention: the reference every kernel is tested against, and the `xla` impl.
+
+Shapes: B batch, T query length, S key length, H query heads, K kv heads, G = H // K query heads
+per kv head, D head_dim. Grouped-query attention reshapes the queries to [B, T, K, G, D] so the
+K/V heads are never repeated in memory.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a row whose keys are all masked gives a uniform softmax instead of NaN; far below any
+# real score, so a masked key never contributes once a row has one visible key.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale):
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKGTS * scale
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v_BSKD.dtype), v_BSKD,
+                           preferred_element_type=jnp.float32)
+    return out_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal=True, scale=None):
+    """Self-attention over one sequence: query t sees key s iff s <= t (causal) and both lie in
+    the same segment (packed documents never attend across their boundary)."""
+    T = q_BTHD.shape[1]
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+    mask_BTS = jnp.ones((1, T, T), bool)
+    if causal:
+        mask_BTS = jnp.tril(mask_BTS)
+    if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    return _grouped_attention(q_BTHD, k_BTKD, v_BTKD, mask_BTS, scale)
+
+
+def cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale=None):
+    """Queries at absolute positions against a KV cache whose slot s holds position s: a query
+    at position p sees slots 0..p, so each sequence's valid length is implied by its positions."""
+    S = k_BSKD.shape[1]
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+    mask_BTS = jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None]
+    return _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale)
