@@ -1,0 +1,1 @@
+"""Sharding: logical axis names (axes.py); the rules table and mesh helpers build on them."""

@@ -1,0 +1,301 @@
+"""The Llama 3 transformer in Flax Linen, read top to bottom: norm, rotary, attention, MLP, block, model.
+
+    logits = Llama(cfg).apply({"params": params}, tokens)                         # [B, T, V] float32
+    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions=p, cache=cache)
+
+Shape letters: B batch, T tokens in this call, S KV-cache length, D model dim, H query heads,
+K kv heads, E head dim, F MLP hidden dim, V vocab, L layers.
+
+Parameter names follow Meta's checkpoints (tok_embeddings, wq wk wv wo, w1 w2 w3, attention_norm,
+ffn_norm, norm, output) so converters are thin key maps. Layer parameters are always stacked on a
+leading `layers` axis; `cfg.scan_layers` only decides whether the layer loop is a lax.scan or
+unrolled, so one checkpoint layout serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import kernels
+from llama_jax.config import LlamaConfig
+from llama_jax.sharding import axes
+
+
+# Pure functions ----------------------------------------------------------------------------
+
+def rms_norm(x, scale, eps: float, dtype):
+    # Statistics in float32 whatever the compute dtype, as Meta and HF do: bf16 sums of squares
+    # lose the small components.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(dtype) * scale.astype(dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [E/2] of the rotary embedding, with Llama 3.1's 'llama3' scaling."""
+    E = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E)))
+    inv_freq = inv_freq.astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    # Long wavelengths (beyond the original context) are stretched by `factor`; short ones are kept;
+    # the band between blends linearly in original_context / wavelength.
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(in_band, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNE, positions_BT, inv_freq):
+    """Rotate consecutive pairs (x[2i], x[2i+1]) by position * inv_freq[i]: Meta's complex-number
+    layout (HF checkpoints permute wq/wk rows to use rotate-half instead; converters undo that)."""
+    angles_BTE2 = positions_BT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    cos = jnp.cos(angles_BTE2)[:, :, None, :]
+    sin = jnp.sin(angles_BTE2)[:, :, None, :]
+    x = x_BTNE.astype(jnp.float32).reshape(*x_BTNE.shape[:-1], -1, 2)
+    x_even, x_odd = x[..., 0], x[..., 1]
+    rotated = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
+    return rotated.reshape(x_BTNE.shape).astype(x_BTNE.dtype)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values of every layer; slot s of a sequence holds its position s."""
+
+    k: jax.Array  # [L, B, S, K, E]
+    v: jax.Array  # [L, B, S, K, E]
+
+    LOGICAL_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        dtype = cfg.compute_dtype if dtype is None else dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def _write_cache(cache_BSKE, new_BTKE, start_B):
+    """Write each sequence's new entries at its own start slot (prompts of unequal lengths)."""
+    write = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0))  # noqa: E731
+    return jax.vmap(write)(cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), start_B)
+
+
+# Modules -----------------------------------------------------------------------------------
+
+def _param(module: nn.Module, name: str, shape, logical_axes, cfg: LlamaConfig, std: float = 0.02):
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), logical_axes)
+    return module.param(name, init, shape, cfg.weight_dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        init = nn.with_logical_partitioning(nn.initializers.ones, (axes.EMBED,))
+        scale = self.param("scale", init, (x_BTD.shape[-1],), self.cfg.weight_dtype)
+        return rms_norm(x_BTD, scale, self.cfg.norm_eps, self.cfg.compute_dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs scaled down by depth
+        wq = _param(self, "wq", (D, H, E), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), cfg)
+        wk = _param(self, "wk", (D, K, E), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), cfg)
+        wv = _param(self, "wv", (D, K, E), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), cfg)
+        wo = _param(self, "wo", (H, E, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg, out_std)
+
+        x_BTD = x_BTD.astype(dt)
+        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq.astype(dt))
+        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk.astype(dt))
+        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv.astype(dt))
+        inv_freq = rope_frequencies(cfg)
+        q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
+        k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
+
+        impl = cfg.attention_impl
+        if cache_kv is None:
+            out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, impl=impl)
+            new_cache_kv = None
+        else:
+            # The chunk's tokens occupy consecutive slots starting at each sequence's first position.
+            k_BSKE, v_BSKE = cache_kv
+            start_B = positions_BT[:, 0]
+            k_BSKE = _write_cache(k_BSKE, k_BTKE, start_B)
+            v_BSKE = _write_cache(v_BSKE, v_BTKE, start_B)
+            out_BTHE = kernels.cached_attention(q_BTHE, k_BSKE.astype(dt), v_BSKE.astype(dt), positions_BT,
+                                                impl=impl)
+            new_cache_kv = (k_BSKE, v_BSKE)
+        return jnp.einsum("bthe,hed->btd", out_BTHE.astype(dt), wo.astype(dt)), new_cache_kv
+
+
+class Mlp(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        D, F = cfg.dim, cfg.hidden_dim
+        w1 = _param(self, "w1", (D, F), (axes.EMBED, axes.MLP), cfg)
+        w3 = _param(self, "w3", (D, F), (axes.EMBED, axes.MLP), cfg)
+        w2 = _param(self, "w2", (F, D), (axes.MLP, axes.EMBED), cfg, 0.02 / math.sqrt(2 * cfg.n_layers))
+        x_BTD = x_BTD.astype(dt)
+        gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, w1.astype(dt)))
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3.astype(dt))
+        return jnp.einsum("btf,fd->btd", gate_BTF * up_BTF, w2.astype(dt))
+
+
+_ACTIVATION_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_EMBED)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the scan carries x, and each layer's cache slice is scanned over."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv):
+        x_BTD = nn.with_logical_constraint(x_BTD, _ACTIVATION_AXES)
+        with jax.named_scope("attention"):
+            attn_BTD, cache_kv = Attention(self.cfg, name="attention")(
+                RMSNorm(self.cfg, name="attention_norm")(x_BTD), positions_BT, segment_ids_BT, cache_kv)
+        h_BTD = x_BTD + attn_BTD
+        with jax.named_scope("mlp"):
+            out_BTD = h_BTD + Mlp(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h_BTD))
+        return nn.with_logical_constraint(out_BTD, _ACTIVATION_AXES), cache_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_stack(cfg: LlamaConfig):
+    block = Block
+    if cfg.remat != "none":
+        # prevent_cse is only needed outside scan, where XLA could merge the recomputation away.
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=cfg.n_layers,
+        unroll=1 if cfg.scan_layers else cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+    )(cfg, name="layers")
+
+
+class Llama(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
+        """Logits [B, T, V] in float32; with `cache`, also the updated cache.
+
+        positions: absolute positions (default 0..T-1); with a cache, each row's tokens are written
+        at slots positions[b, 0] onward. segment_ids: packed documents (no cache), attention never
+        crosses a document boundary; positions should then restart at 0 for each document.
+        """
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        B, T = _check_inputs(cfg, tokens_BT, positions_BT, segment_ids_BT, cache)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        embedding_VD = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), (axes.VOCAB, axes.EMBED), cfg)
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
+
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        x_BTD, cache_kv = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, cache_kv)
+        x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
+
+        if cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            output_DV = _param(self, "output", (cfg.dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg)
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output_DV.astype(dt), preferred_element_type=jnp.float32)
+        logits_BTV = nn.with_logical_constraint(
+            logits_BTV, (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, KVCache(*cache_kv)
+
+
+def _check_inputs(cfg, tokens, positions, segment_ids, cache):
+    """Shape checks always; value checks when the tokens are concrete (not under jit)."""
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    B, T = tokens.shape
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+        if value is not None and tuple(value.shape) != (B, T):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected tokens' shape {(B, T)}")
+    if cache is None and T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}")
+    if cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids are for packed training sequences; they cannot be used with a KV cache")
+        if positions is None:
+            raise ValueError("positions are required with a KV cache (they say which cache slots to write)")
+        if cache.k.shape[1] != B or T > cache.max_len:
+            raise ValueError(f"cache of batch {cache.k.shape[1]} and length {cache.max_len} cannot hold tokens "
+                             f"of shape {(B, T)}")
+    if not isinstance(tokens, jax.core.Tracer):
+        values = np.asarray(tokens)
+        if values.size and (values.min() < 0 or values.max() >= cfg.vocab_size):
+            bad = values[(values < 0) | (values >= cfg.vocab_size)].flat[0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size})")
+    if cache is not None and positions is not None and not isinstance(positions, jax.core.Tracer):
+        end = int(np.max(np.asarray(positions))) + 1
+        if end > cache.max_len:
+            raise ValueError(f"position {end - 1} does not fit in a KV cache of length {cache.max_len}")
+    return B, T
+
+
+# Parameters --------------------------------------------------------------------------------
+
+def _boxed_shapes(cfg: LlamaConfig):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens))["params"]
+
+
+def param_logical_axes(cfg: LlamaConfig):
+    """The tree of logical axis names (a PartitionSpec per parameter), without allocating anything."""
+    return nn.get_partition_spec(_boxed_shapes(cfg))
+
+
+def param_shapes(cfg: LlamaConfig):
+    """The tree of jax.ShapeDtypeStruct of every parameter, without allocating anything."""
+    return nn.meta.unbox(_boxed_shapes(cfg))
+
+
+def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0):
+    """Random parameters (plain arrays, in cfg.param_dtype) on the default device."""
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda r: nn.meta.unbox(Llama(cfg).init(r, tokens)["params"]))
+    return init(rng)

@@ -1,0 +1,24 @@
+"""Logical axis names: the only vocabulary the model uses to describe how arrays may be split.
+
+The model tags every parameter, activation boundary and KV-cache array with these names; the
+rules table in this package (the only place that names mesh axes) maps them onto a mesh.
+"""
+
+# Parameters.
+VOCAB = "vocab"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+LAYERS = "layers"
+
+# Activations, constrained at block boundaries.
+ACTIVATION_BATCH = "activation_batch"
+ACTIVATION_LENGTH = "activation_length"
+ACTIVATION_EMBED = "activation_embed"
+ACTIVATION_VOCAB = "activation_vocab"
+
+# KV cache: [layers, batch, length, kv_heads, head_dim].
+CACHE_BATCH = "cache_batch"
+CACHE_LENGTH = "cache_length"
