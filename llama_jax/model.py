@@ -214,7 +214,7 @@ class Llama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
         """Logits [B, T, V] in float32; with `cache`, also the updated cache.
 
         positions: absolute positions (default 0..T-1); with a cache, each row's tokens are written
@@ -222,7 +222,8 @@ class Llama(nn.Module):
         crosses a document boundary; positions should then restart at 0 for each document.
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        B, T = _check_inputs(cfg, tokens_BT, positions_BT, segment_ids_BT, cache)
+        B, T = _check_inputs(cfg, tokens, positions, segment_ids, cache)
+        tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids  # [B, T] each
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 

@@ -1,0 +1,50 @@
+"""Shared test helpers: random parameters with O(1) logits, and the HF transformers twin of a model."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.convert.keymap import HF_KEYS, export_tensors
+from llama_jax.model import init_params
+
+
+def random_params(cfg: LlamaConfig, seed: int = 0):
+    """Weights ~N(0, 0.1) and norm scales ~1 +- 0.2: large enough that logits are O(1-10), so a
+    wrong rotary, mask or norm shows up well above float32 noise (0.02-std init gives ~0 logits)."""
+    shapes = init_params(cfg, seed)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, leaf in leaves:
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        is_norm = jax.tree_util.keystr(path).endswith("['scale']")
+        value = 1.0 + 0.2 * noise if is_norm else 0.1 * noise
+        out.append(jax.numpy.asarray(value, dtype=leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def hf_model(cfg: LlamaConfig, params):
+    """transformers.LlamaForCausalLM in float32 holding exactly `params`."""
+    import torch
+    import transformers
+
+    hf_config = {k: v for k, v in cfg.to_hf_config(dtype="float32").items() if k not in ("architectures",)}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
+    state = {name: torch.from_numpy(np.array(value, np.float32)) for name, value in export_tensors(HF_KEYS, cfg, params)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    return model
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.float().numpy()
+
+
+def f32(cfg: LlamaConfig) -> LlamaConfig:
+    return dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
