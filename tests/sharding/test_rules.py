@@ -1,0 +1,91 @@
+"""THE rules table: golden parameter specs per preset and mesh, the duplicate-axis check, fallbacks."""
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import KVCache
+from llama_jax.sharding import RULES, axes, logical_to_spec
+from llama_jax.sharding.params import param_shardings
+
+
+def abstract_mesh(dp, fsdp, tp):
+    return AbstractMesh((dp, fsdp, tp), ("dp", "fsdp", "tp"))
+
+
+def specs(cfg, mesh):
+    return {jax.tree_util.keystr(k): s.spec for k, s in jax.tree_util.tree_leaves_with_path(param_shardings(cfg, mesh))}
+
+
+def test_rules_table_names_each_logical_axis_once_and_covers_the_model():
+    names = [name for name, _ in RULES]
+    assert len(names) == len(set(names))
+    every_logical_name = {v for k, v in vars(axes).items() if k.isupper()}
+    assert set(names) == every_logical_name
+
+
+L = "['layers']"
+GOLDEN_8B_DP2_FSDP4_TP8 = {
+    f"{L}['attention']['wq']": P(None, "fsdp", "tp"),
+    f"{L}['attention']['wk']": P(None, "fsdp", "tp"),
+    f"{L}['attention']['wv']": P(None, "fsdp", "tp"),
+    f"{L}['attention']['wo']": P(None, "tp", None, "fsdp"),
+    f"{L}['attention_norm']['scale']": P(None, "fsdp"),
+    f"{L}['ffn_norm']['scale']": P(None, "fsdp"),
+    f"{L}['feed_forward']['w1']": P(None, "fsdp", "tp"),
+    f"{L}['feed_forward']['w3']": P(None, "fsdp", "tp"),
+    f"{L}['feed_forward']['w2']": P(None, "tp", "fsdp"),
+    "['norm']['scale']": P("fsdp"),
+    "['output']": P("fsdp", "tp"),
+    "['tok_embeddings']": P("tp", "fsdp"),
+}
+
+
+def test_golden_specs_llama31_8b_dp2_fsdp4_tp8():
+    assert specs(LlamaConfig.preset("llama3.1-8b"), abstract_mesh(2, 4, 8)) == GOLDEN_8B_DP2_FSDP4_TP8
+
+
+def test_golden_specs_pure_data_parallel_replicates_everything():
+    assert set(specs(LlamaConfig.preset("llama3.2-1b"), abstract_mesh(8, 1, 1)).values()) == {P()}
+
+
+def test_golden_specs_llama32_3b_tp8_tied():
+    got = specs(LlamaConfig.preset("llama3.2-3b"), abstract_mesh(1, 1, 8))
+    assert "['output']" not in got  # tied: the embedding is the output projection
+    assert got["['tok_embeddings']"] == P("tp")
+    assert got[f"{L}['attention']['wq']"] == P(None, None, "tp")  # 24 heads / 8
+    assert got[f"{L}['attention']['wk']"] == P(None, None, "tp")  # 8 kv heads / 8
+    assert got[f"{L}['feed_forward']['w2']"] == P(None, "tp")
+
+
+def test_golden_specs_70b_fsdp64():
+    got = specs(LlamaConfig.preset("llama3.1-70b"), abstract_mesh(1, 64, 1))
+    assert got[f"{L}['attention']['wo']"] == P(None, None, None, "fsdp")
+    assert got["['tok_embeddings']"] == P(None, "fsdp")
+
+
+def test_dims_a_mesh_axis_does_not_divide_are_replicated_over_it():
+    # 2 kv heads cannot be split 8 ways: every tp rank keeps both (GQA's usual fallback); 8 query heads split.
+    cfg = LlamaConfig.preset("tiny", n_heads=8, n_kv_heads=2)
+    got = specs(cfg, abstract_mesh(1, 1, 8))
+    assert got[f"{L}['attention']['wk']"] == P()
+    assert got[f"{L}['attention']['wq']"] == P(None, None, "tp")
+
+
+def test_two_dims_on_one_mesh_axis_raise():
+    with pytest.raises(ValueError, match="'heads' and 'mlp' both map to mesh axis 'tp'"):
+        logical_to_spec((axes.HEADS, axes.MLP))
+    with pytest.raises(ValueError, match="both map to mesh axis 'fsdp'"):
+        logical_to_spec((axes.ACTIVATION_BATCH, axes.EMBED))
+    with pytest.raises(ValueError, match="no sharding rule for logical axis 'bogus'"):
+        logical_to_spec(("bogus",))
+    with pytest.raises(ValueError, match="do not match the array's rank"):
+        logical_to_spec((axes.EMBED,), shape=(4, 4))
+
+
+def test_batch_and_cache_specs():
+    mesh = abstract_mesh(2, 4, 1)
+    assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH), (64, 128), mesh) == P(("dp", "fsdp"))
+    assert logical_to_spec(KVCache.LOGICAL_AXES, (16, 8, 64, 8, 128), abstract_mesh(1, 2, 4)) == P(None, "fsdp", None, "tp")
+    assert logical_to_spec(KVCache.LOGICAL_AXES) == P(None, ("dp", "fsdp"), None, "tp")
