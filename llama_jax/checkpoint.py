@@ -10,9 +10,12 @@ interrupted save never leaves a half-written checkpoint at DIR.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -27,19 +30,55 @@ PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def check_params(cfg: LlamaConfig, params) -> None:
-    """Raise ValueError naming the first parameter whose presence, shape or dtype disagrees with cfg."""
+def check_params(cfg: LlamaConfig, params, *, what: str = "params") -> None:
+    """Raise ValueError naming the first parameter whose presence, shape or dtype disagrees with cfg.
+    `params` may be arrays or anything with .shape and .dtype (ShapeDtypeStruct, Orbax metadata)."""
     expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
     actual = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     missing, unexpected = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"params do not match the config: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+        raise ValueError(f"{what} do not match the config: missing {missing or 'none'}, "
+                         f"unexpected {unexpected or 'none'}")
     for name, want in expected.items():
         got = actual[name]
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"param {name} has shape {tuple(got.shape)}, the config implies {tuple(want.shape)}")
+            raise ValueError(f"{what}: param {name} has shape {tuple(got.shape)}, the config implies "
+                             f"{tuple(want.shape)}")
         if np.dtype(got.dtype) != np.dtype(want.dtype):
-            raise ValueError(f"param {name} has dtype {np.dtype(got.dtype).name}, config.param_dtype is {cfg.param_dtype}")
+            raise ValueError(f"{what}: param {name} has dtype {np.dtype(got.dtype).name}, config.param_dtype is "
+                             f"{cfg.param_dtype}")
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty directory beside `path` to fill; once the block completes it replaces `path`.
+
+    Raises ValueError before yielding when `path` exists and is not empty (a file, or a directory
+    with entries) and `overwrite` is false. On any exception the partial directory is removed, so
+    nothing is ever left at `path` half-written.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} already exists and is not empty (pass overwrite=True, or --overwrite, to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_metadata(directory: str | os.PathLike, cfg: LlamaConfig,
+                   tokenizer_path: str | os.PathLike | None = None) -> None:
+    """config.json, and tokenizer.model when given: the checkpoint directory beside params/."""
+    directory = Path(directory)
+    (directory / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
 
 
 def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str | os.PathLike | None = None,
@@ -49,23 +88,11 @@ def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str 
     check_params(cfg, params)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise ValueError(f"tokenizer file {tokenizer_path} does not exist")
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{path} already exists and is not empty (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with staged_directory(path, overwrite=overwrite) as staging:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
-        (staging / CONFIG_FILE).write_text(cfg.to_json() + "\n")
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, staging / TOKENIZER_FILE)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_metadata(staging, cfg, tokenizer_path)
     return path
 
 
@@ -83,7 +110,6 @@ def load(path: str | os.PathLike, *, shardings=None, **config_overrides) -> tupl
     path = Path(path).absolute()
     cfg = load_config(path)
     if config_overrides:
-        import dataclasses
         cfg = dataclasses.replace(cfg, **config_overrides)
     shapes = param_shapes(cfg)
     if shardings is None:
@@ -91,12 +117,23 @@ def load(path: str | os.PathLike, *, shardings=None, **config_overrides) -> tupl
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: params do not match {CONFIG_FILE} or are damaged ({first_line})") from e
+        stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"{path}/{PARAMS_DIR}: unreadable Orbax checkpoint ({_first_line(e)})") from e
+    # Compare shapes before reading: a mismatch found mid-restore surfaces as a pile of async errors.
+    check_params(load_config(path), stored, what=f"{path}: stored params vs {CONFIG_FILE}")
+    try:
+        params = checkpointer.restore(path / PARAMS_DIR, target)
+    except Exception as e:  # noqa: BLE001 (tensorstore read failures arrive as bare Exception)
+        raise ValueError(f"{path}/{PARAMS_DIR}: damaged checkpoint ({_first_line(e)})") from e
     return cfg, params
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:

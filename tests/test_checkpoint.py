@@ -1,0 +1,100 @@
+"""save / load of the self-contained checkpoint directory."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import checkpoint
+from llama_jax.config import PRESETS, LlamaConfig
+from tests.reference import random_params
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("preset, param_dtype", [("tiny", "float32"), ("tiny-3.2", "bfloat16")])
+def test_round_trip_is_exact(tmp_path, preset, param_dtype):
+    cfg = dataclasses.replace(PRESETS[preset], param_dtype=param_dtype)
+    params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(cfg))
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"stand-in tokenizer bytes")
+    out = checkpoint.save(tmp_path / "ckpt", cfg, params, tokenizer_path=tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok.model"], "no staging dir left behind"
+    loaded_cfg, loaded = checkpoint.load(out)
+    assert loaded_cfg == cfg
+    assert_trees_equal(params, loaded)
+    assert checkpoint.tokenizer_path(out).read_bytes() == b"stand-in tokenizer bytes"
+
+
+def test_config_json_is_readable(tmp_path):
+    cfg = PRESETS["tiny-3.1"]
+    out = checkpoint.save(tmp_path / "ckpt", cfg, random_params(cfg))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["dim"] == cfg.dim and raw["rope_scaling"]["factor"] == 8.0 and raw["dtype"] == "float32"
+    assert LlamaConfig.from_dict(raw) == cfg
+    assert checkpoint.tokenizer_path(out) is None
+
+
+def test_load_with_overrides_and_target_sharding(tmp_path):
+    cfg = PRESETS["tiny"]
+    params = random_params(cfg)
+    out = checkpoint.save(tmp_path / "ckpt", cfg, params)
+    device = jax.devices()[-1]
+    loaded_cfg, loaded = checkpoint.load(out, shardings=jax.sharding.SingleDeviceSharding(device),
+                                         attention_impl="xla", dtype="bfloat16")
+    assert loaded_cfg.dtype == "bfloat16" and loaded_cfg.param_dtype == "float32"
+    assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(loaded))
+    assert_trees_equal(params, loaded)
+
+
+def test_save_refuses_mismatched_params_and_leaves_nothing(tmp_path):
+    cfg = PRESETS["tiny"]
+    params = random_params(cfg)
+    wrong_shape = jax.tree.map(lambda x: x, params)
+    wrong_shape["norm"]["scale"] = jnp.ones(cfg.dim + 1)
+    with pytest.raises(ValueError, match=r"param \['norm'\]\['scale'\] has shape \(65,\)"):
+        checkpoint.save(tmp_path / "a", cfg, wrong_shape)
+    missing = {k: v for k, v in params.items() if k != "output"}
+    with pytest.raises(ValueError, match=r"missing \[\"\['output'\]\"\]"):
+        checkpoint.save(tmp_path / "b", cfg, missing)
+    with pytest.raises(ValueError, match="dtype bfloat16, config.param_dtype is float32"):
+        checkpoint.save(tmp_path / "c", cfg, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    with pytest.raises(ValueError, match="tokenizer file .* does not exist"):
+        checkpoint.save(tmp_path / "d", cfg, params, tokenizer_path=tmp_path / "nope.model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_does_not_overwrite_unless_asked(tmp_path):
+    cfg = PRESETS["tiny"]
+    first, second = random_params(cfg, seed=1), random_params(cfg, seed=2)
+    out = checkpoint.save(tmp_path / "ckpt", cfg, first)
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        checkpoint.save(out, cfg, second)
+    assert_trees_equal(checkpoint.load(out)[1], first)
+    checkpoint.save(out, cfg, second, overwrite=True)
+    assert_trees_equal(checkpoint.load(out)[1], second)
+
+
+def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="is not a llama_jax checkpoint"):
+        checkpoint.load(tmp_path)
+    cfg = PRESETS["tiny"]
+    out = checkpoint.save(tmp_path / "ckpt", cfg, random_params(cfg))
+    # A config whose shapes no longer match the stored params.
+    (out / "config.json").write_text(dataclasses.replace(cfg, n_layers=3).to_json())
+    with pytest.raises(ValueError, match=r"stored params vs config.json: param .* has shape \(2, "):
+        checkpoint.load(out)
+    # Params whose files were cut short.
+    (out / "config.json").write_text(cfg.to_json())
+    largest = max((f for f in (out / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    with pytest.raises(ValueError, match="ckpt/params: (damaged|unreadable)"):
+        checkpoint.load(out)
