@@ -3,21 +3,72 @@
 - `attention`: causal self-attention for training and whole-sequence forward passes.
 - `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
   into the cache and decode steps).
+
+impl: "xla" (plain XLA, any backend), "pallas" (our kernels: flash_attention.py and
+decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s
+cuDNN fused attention, NVIDIA GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). On CPU
+"pallas" runs only with interpret=True (the Pallas interpreter: exact, slow, for tests).
 """
 
+import jax
+import jax.numpy as jnp
+
+from llama_jax.kernels.decode_attention import decode_attention
+from llama_jax.kernels.flash_attention import default_lowering, flash_attention
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
 
+IMPLS = ("xla", "pallas", "cudnn", "auto")
 
-def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, impl: str = "xla"):
+
+def _is_cuda() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()
+
+
+def resolve_impl(impl: str, *, interpret: bool = False) -> str:
+    """The concrete implementation `impl` means on the current backend; ValueError if it has none."""
+    backend = jax.default_backend()
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if default_lowering(backend) else "xla"
+    if impl == "pallas" and default_lowering(backend) is None and not interpret:
+        raise ValueError(f"attention impl 'pallas' has no lowering on backend {backend!r} (GPU and "
+                         "TPU only); use 'xla', or interpret=True to run the kernels in the "
+                         "Pallas interpreter")
+    if impl == "cudnn" and not _is_cuda():
+        raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU backend, not {backend!r}")
+    return impl
+
+
+def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, impl: str = "xla",
+              interpret: bool = False):
+    impl = resolve_impl(impl, interpret=interpret)
     if impl == "xla":
         return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
-    raise ValueError(f"attention impl {impl!r} is not available yet (have: xla)")
+    if impl == "pallas":
+        return flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret=interpret)
+    # cudnn takes packed documents only as a dense [B, 1, T, T] mask.
+    mask = None
+    if segment_ids_BT is not None:
+        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, is_causal=True,
+                                        implementation="cudnn")
 
 
-def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla"):
+def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla",
+                     interpret: bool = False):
+    impl = resolve_impl(impl, interpret=interpret)
     if impl == "xla":
         return cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT)
-    raise ValueError(f"cached attention impl {impl!r} is not available yet (have: xla)")
+    if impl == "pallas":
+        return decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret=interpret)
+    S = k_BSKD.shape[1]
+    mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask,
+                                        implementation="cudnn")
 
 
-__all__ = ["attention", "cached_attention", "attention_reference", "cached_attention_reference"]
+__all__ = ["IMPLS", "attention", "cached_attention", "resolve_impl", "attention_reference",
+           "cached_attention_reference", "flash_attention", "decode_attention"]

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.flash_attention import LANES, LOWERINGS, M_FLOOR, default_lowering
+from llama_jax.kernels.flash_attention import LANES, LOWERINGS, M_FLOOR, _lanes, default_lowering
 from llama_jax.kernels.reference import cached_attention_reference
 
 
@@ -138,7 +138,8 @@ def _partials_triton(q_BKRD, k_BSKD, v_BSKD, pos_BR, num_splits, cfg):
 # ---------------------------------------------------------------------------------------------
 # Mosaic (TPU): grid (batch, kv-head group, row block, split, block in split), the last axis
 # accumulating. The cache is viewed as [B, S, K * D] so a tile is (bk, W) with W = hp * D a whole
-# number of 128-lane vregs: hp = 128 // D heads share a tile when D < 128. Each of those heads'
+# number of 128-lane vregs: hp = 128 // D heads share a tile when D < 128 (all K heads when K
+# does not split that way: a full-width tile needs no alignment). Each of those heads'
 # queries is zero outside its own D lanes, so q . k_tile^T is exactly its scores, and its output
 # is read from its own lanes of p . v_tile: no unaligned lane slicing.
 
@@ -171,8 +172,7 @@ def _decode_kernel_mosaic(last_block_BN, q_ref, k_ref, v_ref, pos_ref, acc_ref, 
             p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
             l_scr[h] = alpha * l_scr[h] + p.sum(axis=1, keepdims=True)
             m_scr[h] = m_next
-            alpha_w = alpha if W == LANES else jnp.tile(alpha, (1, W // LANES))
-            acc_scr[h] = acc_scr[h] * alpha_w + _dot(p.astype(v.dtype), v, _NN)
+            acc_scr[h] = acc_scr[h] * _lanes(alpha, W) + _dot(p.astype(v.dtype), v, _NN)
 
     @pl.when(t == pl.num_programs(4) - 1)
     def _finish():
@@ -186,7 +186,7 @@ def _partials_mosaic(q_BKRD, k_BSKD, v_BSKD, pos_BR, num_splits, cfg):
     S = k_BSKD.shape[1]
     hp = LANES // D if D < LANES and K % (LANES // D) == 0 else 1
     if (hp * D) % LANES:
-        raise ValueError(f"mosaic decode needs head_dim a divisor or multiple of 128, got {D}")
+        hp = K  # a tile as wide as all kv heads: a full-width block needs no lane alignment
     W, KG = hp * D, K // hp
     br, bk, bps = cfg.block_rows, cfg.block_k, cfg.blocks_per_split
     n_rb = Rp // br

@@ -664,15 +664,18 @@ def _fit_blocks(bs: BlockSizes, T: int, lowering: str):
     return blocks, Tp
 
 
-def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal: bool = True,
-                    scale: float | None = None, block_sizes: BlockSizes | None = None,
-                    lowering: str | None = None, interpret: bool = False):
+def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, kv_segment_ids_BT=None,
+                    causal: bool = True, scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, lowering: str | None = None,
+                    interpret: bool = False):
     """Self-attention q [B, T, H, D] x k, v [B, T, K, D] -> [B, T, H, D], differentiable.
 
     Same contract as `attention_reference`: query t sees key s iff s <= t (if causal) and both
-    carry the same segment id. `lowering` picks the kernel ("triton" GPU, "mosaic" TPU; default:
-    the current backend's); `interpret=True` runs that kernel in the Pallas interpreter, which is
-    the only way on CPU. T need not be a multiple of any block: the wrapper pads and masks.
+    carry the same segment id. `kv_segment_ids_BT`, if given, are the keys' ids where they differ
+    from the queries' (e.g. a padding id no query carries); a query that sees no key gets 0.
+    `lowering` picks the kernel ("triton" GPU, "mosaic" TPU; default: the current backend's);
+    `interpret=True` runs that kernel in the Pallas interpreter, which is the only way on CPU.
+    T need not be a multiple of any block: the wrapper pads and masks.
     """
     B, T, H, D = q_BTHD.shape
     K = k_BTKD.shape[2]
@@ -683,8 +686,13 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal: bool
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
     if not (q_BTHD.dtype == k_BTKD.dtype == v_BTKD.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q_BTHD.dtype}, {k_BTKD.dtype}, {v_BTKD.dtype}")
-    if segment_ids_BT is not None and segment_ids_BT.shape != (B, T):
-        raise ValueError(f"segment_ids {segment_ids_BT.shape} must be [B, T] = {(B, T)}")
+    if kv_segment_ids_BT is not None and segment_ids_BT is None:
+        raise ValueError("kv_segment_ids_BT needs segment_ids_BT for the queries")
+    if segment_ids_BT is not None:
+        kv_segment_ids_BT = segment_ids_BT if kv_segment_ids_BT is None else kv_segment_ids_BT
+        if segment_ids_BT.shape != (B, T) or kv_segment_ids_BT.shape != (B, T):
+            raise ValueError(f"segment ids {segment_ids_BT.shape}, {kv_segment_ids_BT.shape} must "
+                             f"be [B, T] = {(B, T)}")
     if lowering is None:
         lowering = default_lowering()
         if lowering is None:
@@ -704,17 +712,17 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal: bool
 
     pad = [(0, 0), (0, Tp - T), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(x, pad) for x in (q_BTHD, k_BTKD, v_BTKD))
-    seg = None
-    if segment_ids_BT is not None:
-        seg = jnp.pad(segment_ids_BT.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
+    qs = ks = None
+    if segment_ids_BT is not None:  # padding rows get id -1: they only ever see each other
+        qs, ks = (jnp.pad(s.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
+                  for s in (segment_ids_BT, kv_segment_ids_BT))
     if lowering == "triton":
-        o = _flash(q, k, v, seg, seg, cfg)
+        o = _flash(q, k, v, qs, ks, cfg)
     else:
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-        qs = ks = None
-        if seg is not None:
-            qs = jnp.broadcast_to(seg[:, :, None], (B, Tp, LANES))
-            ks = jnp.broadcast_to(seg[:, None, :], (B, SUBLANES, Tp))
+        if qs is not None:
+            qs = jnp.broadcast_to(qs[:, :, None], (B, Tp, LANES))
+            ks = jnp.broadcast_to(ks[:, None, :], (B, SUBLANES, Tp))
         o = _flash(q, k, v, qs, ks, cfg).transpose(0, 2, 1, 3)
     return o[:, :T]
 
