@@ -1,0 +1,269 @@
+"""Attention throughput: our Pallas kernels against XLA, cuDNN and JAX's own Pallas kernels.
+
+    python bench/attention.py            # GPU / TPU: seq 1k..32k, H=32, K=8, D=128, bf16
+    python bench/attention.py --quick    # any backend, tiny sizes (CPU: kernels interpreted)
+
+Training attention: forward and forward+backward TFLOP/s, causal FLOPs counted as the useful
+half of the square: forward 4 * B * H * T * T * D / 2, backward 2.5 times that (five matmuls to
+the forward's two), recomputation not counted. Batch shrinks as the sequence grows so every
+row has the same tokens. JAX's Pallas reference kernels (ops.gpu.attention.mha, ops.tpu
+.flash_attention) are multi-head only, so they get K/V repeated to H heads (and, on TPU,
+transposed head-major) outside the timing; their gradients are then w.r.t. the repeated K/V.
+The XLA path is skipped where its [B, H, T, T] float32 scores would pass 16 GiB.
+
+Decode: one query per sequence against a full 32k bf16 cache at batch 8; cells are the K/V bytes
+read per second and their fraction of a device copy's bandwidth measured in the same run. JAX's
+GPU decode kernel (ops.gpu.decode_attention.gqa) is timed as shipped, K/V transposes included.
+
+Prints one markdown table and appends it, with machine, date and commit, to bench/RESULTS.md
+under its own section (other scripts append to that file too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import math
+import pathlib
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.kernels import decode_attention, flash_attention
+from llama_jax.kernels.flash_attention import default_lowering
+from llama_jax.kernels.reference import cached_attention_reference
+
+SECTION = "## Attention kernels (bench/attention.py)"
+IMPLS = ("pallas (ours)", "xla", "cudnn", "jax pallas ops")
+XLA_SCORES_LIMIT = 16 * 2**30  # bytes of f32 scores past which the XLA path is not tried
+
+
+def timeit(fn, *args, reps=7, sample_s=0.02):
+    """Median seconds per call: compiled and warmed first, each sample synced once at its end."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    inner = max(1, int(sample_s / max(time.perf_counter() - start, 1e-6)))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes, reps):
+    """Bytes read + written per second by an elementwise pass: the memory ceiling we can reach."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    seconds = timeit(jax.jit(lambda x: x + 1), x, reps=reps)
+    return 2 * x.nbytes / seconds
+
+
+def _has_cudnn():
+    return (jax.default_backend() == "gpu"
+            and "rocm" not in jax.devices()[0].client.platform_version.lower())
+
+
+def _repeat_kv(q, k, v):
+    G = q.shape[2] // k.shape[2]
+    return q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+
+
+def _head_major(q, k, v):
+    return tuple(x.transpose(0, 2, 1, 3) for x in _repeat_kv(q, k, v))
+
+
+def attention_impls(lowering, interpret, D):
+    """name -> (prepare, fn): prepare(q, k, v) runs untimed, fn(*prepared) is timed; or a reason
+    the impl does not run here. q [B, T, H, D], k, v [B, T, K, D]."""
+    scale = D ** -0.5
+    same = lambda q, k, v: (q, k, v)
+    impls = {
+        "pallas (ours)": (same, lambda q, k, v: flash_attention(q, k, v, lowering=lowering,
+                                                                interpret=interpret)),
+        "xla": (same, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                   implementation="xla")),
+        "cudnn": (same, lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn")) if _has_cudnn() else "no cuDNN",
+        "jax pallas ops": "no Pallas lowering",
+    }
+    if lowering == "triton":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        impls["jax pallas ops"] = (_repeat_kv, lambda q, k, v: mha(
+            q, k, v, None, sm_scale=scale, causal=True, interpret=interpret))
+    elif lowering == "mosaic":
+        from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention as tpu_fa
+
+        impls["jax pallas ops"] = (_head_major, lambda q, k, v: tpu_fa(
+            q, k, v, causal=True, sm_scale=scale))
+    return impls
+
+
+def bench_training(args, lowering, interpret):
+    rows = []
+    D, H, K = 128, args.heads, args.kv_heads
+    for T in args.seqs:
+        B = max(1, args.tokens // T)
+        keys = jax.random.split(jax.random.key(T), 4)
+        q, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in keys[:2])
+        k, v = (jax.random.normal(kk, (B, T, K, D), jnp.bfloat16) for kk in keys[2:])
+        fwd_flops = 4 * B * H * T * T * D / 2
+        cells = {"fwd": {}, "fwd+bwd": {}}
+        for name, impl in attention_impls(lowering, interpret, D).items():
+            if isinstance(impl, str):
+                cells["fwd"][name] = cells["fwd+bwd"][name] = f"n/a ({impl})"
+                continue
+            if name == "xla" and 4 * B * H * T * T > XLA_SCORES_LIMIT:
+                cells["fwd"][name] = cells["fwd+bwd"][name] = "skipped (T^2 scores)"
+                continue
+            prepare, f = impl
+            qkv = jax.block_until_ready(jax.jit(prepare)(q, k, v))
+            fwd = jax.jit(f)
+            fwd_bwd = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+            for label, fn, fargs, flops in [("fwd", fwd, qkv, fwd_flops),
+                                            ("fwd+bwd", fwd_bwd, (*qkv, do), 3.5 * fwd_flops)]:
+                try:
+                    seconds = timeit(fn, *fargs, reps=args.reps)
+                    cells[label][name] = _fmt(flops / seconds / 1e12)
+                except Exception as e:  # noqa: BLE001 - one failing impl must not stop the table
+                    cells[label][name] = _failure(e)
+        if T == args.seqs[0]:
+            got = jax.jit(attention_impls(lowering, interpret, D)["pallas (ours)"][1])(q, k, v)
+            want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+            err = float(jnp.linalg.norm((got - want).astype(jnp.float32))
+                        / jnp.linalg.norm(want.astype(jnp.float32)))
+            print(f"check T={T}: ours vs xla relative error {err:.1e}")
+        for label in ("fwd", "fwd+bwd"):
+            rows.append([f"{label} TFLOP/s", str(T), str(B)] + [cells[label][n] for n in IMPLS])
+    return rows
+
+
+def bench_decode(args, lowering, interpret, bandwidth):
+    D, H, K, B, S = 128, args.heads, args.kv_heads, args.decode_batch, args.cache
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (B, 1, H, D), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (B, S, K, D), jnp.bfloat16) for kk in keys[1:])
+    positions = jnp.full((B, 1), S - 1, jnp.int32)  # full cache: every slot is read
+    kv_bytes = k.nbytes + v.nbytes
+    impls = {
+        "pallas (ours)": lambda q, k, v: decode_attention(q, k, v, positions, lowering=lowering,
+                                                          interpret=interpret),
+        "xla": lambda q, k, v: cached_attention_reference(q, k, v, positions),
+        "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=positions[:, 0] + 1, implementation="cudnn"))
+        if _has_cudnn() else "n/a (no cuDNN)",
+        "jax pallas ops": "n/a (no Pallas lowering)",
+    }
+    if lowering == "triton":
+        from jax.experimental.pallas.ops.gpu.decode_attention import gqa
+
+        impls["jax pallas ops"] = lambda q, k, v: gqa(q[:, 0], k, v, kv_seq_len=positions[:, 0] + 1,
+                                                      interpret=interpret)[:, None]
+    elif lowering == "mosaic":
+        impls["jax pallas ops"] = "n/a (TPU ops are paged-cache kernels)"
+    cells = []
+    for name in IMPLS:
+        f = impls[name]
+        if isinstance(f, str):
+            cells.append(f)
+            continue
+        try:
+            seconds = timeit(jax.jit(f), q, k, v, reps=args.reps)
+            rate = kv_bytes / seconds
+            cells.append(f"{_fmt(rate / 1e9)} GB/s ({100 * rate / bandwidth:.0f}%)")
+        except Exception as e:  # noqa: BLE001
+            cells.append(_failure(e))
+    return [[f"decode, {S // 1024}k cache", str(S), str(B)] + cells]
+
+
+def _fmt(x):
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def _failure(e):
+    text = str(e)
+    print(f"  failed: {type(e).__name__}: {text[:300]}")
+    return "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "error"
+
+
+def markdown(rows):
+    header = ["metric", "seq", "batch", *IMPLS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llama_jax/kernels",
+                                "bench/attention.py"], capture_output=True, text=True).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_results(path: pathlib.Path, entry: str):
+    """Add `entry` at the end of this script's section, creating file or section if missing."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
+    start = text.index(SECTION) + len(SECTION)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    section = text[start:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n"
+    text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
+    path.write_text(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU (interpreted)")
+    p.add_argument("--results", type=pathlib.Path,
+                   default=pathlib.Path(__file__).resolve().parent / "RESULTS.md")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    args = p.parse_args(argv)
+
+    lowering = default_lowering()
+    interpret = lowering is None
+    if interpret and not args.quick:
+        p.error(f"backend {jax.default_backend()!r} has no Pallas lowering: use --quick")
+    if interpret:
+        lowering = "triton"  # run the GPU kernels in the Pallas interpreter
+    if args.quick:
+        args.seqs, args.tokens, args.heads, args.kv_heads = [128, 256], 256, 4, 1
+        args.decode_batch, args.cache, args.reps, copy_bytes = 2, 1024, 2, 2**24
+    else:
+        args.seqs, args.tokens, args.heads, args.kv_heads = [1024 * 2**i for i in range(6)], 32768, 32, 8
+        args.decode_batch, args.cache, args.reps, copy_bytes = 8, 32768, 7, 2**31
+
+    device = jax.devices()[0]
+    machine = f"{device.platform}: {device.device_kind}" + (" (kernels interpreted)" if interpret else "")
+    print(f"{machine}; jax {jax.__version__}; H={args.heads} K={args.kv_heads} D=128 bf16")
+    bandwidth = copy_bandwidth(copy_bytes, args.reps)
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    rows = bench_training(args, lowering, interpret)
+    rows += bench_decode(args, lowering, interpret, bandwidth)
+    table = markdown(rows)
+    print(table)
+
+    if not args.no_append:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        entry = (f"### {date}, {machine}, commit {_git_commit()}{', --quick' if args.quick else ''}\n\n"
+                 f"jax {jax.__version__}; H={args.heads}, K={args.kv_heads}, D=128, bf16, causal; "
+                 f"{args.tokens} tokens per step; copy bandwidth {bandwidth / 1e9:.0f} GB/s. "
+                 "TFLOP/s counts causal FLOPs (fwd 2*B*H*T^2*D, bwd 2.5x fwd); decode cells are "
+                 "K/V bytes read per second (% of the copy bandwidth).\n\n" + table)
+        append_results(args.results, entry)
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
