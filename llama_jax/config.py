@@ -211,7 +211,7 @@ class LlamaConfig:
             rope_theta=raw.get("rope_theta", 500000.0),
         )
         scaled = bool(raw.get("use_scaled_rope", False))
-        preset_name = matching_preset(values, scaled_rope=scaled)
+        preset_name = matching_preset({**values, **overrides}, scaled_rope=scaled)
         preset = PRESETS[preset_name] if preset_name else None
         if scaled:
             if rope_scaling_factor is not None:

@@ -1,8 +1,8 @@
 """One declarative map between our parameter tree and Meta's / Hugging Face's tensor names.
 
-Each entry: source name template -> (our param path, layout transform). Layer tensors of the
-checkpoints are per layer (`{i}` in the name); ours are stacked on a leading layers axis, so the
-entry for layer i reads or writes slice [i] of the stacked array.
+Each entry: source name template -> (our param path, its shape in the checkpoint, layout transforms).
+Layer tensors of the checkpoints are per layer (`{i}` in the name); ours are stacked on a leading
+layers axis, so the entry for layer i reads or writes slice [i] of the stacked array.
 
 Layouts (torch Linear weights are [out, in]):
     ours wq [D, H, E]  <->  Meta wq.weight [H*E, D]  <->  HF q_proj.weight [H*E, D], rows permuted
@@ -14,7 +14,7 @@ undo that on import and redo it on export (getting it wrong gives a model that l
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -36,6 +36,7 @@ def halves_to_interleaved(w_RC: np.ndarray, n_heads: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Entry:
     path: tuple[str, ...]  # our param path; a per-layer entry indexes the stacked leading axis
+    shape: Callable[[LlamaConfig], tuple[int, ...]]  # the checkpoint tensor's shape (one layer)
     to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]  # checkpoint layout -> ours (one layer)
     to_theirs: Callable[[np.ndarray, LlamaConfig], np.ndarray]  # ours (one layer) -> checkpoint layout
     per_layer: bool = True
@@ -78,37 +79,65 @@ def _wo_out(w, cfg):  # [H, E, D] -> [D, H*E]
 _Q = lambda cfg: cfg.n_heads  # noqa: E731
 _KV = lambda cfg: cfg.n_kv_heads  # noqa: E731
 
-
-def _attention_entries(hf: bool) -> dict[str, Entry]:
-    return {
-        "wq": Entry(("layers", "attention", "wq"), _heads_in(_Q, hf), _heads_out(_Q, hf)),
-        "wk": Entry(("layers", "attention", "wk"), _heads_in(_KV, hf), _heads_out(_KV, hf)),
-        "wv": Entry(("layers", "attention", "wv"), _heads_in(_KV, False), _heads_out(_KV, False)),
-        "wo": Entry(("layers", "attention", "wo"), _wo_in, _wo_out),
-    }
+# Checkpoint shapes, torch Linear layout [out, in].
+_Q_ROWS = lambda cfg: (cfg.n_heads * cfg.head_dim, cfg.dim)  # noqa: E731
+_KV_ROWS = lambda cfg: (cfg.n_kv_heads * cfg.head_dim, cfg.dim)  # noqa: E731
+_WO = lambda cfg: (cfg.dim, cfg.n_heads * cfg.head_dim)  # noqa: E731
+_MLP_IN = lambda cfg: (cfg.hidden_dim, cfg.dim)  # noqa: E731
+_MLP_OUT = lambda cfg: (cfg.dim, cfg.hidden_dim)  # noqa: E731
+_VOCAB = lambda cfg: (cfg.vocab_size, cfg.dim)  # noqa: E731
+_NORM = lambda cfg: (cfg.dim,)  # noqa: E731
 
 
 def _block_entries(hf: bool) -> dict[str, Entry]:
-    return _attention_entries(hf) | {
-        "w1": Entry(("layers", "feed_forward", "w1"), _transpose, _transpose),
-        "w2": Entry(("layers", "feed_forward", "w2"), _transpose, _transpose),
-        "w3": Entry(("layers", "feed_forward", "w3"), _transpose, _transpose),
-        "attention_norm": Entry(("layers", "attention_norm", "scale"), _same, _same),
-        "ffn_norm": Entry(("layers", "ffn_norm", "scale"), _same, _same),
+    return {
+        "wq": Entry(("layers", "attention", "wq"), _Q_ROWS, _heads_in(_Q, hf), _heads_out(_Q, hf)),
+        "wk": Entry(("layers", "attention", "wk"), _KV_ROWS, _heads_in(_KV, hf), _heads_out(_KV, hf)),
+        "wv": Entry(("layers", "attention", "wv"), _KV_ROWS, _heads_in(_KV, False), _heads_out(_KV, False)),
+        "wo": Entry(("layers", "attention", "wo"), _WO, _wo_in, _wo_out),
+        "w1": Entry(("layers", "feed_forward", "w1"), _MLP_IN, _transpose, _transpose),
+        "w2": Entry(("layers", "feed_forward", "w2"), _MLP_OUT, _transpose, _transpose),
+        "w3": Entry(("layers", "feed_forward", "w3"), _MLP_IN, _transpose, _transpose),
+        "attention_norm": Entry(("layers", "attention_norm", "scale"), _NORM, _same, _same),
+        "ffn_norm": Entry(("layers", "ffn_norm", "scale"), _NORM, _same, _same),
     }
 
 
 _META_BLOCK, _HF_BLOCK = _block_entries(hf=False), _block_entries(hf=True)
+_EMBEDDINGS = Entry(("tok_embeddings",), _VOCAB, _same, _same, per_layer=False)
+_FINAL_NORM = Entry(("norm", "scale"), _NORM, _same, _same, per_layer=False)
+_OUTPUT = Entry(("output",), _VOCAB, _transpose, _transpose, per_layer=False)
 
 META_KEYS: dict[str, Entry] = {
-    "tok_embeddings.weight": Entry(("tok_embeddings",), _same, _same, per_layer=False),
-    "norm.weight": Entry(("norm", "scale"), _same, _same, per_layer=False),
-    "output.weight": Entry(("output",), _transpose, _transpose, per_layer=False),
+    "tok_embeddings.weight": _EMBEDDINGS,
+    "norm.weight": _FINAL_NORM,
+    "output.weight": _OUTPUT,
     **{f"layers.{{i}}.attention.{k}.weight": _META_BLOCK[k] for k in ("wq", "wk", "wv", "wo")},
     **{f"layers.{{i}}.feed_forward.{k}.weight": _META_BLOCK[k] for k in ("w1", "w2", "w3")},
     "layers.{i}.attention_norm.weight": _META_BLOCK["attention_norm"],
     "layers.{i}.ffn_norm.weight": _META_BLOCK["ffn_norm"],
 }
+
+# How Meta's model-parallel shards (consolidated.NN.pth) split each tensor, as llama_models'
+# `reshard_mp` and the fairscale layers of its llama3 model define it: column-parallel weights and
+# the vocab-parallel embedding on dim 0, row-parallel weights on dim 1, norms replicated. wk / wv
+# rows are whole kv heads; with more shards than kv heads each head is repeated across shards.
+META_SPLIT_DIM: dict[str, int | None] = {
+    "tok_embeddings.weight": 0,
+    "norm.weight": None,
+    "output.weight": 0,
+    "layers.{i}.attention.wq.weight": 0,
+    "layers.{i}.attention.wk.weight": 0,
+    "layers.{i}.attention.wv.weight": 0,
+    "layers.{i}.attention.wo.weight": 1,
+    "layers.{i}.feed_forward.w1.weight": 0,
+    "layers.{i}.feed_forward.w2.weight": 1,
+    "layers.{i}.feed_forward.w3.weight": 0,
+    "layers.{i}.attention_norm.weight": None,
+    "layers.{i}.ffn_norm.weight": None,
+}
+META_KV_KEYS = ("layers.{i}.attention.wk.weight", "layers.{i}.attention.wv.weight")
+assert META_SPLIT_DIM.keys() == META_KEYS.keys()
 
 _HF_BLOCK_NAMES = {
     "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
@@ -116,34 +145,91 @@ _HF_BLOCK_NAMES = {
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 HF_KEYS: dict[str, Entry] = {
-    "model.embed_tokens.weight": Entry(("tok_embeddings",), _same, _same, per_layer=False),
-    "model.norm.weight": Entry(("norm", "scale"), _same, _same, per_layer=False),
-    "lm_head.weight": Entry(("output",), _transpose, _transpose, per_layer=False),
+    "model.embed_tokens.weight": _EMBEDDINGS,
+    "model.norm.weight": _FINAL_NORM,
+    "lm_head.weight": _OUTPUT,
     **{f"model.layers.{{i}}.{hf}.weight": _HF_BLOCK[ours] for ours, hf in _HF_BLOCK_NAMES.items()},
 }
 
 
-def checkpoint_names(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None]]:
-    """Every tensor name a checkpoint of `cfg` holds -> (entry, layer index or None)."""
-    names = {}
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor: its name, key-map entry and layer (None for unstacked params)."""
+
+    name: str
+    entry: Entry
+    layer: int | None
+
+
+def checkpoint_tensors(keys: dict[str, Entry], cfg: LlamaConfig) -> list[Tensor]:
+    """Every tensor a checkpoint of `cfg` holds, in file order: embeddings, layer by layer, the rest."""
+    out = []
     for template, entry in keys.items():
-        if entry.path == ("output",) and cfg.tie_embeddings:
+        if entry is _OUTPUT and cfg.tie_embeddings:
             continue  # tied models have no output projection of their own
         if entry.per_layer:
-            names.update({template.format(i=i): (entry, i) for i in range(cfg.n_layers)})
+            out += [Tensor(template.format(i=i), entry, i) for i in range(cfg.n_layers)]
         else:
-            names[template] = (entry, None)
-    return names
+            out.append(Tensor(template, entry, None))
+    rank = lambda t: (-1 if t.entry is _EMBEDDINGS else cfg.n_layers) if t.layer is None else t.layer  # noqa: E731
+    return sorted(out, key=rank)
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
+def checkpoint_names(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None]]:
+    """Every tensor name a checkpoint of `cfg` holds -> (entry, layer index or None)."""
+    return {t.name: (t.entry, t.layer) for t in checkpoint_tensors(keys, cfg)}
 
 
-def export_tensors(keys: dict[str, Entry], cfg: LlamaConfig, params):
-    """Yield (checkpoint name, numpy array) one tensor at a time, from our params."""
-    for name, (entry, layer) in checkpoint_names(keys, cfg).items():
-        value = np.asarray(_get(params, entry.path) if layer is None else _get(params, entry.path)[layer])
-        yield name, entry.to_theirs(value, cfg)
+def template_of(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, str]:
+    """Every tensor name of a (tie-agnostic) checkpoint of `cfg` -> its template in `keys`."""
+    return {name.format(i=i): name for name, entry in keys.items()
+            for i in (range(cfg.n_layers) if entry.per_layer else [None])}
+
+
+def output_name(keys: dict[str, Entry]) -> str:
+    """The name of the output projection in `keys` (absent from tied checkpoints)."""
+    return next(name for name, entry in keys.items() if entry is _OUTPUT)
+
+
+def embedding_name(keys: dict[str, Entry]) -> str:
+    return next(name for name, entry in keys.items() if entry is _EMBEDDINGS)
+
+
+def match_tensors(keys: dict[str, Entry], cfg: LlamaConfig, found: Mapping[str, tuple[int, ...]], *,
+                  where: Callable[[str], str], source: str, config_file: str,
+                  ignore: tuple[str, ...] = ()) -> list[Tensor]:
+    """Check a checkpoint's tensor names and shapes against `cfg`; return the tensors to convert.
+
+    `found`: name -> shape of every tensor the checkpoint holds; `where(name)`: the file to name in
+    an error about that tensor; `source`: the checkpoint as a whole (for missing tensors); `ignore`:
+    names present but deliberately skipped. Raises ValueError on the first unknown, missing or
+    misshapen tensor.
+    """
+    tensors = checkpoint_tensors(keys, cfg)
+    expected = {t.name for t in tensors}
+    unknown = sorted(set(found) - expected - set(ignore))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ValueError(f"{where(unknown[0])}: unknown tensor {unknown[0]!r}{more}: not part of a Llama 3 "
+                         f"model shaped like {config_file}")
+    missing = [t.name for t in tensors if t.name not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{source}: missing tensor {missing[0]!r}{more}")
+    for t in tensors:
+        want = t.entry.shape(cfg)
+        if tuple(found[t.name]) != want:
+            raise ValueError(f"{where(t.name)}: {t.name} has shape {tuple(found[t.name])}, "
+                             f"{config_file} implies {want}")
+    return tensors
+
+
+def export_tensors(keys: dict[str, Entry], cfg: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (checkpoint name, numpy array) one tensor at a time, from our params tree."""
+    def read(path, layer):
+        value = params
+        for key in path:
+            value = value[key]
+        return np.asarray(value if layer is None else value[layer])
+    for t in checkpoint_tensors(keys, cfg):
+        yield t.name, t.entry.to_theirs(read(t.entry.path, t.layer), cfg)

@@ -1,0 +1,306 @@
+"""Meta's download (params.json, consolidated.NN.pth, tokenizer.model) -> our checkpoint directory.
+
+Each consolidated.NN.pth is one model-parallel shard holding a slice of every split tensor
+(keymap.META_SPLIT_DIM says which dim) and a copy of every norm. Shards are opened with
+`torch.load(mmap=True, weights_only=True)`: nothing is read until a tensor is used, and the
+weights-only unpickler refuses any pickle that asks for more than tensors and plain containers
+(a .pth is a pickle, and a pickle can run code). Tensors are merged one at a time, written, and
+their file pages handed back to the kernel, so peak memory stays near the largest single tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import mmap
+import os
+import pickle
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
+from llama_jax.config import LlamaConfig, canonical_dtype_name
+from llama_jax.convert.keymap import (META_KEYS, META_KV_KEYS, META_SPLIT_DIM, embedding_name, match_tensors,
+                                      output_name, template_of)
+from llama_jax.convert.store import check_paths, import_params
+
+PARAMS_FILE = "params.json"
+_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def shard_files(src: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, every one present."""
+    found = {int(m.group(1)): p for p in src.iterdir() if (m := _SHARD.fullmatch(p.name))}
+    if not found:
+        raise ValueError(f"{src}: no consolidated.NN.pth shards (a Meta download holds params.json, "
+                         f"consolidated.00.pth ...)")
+    count = max(found) + 1
+    for i in range(count):
+        if i not in found:
+            raise ValueError(f"{src / f'consolidated.{i:02d}.pth'}: missing shard "
+                             f"({len(found)} of consolidated.00..{count - 1:02d}.pth present)")
+    return [found[i] for i in range(count)]
+
+
+def load_shard(path: Path) -> dict:
+    """One shard's state dict, memory-mapped, through the weights-only unpickler."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      "it holds more than tensors")
+        raise ValueError(f"{path}: refused to load: its pickle asks for code the weights-only unpickler does not "
+                         f"allow ({reason}); a weights file never needs that, so it may be malicious") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or damaged ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 stays bfloat16 (ml_dtypes), sharing the memory."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if tensor.dtype in (torch.float16, torch.float32):
+        return tensor.numpy()
+    raise ValueError(f"tensor dtype {tensor.dtype} is not supported (bfloat16, float16, float32)")
+
+
+class _FilePages:
+    """Hands the pages of a memory-mapped file back to the kernel once a tensor is converted.
+
+    Touched pages of a mapping stay in the process's resident set until it is unmapped, which
+    would grow to the whole checkpoint; madvise(DONTNEED) drops them (a later read faults them in
+    again from the file). Only ranges /proc/self/maps shows as mapped from this very file are
+    touched, so anonymous memory is never discarded; elsewhere than Linux this does nothing.
+    """
+
+    _DONTNEED = 4
+
+    def __init__(self, path: Path):
+        self._ranges, self._madvise = [], None
+        if not sys.platform.startswith("linux"):
+            return
+        real = os.path.realpath(path)
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.rstrip("\n").split(maxsplit=5)
+                    if len(fields) == 6 and fields[5] == real:
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        self._ranges.append((lo, hi))
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return
+        self._madvise = libc.madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def release(self, tensor) -> None:
+        if self._madvise is None:
+            return
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        for lo, hi in self._ranges:
+            a = -(-max(start, lo) // mmap.PAGESIZE) * mmap.PAGESIZE
+            b = min(end, hi) // mmap.PAGESIZE * mmap.PAGESIZE
+            if b > a:
+                self._madvise(a, b - a, self._DONTNEED)
+
+
+class MetaShards:
+    """The shards of one Meta checkpoint, validated against `cfg` (from params.json) on opening."""
+
+    def __init__(self, files: list[Path], cfg: LlamaConfig):
+        self.files, self.cfg = files, cfg
+        self._template = template_of(META_KEYS, cfg)
+        self._output, self._embedding = output_name(META_KEYS), embedding_name(META_KEYS)
+        self._shards, self._pages = [], []
+        for path in files:
+            self._shards.append(load_shard(path))
+            self._pages.append(_FilePages(path))
+        self._check_count()
+        self._check_names()
+        self.shapes = {name: META_KEYS[self._template[name]].shape(cfg) for name in self._shards[0]}
+        for path, shard in zip(files, self._shards):
+            for name, tensor in shard.items():
+                want = self._piece_shape(name)
+                if tuple(tensor.shape) != want:
+                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, {PARAMS_FILE} implies "
+                                     f"{want} in each of {len(files)} shards")
+
+    # Validation ------------------------------------------------------------------------------
+    def _check_count(self) -> None:
+        cfg, n = self.cfg, len(self.files)
+        # Shard 0's slices say how many shards there are, when their shapes otherwise fit params.json.
+        wq = self._shards[0].get("layers.0.attention.wq.weight")
+        embedding = self._shards[0].get(self._embedding)
+        rows = cfg.n_heads * cfg.head_dim
+        if (wq is not None and embedding is not None and wq.ndim == 2 and wq.shape[1] == cfg.dim
+                and 0 < wq.shape[0] < rows and rows % wq.shape[0] == 0):
+            implied = rows // wq.shape[0]
+            if implied > n and tuple(embedding.shape) == (cfg.vocab_size // implied, cfg.dim):
+                raise ValueError(f"{self.files[0].parent / f'consolidated.{n:02d}.pth'}: missing shard: "
+                                 f"{self.files[0].name} holds 1/{implied} of each split weight, but only {n} "
+                                 f"shard files exist")
+        sizes = {"n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size, "FFN hidden dim": cfg.hidden_dim}
+        for what, size in sizes.items():
+            if size % n:
+                raise ValueError(f"{self.files[0].parent}: {n} shards cannot split {what}={size} of {PARAMS_FILE} "
+                                 f"evenly (a shard or a file too many?)")
+        if cfg.n_kv_heads % n and n % cfg.n_kv_heads:
+            raise ValueError(f"{self.files[0].parent}: {n} shards cannot split n_kv_heads={cfg.n_kv_heads} of "
+                             f"{PARAMS_FILE} (neither divides the other)")
+
+    def _check_names(self) -> None:
+        expected = set(self._template)
+        first = set(self._shards[0])
+        for path, shard in zip(self.files, self._shards):
+            unknown = sorted(set(shard) - expected)
+            if unknown:
+                raise ValueError(f"{path}: unknown tensor {unknown[0]!r}: not part of a Llama 3 model shaped like "
+                                 f"{PARAMS_FILE}")
+            missing = sorted((expected - set(shard)) - ({self._output} - first))
+            if missing:
+                raise ValueError(f"{path}: missing tensor {missing[0]!r}")
+
+    def _piece_shape(self, name: str) -> tuple[int, ...]:
+        template, cfg, n = self._template[name], self.cfg, len(self.files)
+        shape = list(self.shapes[name])
+        dim = META_SPLIT_DIM[template]
+        if dim is not None:
+            if template in META_KV_KEYS and n > cfg.n_kv_heads:
+                shape[dim] = cfg.head_dim  # one kv head, repeated across n / n_kv_heads shards
+            else:
+                shape[dim] //= n
+        return tuple(shape)
+
+    # Properties of the checkpoint --------------------------------------------------------
+    def where(self, name: str) -> str:
+        return str(self.files[0])
+
+    def dtype(self) -> str:
+        tensor = self._shards[0][self._embedding]
+        try:
+            return canonical_dtype_name(str(tensor.dtype).removeprefix("torch."), self._embedding)
+        except ValueError as e:
+            raise ValueError(f"{self.files[0]}: {e}") from None
+
+    def output_is_embedding(self) -> bool | None:
+        """None without an output projection; else whether it equals the embeddings (a tied model
+        written out in full, as Meta's 3.2 1B/3B downloads are)."""
+        if self._output not in self._shards[0]:
+            return None
+        with self.tensor(self._output) as output, self.tensor(self._embedding) as embedding:
+            return bool(np.array_equal(output, embedding))
+
+    # Reading -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def tensor(self, name: str):
+        """The whole tensor `name`, in Meta's layout, merged from every shard."""
+        template = self._template[name]
+        dim = META_SPLIT_DIM[template]
+        pieces = [shard[name] for shard in self._shards]
+        try:
+            if dim is None:
+                first = to_numpy(pieces[0])
+                for path, piece in zip(self.files[1:], pieces[1:]):
+                    if not np.array_equal(to_numpy(piece), first):
+                        raise ValueError(f"{path}: {name} differs from {self.files[0].name}'s copy (shards of "
+                                         f"different models?)")
+                yield first
+            elif len(pieces) == 1:
+                yield to_numpy(pieces[0])
+            else:
+                arrays = [to_numpy(p) for p in pieces]
+                if template in META_KV_KEYS and len(arrays) > self.cfg.n_kv_heads:
+                    arrays = self._unique_kv_heads(name, arrays)
+                merged = np.concatenate(arrays, axis=dim)
+                self._release(pieces)
+                yield merged
+        finally:
+            self._release(pieces)
+
+    def _unique_kv_heads(self, name: str, heads: list[np.ndarray]) -> list[np.ndarray]:
+        n, k = len(heads), self.cfg.n_kv_heads
+        r = n // k
+        same = lambda a, b: np.array_equal(heads[a], heads[b])  # noqa: E731
+        # Shard s serves query heads s*H/n onwards, whose kv head is s // r: each kv head sits in r
+        # consecutive shards (Meta's layout). llama_models' reshard_mp, splitting one full shard n
+        # ways, tiles the heads instead: shard s holds head s % k. The copies say which it is.
+        if all(same(s, s - s % r) for s in range(n)):
+            return heads[::r]
+        if all(same(s, s % k) for s in range(n)):
+            return heads[:k]
+        raise ValueError(f"{self.files[0].parent}: {name}: with {n} shards and {k} kv heads each kv head should be "
+                         f"stored {r} times, but the copies differ")
+
+    def _release(self, pieces) -> None:
+        for pages, piece in zip(self._pages, pieces):
+            pages.release(piece)
+
+
+def read_config(src: Path, *, rope_scaling_factor: float | None = None, **overrides) -> LlamaConfig:
+    params_file = src / PARAMS_FILE
+    if not params_file.is_file():
+        raise ValueError(f"{params_file}: missing (a Meta download holds params.json beside its shards)")
+    try:
+        return LlamaConfig.from_meta_params(params_file, rope_scaling_factor=rope_scaling_factor, **overrides)
+    except ValueError as e:
+        message = str(e)
+        if not message.startswith(str(params_file)):
+            message = f"{params_file}: {message.removeprefix(PARAMS_FILE + ': ')}"
+        raise ValueError(message) from None
+
+
+def convert_meta(src: str | os.PathLike, dst: str | os.PathLike, *, rope_scaling_factor: float | None = None,
+                 dtype: str | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+    """Convert Meta's download at `src` into our checkpoint directory `dst`; returns `dst`.
+
+    dtype: storage dtype of the params (default: the checkpoint's own). rope_scaling_factor:
+    params.json carries none; by default it comes from the released model of the same shapes.
+    """
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    check_paths(src, dst)
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such directory")
+    with staged_directory(dst, overwrite=overwrite) as staging:
+        tokenizer_file = src / TOKENIZER_FILE
+        tokenizer = _read_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+        if tokenizer is None:
+            warnings.warn(f"{src} has no {TOKENIZER_FILE}: the checkpoint will need a tokenizer passed explicitly")
+        ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id) if tokenizer is not None else {}
+        cfg = read_config(src, rope_scaling_factor=rope_scaling_factor, **ids)
+        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{tokenizer_file}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                             f"{cfg.vocab_size} ({PARAMS_FILE})")
+        shards = MetaShards(shard_files(src), cfg)
+        tied = shards.output_is_embedding()
+        cfg = dataclasses.replace(cfg, tie_embeddings=tied is not False,
+                                  param_dtype=canonical_dtype_name(dtype, "dtype") if dtype else shards.dtype())
+        tensors = match_tensors(META_KEYS, cfg, shards.shapes, where=shards.where, source=str(src),
+                                config_file=PARAMS_FILE, ignore=(output_name(META_KEYS),) if tied else ())
+        import_params(staging / PARAMS_DIR, cfg, tensors, shards.tensor, progress=progress,
+                      desc=f"{src.name} -> {dst.name}")
+        write_metadata(staging, cfg, tokenizer_file if tokenizer is not None else None)
+    return dst
+
+
+def _read_tokenizer(path: Path):
+    from llama_jax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: {e}") from None
