@@ -52,12 +52,13 @@ def _max_rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-# (batch, q heads, kv heads, head_dim, causal, segments): GQA ratios 1, 4, 8; D 64 and 128.
+# (batch, q heads, kv heads, head_dim, causal, segments): GQA ratios 1, 4, 8 and 3 (Llama 3.2
+# 3B); D 64 and 128.
 CASES = [
     pytest.param(1, 4, 4, 64, True, False, id="mha-d64-causal"),
     pytest.param(2, 8, 2, 64, True, True, id="gqa4-d64-causal-docs"),
     pytest.param(1, 8, 1, 128, True, True, id="gqa8-d128-causal-docs"),
-    pytest.param(1, 4, 1, 128, False, False, id="gqa4-d128-bidirectional"),
+    pytest.param(1, 6, 2, 128, False, False, id="gqa3-d128-bidirectional"),
 ]
 
 
