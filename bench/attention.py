@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import math
 import pathlib
 import statistics
 import subprocess
@@ -241,11 +239,13 @@ def main(argv=None):
         args.seqs, args.tokens, args.heads, args.kv_heads = [128, 256], 256, 4, 1
         args.decode_batch, args.cache, args.reps, copy_bytes = 2, 1024, 2, 2**24
     else:
-        args.seqs, args.tokens, args.heads, args.kv_heads = [1024 * 2**i for i in range(6)], 32768, 32, 8
+        args.seqs, args.tokens = [1024 * 2**i for i in range(6)], 32768
+        args.heads, args.kv_heads = 32, 8
         args.decode_batch, args.cache, args.reps, copy_bytes = 8, 32768, 7, 2**31
 
     device = jax.devices()[0]
-    machine = f"{device.platform}: {device.device_kind}" + (" (kernels interpreted)" if interpret else "")
+    machine = f"{device.platform}: {device.device_kind}"
+    machine += " (kernels interpreted)" if interpret else ""
     print(f"{machine}; jax {jax.__version__}; H={args.heads} K={args.kv_heads} D=128 bf16")
     bandwidth = copy_bandwidth(copy_bytes, args.reps)
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
@@ -256,7 +256,8 @@ def main(argv=None):
 
     if not args.no_append:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        entry = (f"### {date}, {machine}, commit {_git_commit()}{', --quick' if args.quick else ''}\n\n"
+        quick = ", --quick" if args.quick else ""
+        entry = (f"### {date}, {machine}, commit {_git_commit()}{quick}\n\n"
                  f"jax {jax.__version__}; H={args.heads}, K={args.kv_heads}, D=128, bf16, causal; "
                  f"{args.tokens} tokens per step; copy bandwidth {bandwidth / 1e9:.0f} GB/s. "
                  "TFLOP/s counts causal FLOPs (fwd 2*B*H*T^2*D, bwd 2.5x fwd); decode cells are "

@@ -27,7 +27,7 @@ def _is_cuda() -> bool:
 
 
 def resolve_impl(impl: str, *, interpret: bool = False) -> str:
-    """The concrete implementation `impl` means on the current backend; ValueError if it has none."""
+    """The implementation `impl` names on the current backend; ValueError if there is none."""
     backend = jax.default_backend()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.flash_attention import LANES, LOWERINGS, M_FLOOR, _lanes, default_lowering
+from llama_jax.kernels.flash_attention import LANES, LOWERINGS, M_FLOOR, fit_lanes, default_lowering
 from llama_jax.kernels.reference import cached_attention_reference
 
 
@@ -172,7 +172,7 @@ def _decode_kernel_mosaic(last_block_BN, q_ref, k_ref, v_ref, pos_ref, acc_ref, 
             p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
             l_scr[h] = alpha * l_scr[h] + p.sum(axis=1, keepdims=True)
             m_scr[h] = m_next
-            acc_scr[h] = acc_scr[h] * _lanes(alpha, W) + _dot(p.astype(v.dtype), v, _NN)
+            acc_scr[h] = acc_scr[h] * fit_lanes(alpha, W) + _dot(p.astype(v.dtype), v, _NN)
 
     @pl.when(t == pl.num_programs(4) - 1)
     def _finish():
@@ -206,7 +206,8 @@ def _partials_mosaic(q_BKRD, k_BSKD, v_BSKD, pos_BR, num_splits, cfg):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(B, KG, n_rb, num_splits, bps),
-        in_specs=[pl.BlockSpec((None, None, hp, br, W), lambda b, g, r, s, t, last: (b, g, 0, r, 0)),
+        in_specs=[pl.BlockSpec((None, None, hp, br, W),
+                               lambda b, g, r, s, t, last: (b, g, 0, r, 0)),
                   pl.BlockSpec((None, bk, W), kv_map),
                   pl.BlockSpec((None, bk, W), kv_map),
                   pl.BlockSpec((None, br, LANES), lambda b, g, r, s, t, last: (b, r, 0))],

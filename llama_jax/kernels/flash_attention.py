@@ -354,7 +354,7 @@ def _bwd_triton(q_BTHD, k_BTKD, v_BTKD, qs_BT, ks_BT, o_BTHD, lse_BHT, do_BTHD, 
 # broadcast); query segment ids [B, Tp, 128], key segment ids [B, 8, Tp].
 
 
-def _lanes(x_R128, n):
+def fit_lanes(x_R128, n):
     """A lane-broadcast [rows, 128] statistic widened / narrowed to [rows, n]."""
     if n == LANES:
         return x_R128
@@ -368,7 +368,7 @@ def _mosaic_mask(i, j, bq, bk, qs_ref, ks_ref, cfg, *, key_padding=True):
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     q_seg = k_seg = None
     if qs_ref is not None:
-        q_seg = _lanes(qs_ref[...], bk)  # [bq, bk]
+        q_seg = fit_lanes(qs_ref[...], bk)  # [bq, bk]
         k_seg = ks_ref[pl.ds(0, 1), :]  # [1, bk]
     return _visible(q_pos, k_pos, q_seg, k_seg, cfg, key_padding=key_padding)
 
@@ -412,10 +412,10 @@ def _fwd_kernel_mosaic(*refs, cfg: _Config):
         m_prev = m_scr[...]
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - _lanes(m_next, bk))
+        p = jnp.exp(s - fit_lanes(m_next, bk))
         l_scr[...] = alpha * l_scr[...] + p.sum(axis=1, keepdims=True)
         m_scr[...] = m_next
-        acc[...] = acc[...] * _lanes(alpha, D) + _dot(p.astype(v.dtype), v, _NN)
+        acc[...] = acc[...] * fit_lanes(alpha, D) + _dot(p.astype(v.dtype), v, _NN)
 
     visible, needs_mask = _block_flags(i, j, bq, bk, cfg)
     pl.when(visible & ~needs_mask)(lambda: step(False))
@@ -426,7 +426,7 @@ def _fwd_kernel_mosaic(*refs, cfg: _Config):
         l = l_scr[...]
         seen = l > 0.0
         l = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc[...] / _lanes(l, D)).astype(o_ref.dtype)
+        o_ref[...] = (acc[...] / fit_lanes(l, D)).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(l), 0.0)
 
 
@@ -450,8 +450,8 @@ def _dq_kernel_mosaic(*refs, cfg: _Config):
         s = _dot(q_ref[...], k, _NT) * cfg.scale
         if masked:
             s = _mask(s, _mosaic_mask(i, j, bq, bk, qs_ref, ks_ref, cfg))
-        p = jnp.exp(s - _lanes(lse_ref[...], bk))
-        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - _lanes(delta_ref[...], bk))
+        p = jnp.exp(s - fit_lanes(lse_ref[...], bk))
+        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - fit_lanes(delta_ref[...], bk))
         acc[...] += _dot(ds.astype(k.dtype), k, _NN)
 
     visible, needs_mask = _block_flags(i, j, bq, bk, cfg)
@@ -487,9 +487,9 @@ def _dkv_kernel_mosaic(*refs, cfg: _Config):
         s = _dot(q, k_ref[...], _NT) * cfg.scale
         if masked:
             s = _mask(s, _mosaic_mask(i, j, bq, bk, qs_ref, ks_ref, cfg, key_padding=False))
-        p = jnp.exp(s - _lanes(lse_ref[...], bk))
+        p = jnp.exp(s - fit_lanes(lse_ref[...], bk))
         dv_acc[...] += _dot(p.astype(do.dtype).T, do, _NN)
-        ds = p * (_dot(do, v_ref[...], _NT) - _lanes(delta_ref[...], bk))
+        ds = p * (_dot(do, v_ref[...], _NT) - fit_lanes(delta_ref[...], bk))
         dk_acc[...] += _dot(ds.astype(q.dtype).T, q, _NN)
 
     visible, needs_mask = _block_flags(i, j, bq, bk, cfg, key_padding=False)
@@ -523,7 +523,8 @@ def _fwd_mosaic(q_BHTD, k_BKTD, v_BKTD, qs_BT128, ks_B8T, cfg):
     args = [q_BHTD, k_BKTD, v_BKTD]
     if cfg.has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_map(b, h, i, j)[2]))]
+                     pl.BlockSpec((None, SUBLANES, bk),
+                                  lambda b, h, i, j: (b, 0, kv_map(b, h, i, j)[2]))]
         args += [qs_BT128, ks_B8T]
     o_BHTD, lse_BHT128 = pl.pallas_call(
         functools.partial(_fwd_kernel_mosaic, cfg=cfg),
@@ -564,7 +565,8 @@ def _bwd_mosaic(q_BHTD, k_BKTD, v_BKTD, qs_BT128, ks_B8T, o_BHTD, lse_BHT, do_BH
     args = [q_BHTD, k_BKTD, v_BKTD, do_BHTD, lse_BHT128, delta_BHT128]
     if cfg.has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_map(b, h, i, j)[2]))]
+                     pl.BlockSpec((None, SUBLANES, bk),
+                                  lambda b, h, i, j: (b, 0, kv_map(b, h, i, j)[2]))]
         args += [qs_BT128, ks_B8T]
     dq_BHTD = pl.pallas_call(
         functools.partial(_dq_kernel_mosaic, cfg=cfg),
@@ -590,7 +592,8 @@ def _bwd_mosaic(q_BHTD, k_BKTD, v_BKTD, qs_BT128, ks_B8T, o_BHTD, lse_BHT, do_BH
     in_specs = [q_block, kv_block, kv_block, q_block, rows, rows]
     args = [q_BHTD, k_BKTD, v_BKTD, do_BHTD, lse_BHT128, delta_BHT128]
     if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, k, j, g, i: (b, q_map(b, k, j, g, i)[2], 0)),
+        in_specs += [pl.BlockSpec((None, bq, LANES),
+                                  lambda b, k, j, g, i: (b, q_map(b, k, j, g, i)[2], 0)),
                      pl.BlockSpec((None, SUBLANES, bk), lambda b, k, j, g, i: (b, 0, j))]
         args += [qs_BT128, ks_B8T]
     dk_BKTD, dv_BKTD = pl.pallas_call(
