@@ -28,7 +28,7 @@ from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, w
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert.keymap import (META_KEYS, META_KV_KEYS, META_SPLIT_DIM, embedding_name, match_tensors,
                                       output_name, template_of)
-from llama_jax.convert.store import check_paths, import_params
+from llama_jax.convert.store import check_paths, import_params, read_tokenizer
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -55,10 +55,10 @@ def load_shard(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      "it holds more than tensors")
-        raise ValueError(f"{path}: refused to load: its pickle asks for code the weights-only unpickler does not "
-                         f"allow ({reason}); a weights file never needs that, so it may be malicious") from None
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        asks = f"calls {named.group(1)}" if named else "holds more than tensors"
+        raise ValueError(f"{path}: refused to load: its pickle {asks}, which the weights-only unpickler does not "
+                         f"allow; a weights file never needs that, so it may be malicious") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or damaged ({first})") from None
@@ -277,9 +277,7 @@ def convert_meta(src: str | os.PathLike, dst: str | os.PathLike, *, rope_scaling
         raise ValueError(f"{src}: no such directory")
     with staged_directory(dst, overwrite=overwrite) as staging:
         tokenizer_file = src / TOKENIZER_FILE
-        tokenizer = _read_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
-        if tokenizer is None:
-            warnings.warn(f"{src} has no {TOKENIZER_FILE}: the checkpoint will need a tokenizer passed explicitly")
+        tokenizer = read_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
         ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id) if tokenizer is not None else {}
         cfg = read_config(src, rope_scaling_factor=rope_scaling_factor, **ids)
         if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
@@ -294,13 +292,6 @@ def convert_meta(src: str | os.PathLike, dst: str | os.PathLike, *, rope_scaling
         import_params(staging / PARAMS_DIR, cfg, tensors, shards.tensor, progress=progress,
                       desc=f"{src.name} -> {dst.name}")
         write_metadata(staging, cfg, tokenizer_file if tokenizer is not None else None)
+    if tokenizer is None:
+        warnings.warn(f"{src} has no {TOKENIZER_FILE}, so neither has {dst}: pass a tokenizer when using it")
     return dst
-
-
-def _read_tokenizer(path: Path):
-    from llama_jax.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: {e}") from None

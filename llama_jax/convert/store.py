@@ -171,3 +171,14 @@ def check_paths(src: Path, dst: Path) -> None:
     src, dst = src.resolve(), dst.resolve()
     if src == dst or dst in src.parents:
         raise ValueError(f"{dst}: the destination contains the source {src}; choose another destination")
+
+
+def read_tokenizer(path: Path):
+    """The tokenizer at `path` (llama_jax.tokenizer.load_tokenizer); errors name the file."""
+    from llama_jax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (ValueError, OSError) as e:
+        message = str(e)
+        raise ValueError(message if str(path) in message else f"{path}: {message}") from None

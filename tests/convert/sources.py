@@ -36,12 +36,13 @@ HIDDEN = 192  # Meta's rule for dim 64, multiple_of 32: 32 * ceil(int(2 * 256 / 
 
 def hf_config(version: str, **overrides) -> dict:
     params, extra = VERSIONS[version]
-    return dict(
+    config = dict(
         model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=params["vocab_size"],
         hidden_size=params["dim"], intermediate_size=HIDDEN, num_hidden_layers=params["n_layers"],
         num_attention_heads=params["n_heads"], num_key_value_heads=params["n_kv_heads"], hidden_act="silu",
         max_position_embeddings=131072 if extra["rope_scaling"] else 8192, rms_norm_eps=params["norm_eps"], rope_theta=params["rope_theta"],
-        bos_token_id=256, eos_token_id=257, torch_dtype="float32", **extra, **overrides)
+        bos_token_id=256, eos_token_id=257, torch_dtype="float32", **extra)
+    return config | overrides
 
 
 def hf_model(version: str, seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
