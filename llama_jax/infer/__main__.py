@@ -1,0 +1,194 @@
+"""Generate text from a llama_jax checkpoint.
+
+    python -m llama_jax.infer --checkpoint DIR --prompt "The capital of France is" --temperature 0
+    python -m llama_jax.infer --checkpoint DIR --chat [--system "You are terse."]
+    python -m llama_jax.infer --checkpoint DIR --prompts-file prompts.txt --batch-size 16 > out.jsonl
+
+Errors are one line on stderr with exit status 1 (2 for bad flags), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from llama_jax import checkpoint
+from llama_jax.infer.engine import PromptTooLongError, param_shardings
+from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
+from llama_jax.infer.text import Chat, check_tokenizer, iter_completions
+from llama_jax.sharding import make_mesh
+from llama_jax.sharding.params import load_params
+from llama_jax.tokenizer import load_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="llama_jax checkpoint directory")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", metavar="TEXT", help="complete this text (with --chat: one user turn)")
+    source.add_argument("--prompts-file", metavar="F", type=Path,
+                        help="one prompt per line, or JSONL with a 'prompt' field; writes JSONL results")
+    p.add_argument("--chat", action="store_true",
+                   help="Llama 3 chat format; interactive on stdin unless --prompt/--prompts-file")
+    p.add_argument("--system", metavar="TEXT", help="system prompt of the chat")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="compute and weight dtype (default: the checkpoint's compute dtype)")
+    p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
+    p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the first and last tokens of a prompt too long for the context, instead of failing")
+    p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
+    return p
+
+
+def load_model(args):
+    """(cfg, params, tokenizer, mesh) for the flags; ValueError with a one-line reason otherwise."""
+    cfg = checkpoint.load_config(args.checkpoint)
+    tokenizer = load_tokenizer_for(args)
+    check_tokenizer(cfg, tokenizer)
+    # Weights are stored in the compute dtype: a bfloat16 model then holds half the bytes.
+    dtype = args.dtype or cfg.dtype
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    if mesh is None:
+        cfg, params = checkpoint.load(args.checkpoint, dtype=dtype, param_dtype=dtype)
+    else:
+        cfg, params = load_params(args.checkpoint, mesh, dtype=dtype, param_dtype=dtype)
+    if args.quantize:
+        params = quantize_params(params, args.quantize)
+        if mesh is not None:
+            params = jax.device_put(params, param_shardings(cfg, mesh, params))
+    return cfg, params, tokenizer, mesh
+
+
+def load_tokenizer_for(args):
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        if not path.is_file():
+            raise ValueError(f"--tokenizer: no such file: {path}")
+    else:
+        path = checkpoint.tokenizer_path(args.checkpoint)
+        if path is None:
+            raise ValueError(f"{args.checkpoint} has no {checkpoint.TOKENIZER_FILE}: pass --tokenizer PATH")
+    return load_tokenizer(path)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-blank lines; JSONL (each line an object with a string 'prompt') when the first starts with '{'."""
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts-file: cannot read {path} ({e})") from None
+    if not lines:
+        raise ValueError(f"--prompts-file: {path} holds no prompts")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            raise ValueError(f"--prompts-file: {path} line {n} is not a JSON object with a string 'prompt'")
+        prompts.append(prompt)
+    return prompts
+
+
+def run(args, stdin=None, stdout=None, stderr=None) -> int:
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if not (args.prompt is not None or args.prompts_file or args.chat):
+        raise ValueError("nothing to do: pass --prompt TEXT, --prompts-file F or --chat")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    cfg, params, tokenizer, mesh = load_model(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
+
+    def complete(prompt_ids) -> str:
+        """Stream one completion to stdout; return its text."""
+        write = lambda _, piece: (stdout.write(piece), stdout.flush())  # noqa: E731
+        (_, completion), = iter_completions(cfg, params, tokenizer, [prompt_ids], on_text=write, **options)
+        stdout.write("\n")
+        stdout.flush()
+        return completion.text
+
+    if prompts is not None:
+        model_prompts = [Chat(tokenizer, args.system).user_turn(p) for p in prompts] if args.chat else prompts
+        write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout)
+    elif args.prompt is not None:
+        complete(Chat(tokenizer, args.system).user_turn(args.prompt) if args.chat else args.prompt)
+    else:
+        chat_loop(Chat(tokenizer, args.system), complete, stdin, stderr)
+    return 0
+
+
+def write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout):
+    """One JSON line per prompt, in the file's order, each written as soon as its batch allows."""
+    out = open(args.output, "w", encoding="utf-8") if args.output else stdout
+    finished, next_index = {}, 0
+    try:
+        for i, c in iter_completions(cfg, params, tokenizer, model_prompts, batch_size=args.batch_size,
+                                     **options):
+            finished[i] = c
+            while next_index in finished:
+                c = finished.pop(next_index)
+                record = {"index": next_index, "prompt": prompts[next_index], "completion": c.text,
+                          "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                next_index += 1
+    finally:
+        if out is not stdout:
+            out.close()
+
+
+def chat_loop(chat: Chat, complete, stdin, stderr):
+    """One user message per line until EOF or /exit; each answer streams to stdout."""
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stderr.write("> ")
+            stderr.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        try:
+            answer = complete(chat.user_turn(line.rstrip("\n")))
+        except PromptTooLongError as e:
+            chat.messages.pop()
+            stderr.write(f"error: {e} (the conversation is too long; --truncate keeps its end)\n")
+            continue
+        chat.assistant_turn(answer)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PromptTooLongError as e:
+        print(f"error: {e} (pass --truncate to keep its last tokens)", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

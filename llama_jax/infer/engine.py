@@ -1,0 +1,261 @@
+"""Generation engine: a bucketed prefill, then one jitted decode step over a preallocated KV cache.
+
+    for event in stream_tokens(cfg, params, prompt_ids, max_new_tokens=64, sampling=SamplingParams(0.0),
+                               stop_ids=tokenizer.stop_tokens):
+        ...  # TokenEvent(index, token, None) per new token, TokenEvent(index, None, reason) at the end
+
+Compilation: `prefill` is compiled once per prompt bucket (powers of two from MIN_BUCKET up to the
+cache length), and `decode_step` once; both again only for another config, sampling setting, batch
+size, cache length bucket or mesh. Nothing is compiled per prompt length, stop set, seed or token. Both are module-level jits, so repeated calls
+(chat turns, batches of a prompts file) reuse them.
+
+Prompts of unequal lengths share a batch right-padded: prefill writes every row's padded chunk at
+slots 0..T-1, samples each row's first token from the logits at its own last prompt position, and
+decode steps then write each row at its own position, overwriting its pad slots before any query
+can see them. Rows that stop early keep stepping in place (same token, same slot) until the whole
+batch is done; their outputs are ignored.
+
+Sampling keys are fold_in(fold_in(key(seed), prompt index), position), so a prompt's tokens do not
+depend on which batch it lands in, nor on the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.infer.quantize import QuantizedArray
+from llama_jax.infer.sampling import SamplingParams, sample
+from llama_jax.model import KVCache, Llama, param_logical_axes
+from llama_jax.sharding import activation_sharding, axes, logical_to_sharding, logical_to_spec
+
+MIN_BUCKET = 32  # shortest prefill: short prompts (a chat header is ~10 tokens) share one program
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    tokens: jax.Array  # [B] int32: each row's newest token, the next step's input
+    positions: jax.Array  # [B] int32: the position of `tokens`
+    last: jax.Array  # [B] int32: the last position a row may fill (prompt + max_new_tokens - 1)
+    done: jax.Array  # [B] bool: a stop token was sampled, or position `last` is filled
+    keys: jax.Array  # [B] PRNG keys, one per prompt
+    stop_ids: jax.Array  # [S] int32 token ids that end a row (data, so a new stop set compiles nothing)
+
+
+class TokenEvent(NamedTuple):
+    index: int  # the prompt's index in the caller's list
+    token: int | None  # a new token (never a stop token), or None when the prompt finishes
+    finish_reason: str | None = None  # "stop" (a stop token came) or "length" (token limit or context end)
+
+
+def bucket_length(n: int, cap: int) -> int:
+    """The power of two >= n (at least MIN_BUCKET), at most cap."""
+    return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+
+# Sharding ---------------------------------------------------------------------------------------
+
+def param_shardings(cfg: LlamaConfig, mesh, params):
+    """Shardings matching `params` as the rules table says, QuantizedArrays included (a scale's
+    size-1 contracted dims are replicated, as the rules do for any dim a mesh axis does not divide)."""
+    def shard(logical, leaf):
+        if isinstance(leaf, QuantizedArray):
+            return QuantizedArray(logical_to_sharding(logical, mesh, leaf.values.shape),
+                                  logical_to_sharding(logical, mesh, leaf.scale.shape))
+        return logical_to_sharding(logical, mesh, leaf.shape)
+
+    return jax.tree.map(shard, param_logical_axes(cfg), params,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def batch_multiple(mesh) -> int:
+    """The batch must divide over the mesh axes the cache's batch dim is split on."""
+    if mesh is None:
+        return 1
+    split = logical_to_spec((axes.CACHE_BATCH,), mesh=mesh)
+    names = () if not split or split[0] is None else (split[0],) if isinstance(split[0], str) else split[0]
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def _sharding_context(mesh):
+    return contextlib.nullcontext() if mesh is None else activation_sharding(mesh)
+
+
+def _constrain_cache(cache: KVCache, mesh) -> KVCache:
+    if mesh is None:
+        return cache
+    sharding = logical_to_sharding(KVCache.LOGICAL_AXES, mesh, cache.k.shape)
+    return jax.lax.with_sharding_constraint(cache, KVCache(sharding, sharding))
+
+
+def _next_tokens(logits_BV, keys_B, positions_B, stop_ids, sampling):
+    """Sample the token at `positions_B`; also say which rows it stops."""
+    step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
+    tokens_B = sample(logits_BV, step_keys_B, sampling)
+    return tokens_B, jnp.isin(tokens_B, stop_ids)
+
+
+def _report(tokens_B, emitted_B, stop_B, done_B):
+    """[4, B] int32 for the host: the new tokens; whether each is an output (the row was live);
+    whether it is a stop token; whether the row is done. A fresh array, never an alias of the
+    (donated) state."""
+    return jnp.stack([tokens_B, emitted_B.astype(jnp.int32), stop_B.astype(jnp.int32), done_B.astype(jnp.int32)])
+
+
+def prefill(params, tokens_BT, lengths_B, last_B, keys_B, stop_ids_S, *, cfg: LlamaConfig,
+            sampling: SamplingParams, cache_len: int, mesh=None):
+    """Run the right-padded prompts through a fresh cache and sample each row's first new token.
+    Returns (DecodeState, report [4, B])."""
+    B, T = tokens_BT.shape
+    cache = _constrain_cache(KVCache.init(cfg, B, cache_len), mesh)
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    with _sharding_context(mesh):
+        logits_BTV, cache = Llama(cfg).apply({"params": params}, tokens_BT, positions=positions_BT, cache=cache)
+    logits_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    tokens_B, stop_B = _next_tokens(logits_BV, keys_B, lengths_B, stop_ids_S, sampling)
+    emitted_B = lengths_B <= last_B  # padding rows of a short last batch have last < length
+    done_B = ~emitted_B | stop_B | (lengths_B >= last_B)
+    state = DecodeState(_constrain_cache(cache, mesh), tokens_B, lengths_B, last_B, done_B, keys_B, stop_ids_S)
+    return state, _report(tokens_B, emitted_B, stop_B, done_B)
+
+
+def decode_step(params, state: DecodeState, *, cfg: LlamaConfig, sampling: SamplingParams, mesh=None):
+    """Feed each row's newest token, sample the next. Pure; the state's buffers are donated.
+    Returns (DecodeState, report [4, B])."""
+    with _sharding_context(mesh):
+        logits_B1V, cache = Llama(cfg).apply({"params": params}, state.tokens[:, None],
+                                             positions=state.positions[:, None], cache=state.cache)
+    positions_B = jnp.where(state.done, state.positions, state.positions + 1)
+    tokens_B, stop_B = _next_tokens(logits_B1V[:, 0], state.keys, positions_B, state.stop_ids, sampling)
+    tokens_B = jnp.where(state.done, state.tokens, tokens_B)
+    done_B = state.done | stop_B | (positions_B >= state.last)
+    cache = _constrain_cache(cache, mesh)
+    report = _report(tokens_B, ~state.done, stop_B, done_B)
+    return state._replace(cache=cache, tokens=tokens_B, positions=positions_B, done=done_B), report
+
+
+_STATIC = ("cfg", "sampling", "mesh")
+prefill_jit = jax.jit(prefill, static_argnames=_STATIC + ("cache_len",))
+decode_step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+# Host side -------------------------------------------------------------------------------------
+
+def check_prompts(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  truncate: bool = False) -> list[list[int]]:
+    """Token lists ready for the engine, or a one-line ValueError naming the first bad prompt.
+
+    A prompt must leave room for at least one new token. With `truncate`, a prompt that leaves no
+    room for `max_new_tokens` keeps its first token (bos) and its last ones.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = cfg.max_seq_len - 1
+    keep = max(1, min(limit, cfg.max_seq_len - max_new_tokens))
+    checked = []
+    for i, ids in enumerate(prompts):
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
+        if truncate and len(ids) > keep:
+            ids = ids[-1:] if keep == 1 else ids[:1] + ids[len(ids) - keep + 1:]
+        elif len(ids) > limit:
+            raise PromptTooLongError(f"prompt {i} has {len(ids)} tokens, but the model's context is "
+                                     f"{cfg.max_seq_len} tokens: a prompt may have at most {limit}")
+        checked.append(ids)
+    return checked
+
+
+def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), seed: int = 0,
+                  batch_size: int | None = None, mesh=None, truncate: bool = False) -> Iterator[TokenEvent]:
+    """Generate for every prompt (lists of token ids), `batch_size` prompts at a time.
+
+    Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
+    prompts of one batch interleave. Params must already sit where `mesh` wants them (see
+    `param_shardings`); the batch is rounded up to a multiple of the mesh's batch split.
+    """
+    prompts = check_prompts(cfg, prompts, max_new_tokens, truncate)
+    if not prompts:
+        return
+    if max_new_tokens == 0:
+        for i in range(len(prompts)):
+            yield TokenEvent(i, None, "length")
+        return
+    multiple = batch_multiple(mesh)
+    B = -(-(batch_size or len(prompts)) // multiple) * multiple
+    longest = max(len(p) for p in prompts)
+    # One cache length for the whole call, so every batch reuses one compiled decode step.
+    cache_len = bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len)
+    static = dict(cfg=cfg, sampling=sampling, mesh=mesh)
+    # Padded with -1 (matches no token) to a multiple of 8, so stop sets of up to 8 ids share a shape.
+    stop_set = sorted({int(s) for s in stop_ids})
+    stop_ids = np.full(max(8, -(-len(stop_set) // 8) * 8), -1, np.int32)
+    stop_ids[:len(stop_set)] = stop_set
+    base_key = jax.random.key(seed)
+    for start in range(0, len(prompts), B):
+        yield from _generate_batch(params, prompts[start:start + B], start, B, cache_len, max_new_tokens,
+                                   base_key, stop_ids, static)
+
+
+def _generate_batch(params, batch, start, B, cache_len, max_new_tokens, base_key, stop_ids, static):
+    cfg, mesh = static["cfg"], static["mesh"]
+    T = bucket_length(max(len(p) for p in batch), cache_len)
+    tokens = np.zeros((B, T), np.int32)
+    lengths = np.ones(B, np.int32)
+    last = np.zeros(B, np.int32)  # padding rows (a short last batch) have last < length: done at once
+    for r, ids in enumerate(batch):
+        tokens[r, :len(ids)] = ids
+        lengths[r] = len(ids)
+        last[r] = min(len(ids) + max_new_tokens, cfg.max_seq_len) - 1
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.arange(start, start + B))
+    inputs = (tokens, lengths, last, keys)
+    if mesh is not None:
+        inputs = tuple(jax.device_put(x, logical_to_sharding((axes.CACHE_BATCH,) + (None,) * (x.ndim - 1), mesh,
+                                                             x.shape)) for x in inputs)
+
+    state, report = prefill_jit(params, *inputs, stop_ids, cache_len=cache_len, **static)
+    rows = len(batch)
+    pending = report
+    for _ in range(int(np.max(last[:rows] - lengths[:rows]))):
+        # Dispatch step N before reading step N-1's tokens, so the device never waits on the host.
+        state, report = decode_step_jit(params, state, **static)
+        events, all_done = _read_report(pending, start, rows)
+        yield from events
+        if all_done:
+            return
+        pending = report
+    yield from _read_report(pending, start, rows)[0]
+
+
+def _read_report(report, start, rows):
+    tokens, emitted, stop, done = np.asarray(report)[:, :rows]
+    events = []
+    for r in np.flatnonzero(emitted):
+        index = start + int(r)
+        if stop[r]:
+            events.append(TokenEvent(index, None, "stop"))
+            continue
+        events.append(TokenEvent(index, int(tokens[r])))
+        if done[r]:
+            events.append(TokenEvent(index, None, "length"))
+    return events, bool(done.all())
+
+
+__all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "prefill", "decode_step", "prefill_jit",
+           "decode_step_jit", "stream_tokens", "check_prompts", "bucket_length", "param_shardings",
+           "batch_multiple", "MIN_BUCKET"]

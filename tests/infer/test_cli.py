@@ -1,0 +1,165 @@
+"""`python -m llama_jax.infer` on a tiny checkpoint with the real Llama 3 tokenizer: every mode, the
+flags that change the model, and one-line errors with non-zero exits for bad input."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llama_jax.infer import Chat, generate
+from llama_jax.infer import __main__ as cli
+from llama_jax.infer.quantize import quantize_params
+
+GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of an in-process run."""
+    try:
+        status = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_prompt_prints_the_greedy_continuation(capsys, checkpoint_dir, llama3_tiny, tokenizer):
+    cfg, params = llama3_tiny
+    status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
+    expected = generate(cfg, params, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0]
+    assert (status, out, err) == (0, expected + "\n", "")
+
+
+def test_seeded_sampling_is_reproducible(capsys, checkpoint_dir):
+    argv = ["--checkpoint", checkpoint_dir, "--prompt", "Once upon a time", "--max-new-tokens", "8",
+            "--temperature", "1.0", "--top-k", "100", "--top-p", "0.95"]
+    first = run_cli(capsys, *argv, "--seed", "3")
+    assert first[0] == 0 and first[1].strip()
+    assert run_cli(capsys, *argv, "--seed", "3") == first
+    assert run_cli(capsys, *argv, "--seed", "4")[1] != first[1]
+
+
+def test_chat_prompt_answers_one_user_turn(capsys, checkpoint_dir, llama3_tiny, tokenizer):
+    cfg, params = llama3_tiny
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--chat", "--system", "Be brief.",
+                             "--prompt", "Hi!", *GREEDY)
+    ids = Chat(tokenizer, "Be brief.").user_turn("Hi!")
+    assert (status, out) == (0, generate(cfg, params, tokenizer, [ids], max_new_tokens=6, temperature=0).texts[0] + "\n")
+
+
+def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint_dir, tokenizer):
+    prompts = []
+    real = cli.iter_completions
+
+    def spy(cfg, params, tok, batch, **kw):
+        prompts.extend(batch)
+        return real(cfg, params, tok, batch, **kw)
+
+    monkeypatch.setattr(cli, "iter_completions", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\n\nHow are you?\n"))
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--chat", "--system", "Be brief.", *GREEDY)
+    assert status == 0 and len(prompts) == 2  # the blank line is skipped
+    first_answer, second_answer = out.split("\n")[:2]
+    assert out == f"{first_answer}\n{second_answer}\n"
+    assert prompts[1] == tokenizer.encode_dialog([
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": first_answer}, {"role": "user", "content": "How are you?"}])
+
+
+def test_prompts_file_gives_jsonl_in_order(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
+    cfg, params = llama3_tiny
+    texts = ["The sky is", "Paris is the capital of", "1, 2, 3,"]
+    plain = tmp_path / "prompts.txt"
+    plain.write_text(f"{texts[0]}\n\n{texts[1]}\n{texts[2]}\n")
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompts-file", plain, "--batch-size", 2,
+                             "--max-new-tokens", 5)
+    records = [json.loads(line) for line in out.splitlines()]
+    expected = generate(cfg, params, tokenizer, texts, max_new_tokens=5, batch_size=2)  # default sampling, seed 0
+    assert status == 0
+    assert [r["index"] for r in records] == [0, 1, 2] and [r["prompt"] for r in records] == texts
+    assert [r["completion"] for r in records] == expected.texts
+    assert [r["num_tokens"] for r in records] == [len(t) for t in expected.token_ids]
+    # JSONL input, results into --output.
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompts-file", jsonl, "--batch-size", 2,
+                             "--max-new-tokens", 5, "--output", tmp_path / "out.jsonl")
+    assert (status, out) == (0, "")
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == records
+
+
+def test_quantize_and_mesh_flags(capsys, checkpoint_dir, llama3_tiny, tokenizer):
+    cfg, params = llama3_tiny
+    argv = ["--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY]
+    q = quantize_params(params, "int8")
+    status, out, _ = run_cli(capsys, *argv, "--quantize", "int8")
+    assert (status, out) == (0, generate(cfg, q, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0] + "\n")
+    if jax.device_count() >= 8:
+        assert run_cli(capsys, *argv, "--mesh", "dp2,tp4")[:2] == run_cli(capsys, *argv)[:2]
+    status, out, _ = run_cli(capsys, *argv, "--dtype", "bfloat16")
+    assert status == 0 and out.endswith("\n")
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_dir(tmp_path_factory, checkpoint_dir):
+    path = tmp_path_factory.mktemp("bare") / "ckpt"
+    shutil.copytree(checkpoint_dir, path)
+    (path / "tokenizer.model").unlink()
+    return path
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("not a checkpoint", ["--checkpoint", "{tmp}", "--prompt", "hi"], "is not a llama_jax checkpoint"),
+    ("missing dir", ["--checkpoint", "{tmp}/nope", "--prompt", "hi"], "is not a llama_jax checkpoint"),
+    ("no tokenizer", ["--checkpoint", "{bare}", "--prompt", "hi"], "has no tokenizer.model: pass --tokenizer PATH"),
+    ("bad tokenizer path", ["--checkpoint", "{ckpt}", "--tokenizer", "{tmp}/t.model", "--prompt", "hi"],
+     "--tokenizer: no such file"),
+    ("too long", ["--checkpoint", "{ckpt}", "--prompt", "word " * 80],
+     "prompt 0 has 82 tokens, but the model's context is 64 tokens: a prompt may have at most 63 (pass --truncate"),
+    ("nothing to do", ["--checkpoint", "{ckpt}"], "nothing to do: pass --prompt TEXT, --prompts-file F or --chat"),
+    ("bad mesh", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--mesh", "tp3"], "mesh 'tp3'"),
+    ("bad batch", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/p.txt", "--batch-size", "0"],
+     "--batch-size must be >= 1"),
+    ("bad temperature", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--temperature", "-1"],
+     "temperature must be >= 0"),
+    ("missing prompts file", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/none.txt"],
+     "--prompts-file: cannot read"),
+    ("bad jsonl", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/bad.jsonl"],
+     "bad.jsonl line 2 is not a JSON object with a string 'prompt'"),
+])
+def test_bad_input_is_one_line_and_exit_1(capsys, tmp_path, checkpoint_dir, no_tokenizer_dir, case, argv, message):
+    (tmp_path / "p.txt").write_text("hi\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    argv = [a.format(tmp=tmp_path, ckpt=checkpoint_dir, bare=no_tokenizer_dir) for a in argv]
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_truncate_keeps_the_end_of_a_long_prompt(capsys, checkpoint_dir):
+    status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "word " * 80, "--truncate",
+                               *GREEDY)
+    assert status == 0 and err == "" and out.endswith("\n")
+
+
+@pytest.mark.parametrize("argv", [["--checkpoint", "x", "--prompt", "hi", "--no-such-flag"], ["--prompt", "hi"],
+                                  ["--checkpoint", "x", "--quantize", "int4", "--prompt", "hi"]])
+def test_bad_flags_print_usage_and_exit_2(capsys, argv):
+    status, _, err = run_cli(capsys, *argv)
+    assert status == 2 and "usage: python -m llama_jax.infer" in err
+
+
+def test_module_entry_point(checkpoint_dir, tmp_path):
+    """The real `python -m` in a fresh process: a completion, and a clean failure."""
+    ok = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(checkpoint_dir),
+                         "--prompt", "The sky is", *GREEDY], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.endswith("\n") and len(ok.stdout) > 1, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(tmp_path), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a llama_jax checkpoint " \
+                                                  f"(expected config.json and params/ inside)"
