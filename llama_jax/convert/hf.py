@@ -17,13 +17,12 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
 from llama_jax.convert.keymap import HF_KEYS, embedding_name, match_tensors, output_name
-from llama_jax.convert.store import check_paths, import_params, read_tokenizer
+from llama_jax.convert.store import check_paths, import_params, read_tokenizer, same_bits
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -182,7 +181,7 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
         shapes = {name: info.shape for name, info in infos.items()}
         tensors = match_tensors(HF_KEYS, cfg, shapes, where=lambda name: str(infos[name].path), source=str(src),
                                 config_file=CONFIG_FILE, ignore=(output,) if cfg.tie_embeddings else ())
-        if cfg.tie_embeddings and output in infos and not np.array_equal(
+        if cfg.tie_embeddings and output in infos and not same_bits(
                 safetensors_io.read_tensor(infos[output]), safetensors_io.read_tensor(infos[embedding])):
             raise ValueError(f"{infos[output].path}: {output} differs from {embedding}, but {CONFIG_FILE} sets "
                              f"tie_word_embeddings")

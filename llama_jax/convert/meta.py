@@ -28,7 +28,7 @@ from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, w
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert.keymap import (META_KEYS, META_KV_KEYS, META_SPLIT_DIM, embedding_name, match_tensors,
                                       output_name, template_of)
-from llama_jax.convert.store import check_paths, import_params, read_tokenizer
+from llama_jax.convert.store import check_paths, import_params, read_tokenizer, same_bits
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -199,11 +199,18 @@ class MetaShards:
 
     def output_is_embedding(self) -> bool | None:
         """None without an output projection; else whether it equals the embeddings (a tied model
-        written out in full, as Meta's 3.2 1B/3B downloads are)."""
+        written out in full, as Meta's 3.2 1B/3B downloads are). Both are split on the vocab, so
+        the shards compare one by one."""
         if self._output not in self._shards[0]:
             return None
-        with self.tensor(self._output) as output, self.tensor(self._embedding) as embedding:
-            return bool(np.array_equal(output, embedding))
+        for pages, shard in zip(self._pages, self._shards):
+            output, embedding = shard[self._output], shard[self._embedding]
+            same = same_bits(to_numpy(output), to_numpy(embedding))
+            pages.release(output)
+            pages.release(embedding)
+            if not same:
+                return False
+        return True
 
     # Reading -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -216,7 +223,7 @@ class MetaShards:
             if dim is None:
                 first = to_numpy(pieces[0])
                 for path, piece in zip(self.files[1:], pieces[1:]):
-                    if not np.array_equal(to_numpy(piece), first):
+                    if not same_bits(to_numpy(piece), first):
                         raise ValueError(f"{path}: {name} differs from {self.files[0].name}'s copy (shards of "
                                          f"different models?)")
                 yield first
@@ -224,25 +231,34 @@ class MetaShards:
                 yield to_numpy(pieces[0])
             else:
                 arrays = [to_numpy(p) for p in pieces]
+                used = range(len(arrays))
                 if template in META_KV_KEYS and len(arrays) > self.cfg.n_kv_heads:
-                    arrays = self._unique_kv_heads(name, arrays)
-                merged = np.concatenate(arrays, axis=dim)
-                self._release(pieces)
+                    used = self._unique_kv_heads(name, arrays)
+                # Filled piece by piece, each piece's pages released once copied: peak is the
+                # merged tensor plus one piece, not twice the tensor.
+                merged = np.empty(self.shapes[name], arrays[0].dtype)
+                index, start = [slice(None)] * merged.ndim, 0
+                for i in used:
+                    index[dim] = slice(start, start + arrays[i].shape[dim])
+                    merged[tuple(index)] = arrays[i]
+                    self._pages[i].release(pieces[i])
+                    start += arrays[i].shape[dim]
                 yield merged
         finally:
             self._release(pieces)
 
-    def _unique_kv_heads(self, name: str, heads: list[np.ndarray]) -> list[np.ndarray]:
+    def _unique_kv_heads(self, name: str, heads: list[np.ndarray]) -> range:
+        """Which of the shards' kv-head copies to keep, in head order."""
         n, k = len(heads), self.cfg.n_kv_heads
         r = n // k
-        same = lambda a, b: np.array_equal(heads[a], heads[b])  # noqa: E731
+        same = lambda a, b: same_bits(heads[a], heads[b])  # noqa: E731
         # Shard s serves query heads s*H/n onwards, whose kv head is s // r: each kv head sits in r
         # consecutive shards (Meta's layout). llama_models' reshard_mp, splitting one full shard n
         # ways, tiles the heads instead: shard s holds head s % k. The copies say which it is.
         if all(same(s, s - s % r) for s in range(n)):
-            return heads[::r]
+            return range(0, n, r)
         if all(same(s, s % k) for s in range(n)):
-            return heads[:k]
+            return range(k)
         raise ValueError(f"{self.files[0].parent}: {name}: with {n} shards and {k} kv heads each kv head should be "
                          f"stored {r} times, but the copies differ")
 

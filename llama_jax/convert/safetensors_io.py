@@ -22,6 +22,7 @@ import numpy as np
 DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 << 20
+_BLOCK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +95,11 @@ def write_file(path: str | os.PathLike, tensors: Sequence[tuple[str, tuple[int, 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for name, shape, dtype in tensors:
-            value = np.ascontiguousarray(produce(name))
+            value = produce(name)
             if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: produced {value.dtype}{list(value.shape)}, expected "
                                  f"{np.dtype(dtype)}{list(shape)}")
-            f.write(value.reshape(-1).view(np.uint8).data)
+            # Row blocks: a transposed view is made contiguous a block at a time, not all at once.
+            rows = max(1, _BLOCK_BYTES // max(value[:1].nbytes, 1))
+            for start in range(0, value.shape[0], rows):
+                f.write(np.ascontiguousarray(value[start:start + rows]).reshape(-1).view(np.uint8).data)

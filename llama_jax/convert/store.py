@@ -83,7 +83,7 @@ class ParamsWriter:
         with _absl_level(logging.ERROR):  # Orbax warns that a non-OCDBT save has no OCDBT files to merge
             ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)).save(
                 params_dir, args=ocp.args.StandardSave(stand_ins))
-        self._arrays, self._pending = {}, {}
+        self._arrays, self._block_rows, self._pending = {}, {}, {}
         for path, leaf in self._leaves.items():
             array_dir = params_dir / _array_name(path)
             if not (array_dir / ".zarray").is_file():
@@ -102,6 +102,7 @@ class ParamsWriter:
                 "delete_existing": True,
             }
             self._arrays[path] = ts.open(spec).result()
+            self._block_rows[path] = spec["metadata"]["chunks"][1 if _is_stacked(path) else 0]
             self._pending[path] = set(range(leaf.shape[0])) if _is_stacked(path) else {None}
 
     def write(self, path: tuple[str, ...], layer: int | None, value: np.ndarray) -> None:
@@ -111,7 +112,11 @@ class ParamsWriter:
             raise ValueError(f"{_array_name(path)}[{layer}]: got {value.dtype}{list(value.shape)}, "
                              f"expected {np.dtype(leaf.dtype)}{list(want)}")
         target = self._arrays[path] if layer is None else self._arrays[path][layer]
-        target.write(value).result()
+        # A chunk's worth of rows per write: tensorstore stages each write's source in full.
+        rows = self._block_rows[path]
+        for start in range(0, value.shape[0], rows):
+            stop = min(start + rows, value.shape[0])  # tensorstore refuses slices past the end
+            target[start:stop].write(value[start:stop]).result()
         self._pending[path].discard(layer)
 
     def close(self) -> None:
@@ -182,3 +187,12 @@ def read_tokenizer(path: Path):
     except (ValueError, OSError) as e:
         message = str(e)
         raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def same_bits(a: np.ndarray, b: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether two arrays hold identical bits; compared a block at a time, so no full-size temporary."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_uint = np.dtype(f"u{a.dtype.itemsize}")
+    a, b = a.reshape(-1).view(as_uint), b.reshape(-1).view(as_uint)
+    return all(np.array_equal(a[i:i + block], b[i:i + block]) for i in range(0, a.size, block))

@@ -115,3 +115,17 @@ def test_bfloat16_stays_bfloat16_bit_for_bit(tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, _bits(rounded), _bits(p16)))
     widened = jax.tree.map(lambda x: np.asarray(x).astype(np.float32), p16)
     assert jax.tree.all(jax.tree.map(np.array_equal, _bits(widened), _bits(p_up)))
+
+
+def test_small_chunks_and_blocks_write_the_same_params(tmp_path, monkeypatch):
+    """Large tensors are written a chunk of rows at a time; tiny chunks exercise that path here."""
+    from llama_jax.convert import store
+
+    model, _, _ = reference("3.2")
+    src = sources.write_meta(tmp_path / "meta", "3.2", model, 4)
+    _, whole = checkpoint.load(convert_meta(src, tmp_path / "whole", rope_scaling_factor=32))
+    monkeypatch.setattr(store, "CHUNK_BYTES", 1000)  # 3-7 rows of the 64-wide tensors, uneven last blocks
+    _, chunked = checkpoint.load(convert_meta(src, tmp_path / "chunked", rope_scaling_factor=32))
+    chunks = json.loads((tmp_path / "chunked" / "params" / "tok_embeddings" / ".zarray").read_text())["chunks"]
+    assert chunks == [3, 64]
+    assert jax.tree.all(jax.tree.map(np.array_equal, _bits(whole), _bits(chunked)))

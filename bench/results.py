@@ -1,0 +1,48 @@
+"""bench/RESULTS.md: each script owns a `## ...` section and appends its runs at the section's end."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import subprocess
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def append_results(section: str, entry: str, path: pathlib.Path = RESULTS) -> None:
+    """Add `entry` at the end of `section`, creating the file or the section if missing."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n"
+    start = text.index(section) + len(section)
+    following = text.find("\n## ", start)
+    end = len(text) if following < 0 else following + 1
+    body = text[start:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n"
+    path.write_text(text[:start] + body + ("\n" + text[end:] if end < len(text) else ""))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=pathlib.Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    """CPU model, cores and memory of this host, as one phrase."""
+    cpu = platform.processor() or platform.machine()
+    memory = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+        memory = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{memory}"
