@@ -1,0 +1,129 @@
+"""python -m llama_jax.train: train or fine-tune a Llama on a device mesh (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+DESCRIPTION = """\
+Train a Llama 3 model on a mesh of devices, resuming automatically from OUT/checkpoints.
+
+With no flags it trains a small byte-level Llama (~1.6M parameters) on Python's own standard
+library sources for 300 steps over all devices (8 fake CPU devices on a CPU-only machine), then
+writes OUT/model, which `python -m llama_jax.infer --checkpoint out/model` samples from.
+"""
+
+EPILOG = """\
+examples:
+  python -m llama_jax.train                                   # the demo run, a few minutes on CPU
+  python -m llama_jax.train --mesh dp4,tp8 --config llama3.2-1b --data corpus/ --seq-len 2048 \\
+      --batch-size 256 --steps 10000 --lr 3e-4 --out runs/1b
+  python -m llama_jax.train --init-from ckpt/llama3.2-1b --data chats.jsonl --lr 1e-5 --steps 500
+  (rerun the same command to resume; send SIGTERM to save and stop cleanly)
+
+data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
+(chat: loss on assistant turns only); any other file is plain text; directories are read recursively.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llama_jax.train.loop import DEFAULT_MODEL, TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m llama_jax.train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help=f"preset name or config.json path (default: {DEFAULT_MODEL}, the byte-level "
+                                    "demo model); ignored when resuming or with --init-from")
+    g.add_argument("--init-from", metavar="CHECKPOINT", help="start from the weights of a llama_jax checkpoint")
+    g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                   help="compute dtype (master weights and optimizer state stay float32); "
+                        "default bfloat16 on GPU/TPU, float32 on CPU")
+    g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="recompute activations "
+                   "in the backward pass to save memory (default: the config's, 'none' for presets)")
+    g.add_argument("--attention-impl", choices=["xla", "pallas", "cudnn", "auto"], help="attention kernel")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=list(d.data), metavar="PATH",
+                   help="text / JSONL files or directories (default: a fixed list of Python stdlib sources)")
+    g.add_argument("--tokenizer", help="'bytes', 'llama3' or a tokenizer.model path (default: the resumed run's, "
+                                       "the --init-from checkpoint's, llama3 for 128k-vocab models, else bytes)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global rows per step, over all devices and processes (default %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="split each batch into this many sequential microbatches (default %(default)s)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup (default %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="cosine decay ends at this fraction of --lr (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+    g.add_argument("--clip-norm", type=float, default=d.clip_norm,
+                   help="global gradient-norm clip, 0 for none (default %(default)s)")
+    g.add_argument("--b1", type=float, default=d.b1, help="Adam beta1 (default %(default)s)")
+    g.add_argument("--b2", type=float, default=d.b2, help="Adam beta2 (default %(default)s)")
+    g.add_argument("--z-loss", type=float, default=d.z_loss,
+                   help="weight of the log(Z)^2 auxiliary loss, e.g. 1e-4 (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed (default %(default)s)")
+
+    g = p.add_argument_group("mesh and processes")
+    g.add_argument("--mesh", default=d.mesh,
+                   help="axes and sizes, tp innermost: 'fsdp8', 'dp4,tp8', 'dp2,fsdp-1,tp2' (-1: the rest); "
+                        "default %(default)s, every device as FSDP")
+    g.add_argument("--cpu-devices", type=int, default=8,
+                   help="fake devices the CPU backend exposes when XLA_FLAGS does not say (default %(default)s)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: process 0's address")
+    g.add_argument("--num-processes", type=int, help="multi-process: how many processes")
+    g.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-process: let jax find the cluster itself (SLURM, Open MPI, TPU pods)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, help="run directory: checkpoints, metrics, OUT/model (default %(default)s)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval (default %(default)s)")
+    g.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (default %(default)s)")
+    g.add_argument("--log-every", type=int, default=d.log_every,
+                   help="metrics.jsonl / TensorBoard interval (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags and args.cpu_devices > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from llama_jax.sharding import initialize_distributed
+    from llama_jax.train.loop import NonFiniteLoss, TrainConfig, summary_line, train
+
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in vars(args).items() if k in fields}
+        values["data"] = tuple(args.data)
+        values["progress"] = not args.no_progress
+        summary = train(TrainConfig(**values))
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+    if jax.process_index() == 0:
+        print(summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

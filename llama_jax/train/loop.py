@@ -1,0 +1,435 @@
+"""The training loop: set up (or resume) a run in OUT, step, log, checkpoint, export.
+
+    OUT/config.json          the model's LlamaConfig (a resumed run reads it back)
+    OUT/tokenizer.model      the tokenizer the data was encoded with
+    OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
+    OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
+    OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
+
+Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
+batches in the same order, so losses continue as if never stopped, on any mesh. Orbax writes each
+checkpoint into a temporary directory and renames it when complete, so a process killed mid-save
+leaves the previous checkpoint as the newest. SIGTERM saves and exits cleanly; a non-finite loss
+stops the run, naming the step, without saving the diverged state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import checkpoint
+from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.sharding import make_mesh, mesh_str
+from llama_jax.sharding.params import load_params, param_shardings
+from llama_jax.train import data as data_lib
+from llama_jax.train.metrics import MetricsLog, peak_flops
+from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
+from llama_jax.train.step import TrainState, abstract_state, check_batch_size, init_state, make_train_step, \
+    put_batch, state_shardings
+
+log = logging.getLogger("llama_jax.train")
+
+# The default model: the `tiny` preset widened to ~1.6M parameters, over a byte-level vocabulary
+# (256 bytes + Meta's 256 special tokens = 512), so it learns visible structure on a laptop CPU in
+# minutes. A 128k-token vocabulary would put ~98% of a model this size in its embeddings.
+DEFAULT_MODEL = "tiny-bytes"
+DEFAULT_MODEL_OVERRIDES = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=1024)
+
+
+class NonFiniteLoss(RuntimeError):
+    """args: (step, message)."""
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out: str = "out"
+    config: str | None = None  # preset name or config.json path; default DEFAULT_MODEL
+    init_from: str | None = None  # a llama_jax checkpoint to start from
+    data: tuple[str, ...] = ()  # files / directories; empty: the built-in corpus
+    tokenizer: str | None = None  # 'bytes', 'llama3' or a path; default: see resolve_tokenizer
+    mesh: str = "fsdp-1"
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    z_loss: float = 0.0
+    dtype: str | None = None  # compute dtype; default bfloat16 on accelerators, float32 on CPU
+    remat: str | None = None
+    attention_impl: str | None = None
+    save_every: int = 100
+    keep: int = 3
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# Setting up ------------------------------------------------------------------------------------
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def default_model_config() -> LlamaConfig:
+    return LlamaConfig.preset("tiny", **DEFAULT_MODEL_OVERRIDES, bos_id=256, eos_id=257)
+
+
+def _model_config(tc: TrainConfig, out: Path) -> tuple[LlamaConfig, str]:
+    """The config and where it came from: the run being resumed, --init-from, or --config."""
+    if (out / "config.json").is_file():
+        if tc.config or tc.init_from:
+            log.warning("%s already holds a run: continuing it with its own config.json; --config and "
+                        "--init-from are ignored (use a new --out to start afresh)", out)
+        return LlamaConfig.from_json(out / "config.json"), f"resumed run {out}"
+    if tc.init_from:
+        return checkpoint.load_config(tc.init_from), f"checkpoint {tc.init_from}"
+    if tc.config is None or tc.config == DEFAULT_MODEL:
+        return default_model_config(), DEFAULT_MODEL
+    if tc.config in PRESETS:
+        return PRESETS[tc.config], f"preset {tc.config}"
+    if os.path.isfile(tc.config):
+        return LlamaConfig.from_json(tc.config), tc.config
+    raise ValueError(f"--config {tc.config!r} is neither a preset ({', '.join([DEFAULT_MODEL, *PRESETS])}) "
+                     f"nor a config.json file")
+
+
+def resolve_tokenizer(tc: TrainConfig, cfg: LlamaConfig, out: Path) -> str:
+    """The tokenizer file: --tokenizer; else the run's own copy (resume), the --init-from checkpoint's,
+    the real Llama 3 one for a 128k-vocabulary model, or the byte-level one."""
+    from llama_jax.tokenizer import default_tokenizer_path
+
+    choice = tc.tokenizer
+    if choice is None:
+        if (out / checkpoint.TOKENIZER_FILE).is_file():
+            return str(out / checkpoint.TOKENIZER_FILE)
+        if tc.init_from and checkpoint.tokenizer_path(tc.init_from):
+            return str(checkpoint.tokenizer_path(tc.init_from))
+        choice = "llama3" if cfg.vocab_size >= 128256 else "bytes"
+    if choice == "llama3":
+        return default_tokenizer_path()
+    if choice == "bytes":
+        path = out / checkpoint.TOKENIZER_FILE
+        staging = out / f".{checkpoint.TOKENIZER_FILE}.{jax.process_index()}"
+        data_lib.write_byte_tokenizer(staging)
+        os.replace(staging, path)  # atomic: processes sharing OUT never see a half-written file
+        return str(path)
+    if not os.path.isfile(choice):
+        raise ValueError(f"--tokenizer {choice!r}: no such file (or use 'bytes' / 'llama3')")
+    return choice
+
+
+def _check_tokenizer(cfg: LlamaConfig, tokenizer, fresh: bool) -> LlamaConfig:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    if (cfg.bos_id, cfg.eos_id) != (tokenizer.bos_id, tokenizer.eos_id):
+        if not fresh:
+            raise ValueError(f"the model was trained with bos/eos ids {cfg.bos_id}/{cfg.eos_id}, the tokenizer has "
+                             f"{tokenizer.bos_id}/{tokenizer.eos_id}")
+        cfg = dataclasses.replace(cfg, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    return cfg
+
+
+def _runtime_overrides(tc: TrainConfig, platform: str) -> dict[str, Any]:
+    """Settings that change how the model runs, not its shapes (so a resumed run may change them)."""
+    overrides = {"dtype": tc.dtype or ("float32" if platform == "cpu" else "bfloat16"), "param_dtype": "float32"}
+    if tc.remat:
+        overrides["remat"] = tc.remat
+    if tc.attention_impl:
+        overrides["attention_impl"] = tc.attention_impl
+    return overrides
+
+
+def checkpoint_manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def export_model(path: Path, cfg: LlamaConfig, params, tokenizer_path: str) -> Path:
+    """Write the final `llama_jax.save` checkpoint (float32 master weights)."""
+    if jax.process_count() == 1:
+        return checkpoint.save(path, cfg, params, tokenizer_path, overwrite=True)
+    # checkpoint.save stages in a per-process random directory; with several processes every one
+    # must write its shards into the same place, and only the primary finishes the directory.
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
+    staging = path.with_name(f".{path.name}.partial")
+    if _is_primary() and staging.exists():
+        shutil.rmtree(staging)
+    multihost_utils.sync_global_devices("export_model:clean")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staging.absolute() / checkpoint.PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    multihost_utils.sync_global_devices("export_model:params")
+    if _is_primary():
+        (staging / checkpoint.CONFIG_FILE).write_text(cfg.to_json() + "\n")
+        shutil.copyfile(tokenizer_path, staging / checkpoint.TOKENIZER_FILE)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    multihost_utils.sync_global_devices("export_model:done")
+    return path
+
+
+# The loop --------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Set by SIGTERM; with several processes, any one's signal stops them all at the same step."""
+
+    def __init__(self):
+        self.signalled = False
+        self._previous = None
+
+    def install(self):
+        if hasattr(signal, "SIGTERM"):
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, step: int, every: int) -> bool:
+        if jax.process_count() == 1:
+            return self.signalled
+        if step % every:  # agreeing is a collective, which waits for the device: not every step
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.signalled]))))
+
+
+def _test_fault() -> tuple[str, int] | None:
+    """LLAMA_JAX_TEST_FAULT='sigterm:3' sends SIGTERM once the 3rd step is dispatched;
+    'sigkill-after-save:4' kills the process as checkpoint 4 starts writing. For crash tests."""
+    spec = os.environ.get("LLAMA_JAX_TEST_FAULT")
+    if not spec:
+        return None
+    kind, _, step = spec.partition(":")
+    return kind, int(step)
+
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
+    import orbax.checkpoint as ocp
+    from llama_jax.tokenizer import load_tokenizer
+
+    out = Path(tc.out)
+    primary = _is_primary()
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(tc.mesh)
+    manager = checkpoint_manager(out / "checkpoints", tc.keep)
+    latest = manager.latest_step()
+
+    cfg, source = _model_config(tc, out)
+    fresh = latest is None and not (out / "config.json").is_file() and not tc.init_from
+    tokenizer_path = resolve_tokenizer(tc, cfg, out)
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg = _check_tokenizer(cfg, tokenizer, fresh)
+    cfg = dataclasses.replace(cfg, **_runtime_overrides(tc, jax.devices()[0].platform))
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    check_batch_size(mesh, tc.batch_size, tc.grad_accum)
+    if primary:
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+        if Path(tokenizer_path).absolute() != (out / checkpoint.TOKENIZER_FILE).absolute():
+            shutil.copyfile(tokenizer_path, out / checkpoint.TOKENIZER_FILE)
+
+    optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
+                        b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
+    optimizer = make_optimizer(optim)
+    data = data_lib.BatchIterator(
+        data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+
+    if latest is not None:
+        shardings = state_shardings(cfg, optimizer, mesh)
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              abstract_state(cfg, optimizer), shardings)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state, _ = restored["state"], data.restore(restored["data"])
+        log.info("resumed from %s at step %d", out / "checkpoints", latest)
+    else:
+        params = None
+        if tc.init_from:
+            loaded_cfg, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc, jax.devices()[0].platform))
+            del loaded_cfg
+        state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
+    start = int(state.step)
+
+    T, B = tc.seq_len, tc.batch_size
+    step_fn = make_train_step(cfg, optimizer, mesh, batch_shape=(B, T), grad_accum=tc.grad_accum,
+                              z_loss=tc.z_loss, schedule=lr_schedule(optim))
+    flops_per_step = cfg.flops_per_token(T) * B * T
+    peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
+    if primary:
+        log.info("model %s: %.2fM params, %s; mesh %s over %d %s devices; tokenizer %s; peak %s",
+                 source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
+                 tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
+
+    metrics_log = MetricsLog(out) if primary else None
+    bar = None
+    if primary and tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    stop = _StopFlag()
+    stop.install()
+    fault = _test_fault()
+    history: list[tuple[int, float]] = []
+    timing = {"t0": None, "step0": None, "last_t": None, "last_step": None}
+    status = "completed"
+
+    def report(step: int, metrics) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            raise NonFiniteLoss(step, f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}")
+        now = time.perf_counter()
+        history.append((step, values["loss"]))
+        if timing["t0"] is None:  # the first step compiled; measure from its end
+            timing.update(t0=now, step0=step, last_t=now, last_step=step)
+        elif step > timing["last_step"]:
+            dt = now - timing["last_t"]
+            tps = (step - timing["last_step"]) * B * T / dt
+            values["tokens_per_s"] = tps
+            if peak:
+                values["mfu"] = tps / (B * T) * flops_per_step / peak
+            timing.update(last_t=now, last_step=step)
+        if primary:
+            if bar is not None:
+                postfix = {"loss": f"{values['loss']:.3f}"}
+                if "tokens_per_s" in values:
+                    postfix["tok/s"] = f"{values['tokens_per_s']:.0f}"
+                if "mfu" in values:
+                    postfix["mfu"] = f"{100 * values['mfu']:.1f}%"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(step + 1 - bar.n)
+            if step % tc.log_every == 0 or step + 1 == tc.steps:
+                metrics_log.write(step, values)
+                if bar is None:
+                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        return values
+
+    def save(done: int, state, data_state, force: bool = False):
+        manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(data_state)), force=force)
+        if fault == ("sigkill-after-save", done):  # the async write is still in flight
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        pending = None
+        if start < tc.steps:
+            host_batch = next(data)
+            data_state = data.state()
+        for step in range(start, tc.steps):
+            state, metrics = step_fn(state, put_batch(host_batch, mesh))  # dispatched, not waited for
+            done = step + 1
+            if fault == ("sigterm", done):
+                os.kill(os.getpid(), signal.SIGTERM)
+            if done < tc.steps:  # load the next batch while the device works on this one
+                host_batch = next(data)
+                next_data_state = data.state()
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            stopping = stop.should_stop(step, tc.log_every)
+            if stopping or done % tc.save_every == 0 or done == tc.steps:
+                report(*pending)  # never save a state whose step diverged
+                pending = None
+                save(done, state, data_state, force=stopping)
+            if stopping:
+                status = f"stopped by SIGTERM after step {step}"
+                break
+            if done < tc.steps:
+                data_state = next_data_state
+        if pending is not None:
+            report(*pending)
+        manager.wait_until_finished()
+    except NonFiniteLoss as e:
+        manager.wait_until_finished()
+        bad_step = e.args[0]
+        # Checkpoint n holds the weights that step n's loss was computed from: if that loss is not
+        # finite, neither is the checkpoint good. Earlier ones are: their steps' losses were checked.
+        for saved in manager.all_steps():
+            if saved >= bad_step:
+                manager.delete(saved)
+        good = manager.latest_step()
+        where = (f"last good checkpoint: step {good} in {out / 'checkpoints'}" if good is not None
+                 else "no good checkpoint was saved before it")
+        raise NonFiniteLoss(bad_step, f"{e.args[1]}; stopping, {where}") from None
+    finally:
+        stop.uninstall()
+        if bar is not None:
+            bar.close()
+        if metrics_log is not None:
+            metrics_log.close()
+        manager.close()
+
+    final_step = int(jax.device_get(state.step))
+    model_path = None
+    if final_step >= tc.steps:
+        model_path = export_model(out / "model", cfg, state.params, tokenizer_path)
+    summary = {
+        "status": status,
+        "steps": final_step,
+        "resumed_from": latest,
+        "first_loss": history[0][1] if history else None,
+        "final_loss": history[-1][1] if history else None,
+        "losses": history,
+        "mesh": mesh_str(mesh),
+        "params": cfg.num_params(),
+        "model": str(model_path) if model_path else None,
+    }
+    if timing["t0"] is not None and timing["last_step"] > timing["step0"]:
+        elapsed = timing["last_t"] - timing["t0"]
+        summary["tokens_per_s"] = (timing["last_step"] - timing["step0"]) * B * T / elapsed
+        summary["mfu"] = summary["tokens_per_s"] * flops_per_step / (B * T) / peak if peak else None
+    if primary:
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    return summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['status']}: step {summary['steps']}"]
+    if summary["first_loss"] is not None:
+        parts.append(f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
+    if summary.get("tokens_per_s"):
+        parts.append(f"{summary['tokens_per_s']:.0f} tokens/s")
+    if summary.get("mfu"):
+        parts.append(f"MFU {100 * summary['mfu']:.1f}%")
+    parts.append(f"mesh {summary['mesh']}, {summary['params'] / 1e6:.2f}M params")
+    if summary["model"]:
+        parts.append(f"model -> {summary['model']}")
+    return "; ".join(parts)

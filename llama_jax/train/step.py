@@ -1,0 +1,165 @@
+"""The train state and the one pure, jitted train step.
+
+    state, metrics = train_step(state, batch)
+
+`state` (TrainState: step, float32 params, optimizer state) is donated and sharded by the rules
+table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays split over
+dp x fsdp (see data.py). Matmuls run in cfg.dtype (bf16 on accelerators); master weights, grads,
+optimizer state and the loss stay float32.
+
+The loss is a sum over weighted targets divided by the batch's total weight, and gradient
+accumulation sums per-microbatch gradients before that one division, so `grad_accum=k` gives the
+same update as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama, param_shapes
+from llama_jax.sharding import BATCH_AXES, activation_sharding, logical_to_sharding
+from llama_jax.sharding.params import init_params, param_shardings
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+# Shardings -----------------------------------------------------------------------------------
+
+def abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation) -> TrainState:
+    return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), param_shapes(cfg))
+
+
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Params as the rules say; every per-parameter optimizer buffer exactly like its parameter."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = param_shardings(cfg, mesh)
+    opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state(cfg, optimizer).opt_state,
+                                params, transform_non_params=lambda _: replicated,
+                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(replicated, params, opt)
+
+
+def batch_sharding(mesh: Mesh, batch_shape: tuple[int, int]) -> NamedSharding:
+    return logical_to_sharding(BATCH_AXES, mesh, batch_shape)
+
+
+def check_batch_size(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+    data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if batch_size % (data_ways * grad_accum):
+        raise ValueError(f"batch size {batch_size} must be a multiple of dp x fsdp ({data_ways}) x grad_accum "
+                         f"({grad_accum}) = {data_ways * grad_accum}, so every device gets whole microbatch rows")
+
+
+# Init ----------------------------------------------------------------------------------------
+
+def init_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
+               params=None) -> TrainState:
+    """A fresh state, created shard by shard; `params` (already on `mesh`) replace the random init."""
+    if params is None:
+        params = init_params(cfg, mesh, seed)
+    shardings = state_shardings(cfg, optimizer, mesh)
+    make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                   in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)
+    return make(params)
+
+
+# Loss ----------------------------------------------------------------------------------------
+
+def loss_sums(cfg: LlamaConfig, params, batch: Batch, z_loss: float = 0.0):
+    """(objective, sums): the weighted sums of next-token NLL (+ z_loss * log(Z)^2) over the batch.
+
+    Sums, not means, so microbatches add up exactly; the caller divides by sums['weight'].
+    """
+    logits_BTV = Llama(cfg).apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"])
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    w_BT = batch["weights"]
+    nll = jnp.sum((log_z_BT - target_logit_BT) * w_BT)
+    z = jnp.sum(jnp.square(log_z_BT) * w_BT)
+    correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == batch["targets"]) * w_BT)
+    return nll + z_loss * z, {"nll": nll, "z": z, "correct": correct, "weight": jnp.sum(w_BT)}
+
+
+def _microbatches(batch: Batch, grad_accum: int, mesh: Mesh) -> Batch:
+    """[B, T] -> [A, B/A, T] with microbatch i = rows i, A+i, 2A+i, ...: each device's block of rows
+    splits into A equal parts locally, so no row moves between devices."""
+    def split(x):
+        B, T = x.shape
+        x = x.reshape(B // grad_accum, grad_accum, T).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, *batch_sharding(
+            mesh, (B // grad_accum, T)).spec)))
+    return jax.tree.map(split, batch)
+
+
+def grads_and_sums(cfg: LlamaConfig, params, batch: Batch, mesh: Mesh, *, grad_accum: int = 1,
+                   z_loss: float = 0.0):
+    """Gradients of the summed objective and the loss sums, over `grad_accum` sequential microbatches."""
+    grad_fn = jax.grad(lambda p, b: loss_sums(cfg, p, b, z_loss), has_aux=True)
+    with activation_sharding(mesh):
+        if grad_accum == 1:
+            return grad_fn(params, batch)
+
+        def accumulate(carry, microbatch):
+            return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
+
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z", "correct", "weight")}
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), _microbatches(batch, grad_accum, mesh))
+        return grads, sums
+
+
+def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                    batch_shape: tuple[int, int], grad_accum: int = 1, z_loss: float = 0.0,
+                    schedule: Callable | None = None):
+    """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape."""
+    check_batch_size(mesh, batch_shape[0], grad_accum)
+    state_sh = state_shardings(cfg, optimizer, mesh)
+    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in ("inputs", "targets", "weights", "positions",
+                                                               "segment_ids")}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, sums = grads_and_sums(cfg, state.params, batch, mesh, grad_accum=grad_accum, z_loss=z_loss)
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["nll"] / weight,
+            "z_loss": sums["z"] / weight,
+            "accuracy": sums["correct"] / weight,
+            "tokens": sums["weight"],
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+        }
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=0)
+
+
+def put_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
+    """Place a global numpy batch (identical on every process) on the mesh; each process transfers
+    only the rows its own devices hold."""
+    out = {}
+    for k, x in batch.items():
+        sharding = batch_sharding(mesh, x.shape)
+        out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+    return out

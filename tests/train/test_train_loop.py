@@ -1,0 +1,138 @@
+"""The training loop end to end: interrupted runs (SIGTERM, SIGKILL mid-save) resume to exactly the
+losses of an uninterrupted run, on the same or another mesh; divergence stops at the step; the
+CLI writes a model checkpoint that loads; metric files are readable."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_jax import checkpoint
+from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
+
+STEPS = 8
+# Tiny and quick: 2 layers, D=64, 512-token byte vocabulary, rows of 32 tokens.
+BASE = dict(config="tiny", seq_len=32, batch_size=8, steps=STEPS, lr=3e-3, warmup_steps=2, save_every=2,
+            keep=10, log_every=1, progress=False)
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())}
+
+
+def saved_steps(out) -> list[int]:
+    return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(TrainConfig(out=str(out), mesh="fsdp8", **BASE))
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    return losses(out)
+
+
+def assert_same_losses(got, want, steps, rtol=1e-6):
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=rtol), (step, got[step], want[step])
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, uninterrupted, monkeypatch):
+    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
+    summary = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+    assert summary["status"].startswith("stopped by SIGTERM") and summary["steps"] == 3
+    assert saved_steps(tmp_path) == [2, 3]  # the regular save at 2, and one at the stop
+    assert summary["model"] is None
+    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+    resumed = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+    assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
+    assert_same_losses(losses(tmp_path), uninterrupted, range(STEPS))
+
+
+def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch):
+    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:4")
+    train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+    # Another data-parallel size and tensor parallelism: the same global batches, re-split.
+    resumed = train(TrainConfig(out=str(tmp_path), mesh="dp2,fsdp2,tp2", **BASE))
+    assert resumed["resumed_from"] == 4 and resumed["mesh"] == "dp2,fsdp2,tp2"
+    assert_same_losses(losses(tmp_path), uninterrupted, range(4, STEPS), rtol=1e-5)
+
+
+def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, uninterrupted):
+    env = dict(os.environ, LLAMA_JAX_TEST_FAULT="sigkill-after-save:6")
+    args = [sys.executable, "-m", "llama_jax.train", "--out", str(tmp_path), "--mesh", "fsdp8", "--config", "tiny",
+            "--seq-len", "32", "--batch-size", "8", "--steps", str(STEPS), "--lr", "3e-3", "--warmup-steps", "2",
+            "--save-every", "2", "--keep", "10", "--log-every", "1", "--no-progress"]
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    complete = saved_steps(tmp_path)
+    assert complete[-1] in (4, 6) and complete[:2] == [2, 4]  # 6 only if its write beat the kill
+    # A half-written step directory never counts as a checkpoint: make one by hand, too.
+    (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"completed: step {STEPS}" in resumed.stdout and "model ->" in resumed.stdout
+    assert_same_losses(losses(tmp_path), uninterrupted, range(STEPS))
+    # The CLI's final model is a self-contained checkpoint that loads (infer reads OUT/model).
+    cfg, params = checkpoint.load(tmp_path / "model")
+    assert cfg.vocab_size == 512 and (cfg.bos_id, cfg.eos_id) == (256, 257)
+    assert checkpoint.tokenizer_path(tmp_path / "model") is not None
+    assert np.isfinite(np.asarray(params["output"])).all()
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
+    train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **{**BASE, "steps": 3, "save_every": 1}))
+    # Continue with an absurd learning rate: the first update blows the weights up.
+    cfg = TrainConfig(out=str(tmp_path), mesh="fsdp8", **{**BASE, "lr": 1e30, "warmup_steps": 0, "save_every": 1,
+                                                          "clip_norm": 0.0})
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+; stopping, last good checkpoint: step \d+") as e:
+        train(cfg)
+    bad_step = e.value.args[0]
+    assert 4 <= bad_step < STEPS and f"at step {bad_step};" in str(e.value)
+    # Checkpoint n holds the weights step n's loss came from: none at or past the divergence is kept.
+    assert saved_steps(tmp_path) == list(range(1, bad_step))
+    assert f"last good checkpoint: step {bad_step - 1} " in str(e.value)
+
+
+def test_metrics_files_and_tensorboard_events(tmp_path, uninterrupted):
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), mesh="fsdp8", **{**BASE, "steps": 2}))
+    events = next(out.glob("events.out.tfevents.*")).read_bytes()
+    # An independent reader: protobuf's own parser over the TFRecord frames.
+    fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t")
+    value = fd.message_type.add(name="Value")
+    value.field.add(name="tag", number=1, type=9, label=1)
+    value.field.add(name="simple_value", number=2, type=2, label=1)
+    summary = fd.message_type.add(name="Summary")
+    summary.field.add(name="value", number=1, type=11, label=3, type_name=".t.Value")
+    event = fd.message_type.add(name="Event")
+    event.field.add(name="wall_time", number=1, type=1, label=1)
+    event.field.add(name="step", number=2, type=3, label=1)
+    event.field.add(name="file_version", number=3, type=9, label=1)
+    event.field.add(name="summary", number=5, type=11, label=1, type_name=".t.Summary")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    Event = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
+    from llama_jax.train.metrics import _masked_crc, crc32c
+    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    records, i = [], 0
+    while i < len(events):
+        n = int.from_bytes(events[i:i + 8], "little")
+        assert int.from_bytes(events[i + 8:i + 12], "little") == _masked_crc(events[i:i + 8])
+        data = events[i + 12:i + 12 + n]
+        assert int.from_bytes(events[i + 12 + n:i + 16 + n], "little") == _masked_crc(data)
+        records.append(Event.FromString(data))
+        i += 16 + n
+    assert records[0].file_version == "brain.Event:2"
+    scalars = {(r.step, v.tag): v.simple_value for r in records[1:] for v in r.summary.value}
+    assert scalars[(1, "train/loss")] == pytest.approx(losses(out)[1], rel=1e-6)
+    assert {tag for _, tag in scalars} >= {"train/loss", "train/grad_norm", "train/lr", "train/accuracy"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["status"] == "completed"
