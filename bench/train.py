@@ -1,0 +1,172 @@
+"""Training-step throughput: tokens/s and MFU of llama_jax's train step on one or more meshes, and
+(on CPU) Hugging Face transformers' LlamaForCausalLM training step side by side.
+
+    python bench/train.py                                  # the trainer's default model, CPU, 1 and 8 devices + torch
+    python bench/train.py --config llama3.2-1b --mesh fsdp8 --batch-size 8 --seq-len 2048 --no-torch
+
+Both sides do the same work per step: forward, next-token cross-entropy over every position,
+backward, global-norm clipping and an AdamW update of float32 weights, on the same random batch
+(one document per row). MFU = model FLOPs (LlamaConfig.flops_per_token) per second over the peak:
+the data-sheet bf16 peak of the chips, or on CPU the best measured matmul rate of this host in the
+compute dtype (fake CPU devices share the same cores, so their peak is the host's, not 8x). Step
+times are medians after warm-up. Prints a markdown table and appends it, with machine, date and
+commit, to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from results import append_results, git_commit, machine  # noqa: E402
+
+SECTION = "## Training step throughput (bench/train.py)"
+
+
+def model_config(name: str, dtype: str):
+    from llama_jax.config import PRESETS
+    from llama_jax.train.loop import DEFAULT_MODEL, default_model_config
+
+    cfg = default_model_config() if name == DEFAULT_MODEL else PRESETS[name]
+    return dataclasses.replace(cfg, dtype=dtype, param_dtype="float32")
+
+
+def random_batch(cfg, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+            "segment_ids": np.ones((batch_size, seq_len), np.int32)}
+
+
+def time_steps(run_step, steps: int, warmup: int) -> float:
+    """Median seconds per step; run_step() must block until its step is done."""
+    for _ in range(warmup):
+        run_step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_jax(cfg, mesh_spec: str, batch: dict, steps: int, warmup: int, grad_accum: int) -> float:
+    from llama_jax.sharding import make_mesh
+    from llama_jax.train.optim import OptimConfig, make_optimizer
+    from llama_jax.train.step import init_state, make_train_step, put_batch
+
+    devices = jax.devices()
+    mesh = make_mesh(mesh_spec, devices=devices[:1]) if mesh_spec in ("dp1", "1") else make_mesh(mesh_spec)
+    optimizer = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
+    state = init_state(cfg, optimizer, mesh, seed=0)
+    step = make_train_step(cfg, optimizer, mesh, batch_shape=batch["inputs"].shape, grad_accum=grad_accum)
+    on_mesh = put_batch(batch, mesh)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], on_mesh)
+        jax.block_until_ready(metrics["loss"])
+
+    return time_steps(run, steps, warmup)
+
+
+def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> float:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    hf = cfg.to_hf_config(dtype="float32")
+    config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
+    model = transformers.LlamaForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    inputs = torch.from_numpy(batch["inputs"]).long()
+    targets = torch.from_numpy(batch["targets"]).long()
+    autocast = cfg.dtype != "float32"
+
+    def run():
+        with torch.autocast("cpu", dtype=getattr(torch, cfg.dtype), enabled=autocast):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, cfg.vocab_size), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(run, steps, warmup)
+
+
+def main(argv=None) -> str:
+    from llama_jax.train.loop import DEFAULT_MODEL
+    from llama_jax.train.metrics import peak_flops
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_MODEL, help="preset, or the trainer's default model (%(default)s)")
+    p.add_argument("--mesh", nargs="+", default=["dp1", "fsdp8"] if on_cpu else ["fsdp-1"],
+                   help="meshes to time ('dp1': a single device); default %(default)s")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", help="compute dtype (%(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setup")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
+    p.add_argument("--no-torch", action="store_true", help="skip the HF transformers (PyTorch CPU) step")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    args = p.parse_args(argv)
+
+    cfg = model_config(args.config, args.dtype)
+    B, T = args.batch_size, args.seq_len
+    batch = random_batch(cfg, B, T)
+    flops_per_step = cfg.flops_per_token(T) * B * T
+    peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
+
+    rows = []
+    for mesh_spec in args.mesh:
+        seconds = bench_jax(cfg, mesh_spec, batch, args.steps, args.warmup, args.grad_accum)
+        devices = 1 if mesh_spec in ("dp1", "1") else len(jax.devices())
+        rows.append((f"llama_jax (JAX {jax.__version__})", f"{mesh_spec} ({devices} {jax.devices()[0].platform})",
+                     seconds))
+    if not args.no_torch and on_cpu:
+        import torch
+        import transformers
+        seconds = bench_torch(cfg, batch, args.steps, args.warmup, args.torch_threads)
+        rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__})",
+                     f"{args.torch_threads} threads", seconds))
+
+    def fmt(x):
+        return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
+
+    lines = ["| framework | devices | tokens/s | MFU | step (ms) |", "|---|---|---|---|---|"]
+    for name, where, seconds in rows:
+        mfu = f"{100 * flops_per_step / seconds / peak:.1f}%" if peak else "n/a"
+        lines.append(f"| {name} | {where} | {fmt(B * T / seconds)} | {mfu} | {seconds * 1e3:.0f} |")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    peak_text = f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source
+    header = (f"### {now}, {machine()}, commit {git_commit()}\n\n"
+              f"{args.config}: {cfg.num_params() / 1e6:.2f}M params, {cfg.n_layers} layers, dim {cfg.dim}, vocab "
+              f"{cfg.vocab_size}; batch {B} x {T} tokens, {cfg.dtype} compute, float32 weights + AdamW, grad accum "
+              f"{args.grad_accum}; {fmt(cfg.flops_per_token(T) / 1e6)} MFLOP/token; peak {peak_text}; median of "
+              f"{args.steps} steps after {args.warmup}.")
+    entry = header + "\n\n" + "\n".join(lines)
+    print(entry)
+    if not args.no_append:
+        append_results(SECTION, entry)
+    return entry
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
