@@ -17,12 +17,11 @@ import os
 import warnings
 from pathlib import Path
 
-
 from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
 from llama_jax.convert.keymap import HF_KEYS, embedding_name, match_tensors, output_name
-from llama_jax.convert.store import check_paths, import_params, read_tokenizer, same_bits
+from llama_jax.convert.store import check_paths, import_params, naming_file, read_tokenizer, same_bits
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,10 +37,7 @@ def read_config(src: Path) -> LlamaConfig:
     try:
         return LlamaConfig.from_hf_config(path)
     except ValueError as e:
-        message = str(e)
-        if not message.startswith(str(path)):
-            message = f"{path}: {message.removeprefix(CONFIG_FILE + ': ')}"
-        raise ValueError(message) from None
+        raise naming_file(path, e) from None
 
 
 def safetensors_index(src: Path) -> dict[str, safetensors_io.TensorInfo]:

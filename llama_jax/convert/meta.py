@@ -23,12 +23,13 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import torch
 
 from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert.keymap import (META_KEYS, META_KV_KEYS, META_SPLIT_DIM, embedding_name, match_tensors,
                                       output_name, template_of)
-from llama_jax.convert.store import check_paths, import_params, read_tokenizer, same_bits
+from llama_jax.convert.store import check_paths, import_params, naming_file, read_tokenizer, same_bits
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -50,8 +51,6 @@ def shard_files(src: Path) -> list[Path]:
 
 def load_shard(path: Path) -> dict:
     """One shard's state dict, memory-mapped, through the weights-only unpickler."""
-    import torch
-
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -67,15 +66,14 @@ def load_shard(path: Path) -> dict:
     return state
 
 
-def to_numpy(tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor; bfloat16 stays bfloat16 (ml_dtypes), sharing the memory."""
-    import torch
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor of one of _DTYPES; bfloat16 stays bfloat16 (ml_dtypes)."""
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if tensor.dtype in (torch.float16, torch.float32):
-        return tensor.numpy()
-    raise ValueError(f"tensor dtype {tensor.dtype} is not supported (bfloat16, float16, float32)")
+    return tensor.numpy()
 
 
 class _FilePages:
@@ -135,6 +133,9 @@ class MetaShards:
         self.shapes = {name: META_KEYS[self._template[name]].shape(cfg) for name in self._shards[0]}
         for path, shard in zip(files, self._shards):
             for name, tensor in shard.items():
+                if tensor.dtype not in _DTYPES:
+                    raise ValueError(f"{path}: {name} is {tensor.dtype}; only bfloat16, float16 and float32 "
+                                     f"checkpoints are read (not quantized ones)")
                 want = self._piece_shape(name)
                 if tuple(tensor.shape) != want:
                     raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, {PARAMS_FILE} implies "
@@ -191,11 +192,8 @@ class MetaShards:
         return str(self.files[0])
 
     def dtype(self) -> str:
-        tensor = self._shards[0][self._embedding]
-        try:
-            return canonical_dtype_name(str(tensor.dtype).removeprefix("torch."), self._embedding)
-        except ValueError as e:
-            raise ValueError(f"{self.files[0]}: {e}") from None
+        """The checkpoint's dtype: that of its embeddings."""
+        return canonical_dtype_name(to_numpy(self._shards[0][self._embedding]).dtype, self._embedding)
 
     def output_is_embedding(self) -> bool | None:
         """None without an output projection; else whether it equals the embeddings (a tied model
@@ -274,10 +272,7 @@ def read_config(src: Path, *, rope_scaling_factor: float | None = None, **overri
     try:
         return LlamaConfig.from_meta_params(params_file, rope_scaling_factor=rope_scaling_factor, **overrides)
     except ValueError as e:
-        message = str(e)
-        if not message.startswith(str(params_file)):
-            message = f"{params_file}: {message.removeprefix(PARAMS_FILE + ': ')}"
-        raise ValueError(message) from None
+        raise naming_file(params_file, e) from None
 
 
 def convert_meta(src: str | os.PathLike, dst: str | os.PathLike, *, rope_scaling_factor: float | None = None,

@@ -139,8 +139,8 @@ class ParamsReader:
         self._arrays = {}
         for path, leaf in _leaves(param_shapes(cfg)).items():
             name = _array_name(path)
-            kvstore = ({"driver": "ocdbt", "base": f"file://{params_dir}", "path": name} if use_ocdbt
-                       else {"driver": "file", "path": str(params_dir / name)})
+            kvstore = ({"driver": "ocdbt", "base": {"driver": "file", "path": str(params_dir)}, "path": name}
+                       if use_ocdbt else {"driver": "file", "path": str(params_dir / name)})
             try:
                 array = ts.open({"driver": driver, "kvstore": kvstore, "open": True}).result()
             except ValueError as e:
@@ -149,9 +149,6 @@ class ParamsReader:
                 raise ValueError(f"{params_dir}: param {name} has shape {tuple(array.shape)}, config.json implies "
                                  f"{tuple(leaf.shape)}")
             self._arrays[path] = array
-
-    def dtype(self, path: tuple[str, ...]) -> np.dtype:
-        return np.dtype(self._arrays[path].dtype.numpy_dtype)
 
     def read(self, path: tuple[str, ...], layer: int | None) -> np.ndarray:
         array = self._arrays[path]
@@ -178,6 +175,14 @@ def check_paths(src: Path, dst: Path) -> None:
         raise ValueError(f"{dst}: the destination contains the source {src}; choose another destination")
 
 
+def naming_file(path: Path, error: Exception) -> ValueError:
+    """`error` as a ValueError whose message starts with the full `path` (not just its file name)."""
+    message = str(error)
+    if not message.startswith(str(path)):
+        message = f"{path}: {message.removeprefix(path.name + ': ')}"
+    return ValueError(message)
+
+
 def read_tokenizer(path: Path):
     """The tokenizer at `path` (llama_jax.tokenizer.load_tokenizer); errors name the file."""
     from llama_jax.tokenizer import load_tokenizer
@@ -185,8 +190,7 @@ def read_tokenizer(path: Path):
     try:
         return load_tokenizer(path)
     except (ValueError, OSError) as e:
-        message = str(e)
-        raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+        raise naming_file(path, e) from None
 
 
 def same_bits(a: np.ndarray, b: np.ndarray, block: int = 1 << 22) -> bool:

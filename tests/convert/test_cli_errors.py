@@ -276,3 +276,18 @@ def test_missing_tokenizer_is_only_a_warning(tmp_path, capsys):
     assert err == (f"warning: {src} has no original/tokenizer.model or tokenizer.json, so {tmp_path / 'out'} has no "
                    f"tokenizer: pass one when using it\n")
     assert checkpoint.tokenizer_path(tmp_path / "out") is None
+
+
+def test_quantized_tensors_are_refused(tmp_path, capsys):
+    src = meta_src(tmp_path, 1)
+    edit_shards(src, lambda name, state: state.update({"layers.0.attention.wq.weight": torch.zeros(64, 64,
+                                                                                                  dtype=torch.int8)}))
+    fails(capsys, tmp_path / "out", "meta", str(src),
+          fragments=[f"{src}/consolidated.00.pth: layers.0.attention.wq.weight is torch.int8", "not quantized ones"])
+
+    hf = hf_src(tmp_path, max_shard_size="50MB")
+    state = load_file(hf / "model.safetensors")
+    save_file(state | {"model.norm.weight": state["model.norm.weight"].to(torch.float64)}, hf / "model.safetensors",
+              metadata={"format": "pt"})
+    fails(capsys, tmp_path / "out", "hf", str(hf),
+          fragments=[f"{hf}/model.safetensors: model.norm.weight has dtype F64", "quantized checkpoints are not"])
