@@ -25,7 +25,6 @@ import argparse
 import datetime
 import pathlib
 import statistics
-import subprocess
 import time
 
 import jax
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 from llama_jax.kernels import decode_attention, flash_attention
 from llama_jax.kernels.flash_attention import default_lowering
 from llama_jax.kernels.reference import cached_attention_reference
+from results import append_results, git_commit
 
 SECTION = "## Attention kernels (bench/attention.py)"
 IMPLS = ("pallas (ours)", "xla", "cudnn", "jax pallas ops")
@@ -197,30 +197,6 @@ def markdown(rows):
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _git_commit():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llama_jax/kernels",
-                                "bench/attention.py"], capture_output=True, text=True).stdout
-        return commit + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def append_results(path: pathlib.Path, entry: str):
-    """Add `entry` at the end of this script's section, creating file or section if missing."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = text.index(SECTION) + len(SECTION)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n"
-    text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
-    path.write_text(text)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU (interpreted)")
@@ -257,12 +233,13 @@ def main(argv=None):
     if not args.no_append:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         quick = ", --quick" if args.quick else ""
-        entry = (f"### {date}, {machine}, commit {_git_commit()}{quick}\n\n"
+        commit = git_commit("llama_jax/kernels", "bench/attention.py")
+        entry = (f"### {date}, {machine}, commit {commit}{quick}\n\n"
                  f"jax {jax.__version__}; H={args.heads}, K={args.kv_heads}, D=128, bf16, causal; "
                  f"{args.tokens} tokens per step; copy bandwidth {bandwidth / 1e9:.0f} GB/s. "
                  "TFLOP/s counts causal FLOPs (fwd 2*B*H*T^2*D, bwd 2.5x fwd); decode cells are "
                  "K/V bytes read per second (% of the copy bandwidth).\n\n" + table)
-        append_results(args.results, entry)
+        append_results(SECTION, entry, args.results)
         print(f"appended to {args.results}")
 
 

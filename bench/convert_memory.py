@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     table = "\n".join(["| step | input on disk | peak RSS | time |", "|---|---|---|---|"]
                       + [f"| {' | '.join(row)} |" for row in rows])
     entry = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
-             f"commit {git_commit()}\n\n"
+             f"commit {git_commit('llama_jax/convert', 'bench/convert_memory.py')}\n\n"
              f"Synthetic Meta checkpoint: {args.layers} layers, dim {MODEL['dim']}, vocab {MODEL['vocab_size']}, "
              f"{MODEL['n_heads']} heads / {MODEL['n_kv_heads']} kv heads, bf16, {args.shards} shards, "
              f"{gb(size)}; largest tensor {gb(largest)} (tok_embeddings and output, each).\n\n{table}\n")

@@ -22,13 +22,15 @@ def append_results(section: str, entry: str, path: pathlib.Path = RESULTS) -> No
     path.write_text(text[:start] + body + ("\n" + text[end:] if end < len(text) else ""))
 
 
-def git_commit() -> str:
+def git_commit(*paths: str) -> str:
+    """HEAD's short hash, with '-dirty' when `paths` (relative to the repository root) have changes."""
+    root = pathlib.Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=pathlib.Path(__file__).parent, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "")
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *paths],
+                               capture_output=True, text=True).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
