@@ -88,7 +88,8 @@ def write_file(path: str | os.PathLike, tensors: Sequence[tuple[str, tuple[int, 
     entries, offset = {}, 0
     for name, shape, dtype in tensors:
         nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-        entries[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header = json.dumps({"__metadata__": metadata or {}, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # data starts 8-byte aligned

@@ -27,8 +27,10 @@ LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0
 # 3.1: rope scaling 8; 3.2: tied embeddings, rope scaling 32.
 VERSIONS = {
     "3.0": (dict(TINY), dict(tie_word_embeddings=False, rope_scaling=None)),
-    "3.1": (dict(TINY, use_scaled_rope=True), dict(tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE, factor=8.0))),
-    "3.2": (dict(TINY, use_scaled_rope=True), dict(tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE, factor=32.0))),
+    "3.1": (dict(TINY, use_scaled_rope=True),
+            dict(tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE, factor=8.0))),
+    "3.2": (dict(TINY, use_scaled_rope=True),
+            dict(tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE, factor=32.0))),
 }
 ROPE_FACTOR = {"3.0": None, "3.1": 8.0, "3.2": 32.0}
 HIDDEN = 192  # Meta's rule for dim 64, multiple_of 32: 32 * ceil(int(2 * 256 / 3) / 32)
@@ -40,7 +42,8 @@ def hf_config(version: str, **overrides) -> dict:
         model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=params["vocab_size"],
         hidden_size=params["dim"], intermediate_size=HIDDEN, num_hidden_layers=params["n_layers"],
         num_attention_heads=params["n_heads"], num_key_value_heads=params["n_kv_heads"], hidden_act="silu",
-        max_position_embeddings=131072 if extra["rope_scaling"] else 8192, rms_norm_eps=params["norm_eps"], rope_theta=params["rope_theta"],
+        max_position_embeddings=131072 if extra["rope_scaling"] else 8192, rms_norm_eps=params["norm_eps"],
+        rope_theta=params["rope_theta"],
         bos_token_id=256, eos_token_id=257, torch_dtype="float32", **extra)
     return config | overrides
 
