@@ -1,6 +1,6 @@
 import pytest
 
-from llama_jax import LlamaConfig, save
+from llama_jax import LlamaConfig, load, save
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from tests.infer.common import random_params
 
@@ -21,11 +21,12 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def llama3_tiny():
-    return LLAMA3_TINY, random_params(LLAMA3_TINY, 0)
+def checkpoint_dir(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("ckpt") / "tiny", LLAMA3_TINY, random_params(LLAMA3_TINY, 0),
+                tokenizer_path=default_tokenizer_path())
 
 
 @pytest.fixture(scope="session")
-def checkpoint_dir(tmp_path_factory, llama3_tiny):
-    cfg, params = llama3_tiny
-    return save(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, params, tokenizer_path=default_tokenizer_path())
+def llama3_tiny(checkpoint_dir):
+    # Loaded as the CLI loads it, so API and CLI tests share compiled programs.
+    return load(checkpoint_dir)

@@ -7,8 +7,9 @@ import shutil
 import subprocess
 import sys
 
-import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from llama_jax.infer import Chat, generate
 from llama_jax.infer import __main__ as cli
@@ -32,15 +33,6 @@ def test_prompt_prints_the_greedy_continuation(capsys, checkpoint_dir, llama3_ti
     status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
     expected = generate(cfg, params, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0]
     assert (status, out, err) == (0, expected + "\n", "")
-
-
-def test_seeded_sampling_is_reproducible(capsys, checkpoint_dir):
-    argv = ["--checkpoint", checkpoint_dir, "--prompt", "Once upon a time", "--max-new-tokens", "8",
-            "--temperature", "1.0", "--top-k", "100", "--top-p", "0.95"]
-    first = run_cli(capsys, *argv, "--seed", "3")
-    assert first[0] == 0 and first[1].strip()
-    assert run_cli(capsys, *argv, "--seed", "3") == first
-    assert run_cli(capsys, *argv, "--seed", "4")[1] != first[1]
 
 
 def test_chat_prompt_answers_one_user_turn(capsys, checkpoint_dir, llama3_tiny, tokenizer):
@@ -70,38 +62,47 @@ def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint
         {"role": "assistant", "content": first_answer}, {"role": "user", "content": "How are you?"}])
 
 
-def test_prompts_file_gives_jsonl_in_order(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
+def test_prompts_file_gives_seeded_jsonl_in_order(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
     cfg, params = llama3_tiny
     texts = ["The sky is", "Paris is the capital of", "1, 2, 3,"]
     plain = tmp_path / "prompts.txt"
     plain.write_text(f"{texts[0]}\n\n{texts[1]}\n{texts[2]}\n")
-    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompts-file", plain, "--batch-size", 2,
-                             "--max-new-tokens", 5)
+    argv = ["--checkpoint", checkpoint_dir, "--prompts-file", plain, "--batch-size", 2, "--max-new-tokens", 5]
+    status, out, _ = run_cli(capsys, *argv, "--seed", 3)
     records = [json.loads(line) for line in out.splitlines()]
-    expected = generate(cfg, params, tokenizer, texts, max_new_tokens=5, batch_size=2)  # default sampling, seed 0
+    # Default sampling (temperature 0.6, top-p 0.9): the seed makes it reproducible.
+    expected = generate(cfg, params, tokenizer, texts, max_new_tokens=5, batch_size=2, seed=3)
     assert status == 0
     assert [r["index"] for r in records] == [0, 1, 2] and [r["prompt"] for r in records] == texts
     assert [r["completion"] for r in records] == expected.texts
     assert [r["num_tokens"] for r in records] == [len(t) for t in expected.token_ids]
+    assert run_cli(capsys, *argv, "--seed", 4)[1] != out
     # JSONL input, results into --output.
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompts-file", jsonl, "--batch-size", 2,
-                             "--max-new-tokens", 5, "--output", tmp_path / "out.jsonl")
+                             "--max-new-tokens", 5, "--seed", 3, "--output", tmp_path / "out.jsonl")
     assert (status, out) == (0, "")
     assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == records
 
 
-def test_quantize_and_mesh_flags(capsys, checkpoint_dir, llama3_tiny, tokenizer):
+def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):
     cfg, params = llama3_tiny
-    argv = ["--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY]
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY,
+                             "--quantize", "int8")
     q = quantize_params(params, "int8")
-    status, out, _ = run_cli(capsys, *argv, "--quantize", "int8")
     assert (status, out) == (0, generate(cfg, q, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0] + "\n")
-    if jax.device_count() >= 8:
-        assert run_cli(capsys, *argv, "--mesh", "dp2,tp4")[:2] == run_cli(capsys, *argv)[:2]
-    status, out, _ = run_cli(capsys, *argv, "--dtype", "bfloat16")
-    assert status == 0 and out.endswith("\n")
+
+
+def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
+    # Generation on meshes is compared with one device in test_sharded.py; here, what the flags load.
+    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16",
+                                          "--mesh", "dp2,tp4", "--quantize", "int8"])
+    cfg, params, _, mesh = cli.load_model(args)
+    assert (cfg.dtype, cfg.param_dtype, dict(mesh.shape)) == ("bfloat16", "bfloat16", {"dp": 2, "fsdp": 1, "tp": 4})
+    wq = params["layers"]["attention"]["wq"]
+    assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, None, "tp")
+    assert params["layers"]["attention_norm"]["scale"].dtype == jnp.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +154,8 @@ def test_bad_flags_print_usage_and_exit_2(capsys, argv):
     assert status == 2 and "usage: python -m llama_jax.infer" in err
 
 
-def test_module_entry_point(checkpoint_dir, tmp_path):
-    """The real `python -m` in a fresh process: a completion, and a clean failure."""
+def test_module_entry_point(checkpoint_dir):
+    """The real `python -m` in a fresh process."""
     ok = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(checkpoint_dir),
                          "--prompt", "The sky is", *GREEDY], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.endswith("\n") and len(ok.stdout) > 1, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(tmp_path), "--prompt", "hi"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a llama_jax checkpoint " \
-                                                  f"(expected config.json and params/ inside)"

