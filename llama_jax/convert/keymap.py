@@ -150,6 +150,8 @@ HF_KEYS: dict[str, Entry] = {
     "lm_head.weight": _OUTPUT,
     **{f"model.layers.{{i}}.{hf}.weight": _HF_BLOCK[ours] for ours, hf in _HF_BLOCK_NAMES.items()},
 }
+for _keys in (META_KEYS, HF_KEYS):  # each of our params comes from exactly one checkpoint tensor
+    assert len({entry.path for entry in _keys.values()}) == len(_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,11 +175,6 @@ def checkpoint_tensors(keys: dict[str, Entry], cfg: LlamaConfig) -> list[Tensor]
             out.append(Tensor(template, entry, None))
     rank = lambda t: (-1 if t.entry is _EMBEDDINGS else cfg.n_layers) if t.layer is None else t.layer  # noqa: E731
     return sorted(out, key=rank)
-
-
-def checkpoint_names(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None]]:
-    """Every tensor name a checkpoint of `cfg` holds -> (entry, layer index or None)."""
-    return {t.name: (t.entry, t.layer) for t in checkpoint_tensors(keys, cfg)}
 
 
 def template_of(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, str]:
