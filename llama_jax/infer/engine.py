@@ -6,8 +6,8 @@
 
 Compilation: `prefill` is compiled once per prompt bucket (powers of two from MIN_BUCKET up to the
 cache length), and `decode_step` once; both again only for another config, sampling setting, batch
-size, cache length bucket or mesh. Nothing is compiled per prompt length, stop set, seed or token. Both are module-level jits, so repeated calls
-(chat turns, batches of a prompts file) reuse them.
+size, cache length bucket or mesh. Nothing is compiled per prompt length, stop set, seed or token.
+Both are module-level jits, so repeated calls (chat turns, batches of a prompts file) reuse them.
 
 Prompts of unequal lengths share a batch right-padded: prefill writes every row's padded chunk at
 slots 0..T-1, samples each row's first token from the logits at its own last prompt position, and

@@ -4,10 +4,15 @@ scale per output channel of every matmul weight.
 A quantized weight is a `QuantizedArray`, a pytree of (values, scale) that stands in for the array
 inside the parameter tree. The model reads every weight as `w.astype(compute_dtype)`, which for a
 QuantizedArray is the dequantization, so it happens per layer inside the layer scan, beside the
-einsum that consumes it; the embedding lookup reads it through `__jax_array__`, and XLA fuses
-that dequantization into the gather (only the looked-up rows are converted). Dequantizing the whole tree before `apply` instead materialises a full
-compute-dtype copy of the weights every step: on this CPU it made a decode step 2x slower than
-this and 3.6x slower than unquantized float32.
+einsum that consumes it; the embedding lookup reads the table through `__jax_array__`, and XLA
+fuses that dequantization into the gather (only the looked-up rows are converted). Dequantizing
+the whole tree before `apply` instead materialises a compute-dtype copy of every weight each step:
+on this CPU that decode step was 2x slower than this one.
+
+Speed: XLA's CPU backend does not fuse the conversion into the matmul, so each step still converts
+every layer's weights in an elementwise pass before multiplying; on CPU int8 halves the memory but
+decodes slower than unquantized weights (bench/decode.py). GPU backends can fuse the conversion
+into the matmul's operand load; that is not measured here.
 
 `values` keeps the weight's shape; `scale` has the same rank with the contracted (input) dims
 reduced to 1, so `values * scale` broadcasts and the stacked `layers` axis is scanned over like

@@ -40,7 +40,8 @@ def test_chat_prompt_answers_one_user_turn(capsys, checkpoint_dir, llama3_tiny, 
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--chat", "--system", "Be brief.",
                              "--prompt", "Hi!", *GREEDY)
     ids = Chat(tokenizer, "Be brief.").user_turn("Hi!")
-    assert (status, out) == (0, generate(cfg, params, tokenizer, [ids], max_new_tokens=6, temperature=0).texts[0] + "\n")
+    expected = generate(cfg, params, tokenizer, [ids], max_new_tokens=6, temperature=0).texts[0]
+    assert (status, out) == (0, expected + "\n")
 
 
 def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint_dir, tokenizer):
@@ -91,7 +92,8 @@ def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY,
                              "--quantize", "int8")
     q = quantize_params(params, "int8")
-    assert (status, out) == (0, generate(cfg, q, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0] + "\n")
+    expected = generate(cfg, q, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0]
+    assert (status, out) == (0, expected + "\n")
 
 
 def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):

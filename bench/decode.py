@@ -1,0 +1,230 @@
+"""Generation throughput: prefill and decode tokens/s of llama_jax's engine at batch 1 and 16, against
+the memory-bandwidth roofline of a decode step, with HF transformers' `generate` (static cache) on
+the same weights in the same run.
+
+    python bench/decode.py              # Llama-3.2-1B shapes, random weights, float32 (CPU), ~10 min
+    python bench/decode.py --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
+    python bench/decode.py --dtype bfloat16 --no-hf
+
+llama_jax: prefill is one call of the engine's jitted prefill (prompt bucket = prompt length); decode
+is `steps` calls of the jitted decode step, dispatched back to back and synced at the end. Both are
+compiled and warmed first; times are medians over repeats.
+
+HF: `model.generate(..., cache_implementation="static")`, greedy, with min_new_tokens so no row
+stops early, without torch.compile. Prefill = a generate of 1 new token (the prompt pass plus one
+sampling); decode = (generate of 1 + steps tokens - that) / steps.
+
+Roofline: a decode step must read every weight it multiplies by (an untied embedding table only
+gathers B rows) and the KV cache slots its attention reads (both engines attend over the whole
+preallocated cache, masked), so tokens/s <= batch * bandwidth / those bytes. Bandwidth is a large
+numpy copy on this host (bytes read + written per second). Random weights: the speed of a step does
+not depend on their values. Prints one markdown table and appends it, with machine, date and
+commit, to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import LlamaConfig, init_params
+from llama_jax.infer import engine
+from llama_jax.infer.quantize import param_bytes, quantize_params
+from llama_jax.infer.sampling import SamplingParams
+from results import append_results, git_commit, machine
+
+SECTION = "## Decode throughput (bench/decode.py)"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def model_config(quick: bool, dtype: str) -> LlamaConfig:
+    if quick:
+        return LlamaConfig(vocab_size=32768, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=256,
+                           max_seq_len=1024, tie_embeddings=True, dtype=dtype, param_dtype=dtype, bos_id=1, eos_id=2)
+    return LlamaConfig.preset("llama3.2-1b", dtype=dtype, param_dtype=dtype, max_seq_len=4096)
+
+
+def host_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes read + written per second by np.copyto of a large array (median of reps)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_bytes(cfg: LlamaConfig, params, batch: int, cache_len: int) -> int:
+    """Bytes one decode step must read: weights it multiplies by, and the KV cache it attends over."""
+    weights = param_bytes(params)
+    if not cfg.tie_embeddings:
+        weights -= param_bytes(params["tok_embeddings"])
+    cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return weights + cache
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
+    """(prefill tokens/s, decode tokens/s, cache length) of the engine's jitted functions."""
+    # Room for the warm-up step and every timed repeat: each continues the same sequences.
+    cache_len = engine.bucket_length(prompt_len + (reps + 1) * steps + 2, cfg.max_seq_len)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
+    lengths = np.full(batch, prompt_len, np.int32)
+    last = np.full(batch, cache_len - 1, np.int32)
+    keys = jax.random.split(jax.random.key(0), batch)
+    stop_ids = np.full(8, -1, np.int32)
+    static = dict(cfg=cfg, sampling=GREEDY, mesh=None)
+
+    def prefill():
+        return engine.prefill_jit(params, tokens, lengths, last, keys, stop_ids, cache_len=cache_len, **static)
+
+    state, report = jax.block_until_ready(prefill())  # compile
+    prefill_s = median_time(lambda: jax.block_until_ready(prefill()), reps)
+
+    state, report = jax.block_until_ready(engine.decode_step_jit(params, state, **static))  # compile
+
+    def decode():
+        nonlocal state, report
+        for _ in range(steps):
+            state, report = engine.decode_step_jit(params, state, **static)
+        jax.block_until_ready(report)
+
+    decode_s = median_time(decode, reps)
+    del state
+    return batch * prompt_len / prefill_s, batch * steps / decode_s, cache_len
+
+
+def hf_model(cfg, params):
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    from llama_jax.convert.keymap import HF_KEYS, export_tensors
+
+    hf = cfg.to_hf_config()
+    config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
+    dtype = getattr(torch, cfg.dtype)
+    with no_init_weights():
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    state = {name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in export_tensors(HF_KEYS, cfg, params)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    return model
+
+
+def bench_hf(model, cfg, batch, prompt_len, steps, reps):
+    import torch
+
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
+    input_ids = torch.from_numpy(tokens).long()
+    mask = torch.ones_like(input_ids)
+
+    def generate(n):
+        with torch.inference_mode():
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, cache_implementation="static", pad_token_id=0)
+        assert out.shape == (batch, prompt_len + n)
+
+    generate(2)  # warm-up
+    one = median_time(lambda: generate(1), reps)
+    many = median_time(lambda: generate(1 + steps), reps)
+    return batch * prompt_len / one, batch * steps / max(many - one, 1e-9)
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small model instead of Llama-3.2-1B shapes")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and compute (float32 by default: XLA's CPU bfloat16 matmuls are slower)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed")
+    p.add_argument("--reps", type=int, default=1, help="timed repeats (after one untimed compile / warm-up run)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--no-int8", action="store_true", help="skip llama_jax with int8 weights")
+    args = p.parse_args()
+
+    cfg = model_config(args.quick, args.dtype)
+    load_before = os.getloadavg()[0]
+    bandwidth = host_bandwidth()
+    print(f"host copy bandwidth {bandwidth / 1e9:.1f} GB/s; {cfg.num_params() / 1e9:.3f}B params, {args.dtype}")
+    params = init_params(cfg, 0)
+    variants = [("llama_jax", params)]
+    if not args.no_int8:
+        variants.append(("llama_jax int8", quantize_params(params, "int8")))
+
+    rows = []
+    for name, tree in variants:
+        for batch in args.batches:
+            prefill, decode, cache_len = bench_llama_jax(cfg, tree, batch, args.prompt_len, args.steps, args.reps)
+            roof = batch * bandwidth / decode_bytes(cfg, tree, batch, cache_len)
+            rows.append((f"{name} (JAX {jax.__version__})", batch, prefill, decode, roof))
+            print(rows[-1])
+    del variants
+    gc.collect()
+
+    if not args.no_hf:
+        import torch
+        import transformers
+
+        model = hf_model(cfg, params)
+        del params
+        gc.collect()
+        for batch in args.batches:
+            prefill, decode = bench_hf(model, cfg, batch, args.prompt_len, args.steps, args.reps)
+            cache_len = args.prompt_len + 1 + args.steps  # static cache: max_length
+            weights = sum(t.numel() * t.element_size() for t in model.parameters())
+            if not cfg.tie_embeddings:
+                weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+            cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+            roof = batch * bandwidth / (weights + cache)
+            rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} threads)", batch, prefill, decode, roof))
+            print(rows[-1])
+
+    shape = "quick model" if args.quick else "Llama-3.2-1B shapes"
+    commit = git_commit("llama_jax/infer", "llama_jax/model.py", "llama_jax/kernels", "bench/decode.py")
+    header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
+              f"commit {commit}{', --quick' if args.quick else ''}")
+    notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
+             f"{cfg.vocab_size}), random weights, {args.dtype} weights and compute; prompt {args.prompt_len} "
+             f"tokens, {args.steps} decode steps timed, greedy; host copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+             f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). "
+             f"Roofline = batch x bandwidth / (weight bytes + KV-cache bytes a decode step reads).")
+    table = ["| engine | batch | prefill tok/s | decode tok/s | decode roofline tok/s | % of roofline |",
+             "|---|---|---|---|---|---|"]
+    for name, batch, prefill, decode, roof in rows:
+        table.append(f"| {name} | {batch} | {fmt(prefill)} | {fmt(decode)} | {fmt(roof)} "
+                     f"| {100 * decode / roof:.0f}% |")
+    text = "\n".join([header, "", notes, "", *table])
+    print("\n" + text)
+    append_results(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
