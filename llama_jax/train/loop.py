@@ -16,6 +16,7 @@ stops the run, naming the step, without saving the diverged state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -231,6 +232,16 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.signalled]))))
 
 
+@functools.lru_cache(maxsize=4)
+def _optimizer_and_step(cfg: LlamaConfig, optim: OptimConfig, mesh, batch_shape: tuple[int, int], grad_accum: int,
+                        z_loss: float):
+    """One optimizer and jitted step per setting, so a process that calls `train` again (a resumed
+    run in a notebook, the tests) reuses the compiled step instead of tracing it anew."""
+    optimizer = make_optimizer(optim)
+    return optimizer, make_train_step(cfg, optimizer, mesh, batch_shape=batch_shape, grad_accum=grad_accum,
+                                      z_loss=z_loss, schedule=lr_schedule(optim))
+
+
 def _test_fault() -> tuple[str, int] | None:
     """LLAMA_JAX_TEST_FAULT='sigterm:3' sends SIGTERM once the 3rd step is dispatched;
     'sigkill-after-save:4' kills the process as checkpoint 4 starts writing. For crash tests."""
@@ -269,7 +280,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    optimizer = make_optimizer(optim)
+    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)
     data = data_lib.BatchIterator(
         data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
 
@@ -290,8 +301,6 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     start = int(state.step)
 
     T, B = tc.seq_len, tc.batch_size
-    step_fn = make_train_step(cfg, optimizer, mesh, batch_shape=(B, T), grad_accum=tc.grad_accum,
-                              z_loss=tc.z_loss, schedule=lr_schedule(optim))
     flops_per_step = cfg.flops_per_token(T) * B * T
     peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
     if primary:

@@ -4,6 +4,7 @@ CLI writes a model checkpoint that loads; metric files are readable."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +30,16 @@ def saved_steps(out) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     summary = train(TrainConfig(out=str(out), mesh="fsdp8", **BASE))
     assert summary["status"] == "completed" and summary["steps"] == STEPS
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return losses(uninterrupted_run)
 
 
 def assert_same_losses(got, want, steps, rtol=1e-6):
@@ -85,25 +91,44 @@ def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, u
     assert np.isfinite(np.asarray(params["output"])).all()
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
-    train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **{**BASE, "steps": 3, "save_every": 1}))
-    # Continue with an absurd learning rate: the first update blows the weights up.
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, uninterrupted_run):
+    # Continue the uninterrupted run from its step-2 checkpoint with an absurd learning rate: the
+    # next update blows the weights up.
+    shutil.copytree(uninterrupted_run, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model"))
+    for step in saved_steps(tmp_path)[1:]:
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
     cfg = TrainConfig(out=str(tmp_path), mesh="fsdp8", **{**BASE, "lr": 1e30, "warmup_steps": 0, "save_every": 1,
                                                           "clip_norm": 0.0})
     with pytest.raises(NonFiniteLoss, match=r"at step \d+; stopping, last good checkpoint: step \d+") as e:
         train(cfg)
     bad_step = e.value.args[0]
-    assert 4 <= bad_step < STEPS and f"at step {bad_step};" in str(e.value)
+    assert 3 <= bad_step < STEPS and f"at step {bad_step};" in str(e.value)
     # Checkpoint n holds the weights step n's loss came from: none at or past the divergence is kept.
-    assert saved_steps(tmp_path) == list(range(1, bad_step))
+    assert saved_steps(tmp_path) == list(range(2, bad_step))
     assert f"last good checkpoint: step {bad_step - 1} " in str(e.value)
 
 
-def test_metrics_files_and_tensorboard_events(tmp_path, uninterrupted):
+def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, uninterrupted_run):
+    from llama_jax.tokenizer import Llama3Tokenizer
+    from llama_jax.train.data import BatchIterator, DataConfig
+    from llama_jax.train.step import loss_sums
+
+    model = uninterrupted_run / "model"
+    summary = train(TrainConfig(out=str(tmp_path), mesh="dp2,tp4", init_from=str(model),
+                                **{**BASE, "config": None, "steps": 1}))
+    cfg, params = checkpoint.load(model)
+    first = next(BatchIterator(DataConfig((), 32, 8, 0), Llama3Tokenizer(checkpoint.tokenizer_path(model))))
+    _, sums = loss_sums(cfg, params, first)
+    assert summary["first_loss"] == pytest.approx(float(sums["nll"] / sums["weight"]), rel=1e-5)
+    assert summary["first_loss"] < losses(uninterrupted_run)[0] - 0.5  # trained weights, not a fresh init
+
+
+def test_default_model_metrics_files_and_tensorboard_events(tmp_path):
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     out = tmp_path / "run"
-    train(TrainConfig(out=str(out), mesh="fsdp8", **{**BASE, "steps": 2}))
+    summary = train(TrainConfig(out=str(out), **{**BASE, "config": None, "steps": 2, "seq_len": 64}))
+    assert summary["params"] == 869504 and summary["mesh"] == "fsdp8"  # the default model and mesh
     events = next(out.glob("events.out.tfevents.*")).read_bytes()
     # An independent reader: protobuf's own parser over the TFRecord frames.
     fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t")
