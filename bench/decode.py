@@ -11,8 +11,8 @@ is `steps` calls of the jitted decode step, dispatched back to back and synced a
 compiled and warmed first; times are medians over repeats.
 
 HF: `model.generate(..., cache_implementation="static")`, greedy, with min_new_tokens so no row
-stops early, without torch.compile. Prefill = a generate of 1 new token (the prompt pass plus one
-sampling); decode = (generate of 1 + steps tokens - that) / steps.
+stops early, without torch.compile; a streamer notes when the prompt goes in and when each token
+comes out, so prefill = until the first new token, decode = the `steps` tokens after it.
 
 Roofline: a decode step must read every weight it multiplies by (an untied embedding table only
 gathers B rows) and the KV cache slots its attention reads (both engines attend over the whole
@@ -133,7 +133,21 @@ def hf_model(cfg, params):
     return model
 
 
+class _Clock:
+    """A generate streamer that only notes when each put() comes: the prompt, then each new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def bench_hf(model, cfg, batch, prompt_len, steps, reps):
+    """(prefill tokens/s, decode tokens/s) of one generate call per repeat, split at its first token."""
     import torch
 
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
@@ -141,15 +155,18 @@ def bench_hf(model, cfg, batch, prompt_len, steps, reps):
     mask = torch.ones_like(input_ids)
 
     def generate(n):
+        clock = _Clock()
         with torch.inference_mode():
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, cache_implementation="static", pad_token_id=0)
-        assert out.shape == (batch, prompt_len + n)
+                                 do_sample=False, cache_implementation="static", pad_token_id=0, streamer=clock)
+        assert out.shape == (batch, prompt_len + n) and len(clock.times) == n + 1
+        return clock.times
 
     generate(2)  # warm-up
-    one = median_time(lambda: generate(1), reps)
-    many = median_time(lambda: generate(1 + steps), reps)
-    return batch * prompt_len / one, batch * steps / max(many - one, 1e-9)
+    runs = [generate(1 + steps) for _ in range(reps)]
+    prefill_s = statistics.median(t[1] - t[0] for t in runs)
+    decode_s = statistics.median(t[-1] - t[1] for t in runs)
+    return batch * prompt_len / prefill_s, batch * steps / decode_s
 
 
 def fmt(x: float) -> str:
