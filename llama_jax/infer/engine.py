@@ -9,8 +9,8 @@ cache length), and `decode_step` once; both again only for another config, sampl
 size, cache length bucket or mesh. Nothing is compiled per prompt length, stop set, seed or token.
 Both are module-level jits, so repeated calls (chat turns, batches of a prompts file) reuse them.
 
-Prompts of unequal lengths share a batch right-padded: prefill writes every row's padded chunk at
-slots 0..T-1, samples each row's first token from the logits at its own last prompt position, and
+Prompts of unequal lengths share a batch right-padded: prefill writes every row's padded prompt at
+slots 0..T-1 (PREFILL_CHUNK tokens at a time), samples each row's first token from the logits at its own last prompt position, and
 decode steps then write each row at its own position, overwriting its pad slots before any query
 can see them. Rows that stop early keep stepping in place (same token, same slot) until the whole
 batch is done; their outputs are ignored.
@@ -37,6 +37,9 @@ from llama_jax.model import KVCache, Llama, param_logical_axes
 from llama_jax.sharding import activation_sharding, axes, logical_to_sharding, logical_to_spec
 
 MIN_BUCKET = 32  # shortest prefill: short prompts (a chat header is ~10 tokens) share one program
+# Longer prompts run through the model this many tokens at a time, so prefill never holds more than
+# [B, PREFILL_CHUNK, vocab] logits and [B, heads, PREFILL_CHUNK, cache] attention scores.
+PREFILL_CHUNK = 512
 
 
 class PromptTooLongError(ValueError):
@@ -114,15 +117,30 @@ def _report(tokens_B, emitted_B, stop_B, done_B):
 
 
 def prefill(params, tokens_BT, lengths_B, last_B, keys_B, stop_ids_S, *, cfg: LlamaConfig,
-            sampling: SamplingParams, cache_len: int, mesh=None):
-    """Run the right-padded prompts through a fresh cache and sample each row's first new token.
-    Returns (DecodeState, report [4, B])."""
+            sampling: SamplingParams, cache_len: int, chunk: int = PREFILL_CHUNK, mesh=None):
+    """Run the right-padded prompts through a fresh cache, `chunk` tokens at a time, and sample each
+    row's first new token from the logits at its last prompt position. Returns (DecodeState,
+    report [4, B])."""
     B, T = tokens_BT.shape
+    # Buckets are powers of two, so this is `chunk`, except for a bucket cut short at a context
+    # length that is not a power of two.
+    C = math.gcd(T, chunk)
     cache = _constrain_cache(KVCache.init(cfg, B, cache_len), mesh)
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    with _sharding_context(mesh):
-        logits_BTV, cache = Llama(cfg).apply({"params": params}, tokens_BT, positions=positions_BT, cache=cache)
-    logits_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+
+    def run_chunk(carry, start):
+        cache, logits_BV = carry
+        tokens_BC = jax.lax.dynamic_slice_in_dim(tokens_BT, start, C, axis=1)
+        positions_BC = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+        with _sharding_context(mesh):
+            logits_BCV, cache = Llama(cfg).apply({"params": params}, tokens_BC, positions=positions_BC, cache=cache)
+        # Keep the logits of rows whose last prompt token lies in this chunk.
+        offset_B = lengths_B - 1 - start
+        here_B = (offset_B >= 0) & (offset_B < C)
+        picked_BV = jnp.take_along_axis(logits_BCV, jnp.clip(offset_B, 0, C - 1)[:, None, None], axis=1)[:, 0]
+        return (cache, jnp.where(here_B[:, None], picked_BV, logits_BV)), None
+
+    logits_BV = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    (cache, logits_BV), _ = jax.lax.scan(run_chunk, (cache, logits_BV), jnp.arange(0, T, C, dtype=jnp.int32))
     tokens_B, stop_B = _next_tokens(logits_BV, keys_B, lengths_B, stop_ids_S, sampling)
     emitted_B = lengths_B <= last_B  # padding rows of a short last batch have last < length
     done_B = ~emitted_B | stop_B | (lengths_B >= last_B)
@@ -146,7 +164,7 @@ def decode_step(params, state: DecodeState, *, cfg: LlamaConfig, sampling: Sampl
 
 
 _STATIC = ("cfg", "sampling", "mesh")
-prefill_jit = jax.jit(prefill, static_argnames=_STATIC + ("cache_len",))
+prefill_jit = jax.jit(prefill, static_argnames=_STATIC + ("cache_len", "chunk"))
 decode_step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
 
 
@@ -182,7 +200,8 @@ def check_prompts(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_to
 
 def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), seed: int = 0,
-                  batch_size: int | None = None, mesh=None, truncate: bool = False) -> Iterator[TokenEvent]:
+                  batch_size: int | None = None, mesh=None, truncate: bool = False,
+                  prefill_chunk: int = PREFILL_CHUNK) -> Iterator[TokenEvent]:
     """Generate for every prompt (lists of token ids), `batch_size` prompts at a time.
 
     Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
@@ -201,6 +220,8 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     longest = max(len(p) for p in prompts)
     # One cache length for the whole call, so every batch reuses one compiled decode step.
     cache_len = bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len)
+    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     static = dict(cfg=cfg, sampling=sampling, mesh=mesh)
     # Padded with -1 (matches no token) to a multiple of 8, so stop sets of up to 8 ids share a shape.
     stop_set = sorted({int(s) for s in stop_ids})
@@ -209,10 +230,10 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     base_key = jax.random.key(seed)
     for start in range(0, len(prompts), B):
         yield from _generate_batch(params, prompts[start:start + B], start, B, cache_len, max_new_tokens,
-                                   base_key, stop_ids, static)
+                                   base_key, stop_ids, prefill_chunk, static)
 
 
-def _generate_batch(params, batch, start, B, cache_len, max_new_tokens, base_key, stop_ids, static):
+def _generate_batch(params, batch, start, B, cache_len, max_new_tokens, base_key, stop_ids, chunk, static):
     cfg, mesh = static["cfg"], static["mesh"]
     T = bucket_length(max(len(p) for p in batch), cache_len)
     tokens = np.zeros((B, T), np.int32)
@@ -228,7 +249,7 @@ def _generate_batch(params, batch, start, B, cache_len, max_new_tokens, base_key
         inputs = tuple(jax.device_put(x, logical_to_sharding((axes.CACHE_BATCH,) + (None,) * (x.ndim - 1), mesh,
                                                              x.shape)) for x in inputs)
 
-    state, report = prefill_jit(params, *inputs, stop_ids, cache_len=cache_len, **static)
+    state, report = prefill_jit(params, *inputs, stop_ids, cache_len=cache_len, chunk=chunk, **static)
     rows = len(batch)
     pending = report
     for _ in range(int(np.max(last[:rows] - lengths[:rows]))):
@@ -258,4 +279,4 @@ def _read_report(report, start, rows):
 
 __all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "prefill", "decode_step", "prefill_jit",
            "decode_step_jit", "stream_tokens", "check_prompts", "bucket_length", "param_shardings",
-           "batch_multiple", "MIN_BUCKET"]
+           "batch_multiple", "MIN_BUCKET", "PREFILL_CHUNK"]

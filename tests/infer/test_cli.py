@@ -77,14 +77,14 @@ def test_prompts_file_gives_seeded_jsonl_in_order(capsys, tmp_path, checkpoint_d
     assert [r["index"] for r in records] == [0, 1, 2] and [r["prompt"] for r in records] == texts
     assert [r["completion"] for r in records] == expected.texts
     assert [r["num_tokens"] for r in records] == [len(t) for t in expected.token_ids]
-    assert run_cli(capsys, *argv, "--seed", 4)[1] != out
-    # JSONL input, results into --output.
+    # JSONL input, results into --output; another seed, other samples.
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompts-file", jsonl, "--batch-size", 2,
-                             "--max-new-tokens", 5, "--seed", 3, "--output", tmp_path / "out.jsonl")
+                             "--max-new-tokens", 5, "--seed", 4, "--output", tmp_path / "out.jsonl")
     assert (status, out) == (0, "")
-    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == records
+    other = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in other] == texts and [r["completion"] for r in other] != expected.texts
 
 
 def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):

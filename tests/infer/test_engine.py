@@ -41,6 +41,15 @@ def test_greedy_with_cache_equals_argmax_of_full_forward(preset, tiny):
         assert out[i] == (greedy_reference(cfg, params, prompt, 10), "length")
 
 
+def test_long_prompts_prefill_in_chunks(tiny):
+    cfg, params = tiny
+    # A 128-token bucket in chunks of 32: the rows' last prompt tokens lie in chunks 3, 1 and 2.
+    prompts = [[1] + list(range(3, 90)), [1, 5, 6], [1] + list(range(200, 240))]
+    out = run(cfg, params, prompts, prefill_chunk=32, batch_size=3)
+    for i, prompt in enumerate(prompts):
+        assert out[i] == (greedy_reference(cfg, params, prompt, 10), "length")
+
+
 def test_batch_of_unequal_prompts_equals_each_prompt_alone(tiny):
     # Greedy: the full-forward test above already compares each batched row with its prompt alone.
     cfg, params = tiny
@@ -83,7 +92,7 @@ def test_limits_token_count_and_context_end(tiny):
 
 
 def test_prompt_checks(tiny):
-    cfg, _ = tiny
+    cfg, params = tiny
     L = cfg.max_seq_len
     long = [1] + list(range(3, 3 + L))
     with pytest.raises(PromptTooLongError, match=f"has {L + 1} tokens.*context is {L} tokens.*at most {L - 1}"):
@@ -94,6 +103,8 @@ def test_prompt_checks(tiny):
         check_prompts(cfg, [[1], [1, 512]], 8)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         check_prompts(cfg, [[]], 8)
+    with pytest.raises(ValueError, match="prefill_chunk must be a power of two, got 48"):
+        run(cfg, params, prefill_chunk=48)
 
 
 def test_one_decode_compile_and_prefill_per_bucket_only():
