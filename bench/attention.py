@@ -1,7 +1,7 @@
 """Attention throughput: our Pallas kernels against XLA, cuDNN and JAX's own Pallas kernels.
 
-    python bench/attention.py            # GPU / TPU: seq 1k..32k, H=32, K=8, D=128, bf16
-    python bench/attention.py --quick    # any backend, tiny sizes (CPU: kernels interpreted)
+    python -m bench.attention            # GPU / TPU: seq 1k..32k, H=32, K=8, D=128, bf16
+    python -m bench.attention --quick    # any backend, tiny sizes (CPU: kernels interpreted)
 
 Training attention: forward and forward+backward TFLOP/s, causal FLOPs counted as the useful
 half of the square: forward 4 * B * H * T * T * D / 2, backward 2.5 times that (five matmuls to
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from llama_jax.kernels import decode_attention, flash_attention
 from llama_jax.kernels.flash_attention import default_lowering
 from llama_jax.kernels.reference import cached_attention_reference
-from results import append_results, git_commit
+from bench.results import append_results, git_commit
 
 SECTION = "## Attention kernels (bench/attention.py)"
 IMPLS = ("pallas (ours)", "xla", "cudnn", "jax pallas ops")

@@ -1,7 +1,7 @@
 """Peak host memory of the converters on a synthetic multi-shard Meta checkpoint of a few GB.
 
-    python bench/convert_memory.py               # 2.3 GB: 10 layers of a 1B-class model, 8 shards
-    python bench/convert_memory.py --layers 24   # 4.1 GB
+    python -m bench.convert_memory               # 2.3 GB: 10 layers of a 1B-class model, 8 shards
+    python -m bench.convert_memory --layers 24   # 4.1 GB
 
 Builds a Meta download in a temporary directory one shard at a time (the builder never holds the
 model): dim 2048, vocab 128256, 16 heads and 4 kv heads (so the 8 shards store each kv head twice,
@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from results import append_results, git_commit, machine
+from bench.results import append_results, git_commit, machine
 
 SECTION = "## Converter peak memory (bench/convert_memory.py)"
 MODEL = dict(dim=2048, n_heads=16, n_kv_heads=4, vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,

@@ -2,9 +2,9 @@
 the memory-bandwidth roofline of a decode step, with HF transformers' `generate` (static cache) on
 the same weights in the same run.
 
-    python bench/decode.py              # Llama-3.2-1B shapes, random weights, float32 (CPU), ~10 min
-    python bench/decode.py --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
-    python bench/decode.py --dtype bfloat16 --no-hf
+    python -m bench.decode              # Llama-3.2-1B shapes, random weights, float32 (CPU), ~10 min
+    python -m bench.decode --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
+    python -m bench.decode --dtype bfloat16 --no-hf
 
 llama_jax: prefill is one call of the engine's jitted prefill (prompt bucket = prompt length); decode
 is `steps` calls of the jitted decode step, dispatched back to back and synced at the end. Both are
@@ -39,7 +39,7 @@ from llama_jax import LlamaConfig, init_params
 from llama_jax.infer import engine
 from llama_jax.infer.quantize import param_bytes, quantize_params
 from llama_jax.infer.sampling import SamplingParams
-from results import append_results, git_commit, machine
+from bench.results import append_results, git_commit, machine
 
 SECTION = "## Decode throughput (bench/decode.py)"
 GREEDY = SamplingParams(temperature=0.0)

@@ -1,8 +1,8 @@
 """Training-step throughput: tokens/s and MFU of llama_jax's train step on one or more meshes, and
 (on CPU) Hugging Face transformers' LlamaForCausalLM training step side by side.
 
-    python bench/train.py                                  # the trainer's default model, CPU, 1 and 8 devices + torch
-    python bench/train.py --config llama3.2-1b --mesh fsdp8 --batch-size 8 --seq-len 2048 --no-torch
+    python -m bench.train                                  # the trainer's default model, CPU, 1 and 8 devices + torch
+    python -m bench.train --config llama3.2-1b --mesh fsdp8 --batch-size 8 --seq-len 2048 --no-torch
 
 Both sides do the same work per step: forward, next-token cross-entropy over every position,
 backward, global-norm clipping and an AdamW update of float32 weights, on the same random batch
@@ -29,7 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from results import append_results, git_commit, machine  # noqa: E402
+from bench.results import append_results, git_commit, machine  # noqa: E402
 
 SECTION = "## Training step throughput (bench/train.py)"
 
