@@ -11,7 +11,7 @@ import sys
 DESCRIPTION = """\
 Train a Llama 3 model on a mesh of devices, resuming automatically from OUT/checkpoints.
 
-With no flags it trains a small byte-level Llama (~1.6M parameters) on Python's own standard
+With no flags it trains a small byte-level Llama (0.87M parameters) on Python's own standard
 library sources for 300 steps over all devices (8 fake CPU devices on a CPU-only machine), then
 writes OUT/model, which `python -m llama_jax.infer --checkpoint out/model` samples from.
 """

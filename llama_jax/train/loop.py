@@ -29,24 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import checkpoint
 from llama_jax.config import PRESETS, LlamaConfig
 from llama_jax.sharding import make_mesh, mesh_str
-from llama_jax.sharding.params import load_params, param_shardings
+from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import TrainState, abstract_state, check_batch_size, init_state, make_train_step, \
-    put_batch, state_shardings
+from llama_jax.train.step import abstract_state, check_batch_size, init_state, make_train_step, put_batch, \
+    state_shardings
 
 log = logging.getLogger("llama_jax.train")
 
-# The default model: the `tiny` preset widened to ~1.6M parameters, over a byte-level vocabulary
+# The default model: the `tiny` preset widened to 0.87M parameters, over a byte-level vocabulary
 # (256 bytes + Meta's 256 special tokens = 512), so it learns visible structure on a laptop CPU in
-# minutes. A 128k-token vocabulary would put ~98% of a model this size in its embeddings.
+# minutes. With Llama 3's 128k-token vocabulary, 98% of a model this size would be embeddings and
+# each step would cost ~18x the FLOPs.
 DEFAULT_MODEL = "tiny-bytes"
 DEFAULT_MODEL_OVERRIDES = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=1024)
 
@@ -252,20 +252,28 @@ def _test_fault() -> tuple[str, int] | None:
     return kind, int(step)
 
 
-def train(tc: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
-    import orbax.checkpoint as ocp
+@dataclasses.dataclass
+class _Setup:
+    """Everything a run needs, checked before any checkpoint is touched."""
+
+    out: Path
+    mesh: Any
+    cfg: LlamaConfig
+    source: str  # where cfg came from, for the log
+    tokenizer_path: str
+    optimizer: Any
+    step_fn: Any
+    data: data_lib.BatchIterator
+
+
+def _prepare(tc: TrainConfig) -> _Setup:
     from llama_jax.tokenizer import load_tokenizer
 
     out = Path(tc.out)
-    primary = _is_primary()
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(tc.mesh)
-    manager = checkpoint_manager(out / "checkpoints", tc.keep)
-    latest = manager.latest_step()
-
     cfg, source = _model_config(tc, out)
-    fresh = latest is None and not (out / "config.json").is_file() and not tc.init_from
+    fresh = not (out / "config.json").is_file() and not tc.init_from  # written before any checkpoint
     tokenizer_path = resolve_tokenizer(tc, cfg, out)
     tokenizer = load_tokenizer(tokenizer_path)
     cfg = _check_tokenizer(cfg, tokenizer, fresh)
@@ -273,30 +281,47 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     check_batch_size(mesh, tc.batch_size, tc.grad_accum)
-    if primary:
+    if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         if Path(tokenizer_path).absolute() != (out / checkpoint.TOKENIZER_FILE).absolute():
             shutil.copyfile(tokenizer_path, out / checkpoint.TOKENIZER_FILE)
-
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)
-    data = data_lib.BatchIterator(
-        data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    data = data_lib.BatchIterator(data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data)
 
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
+    setup = _prepare(tc)
+    manager = checkpoint_manager(setup.out / "checkpoints", tc.keep)
+    try:
+        return _run(tc, setup, manager)
+    finally:
+        manager.close()
+
+
+def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    out, mesh, cfg, optimizer, step_fn, data = (setup.out, setup.mesh, setup.cfg, setup.optimizer, setup.step_fn,
+                                               setup.data)
+    primary = _is_primary()
+    latest = manager.latest_step()
     if latest is not None:
         shardings = state_shardings(cfg, optimizer, mesh)
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               abstract_state(cfg, optimizer), shardings)
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        state, _ = restored["state"], data.restore(restored["data"])
+        state = restored["state"]
+        data.restore(restored["data"])
         log.info("resumed from %s at step %d", out / "checkpoints", latest)
     else:
         params = None
         if tc.init_from:
-            loaded_cfg, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc, jax.devices()[0].platform))
-            del loaded_cfg
+            _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc, jax.devices()[0].platform))
         state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
     start = int(state.step)
 
@@ -305,8 +330,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
     if primary:
         log.info("model %s: %.2fM params, %s; mesh %s over %d %s devices; tokenizer %s; peak %s",
-                 source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
-                 tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
+                 setup.source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
+                 setup.tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
 
     metrics_log = MetricsLog(out) if primary else None
     bar = None
@@ -404,12 +429,11 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             bar.close()
         if metrics_log is not None:
             metrics_log.close()
-        manager.close()
 
     final_step = int(jax.device_get(state.step))
     model_path = None
     if final_step >= tc.steps:
-        model_path = export_model(out / "model", cfg, state.params, tokenizer_path)
+        model_path = export_model(out / "model", cfg, state.params, setup.tokenizer_path)
     summary = {
         "status": status,
         "steps": final_step,

@@ -7,39 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llama_jax import checkpoint
 from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
-
-STEPS = 8
-# Tiny and quick: 2 layers, D=64, 512-token byte vocabulary, rows of 32 tokens.
-BASE = dict(config="tiny", seq_len=32, batch_size=8, steps=STEPS, lr=3e-3, warmup_steps=2, save_every=2,
-            keep=10, log_every=1, progress=False)
-
-
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())}
-
-
-def saved_steps(out) -> list[int]:
-    return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    summary = train(TrainConfig(out=str(out), mesh="fsdp8", **BASE))
-    assert summary["status"] == "completed" and summary["steps"] == STEPS
-    return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(uninterrupted_run):
-    return losses(uninterrupted_run)
+from tests.train.conftest import BASE, STEPS, cli_args, losses, saved_steps
 
 
 def assert_same_losses(got, want, steps, rtol=1e-6):
@@ -71,20 +45,18 @@ def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch):
 
 def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, uninterrupted):
     env = dict(os.environ, LLAMA_JAX_TEST_FAULT="sigkill-after-save:6")
-    args = [sys.executable, "-m", "llama_jax.train", "--out", str(tmp_path), "--mesh", "fsdp8", "--config", "tiny",
-            "--seq-len", "32", "--batch-size", "8", "--steps", str(STEPS), "--lr", "3e-3", "--warmup-steps", "2",
-            "--save-every", "2", "--keep", "10", "--log-every", "1", "--no-progress"]
-    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-m", "llama_jax.train", *cli_args(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     complete = saved_steps(tmp_path)
     assert complete[-1] in (4, 6) and complete[:2] == [2, 4]  # 6 only if its write beat the kill
     # A half-written step directory never counts as a checkpoint: make one by hand, too.
     (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"completed: step {STEPS}" in resumed.stdout and "model ->" in resumed.stdout
+    resumed = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+    assert resumed["resumed_from"] == complete[-1] and resumed["status"] == "completed"
     assert_same_losses(losses(tmp_path), uninterrupted, range(STEPS))
-    # The CLI's final model is a self-contained checkpoint that loads (infer reads OUT/model).
+    # The final model is a self-contained checkpoint that loads (infer reads OUT/model).
+    assert resumed["model"] == str((tmp_path / "model").absolute())
     cfg, params = checkpoint.load(tmp_path / "model")
     assert cfg.vocab_size == 512 and (cfg.bos_id, cfg.eos_id) == (256, 257)
     assert checkpoint.tokenizer_path(tmp_path / "model") is not None
