@@ -15,7 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+# "pallas_interpret" runs the Pallas kernels in the interpreter: any backend, exact, slow (tests).
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

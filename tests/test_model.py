@@ -164,3 +164,28 @@ def test_bad_inputs_raise_clear_errors():
         Llama(cfg).apply({"params": params}, np.ones((1, 2), np.int32), positions=np.array([[7, 8]]), cache=cache)
     with pytest.raises(ValueError, match="positions are required"):
         Llama(cfg).apply({"params": params}, np.ones((1, 2), np.int32), cache=cache)
+
+
+def test_pallas_kernels_give_the_same_logits_as_xla():
+    """The model through our Pallas kernels (interpreted on CPU): flash attention for a packed
+    forward pass and its gradients' inputs, the decode kernel for prefill + a step into the cache."""
+    cfg = dataclasses.replace(PRESETS["tiny"], dim=128, n_heads=2, n_kv_heads=1)  # head_dim 64, GQA 2:1
+    kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas_interpret")
+    params = random_params(cfg, seed=8)
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 40))
+    segment_ids = np.repeat(np.array([[1, 2], [1, 1]]), 20, axis=1)
+    positions = np.concatenate([np.arange(20), np.arange(20)])[None].repeat(2, 0)
+    positions[1] = np.arange(40)
+    kwargs = dict(positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(forward(kernel_cfg, params, tokens, **kwargs), forward(cfg, params, tokens, **kwargs),
+                               atol=TOL, rtol=0)
+
+    def prefill_and_step(c):
+        model, cache = Llama(c), KVCache.init(c, 2, 64)
+        pos = np.tile(np.arange(30), (2, 1))
+        first, cache = model.apply({"params": params}, tokens[:, :30], positions=pos, cache=cache)
+        step, _ = model.apply({"params": params}, tokens[:, 30:31], positions=np.full((2, 1), 30), cache=cache)
+        return np.concatenate([first, step], axis=1)
+
+    np.testing.assert_allclose(prefill_and_step(kernel_cfg), prefill_and_step(cfg), atol=TOL, rtol=0)

@@ -7,7 +7,8 @@
 impl: "xla" (plain XLA, any backend), "pallas" (our kernels: flash_attention.py and
 decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s
 cuDNN fused attention, NVIDIA GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). On CPU
-"pallas" runs only with interpret=True (the Pallas interpreter: exact, slow, for tests).
+"pallas" runs only with interpret=True (the Pallas interpreter: exact, slow, for tests);
+"pallas_interpret" is the same as an impl name, so a model config can ask for it.
 """
 
 import jax
@@ -17,7 +18,7 @@ from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import default_lowering, flash_attention
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
 
-IMPLS = ("xla", "pallas", "cudnn", "auto")
+IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
 
 
 def _is_cuda() -> bool:
@@ -31,6 +32,8 @@ def resolve_impl(impl: str, *, interpret: bool = False) -> str:
     backend = jax.default_backend()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl == "pallas_interpret":
+        return "pallas_interpret"
     if impl == "auto":
         return "pallas" if default_lowering(backend) else "xla"
     if impl == "pallas" and default_lowering(backend) is None and not interpret:
@@ -47,8 +50,9 @@ def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, impl: str = "xla",
     impl = resolve_impl(impl, interpret=interpret)
     if impl == "xla":
         return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
-    if impl == "pallas":
-        return flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret=interpret)
+    if impl in ("pallas", "pallas_interpret"):
+        return flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT,
+                               interpret=interpret or impl == "pallas_interpret")
     # cudnn takes packed documents only as a dense [B, 1, T, T] mask.
     mask = None
     if segment_ids_BT is not None:
@@ -62,8 +66,9 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla
     impl = resolve_impl(impl, interpret=interpret)
     if impl == "xla":
         return cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT)
-    if impl == "pallas":
-        return decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret=interpret)
+    if impl in ("pallas", "pallas_interpret"):
+        return decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT,
+                                interpret=interpret or impl == "pallas_interpret")
     S = k_BSKD.shape[1]
     mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
     return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask,
