@@ -81,26 +81,23 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     if mesh is not None:
         params = jax.device_put(params, engine.param_shardings(cfg, mesh, params))
-    streams: dict[int, TextStream] = {}
-    texts: dict[int, list[str]] = {}
-    ids: dict[int, list[int]] = {}
+    running: dict[int, tuple[list[int], TextStream]] = {}  # prompt index -> (its new ids, its text stream)
     events = engine.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
                                   batch_size=batch_size, mesh=mesh, truncate=truncate)
     for event in events:
-        i = event.index
-        stream = streams.setdefault(i, TextStream(tokenizer))
-        piece = stream.push(event.token) if event.finish_reason is None else stream.flush()
-        ids.setdefault(i, [])
+        ids, stream = running.setdefault(event.index, ([], TextStream(tokenizer)))
         if event.finish_reason is None:
-            ids[i].append(event.token)
+            ids.append(event.token)
+            piece = stream.push(event.token) if on_text is not None else ""
+        else:
+            piece = stream.flush() if on_text is not None else ""
         if piece:
-            texts.setdefault(i, []).append(piece)
-            if on_text is not None:
-                on_text(i, piece)
+            on_text(event.index, piece)
         if event.finish_reason is not None:
-            del streams[i]
-            yield i, Completion("".join(texts.pop(i, [])), ids.pop(i), event.finish_reason)
+            del running[event.index]
+            # The streamed pieces concatenate to this same text (TextStream's invariant).
+            yield event.index, Completion(tokenizer.decode(ids), ids, event.finish_reason)
 
 
 def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequence[int]], *,
