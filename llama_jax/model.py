@@ -228,7 +228,10 @@ class Llama(nn.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
         embedding_VD = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), (axes.VOCAB, axes.EMBED), cfg)
-        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
+        # Gather rows from a table split on vocab only: with its embed dim also split (fsdp), XLA
+        # replicates the whole [B, T, D] result on every device instead.
+        table_VD = nn.with_logical_constraint(embedding_VD, (axes.VOCAB, None))
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dt)
 
         cache_kv = None if cache is None else (cache.k, cache.v)
         x_BTD, cache_kv = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, cache_kv)
