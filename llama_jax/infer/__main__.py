@@ -19,6 +19,7 @@ import jax
 from llama_jax import checkpoint
 from llama_jax.infer.engine import PromptTooLongError, param_shardings
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
+from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import load_params
@@ -112,6 +113,9 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         raise ValueError("nothing to do: pass --prompt TEXT, --prompts-file F or --chat")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_p, args.top_k)  # bad values fail before the model loads
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     cfg, params, tokenizer, mesh = load_model(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
