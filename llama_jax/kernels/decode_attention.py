@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.flash_attention import LANES, LOWERINGS, M_FLOOR, fit_lanes, default_lowering
+from llama_jax.kernels.flash_attention import LANES, M_FLOOR, fit_lanes, resolve_lowering
 from llama_jax.kernels.reference import cached_attention_reference
 
 
@@ -273,15 +273,7 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale: float | N
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
     if q_positions_BT.shape != (B, T):
         raise ValueError(f"q_positions {q_positions_BT.shape} must be [B, T] = {(B, T)}")
-    if lowering is None:
-        lowering = default_lowering()
-        if lowering is None:
-            if not interpret:
-                raise ValueError(f"no Pallas lowering on backend {jax.default_backend()!r}; pass "
-                                 "interpret=True to run the kernel in the interpreter")
-            lowering = "triton"
-    if lowering not in LOWERINGS:
-        raise ValueError(f"unknown lowering {lowering!r}; expected one of {LOWERINGS}")
+    lowering = resolve_lowering(lowering, interpret)
     bs = block_sizes or DEFAULT_DECODE_BLOCK_SIZES[lowering]
     G = H // K
     R = T * G

@@ -71,6 +71,20 @@ def default_lowering(platform: str | None = None) -> str | None:
     return {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}.get(platform)
 
 
+def resolve_lowering(lowering: str | None, interpret: bool) -> str:
+    """The lowering to build: as asked, else the backend's; the interpreter runs the Triton kernel."""
+    if lowering is None:
+        lowering = default_lowering()
+        if lowering is None:
+            if not interpret:
+                raise ValueError(f"no Pallas lowering on backend {jax.default_backend()!r}; pass "
+                                 "interpret=True to run the kernel in the interpreter")
+            lowering = "triton"
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {lowering!r}; expected one of {LOWERINGS}")
+    return lowering
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     lowering: str
@@ -696,15 +710,7 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, kv_segment_i
         if segment_ids_BT.shape != (B, T) or kv_segment_ids_BT.shape != (B, T):
             raise ValueError(f"segment ids {segment_ids_BT.shape}, {kv_segment_ids_BT.shape} must "
                              f"be [B, T] = {(B, T)}")
-    if lowering is None:
-        lowering = default_lowering()
-        if lowering is None:
-            if not interpret:
-                raise ValueError(f"no Pallas lowering on backend {jax.default_backend()!r}; pass "
-                                 "interpret=True to run the kernel in the interpreter")
-            lowering = "triton"
-    if lowering not in LOWERINGS:
-        raise ValueError(f"unknown lowering {lowering!r}; expected one of {LOWERINGS}")
+    lowering = resolve_lowering(lowering, interpret)
     bs = block_sizes or DEFAULT_BLOCK_SIZES[lowering]
     blocks, Tp = _fit_blocks(bs, T, lowering)
     cfg = _Config(
