@@ -103,15 +103,24 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     return LlamaConfig.from_json(path / CONFIG_FILE)
 
 
-def load(path: str | os.PathLike, *, shardings=None, **config_overrides) -> tuple[LlamaConfig, dict]:
-    """Read (cfg, params). `shardings`: a tree of jax.sharding.Sharding matching the params (or
-    one Sharding for every leaf) to restore straight into; default: the default device.
+def load(path: str | os.PathLike, *, mesh=None, shardings=None, **config_overrides) -> tuple[LlamaConfig, dict]:
+    """Read (cfg, params), each device reading only its own shards.
+
+    mesh: restore straight into the shards the rules table gives on this jax.sharding.Mesh,
+    whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
+    matching the params (or one Sharding for every leaf). Neither: the default device.
     `config_overrides` replace config fields that do not change shapes (e.g. dtype, attention_impl)."""
     path = Path(path).absolute()
     cfg = load_config(path)
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     shapes = param_shapes(cfg)
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("pass mesh or shardings, not both")
+        from llama_jax.sharding.params import param_shardings  # sharding builds on this module
+
+        shardings = param_shardings(cfg, mesh)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):

@@ -98,3 +98,22 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
     with pytest.raises(ValueError, match="ckpt/params: (damaged|unreadable)"):
         checkpoint.load(out)
+
+
+def test_load_into_a_mesh_places_each_param_by_the_rules(tmp_path):
+    from llama_jax.sharding.mesh import make_mesh
+    from llama_jax.sharding.params import param_shardings
+
+    cfg = PRESETS["tiny"]
+    params = random_params(cfg)
+    out = checkpoint.save(tmp_path / "ckpt", cfg, params)
+    mesh = make_mesh("fsdp2,tp4")
+    _, loaded = checkpoint.load(out, mesh=mesh)
+    expected = param_shardings(cfg, mesh)
+    for leaf, sharding in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+        assert leaf.sharding == sharding
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(loaded))
+    assert_trees_equal(params, jax.device_get(loaded))
+    with pytest.raises(ValueError, match="mesh or shardings, not both"):
+        checkpoint.load(out, mesh=mesh, shardings=expected)

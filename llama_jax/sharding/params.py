@@ -39,8 +39,4 @@ def init_params(cfg: LlamaConfig, mesh: Mesh, seed: int | jax.Array = 0):
 
 def load_params(path: str | os.PathLike, mesh: Mesh, **config_overrides) -> tuple[LlamaConfig, dict]:
     """Restore a `llama_jax.save` checkpoint directly into `mesh`'s shards (any saving mesh)."""
-    cfg = checkpoint.load_config(path)
-    if config_overrides:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, **config_overrides)
-    return checkpoint.load(path, shardings=param_shardings(cfg, mesh), **config_overrides)
+    return checkpoint.load(path, mesh=mesh, **config_overrides)
