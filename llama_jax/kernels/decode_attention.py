@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.flash_attention import LANES, M_FLOOR, fit_lanes, resolve_lowering
+from llama_jax.kernels.flash_attention import (LANES, M_FLOOR, _NN, _NT, _dot, fit_lanes, online_softmax_step,
+                                               resolve_lowering)
 from llama_jax.kernels.reference import cached_attention_reference
 
 
@@ -65,15 +66,6 @@ class _Config:
     interpret: bool
 
 
-def _dot(a, b, contract):
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
-
-
-_NN, _NT = ((1,), (0,)), ((1,), (1,))
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton (GPU): grid (split, row block, batch, kv head); cache in its own [B, S, K, D] layout.
 
@@ -96,12 +88,7 @@ def _decode_kernel_triton(q_ref, k_ref, v_ref, pos_ref, acc_ref, m_ref, l_ref, *
         s = _dot(q, k, _NT) * cfg.scale
         k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
         s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
-        m_next = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        l = alpha * l + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
-        return acc, m_next, l
+        return online_softmax_step(acc, m, l, s, v)
 
     br = q.shape[0]
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((br,), M_FLOOR, jnp.float32),

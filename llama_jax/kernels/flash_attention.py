@@ -157,6 +157,17 @@ def _dot(a, b, contract):
 _NN, _NT = ((1,), (0,)), ((1,), (1,))
 
 
+def online_softmax_step(acc, m, l, s, v):
+    """Fold one block of scores s [rows, bk] and values v [bk, D] into the running output acc,
+    row max m and row sum l (Triton layout: statistics are [rows] vectors)."""
+    m_next = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    l = alpha * l + p.sum(axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+    return acc, m_next, l
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton (GPU) kernels. Operands [B, Tp, H|K, D]; lse and delta [B, H, Tp].
 
@@ -182,12 +193,7 @@ def _fwd_kernel_triton(*refs, cfg: _Config):
             k_pos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
             k_seg = None if ks_ref is None else ks_ref[keys][None, :]
             s = _mask(s, _visible(q_pos, k_pos, q_seg, k_seg, cfg))
-        m_next = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        l = alpha * l + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
-        return acc, m_next, l
+        return online_softmax_step(acc, m, l, s, v)
 
     full, hi = _key_blocks(i, bq, bk, k_ref.shape[0] // bk, cfg)
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), M_FLOOR, jnp.float32),

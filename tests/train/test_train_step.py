@@ -41,6 +41,14 @@ def flat(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def assert_matches_reference(grads, sums, want_grads, want_sums):
+    for k, v in sums.items():
+        assert float(v) == pytest.approx(want_sums[k], rel=1e-5), k
+    for name, g in flat(grads).items():
+        np.testing.assert_allclose(g, want_grads[name], rtol=1e-5, atol=1e-5 * np.abs(want_grads[name]).max(),
+                                   err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def reference():
     """Loss and grads on one device, no mesh."""
@@ -59,11 +67,7 @@ def test_same_loss_and_grads_on_every_mesh(reference, mesh_spec):
     params = jax.device_put(params, shardings)
     compute = jax.jit(lambda p, b: grads_and_sums(CFG, p, b, mesh), out_shardings=(shardings, None))
     grads, sums = compute(params, put_batch(batch, mesh))
-    for k, v in sums.items():
-        assert float(v) == pytest.approx(want_sums[k], rel=1e-5), k
-    for name, g in flat(grads).items():
-        np.testing.assert_allclose(g, want_grads[name], rtol=1e-5, atol=1e-5 * np.abs(want_grads[name]).max(),
-                                   err_msg=name)
+    assert_matches_reference(grads, sums, want_grads, want_sums)
 
 
 def test_train_step_keeps_params_and_adam_moments_sharded_by_the_rules():
@@ -95,11 +99,7 @@ def test_gradient_accumulation_equals_one_big_batch(reference):
     mesh = make_mesh("fsdp2", devices=jax.devices()[:2])
     compute = jax.jit(lambda p, b: grads_and_sums(CFG, p, b, mesh, grad_accum=4))
     grads, sums = compute(jax.device_put(params, param_shardings(CFG, mesh)), put_batch(batch, mesh))
-    for k, v in sums.items():
-        assert float(v) == pytest.approx(want_sums[k], rel=1e-5), k
-    for name, g in flat(grads).items():
-        np.testing.assert_allclose(g, want_grads[name], rtol=1e-5, atol=1e-5 * np.abs(want_grads[name]).max(),
-                                   err_msg=name)
+    assert_matches_reference(grads, sums, want_grads, want_sums)
 
 
 def test_packed_documents_lose_exactly_what_they_lose_alone():
