@@ -6,9 +6,10 @@ the same weights in the same run.
     python -m bench.decode --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
     python -m bench.decode --dtype bfloat16 --no-hf
 
-llama_jax: prefill is one call of the engine's jitted prefill (prompt bucket = prompt length); decode
-is `steps` calls of the jitted decode step, dispatched back to back and synced at the end. Both are
-compiled and warmed first; times are medians over repeats.
+llama_jax: params in the engine's decoding layout (`engine.prepare`: per-layer buffers); prefill is
+one call of the engine's jitted prefill (prompt bucket = prompt length); decode is `steps` calls of
+the jitted decode step, dispatched back to back and synced at the end. Both are compiled and warmed
+first; times are medians over repeats.
 
 HF: `model.generate(..., cache_implementation="static")`, greedy, with min_new_tokens so no row
 stops early, without torch.compile; a streamer notes when the prompt goes in and when each token
@@ -190,20 +191,23 @@ def main():
     load_before = os.getloadavg()[0]
     bandwidth = host_bandwidth()
     print(f"host copy bandwidth {bandwidth / 1e9:.1f} GB/s; {cfg.num_params() / 1e9:.3f}B params, {args.dtype}")
-    params = init_params(cfg, 0)
-    variants = [("llama_jax", params)]
+    params = init_params(cfg, 0)  # stacked: HF's copy is exported from these
+    variants = [("llama_jax", lambda: params)]
     if not args.no_int8:
-        variants.append(("llama_jax int8", quantize_params(params, "int8")))
+        variants.append(("llama_jax int8", lambda: quantize_params(params, "int8")))
 
     rows = []
-    for name, tree in variants:
+    for name, make in variants:
+        # The engine's layout for decoding: per-layer buffers (what infer's prepare() gives).
+        decode_cfg, tree = engine.prepare(cfg, make())
         for batch in args.batches:
-            prefill, decode, cache_len = bench_llama_jax(cfg, tree, batch, args.prompt_len, args.steps, args.reps)
-            roof = batch * bandwidth / decode_bytes(cfg, tree, batch, cache_len)
+            prefill, decode, cache_len = bench_llama_jax(decode_cfg, tree, batch, args.prompt_len, args.steps,
+                                                         args.reps)
+            roof = batch * bandwidth / decode_bytes(decode_cfg, tree, batch, cache_len)
             rows.append((f"{name} (JAX {jax.__version__})", batch, prefill, decode, roof))
             print(rows[-1])
-    del variants
-    gc.collect()
+        del tree
+        gc.collect()
 
     if not args.no_hf:
         import torch

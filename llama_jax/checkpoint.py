@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import param_shapes
+from llama_jax.model import param_shapes, split_layers, stack_layers
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -83,8 +83,10 @@ def write_metadata(directory: str | os.PathLike, cfg: LlamaConfig,
 
 def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str | os.PathLike | None = None,
          *, overwrite: bool = False) -> Path:
-    """Write a checkpoint directory at `path`; returns its absolute path."""
+    """Write a checkpoint directory at `path`; returns its absolute path. Checkpoints always hold the
+    stacked layer layout (per-layer params are stacked first)."""
     path = Path(path).absolute()
+    cfg, params = stack_layers(cfg, params)
     check_params(cfg, params)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise ValueError(f"tokenizer file {tokenizer_path} does not exist")
@@ -109,9 +111,12 @@ def load(path: str | os.PathLike, *, mesh=None, shardings=None, **config_overrid
     mesh: restore straight into the shards the rules table gives on this jax.sharding.Mesh,
     whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
     matching the params (or one Sharding for every leaf). Neither: the default device.
-    `config_overrides` replace config fields that do not change shapes (e.g. dtype, attention_impl)."""
+    `config_overrides` replace config fields that do not change shapes (e.g. dtype, attention_impl);
+    per_layer_params=True splits the layers after reading (shardings, if given, are the stacked ones)."""
     path = Path(path).absolute()
     cfg = load_config(path)
+    if config_overrides.pop("per_layer_params", False):  # read the stored stacked layout, then split it
+        return split_layers(*load(path, mesh=mesh, shardings=shardings, **config_overrides))
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     shapes = param_shapes(cfg)

@@ -81,6 +81,12 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     attention_impl: str = "xla"
     scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls the same params
+    # False (training, checkpoints): one `layers` subtree whose leaves are stacked on a leading layer
+    # axis. True (decoding): subtrees `layers_0` .. `layers_{L-1}` and a per-layer KV cache, so each
+    # layer's weights are their own buffers; slicing a layer out of a stacked weight inside the loop
+    # copies it on XLA's CPU backend, which made each decode step read its weights three times.
+    # model.split_layers / model.stack_layers convert between the two layouts.
+    per_layer_params: bool = False
     remat: str = "none"  # rematerialisation policy of each block under jax.grad
     # Token ids of the tokenizer this model was trained with.
     bos_id: int = 128000

@@ -7,13 +7,16 @@ Shape letters: B batch, T tokens in this call, S KV-cache length, D model dim, H
 K kv heads, E head dim, F MLP hidden dim, V vocab, L layers.
 
 Parameter names follow Meta's checkpoints (tok_embeddings, wq wk wv wo, w1 w2 w3, attention_norm,
-ffn_norm, norm, output) so converters are thin key maps. Layer parameters are always stacked on a
-leading `layers` axis; `cfg.scan_layers` only decides whether the layer loop is a lax.scan or
-unrolled, so one checkpoint layout serves both.
+ffn_norm, norm, output) so converters are thin key maps. Layer parameters are stacked on a leading
+`layers` axis (training, checkpoints); `cfg.scan_layers` only decides whether the layer loop is a
+lax.scan or unrolled, so one checkpoint layout serves both. Decoding uses `cfg.per_layer_params`:
+one subtree per layer (`layers_0`, ...), made by `split_layers`, so each layer's weights and cache
+are their own buffers (see LlamaConfig.per_layer_params).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -71,10 +74,13 @@ def apply_rope(x_BTNE, positions_BT, inv_freq):
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys and values of every layer; slot s of a sequence holds its position s."""
+    """Preallocated keys and values of every layer; slot s of a sequence holds its position s.
 
-    k: jax.Array  # [L, B, S, K, E]
-    v: jax.Array  # [L, B, S, K, E]
+    Stacked: k and v are arrays [L, B, S, K, E]. With cfg.per_layer_params: tuples of L arrays
+    [B, S, K, E], one buffer per layer, which a donated decode step updates in place."""
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
 
     LOGICAL_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
 
@@ -82,13 +88,31 @@ class KVCache(NamedTuple):
     def init(cls, cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        layer_shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
         dtype = cfg.compute_dtype if dtype is None else dtype
+        if cfg.per_layer_params:
+            zeros = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.n_layers))  # noqa: E731
+            return cls(zeros(), zeros())
+        shape = (cfg.n_layers,) + layer_shape
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """(B, S, K, E)"""
+        return tuple(self.k[0].shape if self.per_layer else self.k.shape[1:])
+
+    @property
+    def logical_axes(self) -> tuple[str, ...]:
+        """The logical axes of each array: without the layer axis when per layer."""
+        return self.LOGICAL_AXES[1:] if self.per_layer else self.LOGICAL_AXES
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.layer_shape[1]
 
 
 def _write_cache(cache_BSKE, new_BTKE, start_B):
@@ -194,13 +218,16 @@ _REMAT_POLICIES = {
 }
 
 
+def _block_class(cfg: LlamaConfig, in_scan: bool):
+    if cfg.remat == "none":
+        return Block
+    # prevent_cse is only needed outside scan, where XLA could merge the recomputation away.
+    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not in_scan)
+
+
 def _layer_stack(cfg: LlamaConfig):
-    block = Block
-    if cfg.remat != "none":
-        # prevent_cse is only needed outside scan, where XLA could merge the recomputation away.
-        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     return nn.scan(
-        block,
+        _block_class(cfg, in_scan=cfg.scan_layers),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
@@ -214,15 +241,17 @@ class Llama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, logits_at=None):
         """Logits [B, T, V] in float32; with `cache`, also the updated cache.
 
         positions: absolute positions (default 0..T-1); with a cache, each row's tokens are written
         at slots positions[b, 0] onward. segment_ids: packed documents (no cache), attention never
         crosses a document boundary; positions should then restart at 0 for each document.
+        logits_at: [B] int, an index into each row's T tokens: only that token's logits are made,
+        [B, 1, V] (a prefill needs one position per row, not a [B, T, V] block).
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        B, T = _check_inputs(cfg, tokens, positions, segment_ids, cache)
+        B, T = _check_inputs(cfg, tokens, positions, segment_ids, cache, logits_at)
         tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids  # [B, T] each
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -233,8 +262,14 @@ class Llama(nn.Module):
         table_VD = nn.with_logical_constraint(embedding_VD, (axes.VOCAB, None))
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dt)
 
-        cache_kv = None if cache is None else (cache.k, cache.v)
-        x_BTD, cache_kv = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, cache_kv)
+        if cfg.per_layer_params:
+            x_BTD, cache = _per_layer_loop(cfg, x_BTD, positions_BT, segment_ids_BT, cache)
+        else:
+            cache_kv = None if cache is None else (cache.k, cache.v)
+            x_BTD, cache_kv = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, cache_kv)
+            cache = None if cache is None else KVCache(*cache_kv)
+        if logits_at is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
         if cfg.tie_embeddings:
@@ -247,10 +282,25 @@ class Llama(nn.Module):
             logits_BTV, (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
         if cache is None:
             return logits_BTV
-        return logits_BTV, KVCache(*cache_kv)
+        return logits_BTV, cache
 
 
-def _check_inputs(cfg, tokens, positions, segment_ids, cache):
+def _per_layer_loop(cfg: LlamaConfig, x_BTD, positions_BT, segment_ids_BT, cache: KVCache | None):
+    """The unrolled layer loop over per-layer parameters `layers_i` and per-layer cache buffers."""
+    if cache is not None and not cache.per_layer:
+        raise ValueError("per_layer_params needs a per-layer KVCache (KVCache.init with the same config)")
+    block = _block_class(cfg, in_scan=False)
+    new_k, new_v = [], []
+    for i in range(cfg.n_layers):
+        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x_BTD, layer_kv = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv)
+        if cache is not None:
+            new_k.append(layer_kv[0])
+            new_v.append(layer_kv[1])
+    return x_BTD, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+
+
+def _check_inputs(cfg, tokens, positions, segment_ids, cache, logits_at):
     """Shape checks always; value checks when the tokens are concrete (not under jit)."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
@@ -258,6 +308,8 @@ def _check_inputs(cfg, tokens, positions, segment_ids, cache):
     for name, value in (("positions", positions), ("segment_ids", segment_ids)):
         if value is not None and tuple(value.shape) != (B, T):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected tokens' shape {(B, T)}")
+    if logits_at is not None and tuple(logits_at.shape) != (B,):
+        raise ValueError(f"logits_at has shape {tuple(logits_at.shape)}, expected ({B},): one index per row")
     if cache is None and T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}")
     if cache is not None:
@@ -265,8 +317,8 @@ def _check_inputs(cfg, tokens, positions, segment_ids, cache):
             raise ValueError("segment_ids are for packed training sequences; they cannot be used with a KV cache")
         if positions is None:
             raise ValueError("positions are required with a KV cache (they say which cache slots to write)")
-        if cache.k.shape[1] != B or T > cache.max_len:
-            raise ValueError(f"cache of batch {cache.k.shape[1]} and length {cache.max_len} cannot hold tokens "
+        if cache.layer_shape[0] != B or T > cache.max_len:
+            raise ValueError(f"cache of batch {cache.layer_shape[0]} and length {cache.max_len} cannot hold tokens "
                              f"of shape {(B, T)}")
     if not isinstance(tokens, jax.core.Tracer):
         values = np.asarray(tokens)
@@ -303,3 +355,47 @@ def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0):
     tokens = jnp.zeros((1, 1), jnp.int32)
     init = jax.jit(lambda r: nn.meta.unbox(Llama(cfg).init(r, tokens)["params"]))
     return init(rng)
+
+
+# Layer layouts ------------------------------------------------------------------------------
+
+def split_layers(cfg: LlamaConfig, params) -> tuple[LlamaConfig, dict]:
+    """(cfg, params) with the stacked `layers` subtree split into `layers_0` .. `layers_{L-1}`.
+
+    Each leaf is split and released in turn, so the peak is the model plus one stacked leaf. A leaf
+    sharded over a mesh keeps its sharding on the remaining dims (the layer axis is never split)."""
+    if cfg.per_layer_params:
+        return cfg, params
+    params = dict(params)
+    stacked = params.pop("layers")
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked)
+    per_layer = [[] for _ in range(cfg.n_layers)]
+    for _, leaf in paths_leaves:
+        for i, piece in enumerate(_unstack(leaf)):
+            per_layer[i].append(piece)
+        del leaf
+    del paths_leaves, stacked
+    for i, leaves in enumerate(per_layer):
+        params[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return dataclasses.replace(cfg, per_layer_params=True), params
+
+
+def stack_layers(cfg: LlamaConfig, params) -> tuple[LlamaConfig, dict]:
+    """The inverse of split_layers: one stacked `layers` subtree (the checkpoint layout)."""
+    if not cfg.per_layer_params:
+        return cfg, params
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(cfg.n_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return dataclasses.replace(cfg, per_layer_params=False), params
+
+
+def _unstack(leaf) -> list:
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+        if spec[0] is not None:
+            raise ValueError("split_layers: the stacked layer axis is sharded; it must be replicated")
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+        return list(jax.jit(lambda a: tuple(a), out_shardings=(out,) * leaf.shape[0])(leaf))
+    return list(jax.jit(lambda a: tuple(a))(leaf)) if isinstance(leaf, jax.Array) else list(leaf)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax.config import PRESETS
-from llama_jax.model import KVCache, Llama, rope_frequencies
+from llama_jax.model import KVCache, Llama, param_shapes, rope_frequencies, split_layers, stack_layers
 from tests.reference import hf_logits, hf_model, random_params
 
 TOL = 1e-4
@@ -130,6 +130,51 @@ def test_unrolled_and_remat_layers_match_scan():
         loss, grads = loss_and_grads(dataclasses.replace(cfg, **variant))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, ref_grads)
+
+
+def test_per_layer_params_give_the_same_numbers_and_stack_back_exactly():
+    """split_layers (decoding's layout): a subtree and a cache buffer per layer, same logits."""
+    cfg = PRESETS["tiny-3.2"]
+    params = random_params(cfg, seed=9)
+    split_cfg, split = split_layers(cfg, params)
+    assert split_cfg == dataclasses.replace(cfg, per_layer_params=True)
+    assert sorted(split) == sorted([f"layers_{i}" for i in range(cfg.n_layers)] + ["norm", "tok_embeddings"])
+    assert jax.tree.map(np.shape, split) == jax.tree.map(lambda s: s.shape, param_shapes(split_cfg))
+    np.testing.assert_array_equal(split["layers_1"]["feed_forward"]["w2"], params["layers"]["feed_forward"]["w2"][1])
+
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 9))
+    np.testing.assert_allclose(forward(split_cfg, split, tokens), forward(cfg, params, tokens), atol=TOL / 10, rtol=0)
+
+    def prefill_and_step(c, p):
+        cache = KVCache.init(c, 2, 16)
+        first, cache = Llama(c).apply({"params": p}, tokens[:, :8], positions=np.tile(np.arange(8), (2, 1)),
+                                      cache=cache)
+        step, cache = Llama(c).apply({"params": p}, tokens[:, 8:], positions=np.full((2, 1), 8), cache=cache)
+        return np.concatenate([first, step], axis=1), cache
+
+    (ref, ref_cache), (ours, cache) = prefill_and_step(cfg, params), prefill_and_step(split_cfg, split)
+    np.testing.assert_allclose(ours, ref, atol=TOL / 10, rtol=0)
+    assert cache.per_layer and len(cache.k) == cfg.n_layers and cache.layer_shape == ref_cache.layer_shape
+    np.testing.assert_allclose(cache.v[1], ref_cache.v[1], atol=TOL / 10, rtol=0)
+
+    back_cfg, back = stack_layers(split_cfg, split)
+    assert back_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    with pytest.raises(ValueError, match="per-layer KVCache"):
+        Llama(split_cfg).apply({"params": split}, tokens[:, :1], positions=np.zeros((2, 1), np.int32),
+                               cache=KVCache.init(cfg, 2, 16))
+
+
+def test_logits_at_makes_one_position_per_row():
+    cfg = PRESETS["tiny"]
+    params = random_params(cfg, seed=10)
+    tokens = np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 12))
+    full = forward(cfg, params, tokens)
+    picked = forward(cfg, params, tokens, logits_at=np.array([3, 11]))
+    assert picked.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[[0, 1], [3, 11]], atol=TOL / 10, rtol=0)
+    with pytest.raises(ValueError, match="logits_at has shape"):
+        forward(cfg, params, tokens, logits_at=np.array([3]))
 
 
 def test_bfloat16_compute_stays_close_to_float32():

@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 
 from llama_jax import checkpoint
-from llama_jax.infer.engine import PromptTooLongError, param_shardings
+from llama_jax.infer.engine import PromptTooLongError, prepare
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions
@@ -67,8 +66,7 @@ def load_model(args):
         cfg, params = load_params(args.checkpoint, mesh, dtype=dtype, param_dtype=dtype)
     if args.quantize:
         params = quantize_params(params, args.quantize)
-        if mesh is not None:
-            params = jax.device_put(params, param_shardings(cfg, mesh, params))
+    cfg, params = prepare(cfg, params, mesh)
     return cfg, params, tokenizer, mesh
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
-import jax
-
 from llama_jax.config import LlamaConfig
 from llama_jax.infer import engine
 from llama_jax.infer.sampling import SamplingParams
@@ -79,8 +77,7 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     """(prompt index, Completion) as each prompt finishes; `on_text(index, piece)` streams the text."""
     check_tokenizer(cfg, tokenizer)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    if mesh is not None:
-        params = jax.device_put(params, engine.param_shardings(cfg, mesh, params))
+    cfg, params = engine.prepare(cfg, params, mesh)
     running: dict[int, tuple[list[int], TextStream]] = {}  # prompt index -> (its new ids, its text stream)
     events = engine.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,

@@ -102,9 +102,10 @@ def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
                                           "--mesh", "dp2,tp4", "--quantize", "int8"])
     cfg, params, _, mesh = cli.load_model(args)
     assert (cfg.dtype, cfg.param_dtype, dict(mesh.shape)) == ("bfloat16", "bfloat16", {"dp": 2, "fsdp": 1, "tp": 4})
-    wq = params["layers"]["attention"]["wq"]
-    assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, None, "tp")
-    assert params["layers"]["attention_norm"]["scale"].dtype == jnp.bfloat16
+    assert cfg.per_layer_params  # split for decoding (engine.prepare)
+    wq = params["layers_1"]["attention"]["wq"]
+    assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, "tp", None)
+    assert params["layers_1"]["attention_norm"]["scale"].dtype == jnp.bfloat16
 
 
 @pytest.fixture(scope="module")

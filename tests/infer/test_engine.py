@@ -135,3 +135,21 @@ def test_decode_step_donates_its_state(tiny):
     new_state, report = engine.decode_step_jit(params, state, **static)
     assert state.cache.k.is_deleted() and state.cache.v.is_deleted()
     assert np.asarray(report).shape == (4, 2) and not new_state.cache.k.is_deleted()
+
+
+def test_prepared_per_layer_params_decode_the_same_tokens_in_place(tiny):
+    """engine.prepare's layout (a buffer per layer, the cache too) generates what the stacked one
+    does, and the decode step updates every layer's cache buffer in place (donated)."""
+    cfg, params = tiny
+    split_cfg, split = engine.prepare(cfg, params)
+    assert split_cfg.per_layer_params and "layers_0" in split
+    assert run(split_cfg, split, sampling=SAMPLED, seed=2) == run(cfg, params, sampling=SAMPLED, seed=2)
+
+    static = dict(cfg=split_cfg, sampling=GREEDY, mesh=None)
+    keys = jax.random.split(jax.random.key(0), 2)
+    state, _ = engine.prefill_jit(split, np.ones((2, 32), np.int32), np.array([3, 5], np.int32),
+                                  np.full(2, 20, np.int32), keys, np.full(8, -1, np.int32), cache_len=32, **static)
+    assert isinstance(state.cache.k, tuple) and len(state.cache.k) == cfg.n_layers
+    new_state, _ = engine.decode_step_jit(split, state, **static)
+    assert all(k.is_deleted() for k in state.cache.k + state.cache.v)
+    assert not any(k.is_deleted() for k in new_state.cache.k)

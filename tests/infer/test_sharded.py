@@ -38,6 +38,18 @@ def generate(cfg, params, mesh=None, sampling=SAMPLED):
     return collect(stream_tokens(cfg, params, PROMPTS, max_new_tokens=8, sampling=sampling, seed=1, mesh=mesh))
 
 
+def sharded_prefill(cfg, placed, mesh):
+    """The DecodeState after a prefill of 4 rows, inputs placed as the engine places them (the
+    shapes `generate` used, so the compiled prefill is reused)."""
+    rows = logical_to_sharding((axes.CACHE_BATCH,), mesh, (4,))
+    tokens = jax.device_put(np.ones((4, 32), np.int32), logical_to_sharding((axes.CACHE_BATCH, None), mesh, (4, 32)))
+    lengths = jax.device_put(np.full(4, 3, np.int32), rows)
+    keys = jax.device_put(jax.random.split(jax.random.key(0), 4), rows)
+    state, _ = engine.prefill_jit(placed, tokens, lengths, lengths + 4, keys, np.full(8, -1, np.int32),
+                                  cfg=cfg, sampling=SAMPLED, cache_len=32, mesh=mesh)
+    return state
+
+
 @pytest.mark.parametrize("spec, cache_spec", [
     ("tp8", P(None, None, None, "tp")),
     ("dp2,tp4", P(None, "dp", None, "tp")),
@@ -46,15 +58,8 @@ def test_sharded_decode_equals_single_device(params, spec, cache_spec):
     mesh = make_mesh(spec)
     assert generate(CFG, params, mesh) == generate(CFG, params)
     # The cache really is split as the rules say: batch over dp, kv heads over tp.
-    # Placed as the engine places them, so the prefill compiled above is reused.
     placed = place(CFG, params, mesh)
-    rows = logical_to_sharding((axes.CACHE_BATCH,), mesh, (4,))
-    tokens = jax.device_put(np.ones((4, 32), np.int32), logical_to_sharding((axes.CACHE_BATCH, None), mesh, (4, 32)))
-    lengths = jax.device_put(np.full(4, 3, np.int32), rows)
-    keys = jax.device_put(jax.random.split(jax.random.key(0), 4), rows)
-    state, _ = engine.prefill_jit(placed, tokens, lengths, lengths + 4, keys, np.full(8, -1, np.int32),
-                                  cfg=CFG, sampling=SAMPLED, cache_len=32, mesh=mesh)
-    assert state.cache.k.sharding.spec == cache_spec
+    assert sharded_prefill(CFG, placed, mesh).cache.k.sharding.spec == cache_spec
     assert placed["layers"]["attention"]["wk"].sharding.spec == P(None, None, "tp")
 
 
@@ -67,3 +72,15 @@ def test_quantized_on_a_mesh_that_does_not_divide_the_kv_heads(tiny):
     assert placed["layers"]["feed_forward"]["w1"].values.spec == P(None, None, "tp")
     assert placed["layers"]["feed_forward"]["w1"].scale.spec == P(None, None, "tp")  # [L, 1, F]
     assert generate(cfg, q, mesh) == generate(cfg, q)
+
+
+def test_prepare_keeps_each_layer_on_the_mesh(params):
+    """engine.prepare on a mesh: per-layer weights keep the rules' split (without the layer axis),
+    the per-layer cache is split like the stacked one, and the tokens are the single-device ones."""
+    mesh = make_mesh("dp2,tp4")
+    split_cfg, split = engine.prepare(CFG, jax.device_get(params), mesh)
+    assert split["layers_0"]["attention"]["wk"].sharding.spec == P(None, "tp", None)
+    assert split["layers_1"]["feed_forward"]["w1"].sharding.spec == P(None, "tp")
+    out = collect(stream_tokens(split_cfg, split, PROMPTS, max_new_tokens=8, sampling=SAMPLED, seed=1, mesh=mesh))
+    assert out == generate(CFG, params)
+    assert all(k.sharding.spec == P("dp", None, "tp") for k in sharded_prefill(split_cfg, split, mesh).cache.k)
