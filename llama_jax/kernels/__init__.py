@@ -9,7 +9,12 @@ decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_produc
 cuDNN fused attention, NVIDIA GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). On CPU
 "pallas" runs only with interpret=True (the Pallas interpreter: exact, slow, for tests);
 "pallas_interpret" is the same as an impl name, so a model config can ask for it.
+
+Under a multi-device mesh (the model's activation_sharding context) the Pallas kernels run per
+shard of batch rows and heads (sharded.py); XLA and cuDNN attention are partitioned by XLA.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,8 @@ import jax.numpy as jnp
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import default_lowering, flash_attention
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
+from llama_jax.kernels.sharded import on_shards
+from llama_jax.sharding import axes
 
 IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
 
@@ -51,8 +58,8 @@ def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, impl: str = "xla",
     if impl == "xla":
         return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
     if impl in ("pallas", "pallas_interpret"):
-        return flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT,
-                               interpret=interpret or impl == "pallas_interpret")
+        kernel = functools.partial(flash_attention, interpret=interpret or impl == "pallas_interpret")
+        return on_shards(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
     # cudnn takes packed documents only as a dense [B, 1, T, T] mask.
     mask = None
     if segment_ids_BT is not None:
@@ -67,8 +74,8 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla
     if impl == "xla":
         return cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT)
     if impl in ("pallas", "pallas_interpret"):
-        return decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT,
-                                interpret=interpret or impl == "pallas_interpret")
+        kernel = functools.partial(decode_attention, interpret=interpret or impl == "pallas_interpret")
+        return on_shards(kernel, q_BTHD, k_BSKD, v_BSKD, q_positions_BT, batch_axis=axes.CACHE_BATCH)
     S = k_BSKD.shape[1]
     mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
     return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask,

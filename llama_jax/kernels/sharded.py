@@ -1,0 +1,51 @@
+"""Run an attention kernel on each device's own shard of a mesh (shard_map over batch and heads).
+
+A pallas_call is opaque to XLA's SPMD partitioner: inside a sharded, jitted model it would gather
+its operands and run the whole attention on every device. Attention is independent across batch
+rows and across kv-head groups, so under the active mesh (`sharding.activation_sharding`) each
+device runs the kernel on its own rows and heads, with no communication. Sequence and cache
+length stay whole on every device: the kernels need every key of a row.
+
+Which mesh axes split the batch and the heads comes from the rules table, like every other array.
+When the kv heads do not divide over the tensor-parallel axis (2 kv heads on tp8) the rules keep
+them whole, and then the query heads stay whole too: a shard must hold each of its query heads'
+kv head.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.sharding import axes
+from llama_jax.sharding.rules import logical_to_spec
+
+
+def _mesh_axes(logical: str, size: int, mesh):
+    spec = logical_to_spec((logical,), (size,), mesh)
+    return spec[0] if len(spec) else None
+
+
+def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str = axes.ACTIVATION_BATCH):
+    """kernel(q, k, v[, rows]) -> [B, T, H, E], per shard when a multi-device mesh is active.
+
+    rows_BT: a per-row [B, T] operand (segment ids, or query positions), split like the batch.
+    batch_axis: the logical name of the batch dim (ACTIVATION_BATCH, or CACHE_BATCH for a cache).
+    """
+    operands = (q_BTHE, k_BSKE, v_BSKE) + (() if rows_BT is None else (rows_BT,))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*operands)
+    B, _, H, _ = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    batch = _mesh_axes(batch_axis, B, mesh)
+    heads, kv_heads = _mesh_axes(axes.HEADS, H, mesh), _mesh_axes(axes.KV_HEADS, K, mesh)
+    if heads != kv_heads:
+        heads = kv_heads = None
+    q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
+    in_specs = (q_spec, kv_spec, kv_spec) + (() if rows_BT is None else (P(batch, None),))
+    # check_vma off: pallas_call does not state how its outputs vary over the mesh axes.
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*operands)
+
+
+__all__ = ["on_shards"]
