@@ -14,8 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-
-from llama_jax import checkpoint
+from llama_jax import checkpoint, kernels
 from llama_jax.infer.engine import PromptTooLongError, prepare
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.sampling import SamplingParams
@@ -45,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    p.add_argument("--attention-impl", choices=("xla", "pallas", "cudnn", "auto"),
+                   help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
+                        "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: the checkpoint's)")
     p.add_argument("--truncate", action="store_true",
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
@@ -58,12 +60,15 @@ def load_model(args):
     tokenizer = load_tokenizer_for(args)
     check_tokenizer(cfg, tokenizer)
     # Weights are stored in the compute dtype: a bfloat16 model then holds half the bytes.
-    dtype = args.dtype or cfg.dtype
+    overrides = {"dtype": args.dtype or cfg.dtype, "param_dtype": args.dtype or cfg.dtype}
+    if args.attention_impl:
+        kernels.resolve_impl(args.attention_impl)  # one line now, not a trace error mid-prefill
+        overrides["attention_impl"] = args.attention_impl
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is None:
-        cfg, params = checkpoint.load(args.checkpoint, dtype=dtype, param_dtype=dtype)
+        cfg, params = checkpoint.load(args.checkpoint, **overrides)
     else:
-        cfg, params = load_params(args.checkpoint, mesh, dtype=dtype, param_dtype=dtype)
+        cfg, params = load_params(args.checkpoint, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
     cfg, params = prepare(cfg, params, mesh)

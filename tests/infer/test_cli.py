@@ -96,6 +96,15 @@ def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):
     assert (status, out) == (0, expected + "\n")
 
 
+def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir):
+    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi",
+                                          "--attention-impl", "auto"])
+    assert cli.load_model(args)[0].attention_impl == "auto"
+    auto = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", "--attention-impl", "auto",
+                   *GREEDY)
+    assert auto == run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
+
+
 def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
     # Generation on meshes is compared with one device in test_sharded.py; here, what the flags load.
     args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16",
@@ -126,6 +135,8 @@ def no_tokenizer_dir(tmp_path_factory, checkpoint_dir):
      "prompt 0 has 82 tokens, but the model's context is 64 tokens: a prompt may have at most 63 (pass --truncate"),
     ("nothing to do", ["--checkpoint", "{ckpt}"], "nothing to do: pass --prompt TEXT, --prompts-file F or --chat"),
     ("bad mesh", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--mesh", "tp3"], "mesh 'tp3'"),
+    ("no kernel lowering", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--attention-impl", "pallas"],
+     "attention impl 'pallas' has no lowering on backend 'cpu'"),
     ("bad batch", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/p.txt", "--batch-size", "0"],
      "--batch-size must be >= 1"),
     ("bad temperature", ["--checkpoint", "{tmp}", "--prompt", "hi", "--temperature", "-1"],
