@@ -37,7 +37,9 @@ tokenizer.json converted to tiktoken ranks.
 _TO_HF_HELP = """\
 SRC is a llama_jax checkpoint; DST becomes a directory that
 transformers.LlamaForCausalLM.from_pretrained(DST) loads: config.json, generation_config.json,
-sharded safetensors with model.safetensors.index.json, and original/tokenizer.model.
+sharded safetensors with model.safetensors.index.json, and original/tokenizer.model. A Llama 3
+tokenizer also becomes tokenizer.json and tokenizer_config.json (with the chat template), which
+transformers.AutoTokenizer.from_pretrained(DST) loads.
 """
 
 

@@ -4,7 +4,13 @@
     DST/generation_config.json            bos / stop ids, Meta's recommended sampling
     DST/model-0000k-of-0000n.safetensors  tensors in HF layout (q/k rows permuted for rotate-half)
     DST/model.safetensors.index.json      tensor name -> file
-    DST/original/tokenizer.model          the tiktoken tokenizer, when the checkpoint has one
+    DST/tokenizer.json                    a Llama 3 tokenizer as transformers' fast tokenizer (hf_tokenizer.py)
+    DST/tokenizer_config.json             its bos / eos, model_max_length and our chat format
+    DST/original/tokenizer.model          the checkpoint's tokenizer file as it is, when it has one
+
+AutoTokenizer loads the export when the checkpoint has a Llama 3 (tiktoken) tokenizer. A Llama 2
+sentencepiece model is only copied: its HF form is another tokenizer model altogether (BPE with
+sentencepiece scores, byte fallback and a Metaspace normalizer), and the models we export are Llama 3.
 
 Tensors are read one layer slice at a time and written straight into their file, so memory stays
 near one tensor whatever the model size. Tied models get no lm_head (tie_word_embeddings: true).
@@ -26,8 +32,10 @@ from llama_jax import checkpoint
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
 from llama_jax.convert.hf import INDEX_FILE, ORIGINAL_TOKENIZER
+from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.keymap import HF_KEYS, checkpoint_tensors
 from llama_jax.convert.store import ParamsReader, check_paths, read_tokenizer
+from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 # Meta's recommended sampling for Llama 3, as the official HF repos ship it.
@@ -44,14 +52,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
-def stop_ids(cfg: LlamaConfig, tokenizer_file: Path | None, *, base: bool) -> list[int]:
+def stop_ids(cfg: LlamaConfig, tokenizer: Llama3Tokenizer | Llama2Tokenizer | None, *, base: bool) -> list[int]:
     """The ids generation stops at: end_of_text, plus (unless `base`) the Llama 3 tokenizer's
     end-of-message and end-of-turn ids, which instruct models end their replies with. A base
     model never emits those, so listing them costs it nothing; leaving them out makes an instruct
     model talk past the end of its turn."""
     ids = [cfg.eos_id]
-    if not base and tokenizer_file is not None:
-        ids += [i for i in read_tokenizer(tokenizer_file).stop_tokens if i not in ids]
+    if not base and tokenizer is not None:
+        ids += [i for i in tokenizer.stop_tokens if i not in ids]
     return ids
 
 
@@ -74,7 +82,7 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
 
     dtype: of the written tensors (default: the checkpoint's param_dtype). max_shard_size: bytes per
     safetensors file (one tensor larger than that gets a file of its own). base: stop only at
-    end_of_text (see `stop_ids`).
+    end_of_text (see `stop_ids`), and make end_of_text the tokenizer's eos rather than eot.
     """
     src, dst = Path(src).absolute(), Path(dst).absolute()
     check_paths(src, dst)
@@ -83,7 +91,17 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
         reader = ParamsReader(src / checkpoint.PARAMS_DIR, cfg)
         out_dtype = np.dtype(canonical_dtype_name(dtype, "dtype") if dtype else cfg.param_dtype)
         tokenizer_file = checkpoint.tokenizer_path(src)
-        stops = stop_ids(cfg, tokenizer_file, base=base)
+        tokenizer = read_tokenizer(tokenizer_file) if tokenizer_file is not None else None
+        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{tokenizer_file}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                             f"{cfg.vocab_size} ({src / checkpoint.CONFIG_FILE})")
+        stops = stop_ids(cfg, tokenizer, base=base)
+        # The tokenizer before the tensors: its errors then come before hours of writing.
+        if tokenizer_file is not None:
+            (staging / ORIGINAL_TOKENIZER).parent.mkdir()
+            shutil.copyfile(tokenizer_file, staging / ORIGINAL_TOKENIZER)
+        if isinstance(tokenizer, Llama3Tokenizer):
+            write_hf_tokenizer(tokenizer, staging, max_seq_len=cfg.max_seq_len, base=base)
 
         tensors = checkpoint_tensors(HF_KEYS, cfg)
         groups = _shard_groups(tensors, cfg, out_dtype.itemsize, max_shard_size)
@@ -110,9 +128,6 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
         _write_json(staging / "config.json", {**cfg.to_hf_config(dtype=out_dtype.name), "eos_token_id": eos})
         _write_json(staging / "generation_config.json",
                     {"bos_token_id": cfg.bos_id, "eos_token_id": eos, **SAMPLING_DEFAULTS})
-        if tokenizer_file is not None:
-            (staging / ORIGINAL_TOKENIZER).parent.mkdir()
-            shutil.copyfile(tokenizer_file, staging / ORIGINAL_TOKENIZER)
     return dst
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
+from llama_jax.convert.hf_tokenizer import TOKENIZER_JSON, byte_level_alphabet
 from llama_jax.convert.keymap import HF_KEYS, embedding_name, match_tensors, output_name
 from llama_jax.convert.store import check_paths, import_params, naming_file, read_tokenizer, same_bits
 
@@ -27,7 +28,6 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 ORIGINAL_TOKENIZER = Path("original") / TOKENIZER_FILE
-TOKENIZER_JSON = "tokenizer.json"
 
 
 def read_config(src: Path) -> LlamaConfig:
@@ -72,13 +72,8 @@ def safetensors_index(src: Path) -> dict[str, safetensors_io.TensorInfo]:
 # tokenizer.json -> tiktoken ranks ------------------------------------------------------------
 
 def _byte_of_char() -> dict[str, int]:
-    """Byte-level BPE spells each byte as one printable character: printable Latin-1 bytes as
-    themselves, the other 68 as chr(256), chr(257), ... in byte order. This inverts that."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = {b: chr(b) for b in printable}
-    for extra, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + extra)
-    return {c: b for b, c in chars.items()}
+    """The inverse of byte-level BPE's spelling of each byte as one printable character."""
+    return {c: b for b, c in enumerate(byte_level_alphabet())}
 
 
 def _regexes(node) -> list[str]:
