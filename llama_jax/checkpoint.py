@@ -56,20 +56,43 @@ def staged_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     Raises ValueError before yielding when `path` exists and is not empty (a file, or a directory
     with entries) and `overwrite` is false. On any exception the partial directory is removed, so
     nothing is ever left at `path` half-written.
+
+    With several JAX processes, every process must enter the block (each writes its own shards):
+    they share one staging directory, named after `path`, and only process 0 creates, renames or
+    removes it, between barriers.
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{path} already exists and is not empty (pass overwrite=True, or --overwrite, to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    primary, several = jax.process_index() == 0, jax.process_count() > 1
+    if several:
+        staging = path.with_name(f".{path.name}.partial")
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a job killed mid-save
+            staging.mkdir(parents=True)
+        _barrier(f"staged_directory:{path}:created")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield staging
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(staging, path)
+        _barrier(f"staged_directory:{path}:written")
+        if primary:
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.replace(staging, path)
+        _barrier(f"staged_directory:{path}:renamed")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def write_metadata(directory: str | os.PathLike, cfg: LlamaConfig,
@@ -84,7 +107,8 @@ def write_metadata(directory: str | os.PathLike, cfg: LlamaConfig,
 def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str | os.PathLike | None = None,
          *, overwrite: bool = False) -> Path:
     """Write a checkpoint directory at `path`; returns its absolute path. Checkpoints always hold the
-    stacked layer layout (per-layer params are stacked first)."""
+    stacked layer layout (per-layer params are stacked first). With several JAX processes, call it
+    in every process: each writes its own shards."""
     path = Path(path).absolute()
     cfg, params = stack_layers(cfg, params)
     check_params(cfg, params)
@@ -94,7 +118,8 @@ def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str 
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
-        write_metadata(staging, cfg, tokenizer_path)
+        if jax.process_index() == 0:
+            write_metadata(staging, cfg, tokenizer_path)
     return path
 
 

@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +136,43 @@ def test_per_layer_params_are_saved_stacked_and_can_be_loaded_split(tmp_path):
     loaded_cfg, loaded = checkpoint.load(out, per_layer_params=True)
     assert loaded_cfg == split_cfg
     assert_trees_equal(split, loaded)
+
+
+_SAVE_IN_TWO_PROCESSES = """
+import sys
+import jax
+import numpy as np
+from llama_jax import checkpoint
+from llama_jax.config import PRESETS
+from llama_jax.model import param_shapes
+from llama_jax.sharding import initialize_distributed, make_mesh
+from llama_jax.sharding.params import param_shardings
+
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+cfg = PRESETS["tiny"]
+mesh = make_mesh("fsdp8")  # 4 devices in each process
+host = jax.tree.map(lambda s: np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) / 1000,
+                    param_shapes(cfg))
+params = jax.tree.map(lambda h, sh: jax.make_array_from_callback(h.shape, sh, lambda idx: h[idx]), host,
+                      param_shardings(cfg, mesh))
+checkpoint.save(sys.argv[3], cfg, params)
+"""
+
+
+def test_save_from_two_processes_writes_one_checkpoint(tmp_path):
+    """Each process writes its own shards into one staging directory; process 0 finishes it."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = tmp_path / "ckpt"
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_IN_TWO_PROCESSES, f"localhost:{port}", str(i), str(out)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "no staging directory left behind"
+    cfg, loaded = checkpoint.load(out)
+    assert cfg == PRESETS["tiny"]
+    for leaf in jax.tree.leaves(loaded):
+        np.testing.assert_array_equal(leaf, np.arange(leaf.size, dtype=np.float32).reshape(leaf.shape) / 1000)

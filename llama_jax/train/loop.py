@@ -177,30 +177,8 @@ def checkpoint_manager(directory: Path, keep: int):
 
 
 def export_model(path: Path, cfg: LlamaConfig, params, tokenizer_path: str) -> Path:
-    """Write the final `llama_jax.save` checkpoint (float32 master weights)."""
-    if jax.process_count() == 1:
-        return checkpoint.save(path, cfg, params, tokenizer_path, overwrite=True)
-    # checkpoint.save stages in a per-process random directory; with several processes every one
-    # must write its shards into the same place, and only the primary finishes the directory.
-    import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
-
-    staging = path.with_name(f".{path.name}.partial")
-    if _is_primary() and staging.exists():
-        shutil.rmtree(staging)
-    multihost_utils.sync_global_devices("export_model:clean")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging.absolute() / checkpoint.PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
-    multihost_utils.sync_global_devices("export_model:params")
-    if _is_primary():
-        (staging / checkpoint.CONFIG_FILE).write_text(cfg.to_json() + "\n")
-        shutil.copyfile(tokenizer_path, staging / checkpoint.TOKENIZER_FILE)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    multihost_utils.sync_global_devices("export_model:done")
-    return path
+    """Write the final `llama_jax.save` checkpoint (float32 master weights); every process calls it."""
+    return checkpoint.save(path, cfg, params, tokenizer_path, overwrite=True)
 
 
 # The loop --------------------------------------------------------------------------------------
