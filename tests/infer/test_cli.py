@@ -1,6 +1,7 @@
 """`python -m llama_jax.infer` on a tiny checkpoint with the real Llama 3 tokenizer: every mode, the
 flags that change the model, and one-line errors with non-zero exits for bad input."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from llama_jax import save
 from llama_jax.infer import Chat, generate
 from llama_jax.infer import __main__ as cli
 from llama_jax.infer.quantize import quantize_params
+from llama_jax.tokenizer import default_tokenizer_path
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 
@@ -103,6 +106,18 @@ def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir):
     auto = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", "--attention-impl", "auto",
                    *GREEDY)
     assert auto == run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
+
+
+def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama3_tiny):
+    cfg, params = llama3_tiny
+    bf16 = save(tmp_path / "bf16", dataclasses.replace(cfg, dtype="bfloat16"), params,
+                tokenizer_path=default_tokenizer_path())
+    load = lambda *flags: cli.load_model(cli.build_parser().parse_args(  # noqa: E731
+        ["--checkpoint", str(bf16), "--prompt", "hi", *flags]))[:2]
+    cfg32, params32 = load()
+    assert (cfg32.dtype, params32["layers_0"]["attention"]["wq"].dtype) == ("float32", jnp.float32)
+    cfg16, params16 = load("--dtype", "bfloat16")
+    assert (cfg16.dtype, params16["layers_0"]["attention"]["wq"].dtype) == ("bfloat16", jnp.bfloat16)
 
 
 def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
