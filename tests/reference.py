@@ -1,6 +1,7 @@
 """Shared test helpers: random parameters with O(1) logits, and the HF transformers twin of a model."""
 
 import dataclasses
+import random
 
 import jax
 import numpy as np
@@ -48,3 +49,17 @@ def hf_logits(model, tokens) -> np.ndarray:
 
 def f32(cfg: LlamaConfig) -> LlamaConfig:
     return dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
+
+
+def random_unicode_texts(seed: int, count: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """Short strings of 0-79 characters that stress a tokenizer's split regex: ASCII, unusual
+    whitespace, zero-width joiners, CJK-range and emoji code points, contractions, digit runs."""
+    rng = random.Random(seed)
+    alphabet = (
+        [chr(c) for c in range(0x20, 0x7F)]
+        + list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\u200b\u200d\ufe0f")
+        + [chr(rng.randrange(0xA0, 0x3000)) for _ in range(200)]
+        + [chr(rng.randrange(0x1F300, 0x1FAFF)) for _ in range(50)]
+        + ["'s", "'LL", "123", *extra]
+    )
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80))) for _ in range(count)]

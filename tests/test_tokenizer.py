@@ -10,6 +10,7 @@ import pytest
 
 from llama_jax import tokenizer as tok_lib
 from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer, load_tokenizer
+from tests.reference import random_unicode_texts
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It was 3:14 p.m.; nobody noticed!",
@@ -65,16 +66,7 @@ def test_llama3_golden_ids(ours):
 
 
 def test_llama3_random_unicode_matches_meta(meta, ours):
-    rng = random.Random(0)
-    alphabet = (
-        [chr(c) for c in range(0x20, 0x7F)]
-        + list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\u200b\u200d\ufe0f")
-        + [chr(rng.randrange(0xA0, 0x3000)) for _ in range(200)]
-        + [chr(rng.randrange(0x1F300, 0x1FAFF)) for _ in range(50)]
-        + ["'s", "'LL", "123", "<|eot_id|>"]
-    )
-    for _ in range(300):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80)))
+    for text in random_unicode_texts(0, 300, extra=("<|eot_id|>",)):
         assert ours.encode(text, bos=False, eos=False) == meta.encode(text, bos=False, eos=False), repr(text)
 
 

@@ -3,7 +3,6 @@ AutoTokenizer must give our ids, our text back, and our chat ids."""
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import jinja2
@@ -17,7 +16,7 @@ from llama_jax.convert.__main__ import main
 from llama_jax.convert.hf import tiktoken_ranks
 from llama_jax.convert.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, write_hf_tokenizer
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
-from tests.reference import random_params
+from tests.reference import random_params, random_unicode_texts
 from tests.test_tokenizer import DIALOGS
 from tests.test_tokenizer import TEXTS as TOKENIZER_TEXTS
 
@@ -92,15 +91,7 @@ def test_special_strings_in_text_become_special_ids_by_default(ours, hf):
 
 
 def test_random_unicode_matches_ours(ours, hf):
-    rng = random.Random(0)
-    alphabet = (
-        [chr(c) for c in range(0x20, 0x7F)]
-        + list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\u200b\u200d\ufe0f")
-        + [chr(rng.randrange(0xA0, 0x3000)) for _ in range(200)]
-        + [chr(rng.randrange(0x1F300, 0x1FAFF)) for _ in range(50)]
-        + ["'s", "'LL", "123", ".:", ":."]
-    )
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80))) for _ in range(500)]
+    texts = random_unicode_texts(0, 500, extra=(".:", ":."))
     assert hf(texts, add_special_tokens=False)["input_ids"] == [ours.encode(t, bos=False, eos=False) for t in texts]
 
 
