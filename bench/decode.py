@@ -2,7 +2,8 @@
 the memory-bandwidth roofline of a decode step, with HF transformers' `generate` (static cache) on
 the same weights in the same run.
 
-    python -m bench.decode              # Llama-3.2-1B shapes, random weights, float32 (CPU), ~10 min
+    python -m bench.decode              # CPU: Llama-3.2-1B shapes, float32, with HF (~10 min)
+                                        # GPU/TPU: Llama-3.1-8B shapes, bfloat16, without HF
     python -m bench.decode --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
     python -m bench.decode --dtype bfloat16 --no-hf
 
@@ -18,7 +19,7 @@ comes out, so prefill = until the first new token, decode = the `steps` tokens a
 Roofline: a decode step must read every weight it multiplies by (an untied embedding table only
 gathers B rows) and the KV cache slots its attention reads (both engines attend over the whole
 preallocated cache, masked), so tokens/s <= batch * bandwidth / those bytes. Bandwidth is a large
-numpy copy on this host (bytes read + written per second). Random weights: the speed of a step does
+copy's bytes read + written per second: numpy on CPU, a jitted elementwise pass on an accelerator. Random weights: the speed of a step does
 not depend on their values. Prints one markdown table and appends it, with machine, date and
 commit, to bench/RESULTS.md.
 """
@@ -26,6 +27,7 @@ commit, to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -46,11 +48,21 @@ SECTION = "## Decode throughput (bench/decode.py)"
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def model_config(quick: bool, dtype: str) -> LlamaConfig:
+def model_config(quick: bool, preset: str, dtype: str) -> LlamaConfig:
     if quick:
         return LlamaConfig(vocab_size=32768, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=256,
                            max_seq_len=1024, tie_embeddings=True, dtype=dtype, param_dtype=dtype, bos_id=1, eos_id=2)
-    return LlamaConfig.preset("llama3.2-1b", dtype=dtype, param_dtype=dtype, max_seq_len=4096)
+    return LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, max_seq_len=4096)
+
+
+def memory_bandwidth() -> tuple[float, str]:
+    """(bytes read + written per second, what was measured): a host copy on CPU, a device copy on
+    an accelerator (where the weights and cache live)."""
+    if jax.default_backend() == "cpu":
+        return host_bandwidth(), "host copy bandwidth"
+    from bench.attention import copy_bandwidth
+
+    return copy_bandwidth(2 << 30, reps=7), f"{jax.devices()[0].device_kind} copy bandwidth"
 
 
 def host_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -176,21 +188,27 @@ def fmt(x: float) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small model instead of Llama-3.2-1B shapes")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="weights and compute (float32 by default: XLA's CPU bfloat16 matmuls are slower)")
+    on_cpu = jax.default_backend() == "cpu"
+    p.add_argument("--quick", action="store_true", help="a small model instead of the preset's shapes")
+    p.add_argument("--preset", default="llama3.2-1b" if on_cpu else "llama3.1-8b",
+                   help="model shapes (default: %(default)s on this backend)")
+    p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", choices=("float32", "bfloat16"),
+                   help="weights and compute (default %(default)s here: XLA's CPU bfloat16 matmuls are slow)")
+    p.add_argument("--attention-impl", default="xla" if on_cpu else "auto",
+                   choices=("xla", "pallas", "cudnn", "auto"), help="(default %(default)s on this backend)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="decode steps timed")
     p.add_argument("--reps", type=int, default=1, help="timed repeats (after one untimed compile / warm-up run)")
-    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers (always skipped off CPU)")
     p.add_argument("--no-int8", action="store_true", help="skip llama_jax with int8 weights")
     args = p.parse_args()
 
-    cfg = model_config(args.quick, args.dtype)
+    args.no_hf = args.no_hf or not on_cpu  # the comparison is on the same CPU; torch here is CPU-only
+    cfg = dataclasses.replace(model_config(args.quick, args.preset, args.dtype), attention_impl=args.attention_impl)
     load_before = os.getloadavg()[0]
-    bandwidth = host_bandwidth()
-    print(f"host copy bandwidth {bandwidth / 1e9:.1f} GB/s; {cfg.num_params() / 1e9:.3f}B params, {args.dtype}")
+    bandwidth, bandwidth_what = memory_bandwidth()
+    print(f"{bandwidth_what} {bandwidth / 1e9:.1f} GB/s; {cfg.num_params() / 1e9:.3f}B params, {args.dtype}")
     params = init_params(cfg, 0)  # stacked: HF's copy is exported from these
     variants = [("llama_jax", lambda: params)]
     if not args.no_int8:
@@ -228,13 +246,14 @@ def main():
                          f"{torch.get_num_threads()} threads)", batch, prefill, decode, roof))
             print(rows[-1])
 
-    shape = "quick model" if args.quick else "Llama-3.2-1B shapes"
+    shape = "quick model" if args.quick else f"{args.preset} shapes"
     commit = git_commit("llama_jax/infer", "llama_jax/model.py", "llama_jax/kernels", "bench/decode.py")
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
               f"commit {commit}{', --quick' if args.quick else ''}")
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
-             f"{cfg.vocab_size}), random weights, {args.dtype} weights and compute; prompt {args.prompt_len} "
-             f"tokens, {args.steps} decode steps timed, greedy; host copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+             f"{cfg.vocab_size}), random weights, {args.dtype} weights and compute, attention "
+             f"{args.attention_impl}; prompt {args.prompt_len} "
+             f"tokens, {args.steps} decode steps timed, greedy; {bandwidth_what} {bandwidth / 1e9:.1f} GB/s; "
              f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). "
              f"Roofline = batch x bandwidth / (weight bytes + KV-cache bytes a decode step reads).")
     table = ["| engine | batch | prefill tok/s | decode tok/s | decode roofline tok/s | % of roofline |",
