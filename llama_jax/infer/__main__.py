@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from llama_jax import checkpoint, kernels
 from llama_jax.infer.engine import PromptTooLongError, prepare
@@ -63,9 +65,12 @@ def load_model(args):
     cfg = checkpoint.load_config(args.checkpoint)
     tokenizer = load_tokenizer_for(args)
     check_tokenizer(cfg, tokenizer)
-    # Weights are held in the compute dtype: a bfloat16 model then holds half the bytes.
+    # Weights are held in the compute dtype: a bfloat16 model then holds half the bytes. Quantizing
+    # reads the stored weights as they are (no float32 copy first) and converts them leaf by leaf.
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
-    overrides = {"dtype": dtype, "param_dtype": dtype}
+    param_dtype = cfg.param_dtype if args.quantize else dtype
+    check_host_memory(cfg, param_dtype, args.quantize)
+    overrides = {"dtype": dtype, "param_dtype": param_dtype}
     if args.attention_impl:
         kernels.resolve_impl(args.attention_impl)  # one line now, not a trace error mid-prefill
         overrides["attention_impl"] = args.attention_impl
@@ -78,6 +83,35 @@ def load_model(args):
         params = quantize_params(params, args.quantize)
     cfg, params = prepare(cfg, params, mesh)
     return cfg, params, tokenizer, mesh
+
+
+def check_host_memory(cfg, param_dtype: str, quantize: str | None) -> None:
+    """On CPU a model larger than the free memory is killed by the kernel without a word: say so first."""
+    available = available_host_bytes() if jax.default_backend() == "cpu" else None
+    if available is None:
+        return
+    n = cfg.num_params()
+    need = n * np.dtype(param_dtype).itemsize + (n if quantize else 0)
+    if need > available:
+        held = f"{param_dtype} weights" + (f" and their {quantize} copy" if quantize else "")
+        raise ValueError(f"this {n / 1e9:.3g}B-parameter model needs about {need / 1e9:.3g} GB for its {held}, "
+                         f"but {available / 1e9:.3g} GB of memory is available: pass --dtype bfloat16 (half the "
+                         f"bytes, slower on CPU) or --quantize int8")
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def load_tokenizer_for(args):
@@ -196,6 +230,11 @@ def main(argv=None) -> int:
         print(f"error: {e} (pass --truncate to keep its last tokens)", file=sys.stderr)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: out of device memory ({str(e).splitlines()[0][:200]}); try --quantize int8, a smaller "
+              "--batch-size, or a mesh over more devices (--mesh)", file=sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -110,14 +111,25 @@ def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir):
 
 def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama3_tiny):
     cfg, params = llama3_tiny
-    bf16 = save(tmp_path / "bf16", dataclasses.replace(cfg, dtype="bfloat16"), params,
-                tokenizer_path=default_tokenizer_path())
+    bf16 = save(tmp_path / "bf16", dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16"),
+                jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokenizer_path=default_tokenizer_path())
     load = lambda *flags: cli.load_model(cli.build_parser().parse_args(  # noqa: E731
         ["--checkpoint", str(bf16), "--prompt", "hi", *flags]))[:2]
     cfg32, params32 = load()
     assert (cfg32.dtype, params32["layers_0"]["attention"]["wq"].dtype) == ("float32", jnp.float32)
     cfg16, params16 = load("--dtype", "bfloat16")
     assert (cfg16.dtype, params16["layers_0"]["attention"]["wq"].dtype) == ("bfloat16", jnp.bfloat16)
+    # Quantizing reads the stored weights without a float32 copy first; compute stays float32.
+    cfg8, params8 = load("--quantize", "int8")
+    assert (cfg8.dtype, params8["layers_0"]["attention"]["wq"].values.dtype) == ("float32", jnp.int8)
+    assert params8["layers_0"]["attention_norm"]["scale"].dtype == jnp.bfloat16
+
+
+def test_a_model_larger_than_free_memory_is_refused_in_one_line(capsys, monkeypatch, checkpoint_dir):
+    monkeypatch.setattr(cli, "available_host_bytes", lambda: 10**6)
+    status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "hi")
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert "GB for its float32 weights, but 0.001 GB of memory is available: pass --dtype bfloat16" in err
 
 
 def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
@@ -125,11 +137,15 @@ def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
     args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16",
                                           "--mesh", "dp2,tp4", "--quantize", "int8"])
     cfg, params, _, mesh = cli.load_model(args)
-    assert (cfg.dtype, cfg.param_dtype, dict(mesh.shape)) == ("bfloat16", "bfloat16", {"dp": 2, "fsdp": 1, "tp": 4})
+    # Quantized: the unquantized norms keep the stored float32; the matmuls run in bfloat16.
+    assert (cfg.dtype, cfg.param_dtype, dict(mesh.shape)) == ("bfloat16", "float32", {"dp": 2, "fsdp": 1, "tp": 4})
     assert cfg.per_layer_params  # split for decoding (engine.prepare)
     wq = params["layers_1"]["attention"]["wq"]
     assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, "tp", None)
-    assert params["layers_1"]["attention_norm"]["scale"].dtype == jnp.bfloat16
+    assert params["layers_1"]["attention_norm"]["scale"].dtype == jnp.float32
+    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16"])
+    cfg, params, _, _ = cli.load_model(args)
+    assert (cfg.param_dtype, params["layers_1"]["attention_norm"]["scale"].dtype) == ("bfloat16", jnp.bfloat16)
 
 
 @pytest.fixture(scope="module")
