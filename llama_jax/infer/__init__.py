@@ -1,15 +1,16 @@
 """Generation: `generate(cfg, params, tokenizer, prompts, ...)`, and `python -m llama_jax.infer`.
 
-engine.py   bucketed prefill and the jitted decode step over a donated KV cache (token ids)
+engine.py   bucketed prefill and the jitted decode step over a donated KV cache (token ids);
+            Conversation keeps a cache between chat turns
 sampling.py greedy / temperature / top-k / top-p as small pure functions
 quantize.py weight-only int8 / fp8 with per-output-channel scales
-text.py     the text API: generate, streaming detokenizer, chat dialog
+text.py     the text API: generate, streaming detokenizer, chat dialog, reply (one chat turn)
 """
 
-from llama_jax.infer.engine import PromptTooLongError, stream_tokens
+from llama_jax.infer.engine import Conversation, PromptTooLongError, prepare, stream_tokens
 from llama_jax.infer.quantize import quantize_params
 from llama_jax.infer.sampling import SamplingParams
-from llama_jax.infer.text import Chat, Completion, GenerationResult, TextStream, generate, iter_completions
+from llama_jax.infer.text import Chat, Completion, GenerationResult, TextStream, generate, iter_completions, reply
 
-__all__ = ["generate", "iter_completions", "GenerationResult", "Completion", "TextStream", "Chat",
-           "SamplingParams", "stream_tokens", "quantize_params", "PromptTooLongError"]
+__all__ = ["generate", "iter_completions", "reply", "GenerationResult", "Completion", "TextStream", "Chat",
+           "Conversation", "SamplingParams", "stream_tokens", "prepare", "quantize_params", "PromptTooLongError"]

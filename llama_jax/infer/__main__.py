@@ -19,10 +19,10 @@ import jax
 import numpy as np
 
 from llama_jax import checkpoint, kernels
-from llama_jax.infer.engine import PromptTooLongError, prepare
+from llama_jax.infer.engine import Conversation, PromptTooLongError, batch_multiple, prepare
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.sampling import SamplingParams
-from llama_jax.infer.text import Chat, check_tokenizer, iter_completions
+from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import load_params
 from llama_jax.tokenizer import load_tokenizer
@@ -163,10 +163,20 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
 
+    # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
+    # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).
+    interactive = prompts is None and args.prompt is None
+    conversation = (Conversation(cfg, params, mesh=mesh)
+                    if interactive and batch_multiple(mesh) == 1 and not args.truncate else None)
+
     def complete(prompt_ids) -> str:
         """Stream one completion to stdout; return its text."""
         write = lambda _, piece: (stdout.write(piece), stdout.flush())  # noqa: E731
-        (_, completion), = iter_completions(cfg, params, tokenizer, [prompt_ids], on_text=write, **options)
+        if conversation is None:
+            (_, completion), = iter_completions(cfg, params, tokenizer, [prompt_ids], on_text=write, **options)
+        else:
+            sampling = {k: v for k, v in options.items() if k not in ("mesh", "truncate")}
+            completion = reply(conversation, tokenizer, prompt_ids, on_text=write, **sampling)
         stdout.write("\n")
         stdout.flush()
         return completion.text

@@ -125,24 +125,30 @@ def _report(tokens_B, emitted_B, stop_B, done_B):
     return jnp.stack([tokens_B, emitted_B.astype(jnp.int32), stop_B.astype(jnp.int32), done_B.astype(jnp.int32)])
 
 
-def prefill(params, tokens_BT, lengths_B, last_B, keys_B, stop_ids_S, *, cfg: LlamaConfig,
-            sampling: SamplingParams, cache_len: int, chunk: int = PREFILL_CHUNK, mesh=None):
-    """Run the right-padded prompts through a fresh cache, `chunk` tokens at a time, and sample each
+def prefill(params, tokens_BT, lengths_B, last_B, keys_B, stop_ids_S, cache: KVCache | None = None, offset=0, *,
+            cfg: LlamaConfig, sampling: SamplingParams, cache_len: int, chunk: int = PREFILL_CHUNK, mesh=None):
+    """Run the right-padded prompts through the cache, `chunk` tokens at a time, and sample each
     row's first new token from the logits at its last prompt position. Returns (DecodeState,
-    report [4, B])."""
+    report [4, B]).
+
+    Without `cache`, a fresh one of `cache_len` slots and tokens_BT at positions 0..T-1. With one
+    (donated), tokens_BT continues it at positions offset..offset+T-1 (a conversation whose first
+    `offset` tokens are already in the cache); lengths_B count every token, offset included.
+    """
     B, T = tokens_BT.shape
     # Buckets are powers of two, so this is `chunk`, except for a bucket cut short at a context
     # length that is not a power of two.
     C = math.gcd(T, chunk)
-    cache = _constrain_cache(KVCache.init(cfg, B, cache_len), mesh)
+    cache = _constrain_cache(KVCache.init(cfg, B, cache_len) if cache is None else cache, mesh)
 
     def run_chunk(carry, start):
         cache, logits_BV = carry
         tokens_BC = jax.lax.dynamic_slice_in_dim(tokens_BT, start, C, axis=1)
-        positions_BC = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+        first = offset + start  # the position of the chunk's first token
+        positions_BC = jnp.broadcast_to(first + jnp.arange(C, dtype=jnp.int32), (B, C))
         # Logits only at each row's last prompt token, or at the chunk's end when that is elsewhere;
         # they are kept for rows whose last prompt token lies in this chunk.
-        offset_B = lengths_B - 1 - start
+        offset_B = lengths_B - 1 - first
         here_B = (offset_B >= 0) & (offset_B < C)
         with _sharding_context(mesh):
             logits_B1V, cache = Llama(cfg).apply({"params": params}, tokens_BC, positions=positions_BC, cache=cache,
@@ -174,7 +180,7 @@ def decode_step(params, state: DecodeState, *, cfg: LlamaConfig, sampling: Sampl
 
 
 _STATIC = ("cfg", "sampling", "mesh")
-prefill_jit = jax.jit(prefill, static_argnames=_STATIC + ("cache_len", "chunk"))
+prefill_jit = jax.jit(prefill, static_argnames=_STATIC + ("cache_len", "chunk"), donate_argnames=("cache",))
 decode_step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
 
 
@@ -234,10 +240,7 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     static = dict(cfg=cfg, sampling=sampling, mesh=mesh)
-    # Padded with -1 (matches no token) to a multiple of 8, so stop sets of up to 8 ids share a shape.
-    stop_set = sorted({int(s) for s in stop_ids})
-    stop_ids = np.full(max(8, -(-len(stop_set) // 8) * 8), -1, np.int32)
-    stop_ids[:len(stop_set)] = stop_set
+    stop_ids = _stop_array(stop_ids)
     base_key = jax.random.key(seed)
     for start in range(0, len(prompts), B):
         yield from _generate_batch(params, prompts[start:start + B], start, B, cache_len, max_new_tokens,
@@ -262,16 +265,106 @@ def _generate_batch(params, batch, start, B, cache_len, max_new_tokens, base_key
 
     state, report = prefill_jit(params, *inputs, stop_ids, cache_len=cache_len, chunk=chunk, **static)
     rows = len(batch)
+    yield from _decode(params, state, report, start, rows, int(np.max(last[:rows] - lengths[:rows])), static)
+
+
+def _decode(params, state, report, start, rows, max_steps, static):
+    """Decode steps until every row is done (at most max_steps): yields TokenEvents, returns the
+    last DecodeState."""
     pending = report
-    for _ in range(int(np.max(last[:rows] - lengths[:rows]))):
+    for _ in range(max_steps):
         # Dispatch step N before reading step N-1's tokens, so the device never waits on the host.
         state, report = decode_step_jit(params, state, **static)
         events, all_done = _read_report(pending, start, rows)
         yield from events
         if all_done:
-            return
+            return state
         pending = report
     yield from _read_report(pending, start, rows)[0]
+    return state
+
+
+class Conversation:
+    """One sequence whose KV cache outlives each generation, for multi-turn chat: a call prefills
+    only the prompt tokens after the longest prefix already in the cache (the earlier turns), so a
+    turn costs its own tokens, not the whole dialog's.
+
+        conversation = Conversation(cfg, params)
+        for event in conversation.stream(dialog_ids, max_new_tokens=256, stop_ids=tokenizer.stop_tokens): ...
+
+    Tokens equal `stream_tokens` on the same prompt (same seed, prompt index 0). The cache holds the
+    prompt and every generated token that was fed back; the reply's last token and a stop token are
+    not counted, so a next prompt that re-encodes the reply differently only re-prefills from the
+    first differing token. The cache grows by powers of two up to the model's context.
+    """
+
+    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
+        if batch_multiple(mesh) != 1:
+            raise ValueError("a Conversation is one sequence: its mesh cannot split the batch (use tp only)")
+        self.cfg, self.params, self.mesh, self.chunk = cfg, params, mesh, prefill_chunk
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # token ids whose keys/values fill the cache's first slots
+
+    def stream(self, prompt: Sequence[int], *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop_ids: Sequence[int] = (), seed: int = 0) -> Iterator[TokenEvent]:
+        (prompt,) = check_prompts(self.cfg, [prompt], max_new_tokens)
+        if max_new_tokens == 0:
+            yield TokenEvent(0, None, "length")
+            return
+        cfg = self.cfg
+        reuse = _common_prefix(self.cached_ids, prompt[:-1])  # at least one token left to give logits
+        total = min(len(prompt) + max_new_tokens, cfg.max_seq_len)
+        T = bucket_length(len(prompt) - reuse, cfg.max_seq_len)
+        if reuse + T > cfg.max_seq_len:  # the padded suffix would run past the context: start over
+            reuse, T = 0, bucket_length(len(prompt), cfg.max_seq_len)
+        cache_len = bucket_length(max(total, reuse + T), cfg.max_seq_len)
+        cache = self._cache(cache_len, keep=reuse)
+        self.cache, self.cached_ids = None, []  # donated below: a failed call leaves nothing stale
+
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :len(prompt) - reuse] = prompt[reuse:]
+        lengths, last = np.array([len(prompt)], np.int32), np.array([total - 1], np.int32)
+        keys = jax.random.fold_in(jax.random.key(seed), 0)[None]
+        stop = _stop_array(stop_ids)
+        static = dict(cfg=cfg, sampling=sampling, mesh=self.mesh)
+        state, report = prefill_jit(self.params, tokens, lengths, last, keys, stop, cache, np.int32(reuse),
+                                    cache_len=cache_len, chunk=self.chunk, **static)
+        generated = []
+        events = _decode(self.params, state, report, 0, 1, total - len(prompt), static)
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as finished:
+                state = finished.value
+                break
+            if event.token is not None:
+                generated.append(event.token)
+            yield event
+        self.cache, self.cached_ids = state.cache, list(prompt) + generated[:-1]
+
+    def _cache(self, cache_len: int, keep: int) -> KVCache | None:
+        """The cache to continue (grown to cache_len slots), or None for a fresh one."""
+        if keep == 0 or self.cache is None:
+            return None
+        if self.cache.max_len == cache_len:
+            return self.cache
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, cache_len - x.shape[1])) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+        return jax.tree.map(grow, self.cache) if self.cache.per_layer else KVCache(
+            *(jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - x.shape[2]), (0, 0), (0, 0))) for x in self.cache))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
+    """The stop ids padded with -1 (matches no token) to a multiple of 8, so stop sets of up to 8
+    ids share one compiled shape."""
+    stop_set = sorted({int(s) for s in stop_ids})
+    stop = np.full(max(8, -(-len(stop_set) // 8) * 8), -1, np.int32)
+    stop[:len(stop_set)] = stop_set
+    return stop
 
 
 def _read_report(report, start, rows):
@@ -288,6 +381,6 @@ def _read_report(report, start, rows):
     return events, bool(done.all())
 
 
-__all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "prepare", "prefill", "decode_step", "prefill_jit",
+__all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "Conversation", "prepare", "prefill", "decode_step", "prefill_jit",
            "decode_step_jit", "stream_tokens", "check_prompts", "bucket_length", "param_shardings",
            "batch_multiple", "MIN_BUCKET", "PREFILL_CHUNK"]

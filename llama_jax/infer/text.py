@@ -78,10 +78,15 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     check_tokenizer(cfg, tokenizer)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     cfg, params = engine.prepare(cfg, params, mesh)
-    running: dict[int, tuple[list[int], TextStream]] = {}  # prompt index -> (its new ids, its text stream)
     events = engine.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
                                   batch_size=batch_size, mesh=mesh, truncate=truncate)
+    yield from _completions(events, tokenizer, on_text)
+
+
+def _completions(events, tokenizer, on_text) -> Iterator[tuple[int, Completion]]:
+    """TokenEvents -> (prompt index, Completion) as each prompt finishes, streaming text to on_text."""
+    running: dict[int, tuple[list[int], TextStream]] = {}  # prompt index -> (its new ids, its text stream)
     for event in events:
         ids, stream = running.setdefault(event.index, ([], TextStream(tokenizer)))
         if event.finish_reason is None:
@@ -115,6 +120,18 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
                             [c.finish_reason for c in ordered])
 
 
+def reply(conversation: engine.Conversation, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
+          temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
+          on_text: Callable[[int, str], None] | None = None) -> Completion:
+    """Complete `prompt_ids` (a whole dialog) in a Conversation: only the tokens after what its cache
+    already holds from earlier turns are prefilled. Same tokens as `generate` on the same ids."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    events = conversation.stream(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 stop_ids=tokenizer.stop_tokens, seed=seed)
+    (_, completion), = _completions(events, tokenizer, on_text)
+    return completion
+
+
 class Chat:
     """A Llama 3 dialog: its messages so far, and the prompt ids of the next assistant turn."""
 
@@ -131,5 +148,5 @@ class Chat:
         self.messages.append({"role": "assistant", "content": text})
 
 
-__all__ = ["generate", "iter_completions", "GenerationResult", "Completion", "TextStream", "Chat",
+__all__ = ["generate", "iter_completions", "reply", "GenerationResult", "Completion", "TextStream", "Chat",
            "encode_prompts", "check_tokenizer"]

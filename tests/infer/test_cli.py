@@ -48,15 +48,16 @@ def test_chat_prompt_answers_one_user_turn(capsys, checkpoint_dir, llama3_tiny, 
     assert (status, out) == (0, expected + "\n")
 
 
-def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint_dir, tokenizer):
-    prompts = []
-    real = cli.iter_completions
+def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint_dir, llama3_tiny, tokenizer):
+    prompts, offsets = [], []
+    real = cli.reply
 
-    def spy(cfg, params, tok, batch, **kw):
-        prompts.extend(batch)
-        return real(cfg, params, tok, batch, **kw)
+    def spy(conversation, tok, prompt_ids, **kw):
+        prompts.append(prompt_ids)
+        offsets.append(len(conversation.cached_ids))
+        return real(conversation, tok, prompt_ids, **kw)
 
-    monkeypatch.setattr(cli, "iter_completions", spy)
+    monkeypatch.setattr(cli, "reply", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\n\nHow are you?\n"))
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--chat", "--system", "Be brief.", *GREEDY)
     assert status == 0 and len(prompts) == 2  # the blank line is skipped
@@ -65,6 +66,11 @@ def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint
     assert prompts[1] == tokenizer.encode_dialog([
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": first_answer}, {"role": "user", "content": "How are you?"}])
+    # The second turn continued the first turn's cache, and answered as a fresh generation does.
+    assert offsets[1] > len(prompts[0])
+    cfg, params = llama3_tiny
+    fresh = generate(cfg, params, tokenizer, [prompts[1]], max_new_tokens=6, temperature=0).texts[0]
+    assert second_answer == fresh
 
 
 def test_prompts_file_gives_seeded_jsonl_in_order(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
