@@ -38,15 +38,14 @@ def test_turns_equal_fresh_generation_and_prefill_only_new_tokens(tiny, prefills
     conversation = Conversation(cfg, params)
     rng = np.random.default_rng(0)
     dialog = [1] + list(rng.integers(3, cfg.vocab_size, 12))
+    cached = 0
     # Prompts of 13, 43 and 164 tokens: the cache grows from 64 slots to 256 (the whole context).
     for turn, (n_new, user_len) in enumerate([(20, 9), (20, 100), (12, 30)]):
         got = collect(conversation.stream(dialog, max_new_tokens=n_new, sampling=sampling, seed=turn))[0]
         assert got == fresh(cfg, params, dialog, n_new, sampling, seed=turn), turn
         prefilled, offset = prefills[-2]  # [-1] is the fresh generation's
-        if turn:
-            # All but the reply's last token came from the cache; the rest was prefilled.
-            assert offset == previous_len + len(previous_reply) - 1 and prefilled == len(dialog) - offset
-        previous_len, previous_reply = len(dialog), got[0]
+        assert (offset, prefilled) == (cached, len(dialog) - cached)
+        cached = len(dialog) + len(got[0]) - 1  # the prompt and the reply, but its last token (never fed)
         dialog = dialog + got[0] + [END_OF_TURN] + list(rng.integers(3, cfg.vocab_size, user_len))
     assert conversation.cache.max_len == 256
 
