@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,21 @@ def test_save_from_two_processes_writes_one_checkpoint(tmp_path):
     assert cfg == PRESETS["tiny"]
     for leaf in jax.tree.leaves(loaded):
         np.testing.assert_array_equal(leaf, np.arange(leaf.size, dtype=np.float32).reshape(leaf.shape) / 1000)
+
+
+def test_reads_abandoned_by_a_failed_restore_stay_quiet(monkeypatch):
+    """What Orbax's in-flight reads report after one read failed is dropped; anything else is not."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    checkpoint._ignore_abandoned_reads()
+
+    async def _read_array_index_and_device_put():
+        pass
+
+    abandoned = _read_array_index_and_device_put()
+    other = ValueError("something else")
+    for error, source in [(RuntimeError("Event loop is closed"), None), (Exception("read failed"), abandoned),
+                          (other, None)]:
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=source))
+    abandoned.close()
+    assert seen == [other]

@@ -213,3 +213,17 @@ def test_module_entry_point(checkpoint_dir):
     ok = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(checkpoint_dir),
                          "--prompt", "The sky is", *GREEDY], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.endswith("\n") and len(ok.stdout) > 1, ok.stderr
+
+
+def test_a_damaged_checkpoint_is_one_line_in_a_fresh_process(tmp_path, checkpoint_dir):
+    """Also nothing after that line at exit (a failed read leaves TensorStore callbacks behind)."""
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, damaged)
+    largest = max((f for f in (damaged / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    for _ in range(2):  # the leftover callbacks fired in about half of the runs
+        run = subprocess.run([sys.executable, "-m", "llama_jax.infer", "--checkpoint", str(damaged), "--prompt", "hi"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr.startswith("error: ") and "damaged checkpoint" in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr
