@@ -251,16 +251,5 @@ def main(argv=None) -> int:
     return 1
 
 
-def exit_with(status: int) -> None:
-    """sys.exit, except that after an error the interpreter's shutdown is skipped: reads abandoned by
-    a failed checkpoint restore can still print tracebacks while it runs (see checkpoint.load), and
-    nothing is left to clean up by then."""
-    if status:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
-    exit_with(main())
+    sys.exit(main())
