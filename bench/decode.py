@@ -19,9 +19,9 @@ comes out, so prefill = until the first new token, decode = the `steps` tokens a
 Roofline: a decode step must read every weight it multiplies by (an untied embedding table only
 gathers B rows) and the KV cache slots its attention reads (both engines attend over the whole
 preallocated cache, masked), so tokens/s <= batch * bandwidth / those bytes. Bandwidth is a large
-copy's bytes read + written per second: numpy on CPU, a jitted elementwise pass on an accelerator. Random weights: the speed of a step does
-not depend on their values. Prints one markdown table and appends it, with machine, date and
-commit, to bench/RESULTS.md.
+copy's bytes read + written per second: numpy on CPU, a jitted elementwise pass on an accelerator.
+Random weights: the speed of a step does not depend on their values. Prints one markdown table and
+appends it, with machine, date and commit, to bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ size, cache length bucket or mesh. Nothing is compiled per prompt length, stop s
 Both are module-level jits, so repeated calls (chat turns, batches of a prompts file) reuse them.
 
 Prompts of unequal lengths share a batch right-padded: prefill writes every row's padded prompt at
-slots 0..T-1 (PREFILL_CHUNK tokens at a time), samples each row's first token from the logits at its own last prompt position, and
-decode steps then write each row at its own position, overwriting its pad slots before any query
-can see them. Rows that stop early keep stepping in place (same token, same slot) until the whole
-batch is done; their outputs are ignored.
+slots 0..T-1 (PREFILL_CHUNK tokens at a time), samples each row's first token from the logits at
+its own last prompt position, and decode steps then write each row at its own position, overwriting
+its pad slots before any query can see them. Rows that stop early keep stepping in place (same
+token, same slot) until the whole batch is done; their outputs are ignored.
 
 Sampling keys are fold_in(fold_in(key(seed), prompt index), position), so a prompt's tokens do not
 depend on which batch it lands in, nor on the batch size.
@@ -348,9 +348,9 @@ class Conversation:
             return None
         if self.cache.max_len == cache_len:
             return self.cache
-        grow = lambda x: jnp.pad(x, ((0, 0), (0, cache_len - x.shape[1])) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-        return jax.tree.map(grow, self.cache) if self.cache.per_layer else KVCache(
-            *(jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - x.shape[2]), (0, 0), (0, 0))) for x in self.cache))
+        # Slots are axis -3 of [L, B, S, K, E] and of each per-layer [B, S, K, E] alike.
+        grow = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, cache_len - x.shape[-3]), (0, 0), (0, 0)])  # noqa: E731
+        return jax.tree.map(grow, self.cache)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -381,6 +381,6 @@ def _read_report(report, start, rows):
     return events, bool(done.all())
 
 
-__all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "Conversation", "prepare", "prefill", "decode_step", "prefill_jit",
-           "decode_step_jit", "stream_tokens", "check_prompts", "bucket_length", "param_shardings",
+__all__ = ["DecodeState", "TokenEvent", "PromptTooLongError", "Conversation", "prepare", "prefill", "decode_step",
+           "prefill_jit", "decode_step_jit", "stream_tokens", "check_prompts", "bucket_length", "param_shardings",
            "batch_multiple", "MIN_BUCKET", "PREFILL_CHUNK"]
