@@ -172,12 +172,17 @@ def online_softmax_step(acc, m, l, s, v):
 # Triton (GPU) kernels. Operands [B, Tp, H|K, D]; lse and delta [B, H, Tp].
 
 
+def _split_refs(refs, n_inputs: int, cfg: _Config):
+    """(input refs, qs_ref, ks_ref, output and scratch refs) of a kernel: the segment-id refs come
+    right after the `n_inputs` inputs when the call has segments, and are None when it has none."""
+    if cfg.has_segments:
+        return refs[:n_inputs], refs[n_inputs], refs[n_inputs + 1], refs[n_inputs + 2:]
+    return refs[:n_inputs], None, None, refs[n_inputs:]
+
+
 def _fwd_kernel_triton(*refs, cfg: _Config):
     # q_ref [bq, D]; k_ref, v_ref [Tp, D]; qs_ref [bq]; ks_ref [Tp]; o_ref [bq, D]; lse_ref [bq]
-    if cfg.has_segments:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
+    (q_ref, k_ref, v_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(refs, 3, cfg)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(0)
     q = q_ref[...]
@@ -209,10 +214,7 @@ def _fwd_kernel_triton(*refs, cfg: _Config):
 def _dq_kernel_triton(*refs, cfg: _Config):
     # q_ref, do_ref, dq_ref [bq, D]; k_ref, v_ref [Tp, D]; lse_ref, delta_ref, qs_ref [bq];
     # ks_ref [Tp]
-    if cfg.has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = refs, None, None
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 6, cfg)
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
@@ -242,11 +244,7 @@ def _dq_kernel_triton(*refs, cfg: _Config):
 def _dkv_kernel_triton(*refs, cfg: _Config):
     # q_ref, do_ref [Tp, G, D]; k_ref, v_ref, dk_ref, dv_ref [bk, D]; lse_ref, delta_ref [G, Tp];
     # qs_ref [Tp]; ks_ref [bk]
-    if cfg.has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), qs_ref, ks_ref = (
-            refs, None, None)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 6, cfg)
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
@@ -409,11 +407,7 @@ def _block_flags(i, j, bq, bk, cfg, *, key_padding=True):
 def _fwd_kernel_mosaic(*refs, cfg: _Config):
     # q_ref, o_ref, acc [bq, D]; k_ref, v_ref [bk, D]; qs_ref [bq, 128]; ks_ref [8, bk];
     # lse_ref, m_scr, l_scr [bq, 128]
-    if cfg.has_segments:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_scr, acc = refs
-    else:
-        (q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc), qs_ref, ks_ref = (
-            refs, None, None)
+    (q_ref, k_ref, v_ref), qs_ref, ks_ref, (o_ref, lse_ref, m_scr, l_scr, acc) = _split_refs(refs, 3, cfg)
     bq, bk = cfg.block_q, cfg.block_k
     D = q_ref.shape[-1]
     i, j = pl.program_id(2), pl.program_id(3)
@@ -453,11 +447,7 @@ def _fwd_kernel_mosaic(*refs, cfg: _Config):
 def _dq_kernel_mosaic(*refs, cfg: _Config):
     # q_ref, do_ref, dq_ref, acc [bq, D]; k_ref, v_ref [bk, D]; lse_ref, delta_ref, qs_ref
     # [bq, 128]; ks_ref [8, bk]
-    if cfg.has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, acc = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc), qs_ref, ks_ref = (
-            refs, None, None)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dq_ref, acc) = _split_refs(refs, 6, cfg)
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -486,12 +476,8 @@ def _dq_kernel_mosaic(*refs, cfg: _Config):
 def _dkv_kernel_mosaic(*refs, cfg: _Config):
     # q_ref, do_ref [bq, D]; k_ref, v_ref, dk_ref, dv_ref, dk_acc, dv_acc [bk, D];
     # lse_ref, delta_ref, qs_ref [bq, 128]; ks_ref [8, bk]
-    if cfg.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
-         dk_ref, dv_ref, dk_acc, dv_acc) = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc) = refs
-        qs_ref = ks_ref = None
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dk_ref, dv_ref, dk_acc, dv_acc) = (
+        _split_refs(refs, 6, cfg))
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     first = (g == 0) & (i == 0)
