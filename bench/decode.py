@@ -42,7 +42,7 @@ from llama_jax import LlamaConfig, init_params
 from llama_jax.infer import engine
 from llama_jax.infer.quantize import param_bytes, quantize_params
 from llama_jax.infer.sampling import SamplingParams
-from bench.results import append_results, git_commit, machine
+from bench.results import append_results, git_commit, machine, median_seconds
 
 SECTION = "## Decode throughput (bench/decode.py)"
 GREEDY = SamplingParams(temperature=0.0)
@@ -69,13 +69,7 @@ def host_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     """Bytes read + written per second by np.copyto of a large array (median of reps)."""
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / median_seconds(lambda: np.copyto(dst, src), reps, warmup=1)
 
 
 def decode_bytes(cfg: LlamaConfig, params, batch: int, cache_len: int) -> int:
@@ -85,15 +79,6 @@ def decode_bytes(cfg: LlamaConfig, params, batch: int, cache_len: int) -> int:
         weights -= param_bytes(params["tok_embeddings"])
     cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     return weights + cache
-
-
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
@@ -111,7 +96,7 @@ def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
         return engine.prefill_jit(params, tokens, lengths, last, keys, stop_ids, cache_len=cache_len, **static)
 
     state, report = jax.block_until_ready(prefill())  # compile
-    prefill_s = median_time(lambda: jax.block_until_ready(prefill()), reps)
+    prefill_s = median_seconds(lambda: jax.block_until_ready(prefill()), reps)
 
     state, report = jax.block_until_ready(engine.decode_step_jit(params, state, **static))  # compile
 
@@ -121,7 +106,7 @@ def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
             state, report = engine.decode_step_jit(params, state, **static)
         jax.block_until_ready(report)
 
-    decode_s = median_time(decode, reps)
+    decode_s = median_seconds(decode, reps)
     del state
     return batch * prompt_len / prefill_s, batch * steps / decode_s, cache_len
 

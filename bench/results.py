@@ -1,11 +1,14 @@
-"""bench/RESULTS.md: each script owns a `## ...` section and appends its runs at the section's end."""
+"""What the bench scripts share: bench/RESULTS.md, where each script owns a `## ...` section and
+appends its runs at the section's end (with the machine and commit), and the median timer."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
+import time
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -48,3 +51,16 @@ def machine() -> str:
     except (OSError, StopIteration, ValueError):
         pass
     return f"{cpu}, {os.cpu_count()} cores{memory}"
+
+
+def median_seconds(run, reps: int, warmup: int = 0) -> float:
+    """Median wall seconds of `reps` calls of run() after `warmup` untimed ones; run() must block
+    until its work is done."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

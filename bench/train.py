@@ -19,9 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import os
-import statistics
 import sys
-import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -29,7 +27,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.results import append_results, git_commit, machine  # noqa: E402
+from bench.results import append_results, git_commit, machine, median_seconds  # noqa: E402
 
 SECTION = "## Training step throughput (bench/train.py)"
 
@@ -50,18 +48,6 @@ def random_batch(cfg, batch_size: int, seq_len: int, seed: int = 0) -> dict[str,
             "segment_ids": np.ones((batch_size, seq_len), np.int32)}
 
 
-def time_steps(run_step, steps: int, warmup: int) -> float:
-    """Median seconds per step; run_step() must block until its step is done."""
-    for _ in range(warmup):
-        run_step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_jax(cfg, mesh_spec: str, batch: dict, steps: int, warmup: int, grad_accum: int) -> float:
     from llama_jax.sharding import make_mesh
     from llama_jax.train.optim import OptimConfig, make_optimizer
@@ -79,7 +65,7 @@ def bench_jax(cfg, mesh_spec: str, batch: dict, steps: int, warmup: int, grad_ac
         holder["state"], metrics = step(holder["state"], on_mesh)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(run, steps, warmup)
+    return median_seconds(run, steps, warmup)
 
 
 def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> float:
@@ -105,7 +91,7 @@ def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> floa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(run, steps, warmup)
+    return median_seconds(run, steps, warmup)
 
 
 def main(argv=None) -> str:
