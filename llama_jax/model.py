@@ -359,22 +359,23 @@ def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0):
 
 # Layer layouts ------------------------------------------------------------------------------
 
-def split_layers(cfg: LlamaConfig, params) -> tuple[LlamaConfig, dict]:
+def split_layers(cfg: LlamaConfig, params, *, donate: bool = False) -> tuple[LlamaConfig, dict]:
     """(cfg, params) with the stacked `layers` subtree split into `layers_0` .. `layers_{L-1}`.
 
-    Each leaf is split and released in turn, so the peak is the model plus one stacked leaf. A leaf
-    sharded over a mesh keeps its sharding on the remaining dims (the layer axis is never split)."""
+    The split copies the layer weights. With `donate`, each stacked leaf is deleted once split (the
+    tree passed in is unusable afterwards), so the peak is the model plus one stacked leaf instead
+    of twice the layers. A leaf sharded over a mesh keeps its sharding on the remaining dims (the
+    layer axis is never split)."""
     if cfg.per_layer_params:
         return cfg, params
     params = dict(params)
-    stacked = params.pop("layers")
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked)
+    leaves, treedef = jax.tree_util.tree_flatten(params.pop("layers"))
     per_layer = [[] for _ in range(cfg.n_layers)]
-    for _, leaf in paths_leaves:
+    for leaf in leaves:
         for i, piece in enumerate(_unstack(leaf)):
             per_layer[i].append(piece)
-        del leaf
-    del paths_leaves, stacked
+        if donate and isinstance(leaf, jax.Array):
+            leaf.delete()
     for i, leaves in enumerate(per_layer):
         params[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, leaves)
     return dataclasses.replace(cfg, per_layer_params=True), params

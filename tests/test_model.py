@@ -160,6 +160,11 @@ def test_per_layer_params_give_the_same_numbers_and_stack_back_exactly():
     back_cfg, back = stack_layers(split_cfg, split)
     assert back_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, back, params)
+    # donate: the same split, and the stacked weights are freed as they go.
+    _, donated = split_layers(cfg, back, donate=True)
+    jax.tree.map(np.testing.assert_array_equal, donated, split)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(back["layers"]))
+    assert not back["norm"]["scale"].is_deleted()
     with pytest.raises(ValueError, match="per-layer KVCache"):
         Llama(split_cfg).apply({"params": split}, tokens[:, :1], positions=np.zeros((2, 1), np.int32),
                                cache=KVCache.init(cfg, 2, 16))

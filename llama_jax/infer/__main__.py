@@ -81,7 +81,7 @@ def load_model(args):
         cfg, params = load_params(args.checkpoint, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
-    cfg, params = prepare(cfg, params, mesh)
+    cfg, params = prepare(cfg, params, mesh, donate=True)  # never two copies of the weights at once
     return cfg, params, tokenizer, mesh
 
 

@@ -95,13 +95,14 @@ def _sharding_context(mesh):
     return contextlib.nullcontext() if mesh is None else activation_sharding(mesh)
 
 
-def prepare(cfg: LlamaConfig, params, mesh=None) -> tuple[LlamaConfig, dict]:
+def prepare(cfg: LlamaConfig, params, mesh=None, *, donate: bool = False) -> tuple[LlamaConfig, dict]:
     """(cfg, params) as decoding wants them: placed on `mesh` as the rules table says, and split into
     per-layer buffers (LlamaConfig.per_layer_params). Measured on XLA's CPU, a Llama-3.2-1B decode
-    step with the stacked layout spends most of its time copying layer slices (bench/decode.py)."""
+    step with the stacked layout spends most of its time copying layer slices (bench/decode.py).
+    donate: the stacked weights are deleted as they are split (see model.split_layers)."""
     if mesh is not None:
         params = jax.device_put(params, param_shardings(cfg, mesh, params))
-    return split_layers(cfg, params)
+    return split_layers(cfg, params, donate=donate)
 
 
 def _constrain_cache(cache: KVCache, mesh) -> KVCache:
