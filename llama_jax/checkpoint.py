@@ -142,7 +142,7 @@ def load(path: str | os.PathLike, *, mesh=None, shardings=None, **config_overrid
     path = Path(path).absolute()
     cfg = load_config(path)
     if config_overrides.pop("per_layer_params", False):  # read the stored stacked layout, then split it
-        return split_layers(*load(path, mesh=mesh, shardings=shardings, **config_overrides))
+        return split_layers(*load(path, mesh=mesh, shardings=shardings, **config_overrides), donate=True)
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     shapes = param_shapes(cfg)
