@@ -34,7 +34,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from llama_jax.kernels.flash_attention import (LANES, M_FLOOR, _NN, _NT, _dot, fit_lanes, online_softmax_step,
                                                resolve_lowering)
-from llama_jax.kernels.reference import cached_attention_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +297,3 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale: float | N
     o_BKRD = combine_splits(acc, m, l)[:, :, :R]
     o_BTHD = o_BKRD.reshape(B, K, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
     return o_BTHD.astype(q_BTHD.dtype)
-
-
-def decode_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale=None):
-    """Plain-XLA version of what `decode_attention` computes."""
-    return cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, scale=scale)

@@ -36,7 +36,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.reference import attention_reference
 
 # Running-max start: finite, so exp(m_prev - m_next) is never exp(-inf + inf) = NaN for a row
 # whose keys so far were all masked (-inf).
@@ -726,9 +725,3 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, kv_segment_i
             ks = jnp.broadcast_to(ks[:, None, :], (B, SUBLANES, Tp))
         o = _flash(q, k, v, qs, ks, cfg).transpose(0, 2, 1, 3)
     return o[:, :T]
-
-
-def flash_attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal=True,
-                              scale=None):
-    """Plain-XLA version of what `flash_attention` computes."""
-    return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, causal=causal, scale=scale)
