@@ -90,7 +90,8 @@ def test_a_training_runs_directory_loads_its_final_model(tmp_path, capsys):
     loaded_cfg, loaded = llama_jax.load(run)
     assert loaded_cfg == cfg
     assert_trees_equal(params, loaded)
-    assert capsys.readouterr().err == f"note: {run} is a training run's directory: using its final model, {run / 'model'}\n"
+    note = f"note: {run} is a training run's directory: using its final model, {run / 'model'}\n"
+    assert capsys.readouterr().err == note
 
 
 def test_save_refuses_mismatched_params_and_leaves_nothing(tmp_path):
