@@ -10,6 +10,8 @@ import statistics
 import subprocess
 import time
 
+import psutil
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -41,16 +43,12 @@ def git_commit(*paths: str) -> str:
 def machine() -> str:
     """CPU model, cores and memory of this host, as one phrase."""
     cpu = platform.processor() or platform.machine()
-    memory = ""
-    try:
+    try:  # psutil knows no CPU model name; Linux says it in /proc/cpuinfo
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        with open("/proc/meminfo") as f:
-            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        memory = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
+    except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores{memory}"
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
 
 
 def median_seconds(run, reps: int, warmup: int = 0) -> float:

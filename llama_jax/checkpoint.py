@@ -4,6 +4,9 @@
     DIR/params/           Orbax checkpoint of the parameter tree
     DIR/tokenizer.model   the tokenizer, when known
 
+A training run's output directory (`python -m llama_jax.train --out OUT`) holds its final model in
+OUT/model; every reader here accepts OUT for it.
+
 `save` writes into a temporary directory beside DIR and renames it into place once complete, so an
 interrupted save never leaves a half-written checkpoint at DIR.
 """
@@ -23,12 +26,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import LlamaConfig, compute_dtype
 from llama_jax.model import param_shapes, split_layers, stack_layers
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
+# A training run's --out directory: its train states (train/loop.py), then its final model.
+TRAIN_STATES_DIR = "checkpoints"
+TRAINED_MODEL_DIR = "model"
 
 
 def check_params(cfg: LlamaConfig, params, *, what: str = "params") -> None:
@@ -124,27 +130,53 @@ def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str 
     return path
 
 
-def load_config(path: str | os.PathLike) -> LlamaConfig:
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / PARAMS_DIR).is_dir()
+
+
+def find(path: str | os.PathLike) -> Path:
+    """The checkpoint directory `path` names: itself, or the final model inside a training run's
+    --out directory (with a one-line note on stderr). ValueError with a one-line reason otherwise."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
-        raise ValueError(f"{path} is not a llama_jax checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ inside)")
-    return LlamaConfig.from_json(path / CONFIG_FILE)
+    if is_checkpoint(path):
+        return path
+    trained = path / TRAINED_MODEL_DIR
+    if is_checkpoint(trained):
+        print(f"note: {path} is a training run's directory: using its final model, {trained}", file=sys.stderr)
+        return trained
+    if (path / CONFIG_FILE).is_file() and (path / TRAIN_STATES_DIR).is_dir():
+        raise ValueError(f"{path} is a training run's directory without its final model: pass {trained} once "
+                         f"the run completes (it is written after the last step)")
+    raise ValueError(f"{path} is not a llama_jax checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ inside)")
 
 
-def load(path: str | os.PathLike, *, mesh=None, shardings=None, **config_overrides) -> tuple[LlamaConfig, dict]:
-    """Read (cfg, params), each device reading only its own shards.
+def load_config(path: str | os.PathLike) -> LlamaConfig:
+    return LlamaConfig.from_json(find(path) / CONFIG_FILE)
 
+
+def load(path: str | os.PathLike, *, mesh=None, shardings=None, dtype: str | None = None,
+         param_dtype: str | None = None, **config_overrides) -> tuple[LlamaConfig, dict]:
+    """Read (cfg, params), each device reading only its own shards. `path`: a checkpoint directory,
+    or a training run's --out directory (its final model, OUT/model).
+
+    dtype, param_dtype: the compute dtype and the dtype the weights are held in. Unless one is named,
+    both are `config.compute_dtype`'s choice, as in `python -m llama_jax.infer`: float32 on a CPU
+    backend (where bfloat16 matmuls are slow), the stored compute dtype elsewhere, so the weights are
+    cast once here rather than at every matmul. A named dtype keeps the stored weights' dtype
+    (dtype="bfloat16" on a bfloat16 checkpoint holds bfloat16 weights); training names both.
     mesh: restore straight into the shards the rules table gives on this jax.sharding.Mesh,
     whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
     matching the params (or one Sharding for every leaf). Neither: the default device.
-    `config_overrides` replace config fields that do not change shapes (e.g. dtype, attention_impl);
+    `config_overrides` replace other config fields that do not change shapes (e.g. attention_impl);
     per_layer_params=True splits the layers after reading (shardings, if given, are the stacked ones)."""
-    path = Path(path).absolute()
-    cfg = load_config(path)
+    path = find(path).absolute()
+    stored_cfg = load_config(path)
+    named = dtype is not None or param_dtype is not None
+    dtype = compute_dtype(dtype, stored_cfg.dtype)
+    config_overrides.update(dtype=dtype, param_dtype=param_dtype or (stored_cfg.param_dtype if named else dtype))
     if config_overrides.pop("per_layer_params", False):  # read the stored stacked layout, then split it
         return split_layers(*load(path, mesh=mesh, shardings=shardings, **config_overrides), donate=True)
-    if config_overrides:
-        cfg = dataclasses.replace(cfg, **config_overrides)
+    cfg = dataclasses.replace(stored_cfg, **config_overrides)
     shapes = param_shapes(cfg)
     if mesh is not None:
         if shardings is not None:
@@ -163,7 +195,7 @@ def load(path: str | os.PathLike, *, mesh=None, shardings=None, **config_overrid
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ValueError(f"{path}/{PARAMS_DIR}: unreadable Orbax checkpoint ({_first_line(e)})") from e
     # Compare shapes before reading: a mismatch found mid-restore surfaces as a pile of async errors.
-    check_params(load_config(path), stored, what=f"{path}: stored params vs {CONFIG_FILE}")
+    check_params(stored_cfg, stored, what=f"{path}: stored params vs {CONFIG_FILE}")
     previous_hook = _ignore_abandoned_reads()
     try:
         params = checkpointer.restore(path / PARAMS_DIR, target)

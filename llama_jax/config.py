@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +34,19 @@ def canonical_dtype_name(value: Any, field: str) -> str:
     if name not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"{field}: {name} is not a floating dtype the model supports (bfloat16, float16, float32)")
     return name
+
+
+def compute_dtype(requested: str | None, otherwise: str) -> str:
+    """The dtype to compute in: `requested` when the caller names one; else float32 on a CPU
+    backend, where XLA's bfloat16 matmuls are slow (a Llama-3.2-1B decode step measured 6x slower
+    in bfloat16: bench/RESULTS.md); else `otherwise` (a checkpoint's stored dtype, a run's default).
+
+    The one rule behind every default dtype: `llama_jax.load`, the infer CLI's --dtype and the
+    train CLI's --dtype all ask it.
+    """
+    if requested is not None:
+        return canonical_dtype_name(requested, "dtype")
+    return "float32" if jax.default_backend() == "cpu" else otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +216,10 @@ class LlamaConfig:
         `params.json` says `use_scaled_rope: true` but carries no factor (Meta's reference code
         hard-codes 8, wrong for the 3.2 1B/3B models which use 32): the factor comes from the
         preset whose shapes match, or from `rope_scaling_factor` when given.
+
+        Nor does it name bos and eos: unless `bos_id` and `eos_id` are given, they come from the
+        `tokenizer.model` beside a params.json path, else they are Llama 3's (which a vocabulary
+        too small to hold them refuses in one line).
         """
         raw = _load_json(params) if not isinstance(params, dict) else dict(params)
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -217,6 +236,9 @@ class LlamaConfig:
             ffn_dim_multiplier=raw.get("ffn_dim_multiplier"), norm_eps=raw.get("norm_eps", 1e-5),
             rope_theta=raw.get("rope_theta", 500000.0),
         )
+        if not {"bos_id", "eos_id"} <= overrides.keys():
+            values.update(_meta_tokenizer_ids(None if isinstance(params, dict) else Path(params).parent,
+                                              values["vocab_size"]))
         scaled = bool(raw.get("use_scaled_rope", False))
         preset_name = matching_preset({**values, **overrides}, scaled_rope=scaled)
         preset = PRESETS[preset_name] if preset_name else None
@@ -332,6 +354,21 @@ class LlamaConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def _meta_tokenizer_ids(download: Path | None, vocab_size: int) -> dict[str, int]:
+    """bos_id and eos_id of the tokenizer.model in Meta's download directory; {} (Llama 3's ids,
+    the defaults) when there is none and they fit the vocabulary."""
+    tokenizer_file = download / "tokenizer.model" if download is not None else None
+    if tokenizer_file is not None and tokenizer_file.is_file():
+        from llama_jax.tokenizer import load_tokenizer  # tiktoken / sentencepiece, only when reading one
+
+        tokenizer = load_tokenizer(tokenizer_file)
+        return {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    if isinstance(vocab_size, int) and 0 < vocab_size <= max(LlamaConfig.bos_id, LlamaConfig.eos_id):  # Llama 3's
+        raise ValueError(f"params.json: vocab_size {vocab_size} cannot hold Llama 3's bos/eos ids and no "
+                         f"tokenizer.model is beside it to name them: pass bos_id and eos_id")
+    return {}
+
+
 def _rope_scaling_from_dict(raw: dict | RopeScaling, where: str) -> RopeScaling:
     if isinstance(raw, RopeScaling):
         return raw
@@ -410,4 +447,5 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "matching_preset", "canonical_dtype_name", "ATTENTION_IMPLS"]
+__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "matching_preset", "canonical_dtype_name", "compute_dtype",
+           "ATTENTION_IMPLS"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llama_jax
 from llama_jax import checkpoint
 from llama_jax.config import PRESETS, LlamaConfig
 from tests.reference import random_params
@@ -33,7 +34,7 @@ def test_round_trip_is_exact(tmp_path, preset, param_dtype):
     tokenizer.write_bytes(b"stand-in tokenizer bytes")
     out = checkpoint.save(tmp_path / "ckpt", cfg, params, tokenizer_path=tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok.model"], "no staging dir left behind"
-    loaded_cfg, loaded = checkpoint.load(out)
+    loaded_cfg, loaded = checkpoint.load(out, dtype=cfg.dtype, param_dtype=cfg.param_dtype)  # as stored
     assert loaded_cfg == cfg
     assert_trees_equal(params, loaded)
     assert checkpoint.tokenizer_path(out).read_bytes() == b"stand-in tokenizer bytes"
@@ -58,6 +59,39 @@ def test_load_with_overrides_and_target_sharding(tmp_path):
     assert loaded_cfg.dtype == "bfloat16" and loaded_cfg.param_dtype == "float32"
     assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(loaded))
     assert_trees_equal(params, loaded)
+
+
+def test_a_bfloat16_checkpoint_loads_in_float32_on_cpu_unless_a_dtype_is_named(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(PRESETS["tiny"], dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(cfg))
+    out = checkpoint.save(tmp_path / "ckpt", cfg, params)
+    assert jax.default_backend() == "cpu"
+    cfg32, params32 = llama_jax.load(out)
+    assert (cfg32.dtype, cfg32.param_dtype) == ("float32", "float32")
+    assert_trees_equal(jax.tree.map(lambda x: x.astype(jnp.float32), params), params32)  # widened once, exactly
+    cfg16, params16 = llama_jax.load(out, dtype="bfloat16")
+    assert (cfg16.dtype, cfg16.param_dtype) == ("bfloat16", "bfloat16")
+    assert_trees_equal(params, params16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # elsewhere the stored dtype stays
+    assert llama_jax.load(out)[0] == cfg
+
+
+def test_a_training_runs_directory_loads_its_final_model(tmp_path, capsys):
+    cfg = PRESETS["tiny"]
+    params = random_params(cfg)
+    run = tmp_path / "run"  # as train/loop.py leaves it: config.json, checkpoints/, and model/ once complete
+    (run / checkpoint.TRAIN_STATES_DIR).mkdir(parents=True)
+    (run / checkpoint.CONFIG_FILE).write_text(cfg.to_json())
+    with pytest.raises(ValueError, match=rf"^{run} is a training run's directory without its final model: pass "
+                                         rf"{run / 'model'} once the run completes"):
+        llama_jax.load(run)
+    checkpoint.save(run / "model", cfg, params)
+    capsys.readouterr()
+    loaded_cfg, loaded = llama_jax.load(run)
+    assert loaded_cfg == cfg
+    assert_trees_equal(params, loaded)
+    note = f"note: {run} is a training run's directory: using its final model, {run / 'model'}\n"
+    assert capsys.readouterr().err == note
 
 
 def test_save_refuses_mismatched_params_and_leaves_nothing(tmp_path):

@@ -1,5 +1,6 @@
 """LlamaConfig: presets against published sizes and HF's own parameter count, readers, validation."""
 
+import base64
 import dataclasses
 import json
 
@@ -74,6 +75,23 @@ def test_meta_params_file_and_errors(tmp_path):
         LlamaConfig.from_meta_params({"n_layers": 2})
     with pytest.raises(ValueError, match="no such file"):
         LlamaConfig.from_meta_params(tmp_path / "absent.json")
+
+
+def test_meta_params_take_bos_and_eos_from_the_tokenizer_beside_them(tmp_path):
+    small = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, norm_eps=1e-5,
+                 rope_theta=500000.0)
+    (tmp_path / "params.json").write_text(json.dumps(small))
+    with pytest.raises(ValueError, match="vocab_size 512 cannot hold Llama 3's bos/eos ids and no tokenizer.model "
+                                         "is beside it to name them: pass bos_id and eos_id"):
+        LlamaConfig.from_meta_params(tmp_path / "params.json")
+    # A 256-byte tiktoken vocabulary: its specials, <|begin_of_text|> first, follow at 256.
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    cfg = LlamaConfig.from_meta_params(tmp_path / "params.json")
+    assert (cfg.bos_id, cfg.eos_id, cfg.vocab_size) == (256, 257, 512)
+    named = LlamaConfig.from_meta_params(tmp_path / "params.json", bos_id=1, eos_id=2)
+    assert (named.bos_id, named.eos_id) == (1, 2)
+    assert LlamaConfig.from_meta_params(small, bos_id=1, eos_id=2).bos_id == 1
 
 
 def same_model(a: LlamaConfig, b: LlamaConfig) -> bool:

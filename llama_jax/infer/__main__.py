@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import psutil
 
 from llama_jax import checkpoint, kernels
+from llama_jax.config import compute_dtype
 from llama_jax.infer.engine import Conversation, PromptTooLongError, batch_multiple, prepare
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.sampling import SamplingParams
@@ -30,7 +31,8 @@ from llama_jax.tokenizer import load_tokenizer
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama_jax.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="llama_jax checkpoint directory")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="llama_jax checkpoint directory (or a training run's --out: its final model, OUT/model)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", metavar="TEXT", help="complete this text (with --chat: one user turn)")
     source.add_argument("--prompts-file", metavar="F", type=Path,
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
-                   help="compute and weight dtype (default: the checkpoint's compute dtype; float32 on CPU, "
-                        "where XLA's bfloat16 matmuls are slow: a Llama-3.2-1B decode step measured 6x slower; "
-                        "bfloat16 there halves the memory at that cost)")
+                   help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
+                        "float32 on CPU, where XLA's bfloat16 matmuls are slow: a Llama-3.2-1B decode step "
+                        "measured 6x slower; bfloat16 there halves the memory at that cost)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
@@ -62,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args):
     """(cfg, params, tokenizer, mesh) for the flags; ValueError with a one-line reason otherwise."""
-    cfg = checkpoint.load_config(args.checkpoint)
-    tokenizer = load_tokenizer_for(args)
+    path = checkpoint.find(args.checkpoint)
+    cfg = checkpoint.load_config(path)
+    tokenizer = load_tokenizer_for(args, path)
     check_tokenizer(cfg, tokenizer)
-    # Weights are held in the compute dtype: a bfloat16 model then holds half the bytes. Quantizing
-    # reads the stored weights as they are (no float32 copy first) and converts them leaf by leaf.
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
+    # Weights are held in the compute dtype (llama_jax.load's default too): a bfloat16 model then
+    # holds half the bytes. Quantizing reads the stored weights as they are (no float32 copy
+    # first) and converts them leaf by leaf.
+    dtype = compute_dtype(args.dtype, cfg.dtype)
     param_dtype = cfg.param_dtype if args.quantize else dtype
     check_host_memory(cfg, param_dtype, args.quantize)
     overrides = {"dtype": dtype, "param_dtype": param_dtype}
@@ -76,9 +80,9 @@ def load_model(args):
         overrides["attention_impl"] = args.attention_impl
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is None:
-        cfg, params = checkpoint.load(args.checkpoint, **overrides)
+        cfg, params = checkpoint.load(path, **overrides)
     else:
-        cfg, params = load_params(args.checkpoint, mesh, **overrides)
+        cfg, params = load_params(path, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
     cfg, params = prepare(cfg, params, mesh, donate=True)  # never two copies of the weights at once
@@ -87,9 +91,9 @@ def load_model(args):
 
 def check_host_memory(cfg, param_dtype: str, quantize: str | None) -> None:
     """On CPU a model larger than the free memory is killed by the kernel without a word: say so first."""
-    available = available_host_bytes() if jax.default_backend() == "cpu" else None
-    if available is None:
+    if jax.default_backend() != "cpu":
         return
+    available = psutil.virtual_memory().available
     n = cfg.num_params()
     need = n * np.dtype(param_dtype).itemsize + (n if quantize else 0)
     if need > available:
@@ -99,30 +103,15 @@ def check_host_memory(cfg, param_dtype: str, quantize: str | None) -> None:
                          f"bytes, slower on CPU) or --quantize int8")
 
 
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None if neither is known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def load_tokenizer_for(args):
+def load_tokenizer_for(args, checkpoint_dir: Path):
     if args.tokenizer:
         path = Path(args.tokenizer)
         if not path.is_file():
             raise ValueError(f"--tokenizer: no such file: {path}")
     else:
-        path = checkpoint.tokenizer_path(args.checkpoint)
+        path = checkpoint.tokenizer_path(checkpoint_dir)
         if path is None:
-            raise ValueError(f"{args.checkpoint} has no {checkpoint.TOKENIZER_FILE}: pass --tokenizer PATH")
+            raise ValueError(f"{checkpoint_dir} has no {checkpoint.TOKENIZER_FILE}: pass --tokenizer PATH")
     return load_tokenizer(path)
 
 

@@ -224,7 +224,8 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
     prompts of one batch interleave. Params must already sit where `mesh` wants them (`prepare`
     places them, and splits them per layer, which decodes fastest); the batch is rounded up to a
-    multiple of the mesh's batch split.
+    multiple of the mesh's batch split. Computes in cfg.dtype: from `llama_jax.load`, float32 on a
+    CPU backend unless a dtype was named there (config.compute_dtype).
     """
     prompts = check_prompts(cfg, prompts, max_new_tokens, truncate)
     if not prompts:
@@ -296,7 +297,8 @@ class Conversation:
     Tokens equal `stream_tokens` on the same prompt (same seed, prompt index 0). The cache holds the
     prompt and every generated token that was fed back; the reply's last token and a stop token are
     not counted, so a next prompt that re-encodes the reply differently only re-prefills from the
-    first differing token. The cache grows by powers of two up to the model's context.
+    first differing token. The cache grows by powers of two up to the model's context. Computes in
+    cfg.dtype, as `stream_tokens` does.
     """
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK):

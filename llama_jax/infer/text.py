@@ -111,6 +111,9 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
     temperature 0 is greedy; otherwise top-k (0: off) then top-p sampling, reproducible for a seed
     and independent of batch_size. Generation stops at the tokenizer's stop tokens, after
     `max_new_tokens`, or at the end of the model's context.
+
+    Computes in cfg.dtype with the params as given: from `llama_jax.load`, float32 on a CPU backend
+    unless a dtype was named there (config.compute_dtype, the infer CLI's rule too).
     """
     done = dict(iter_completions(cfg, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,

@@ -50,6 +50,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 BATCH_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH)  # tokens, targets, masks: [B, T]
 
 log = logging.getLogger(__name__)
+# (logical axis, mesh axis) pairs already reported as replicated: a model has many arrays with the
+# same undivisible dim (every layer's wk and wv, each KV cache), and one line says it for all.
+_reported_replications: set[tuple[str, str]] = set()
 
 
 def _check_rules(rules) -> dict[str, tuple[str, ...]]:
@@ -103,8 +106,10 @@ def logical_to_spec(logical: tuple[str | None, ...] | PartitionSpec, shape: tupl
                 if size == 1:
                     continue
                 if shape is not None and shape[i] % (math.prod(mesh.shape[k] for k in kept) * size):
-                    log.info("dim %d (%s, size %d) is not divisible over mesh axis %s=%d: replicated over it",
-                             i, logical[i], shape[i], a, size)
+                    if (logical[i], a) not in _reported_replications:
+                        _reported_replications.add((logical[i], a))
+                        log.info("%s (size %d) is not divisible over mesh axis %s=%d: replicated over it "
+                                 "in every array", logical[i], shape[i], a, size)
                     continue
                 kept.append(a)
         else:

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--config", help=f"preset name or config.json path (default: {DEFAULT_MODEL}, the byte-level "
                                     "demo model); ignored when resuming or with --init-from")
-    g.add_argument("--init-from", metavar="CHECKPOINT", help="start from the weights of a llama_jax checkpoint")
+    g.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from the weights of a llama_jax checkpoint (or of a training run's --out: OUT/model)")
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
                    help="compute dtype (master weights and optimizer state stay float32); "
                         "default bfloat16 on GPU/TPU, float32 on CPU")

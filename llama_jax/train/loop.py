@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from llama_jax import checkpoint
-from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.config import PRESETS, LlamaConfig, compute_dtype
 from llama_jax.sharding import make_mesh, mesh_str
 from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
@@ -158,9 +158,10 @@ def _check_tokenizer(cfg: LlamaConfig, tokenizer, fresh: bool) -> LlamaConfig:
     return cfg
 
 
-def _runtime_overrides(tc: TrainConfig, platform: str) -> dict[str, Any]:
-    """Settings that change how the model runs, not its shapes (so a resumed run may change them)."""
-    overrides = {"dtype": tc.dtype or ("float32" if platform == "cpu" else "bfloat16"), "param_dtype": "float32"}
+def _runtime_overrides(tc: TrainConfig) -> dict[str, Any]:
+    """Settings that change how the model runs, not its shapes (so a resumed run may change them).
+    Master weights are float32; compute is bfloat16 unless on CPU or told (config.compute_dtype)."""
+    overrides = {"dtype": compute_dtype(tc.dtype, "bfloat16"), "param_dtype": "float32"}
     if tc.remat:
         overrides["remat"] = tc.remat
     if tc.attention_impl:
@@ -255,7 +256,7 @@ def _prepare(tc: TrainConfig) -> _Setup:
     tokenizer_path = resolve_tokenizer(tc, cfg, out)
     tokenizer = load_tokenizer(tokenizer_path)
     cfg = _check_tokenizer(cfg, tokenizer, fresh)
-    cfg = dataclasses.replace(cfg, **_runtime_overrides(tc, jax.devices()[0].platform))
+    cfg = dataclasses.replace(cfg, **_runtime_overrides(tc))
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     check_batch_size(mesh, tc.batch_size, tc.grad_accum)
@@ -273,7 +274,7 @@ def _prepare(tc: TrainConfig) -> _Setup:
 def train(tc: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
     setup = _prepare(tc)
-    manager = checkpoint_manager(setup.out / "checkpoints", tc.keep)
+    manager = checkpoint_manager(setup.out / checkpoint.TRAIN_STATES_DIR, tc.keep)
     try:
         return _run(tc, setup, manager)
     finally:
@@ -295,11 +296,11 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         state = restored["state"]
         data.restore(restored["data"])
-        log.info("resumed from %s at step %d", out / "checkpoints", latest)
+        log.info("resumed from %s at step %d", out / checkpoint.TRAIN_STATES_DIR, latest)
     else:
         params = None
         if tc.init_from:
-            _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc, jax.devices()[0].platform))
+            _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc))
         state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
     start = int(state.step)
 
@@ -398,7 +399,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             if saved >= bad_step:
                 manager.delete(saved)
         good = manager.latest_step()
-        where = (f"last good checkpoint: step {good} in {out / 'checkpoints'}" if good is not None
+        where = (f"last good checkpoint: step {good} in {out / checkpoint.TRAIN_STATES_DIR}" if good is not None
                  else "no good checkpoint was saved before it")
         raise NonFiniteLoss(bad_step, f"{e.args[1]}; stopping, {where}") from None
     finally:
@@ -411,7 +412,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
     final_step = int(jax.device_get(state.step))
     model_path = None
     if final_step >= tc.steps:
-        model_path = export_model(out / "model", cfg, state.params, setup.tokenizer_path)
+        model_path = export_model(out / checkpoint.TRAINED_MODEL_DIR, cfg, state.params, setup.tokenizer_path)
     summary = {
         "status": status,
         "steps": final_step,

@@ -263,7 +263,7 @@ def test_smoke_in_a_subprocess(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {dst}" and result.stderr == ""
-    cfg, params = checkpoint.load(dst)
+    cfg, params = checkpoint.load(dst, dtype="bfloat16")
     assert cfg.tie_embeddings and cfg.param_dtype == "bfloat16" and params["norm"]["scale"].dtype == "bfloat16"
 
 

@@ -106,7 +106,7 @@ def test_bfloat16_stays_bfloat16_bit_for_bit(tmp_path):
     upcast = convert_meta(bf16_src, tmp_path / "from-bf16-as-f32", dtype="float32")
 
     cfg32, p32 = checkpoint.load(f32)
-    cfg16, p16 = checkpoint.load(bf16)
+    cfg16, p16 = checkpoint.load(bf16, dtype="bfloat16")  # named: the stored bfloat16 weights stay
     cfg_up, p_up = checkpoint.load(upcast)
     assert (cfg32.param_dtype, cfg16.param_dtype, cfg_up.param_dtype) == ("float32", "bfloat16", "float32")
     assert json.loads((bf16 / "params" / "tok_embeddings" / ".zarray").read_text())["dtype"] == "bfloat16"

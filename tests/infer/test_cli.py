@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +132,23 @@ def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama
     assert params8["layers_0"]["attention_norm"]["scale"].dtype == jnp.bfloat16
 
 
+def test_a_training_runs_directory_runs_its_final_model(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
+    run = tmp_path / "run"  # a training run's --out: config.json, checkpoints/, then model/ when it completes
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint_dir / "config.json", run / "config.json")
+    status, out, err = run_cli(capsys, "--checkpoint", run, "--prompt", "The sky is", *GREEDY)
+    assert (status, out) == (1, "")
+    assert err == f"error: {run} is a training run's directory without its final model: pass {run / 'model'} " \
+                  "once the run completes (it is written after the last step)\n"
+    shutil.copytree(checkpoint_dir, run / "model")
+    status, out, err = run_cli(capsys, "--checkpoint", run, "--prompt", "The sky is", *GREEDY)
+    expected = generate(*llama3_tiny, tokenizer, ["The sky is"], max_new_tokens=6, temperature=0).texts[0]
+    assert (status, out) == (0, expected + "\n")
+    assert err == f"note: {run} is a training run's directory: using its final model, {run / 'model'}\n"
+
+
 def test_a_model_larger_than_free_memory_is_refused_in_one_line(capsys, monkeypatch, checkpoint_dir):
-    monkeypatch.setattr(cli, "available_host_bytes", lambda: 10**6)
+    monkeypatch.setattr(cli.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10**6))
     status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "hi")
     assert status == 1 and out == "" and err.count("\n") == 1
     assert "GB for its float32 weights, but 0.001 GB of memory is available: pass --dtype bfloat16" in err

@@ -1,12 +1,14 @@
 """THE rules table: golden parameter specs per preset and mesh, the duplicate-axis check, fallbacks."""
 
+import logging
+
 import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import KVCache
-from llama_jax.sharding import RULES, axes, logical_to_spec
+from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
 from llama_jax.sharding.params import param_shardings
 
 
@@ -71,6 +73,18 @@ def test_dims_a_mesh_axis_does_not_divide_are_replicated_over_it():
     got = specs(cfg, abstract_mesh(1, 1, 8))
     assert got[f"{L}['attention']['wk']"] == P()
     assert got[f"{L}['attention']['wq']"] == P(None, None, "tp")
+
+
+def test_a_replicated_dim_is_reported_once_per_logical_and_mesh_axis(caplog, monkeypatch):
+    monkeypatch.setattr(rules, "_reported_replications", set())  # earlier tests in this process reported it
+    cfg = LlamaConfig.preset("tiny", per_layer_params=True)  # 2 kv heads in wk and wv of each of 2 layers
+    mesh = make_mesh("dp2,tp4")
+    with caplog.at_level(logging.INFO, logger=rules.__name__):
+        shardings = param_shardings(cfg, mesh)
+        cache = logical_to_spec(KVCache.LOGICAL_AXES, (2, 8, 64, 2, 16), mesh)
+    notices = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
+    assert notices == ["kv_heads (size 2) is not divisible over mesh axis tp=4: replicated over it in every array"]
+    assert shardings["layers_1"]["attention"]["wv"].spec == P() and cache == P(None, "dp")
 
 
 def test_two_dims_on_one_mesh_axis_raise():
