@@ -9,7 +9,7 @@ as Meta's 405B MP16 download does), FFN 8192, untied, random bf16 weights, the r
 tokenizer. Then runs each step in a fresh subprocess and reads that process's peak resident set
 (ru_maxrss, from wait4):
 
-    imports only    python -c 'import llama_jax.convert.meta, ...'   the floor: jax, torch, tensorstore
+    imports only    python -c 'import llama_jax.convert.meta, ...'   the floor: jax, tensorstore
     meta            python -m llama_jax.convert meta SRC OURS
     to-hf           python -m llama_jax.convert to-hf OURS HF
     hf              python -m llama_jax.convert hf HF OURS2
@@ -42,7 +42,7 @@ SECTION = "## Converter peak memory (bench/convert_memory.py)"
 MODEL = dict(dim=2048, n_heads=16, n_kv_heads=4, vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,
              norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=False)
 FFN = 8192  # Meta's rule for the dims above
-IMPORTS = "import llama_jax.convert.meta, llama_jax.convert.hf, llama_jax.convert.export_hf, torch, tensorstore"
+IMPORTS = "import llama_jax.convert.meta, llama_jax.convert.hf, llama_jax.convert.export_hf, tensorstore"
 
 
 def shard_layout(n_layers: int, n_shards: int) -> dict[str, tuple[tuple[int, ...], str]]:

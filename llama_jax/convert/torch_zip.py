@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import mmap
 import os
@@ -140,7 +141,6 @@ class PthFile:
         if len(pickles) != 1:
             raise _Damaged(f"{len(pickles)} */data.pkl members in its zip archive, not one")
         self._prefix = pickles[0][: -len("data.pkl")]
-        self._archive = archive
         byteorder = self._prefix + "byteorder"
         if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
             raise _Unsupported("saved on a big-endian machine; only little-endian checkpoints are read")
@@ -152,20 +152,19 @@ class PthFile:
         self._bytes = np.frombuffer(self._mmap, np.uint8)
         self._storages: dict[str, np.ndarray] = {}
         try:
-            self.state = _Unpickler(data, self._storage).load()
+            self.state = _Unpickler(data, functools.partial(self._storage, archive)).load()
         except (_Refused, _Damaged, _Unsupported):
             raise
         except Exception as e:  # a damaged pickle can fail in any of the unpickler's opcodes
             raise _Damaged(f"{pickles[0]}: {type(e).__name__}: {e}") from None
-        del self._archive
 
-    def _storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    def _storage(self, archive: zipfile.ZipFile, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
         """Storage `key` as a 1-D array viewing the file (one view per key, however many tensors use it)."""
         if key in self._storages:
             return self._storages[key]
         name = f"{self._prefix}data/{key}"
         try:
-            info = self._archive.getinfo(name)
+            info = archive.getinfo(name)
         except KeyError:
             raise _Damaged(f"no storage member {name}") from None
         if info.compress_type != zipfile.ZIP_STORED:
