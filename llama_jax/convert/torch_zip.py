@@ -39,14 +39,13 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
-    """What the pickle's `torch.<Type>Storage` global resolves to: a name and a dtype, nothing callable."""
-    name: str
+    """What the pickle's `torch.<Type>Storage` global resolves to: a dtype, and nothing callable."""
     dtype: np.dtype
 
 
 # Every storage type torch.save writes for a tensor of a plain numeric dtype. They carry only data;
 # which dtypes a caller accepts is its own business (the Meta converter wants floats, and says so).
-_STORAGE_TYPES = {name: _StorageType(name, np.dtype(dtype)) for name, dtype in {
+_STORAGE_TYPES = {name: _StorageType(np.dtype(dtype)) for name, dtype in {
     "BFloat16Storage": ml_dtypes.bfloat16, "HalfStorage": np.float16, "FloatStorage": np.float32,
     "DoubleStorage": np.float64, "ByteStorage": np.uint8, "CharStorage": np.int8, "ShortStorage": np.int16,
     "IntStorage": np.int32, "LongStorage": np.int64, "BoolStorage": np.bool_}.items()}
@@ -66,11 +65,12 @@ class _Unsupported(Exception):
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2, as a strided read-only view of the storage's bytes."""
+    """torch._utils._rebuild_tensor_v2, as a strided read-only view of the storage's bytes. The autograd
+    flag, hooks (only empty ones get past find_class) and Python attributes mean nothing to numpy."""
     if not isinstance(storage, np.ndarray):
         raise _Damaged(f"a tensor built from {type(storage).__name__}, not a storage")
     size, stride = tuple(size), tuple(stride)
-    if (len(size) != len(stride) or not all(isinstance(n, int) and n >= 0 for n in (storage_offset, *size, *stride))):
+    if len(size) != len(stride) or not all(isinstance(n, int) and n >= 0 for n in (storage_offset, *size, *stride)):
         raise _Damaged(f"a tensor of size {size}, stride {stride} at storage offset {storage_offset}")
     needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else storage_offset
     if needed > storage.size:
