@@ -9,21 +9,25 @@ as Meta's 405B MP16 download does), FFN 8192, untied, random bf16 weights, the r
 tokenizer. Then runs each step in a fresh subprocess and reads that process's peak resident set
 (ru_maxrss, from wait4):
 
-    imports only    python -c 'import llama_jax.convert.meta, ...'   the floor: jax, torch, tensorstore
+    imports only    python -c 'import llama_jax.convert.meta, ...'   the floor: jax, tensorstore
     meta            python -m llama_jax.convert meta SRC OURS
     to-hf           python -m llama_jax.convert to-hf OURS HF
     hf              python -m llama_jax.convert hf HF OURS2
 
 The resident set counts the file pages a process has mapped and touched: a converter that kept
-every shard mapped and read would show the whole checkpoint here even if it copied nothing.
+every shard mapped and read would show the whole checkpoint here even if it copied nothing. A
+child's ru_maxrss starts from its parent's resident set when forked, so this process stays small:
+the checkpoint is built in a process of its own, and numpy and torch are imported only there.
 Prints a markdown table and appends it, with machine, date and commit, to bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -32,17 +36,13 @@ import time
 import zlib
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-import torch
-
 from bench.results import append_results, git_commit, machine
 
 SECTION = "## Converter peak memory (bench/convert_memory.py)"
 MODEL = dict(dim=2048, n_heads=16, n_kv_heads=4, vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,
              norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=False)
 FFN = 8192  # Meta's rule for the dims above
-IMPORTS = "import llama_jax.convert.meta, llama_jax.convert.hf, llama_jax.convert.export_hf, torch, tensorstore"
+IMPORTS = "import llama_jax.convert.meta, llama_jax.convert.hf, llama_jax.convert.export_hf, tensorstore"
 
 
 def shard_layout(n_layers: int, n_shards: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -67,13 +67,19 @@ def shard_layout(n_layers: int, n_shards: int) -> dict[str, tuple[tuple[int, ...
     return layout
 
 
-def random_bf16(shape, seed: int) -> torch.Tensor:
+def random_bf16(shape, seed: int):
+    import ml_dtypes
+    import numpy as np
+    import torch
+
     values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * 0.02
     return torch.from_numpy(values.astype(ml_dtypes.bfloat16).view(np.int16)).view(torch.bfloat16)
 
 
 def build(directory: Path, n_layers: int, n_shards: int) -> int:
     """Write the Meta download; returns its size in bytes."""
+    import torch
+
     from llama_jax.tokenizer import default_tokenizer_path
 
     directory.mkdir(parents=True)
@@ -122,7 +128,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         work = Path(work)
         start = time.perf_counter()
-        size = build(work / "meta", args.layers, args.shards)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as builder:
+            size = builder.submit(build, work / "meta", args.layers, args.shards).result()
         print(f"built a {gb(size)} Meta checkpoint in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         convert = [sys.executable, "-m", "llama_jax.convert"]
         steps = [

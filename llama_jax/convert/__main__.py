@@ -23,8 +23,8 @@ _META_HELP = """\
 SRC is a Meta download: params.json, consolidated.00.pth .. consolidated.NN.pth (any model-parallel
 split Meta ships: 1 for 1B/3B/8B, 8 for 70B, 8 or 16 for 405B) and tokenizer.model. DST becomes a
 llama_jax checkpoint (config.json, params/, tokenizer.model) that `python -m llama_jax.infer
---checkpoint DST` runs as it is. The .pth files are read only through torch's weights-only
-unpickler: a file whose pickle would run code is refused.
+--checkpoint DST` runs as it is. The .pth files are read without torch, by an unpickler that
+builds only tensors and containers: a file whose pickle would run code is refused.
 """
 
 _HF_HELP = """\

@@ -1,35 +1,31 @@
 """Meta's download (params.json, consolidated.NN.pth, tokenizer.model) -> our checkpoint directory.
 
 Each consolidated.NN.pth is one model-parallel shard holding a slice of every split tensor
-(keymap.META_SPLIT_DIM says which dim) and a copy of every norm. Shards are opened with
-`torch.load(mmap=True, weights_only=True)`: nothing is read until a tensor is used, and the
-weights-only unpickler refuses any pickle that asks for more than tensors and plain containers
-(a .pth is a pickle, and a pickle can run code). Tensors are merged one at a time, written, and
-their file pages handed back to the kernel, so peak memory stays near the largest single tensor.
+(keymap.META_SPLIT_DIM says which dim) and a copy of every norm. Shards are read by torch_zip,
+without torch: each is memory-mapped, so nothing is read until a tensor is used, and its pickle
+is refused if it asks for more than tensors and plain containers (a .pth is a pickle, and a
+pickle can run code). Tensors are merged one at a time, written, and their file pages handed
+back to the kernel, so peak memory stays near the largest single tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import mmap
 import os
-import pickle
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import torch
 
 from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, write_metadata
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert.keymap import (META_KEYS, META_KV_KEYS, META_SPLIT_DIM, embedding_name, match_tensors,
                                       output_name, template_of)
 from llama_jax.convert.store import check_paths, import_params, naming_file, read_tokenizer, same_bits
+from llama_jax.convert.torch_zip import PthFile
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -49,72 +45,15 @@ def shard_files(src: Path) -> list[Path]:
     return [found[i] for i in range(count)]
 
 
-def load_shard(path: Path) -> dict:
-    """One shard's state dict, memory-mapped, through the weights-only unpickler."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        named = re.search(r"GLOBAL ([\w.]+)", str(e))
-        asks = f"calls {named.group(1)}" if named else "holds more than tensors"
-        raise ValueError(f"{path}: refused to load: its pickle {asks}, which the weights-only unpickler does not "
-                         f"allow; a weights file never needs that, so it may be malicious") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or damaged ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return state
+_DTYPES = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, np.float16, np.float32))
 
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor of one of _DTYPES; bfloat16 stays bfloat16 (ml_dtypes)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-class _FilePages:
-    """Hands the pages of a memory-mapped file back to the kernel once a tensor is converted.
-
-    Touched pages of a mapping stay in the process's resident set until it is unmapped, which
-    would grow to the whole checkpoint; madvise(DONTNEED) drops them (a later read faults them in
-    again from the file). Only ranges /proc/self/maps shows as mapped from this very file are
-    touched, so anonymous memory is never discarded; elsewhere than Linux this does nothing.
-    """
-
-    _DONTNEED = 4
-
-    def __init__(self, path: Path):
-        self._ranges, self._madvise = [], None
-        if not sys.platform.startswith("linux"):
-            return
-        real = os.path.realpath(path)
-        try:
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    fields = line.rstrip("\n").split(maxsplit=5)
-                    if len(fields) == 6 and fields[5] == real:
-                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                        self._ranges.append((lo, hi))
-            libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            return
-        self._madvise = libc.madvise
-        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-    def release(self, tensor) -> None:
-        if self._madvise is None:
-            return
-        storage = tensor.untyped_storage()
-        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        for lo, hi in self._ranges:
-            a = -(-max(start, lo) // mmap.PAGESIZE) * mmap.PAGESIZE
-            b = min(end, hi) // mmap.PAGESIZE * mmap.PAGESIZE
-            if b > a:
-                self._madvise(a, b - a, self._DONTNEED)
+def load_shard(path: Path) -> PthFile:
+    """One shard, memory-mapped; its state must be a dict of tensors."""
+    shard = PthFile(path)
+    if not isinstance(shard.state, dict) or not all(isinstance(v, np.ndarray) for v in shard.state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(shard.state).__name__}")
+    return shard
 
 
 class MetaShards:
@@ -124,10 +63,8 @@ class MetaShards:
         self.files, self.cfg = files, cfg
         self._template = template_of(META_KEYS, cfg)
         self._output, self._embedding = output_name(META_KEYS), embedding_name(META_KEYS)
-        self._shards, self._pages = [], []
-        for path in files:
-            self._shards.append(load_shard(path))
-            self._pages.append(_FilePages(path))
+        self._pth = [load_shard(path) for path in files]
+        self._shards = [pth.state for pth in self._pth]
         self._check_count()
         self._check_names()
         self.shapes = {name: META_KEYS[self._template[name]].shape(cfg) for name in self._shards[0]}
@@ -193,7 +130,7 @@ class MetaShards:
 
     def dtype(self) -> str:
         """The checkpoint's dtype: that of its embeddings."""
-        return canonical_dtype_name(to_numpy(self._shards[0][self._embedding]).dtype, self._embedding)
+        return canonical_dtype_name(self._shards[0][self._embedding].dtype, self._embedding)
 
     def output_is_embedding(self) -> bool | None:
         """None without an output projection; else whether it equals the embeddings (a tied model
@@ -201,11 +138,11 @@ class MetaShards:
         the shards compare one by one."""
         if self._output not in self._shards[0]:
             return None
-        for pages, shard in zip(self._pages, self._shards):
+        for pth, shard in zip(self._pth, self._shards):
             output, embedding = shard[self._output], shard[self._embedding]
-            same = same_bits(to_numpy(output), to_numpy(embedding))
-            pages.release(output)
-            pages.release(embedding)
+            same = same_bits(output, embedding)
+            pth.release(output)
+            pth.release(embedding)
             if not same:
                 return False
         return True
@@ -219,28 +156,27 @@ class MetaShards:
         pieces = [shard[name] for shard in self._shards]
         try:
             if dim is None:
-                first = to_numpy(pieces[0])
+                first = pieces[0]
                 for path, piece in zip(self.files[1:], pieces[1:]):
-                    if not same_bits(to_numpy(piece), first):
+                    if not same_bits(piece, first):
                         raise ValueError(f"{path}: {name} differs from {self.files[0].name}'s copy (shards of "
                                          f"different models?)")
                 yield first
             elif len(pieces) == 1:
-                yield to_numpy(pieces[0])
+                yield pieces[0]
             else:
-                arrays = [to_numpy(p) for p in pieces]
-                used = range(len(arrays))
-                if template in META_KV_KEYS and len(arrays) > self.cfg.n_kv_heads:
-                    used = self._unique_kv_heads(name, arrays)
+                used = range(len(pieces))
+                if template in META_KV_KEYS and len(pieces) > self.cfg.n_kv_heads:
+                    used = self._unique_kv_heads(name, pieces)
                 # Filled piece by piece, each piece's pages released once copied: peak is the
                 # merged tensor plus one piece, not twice the tensor.
-                merged = np.empty(self.shapes[name], arrays[0].dtype)
+                merged = np.empty(self.shapes[name], pieces[0].dtype)
                 index, start = [slice(None)] * merged.ndim, 0
                 for i in used:
-                    index[dim] = slice(start, start + arrays[i].shape[dim])
-                    merged[tuple(index)] = arrays[i]
-                    self._pages[i].release(pieces[i])
-                    start += arrays[i].shape[dim]
+                    index[dim] = slice(start, start + pieces[i].shape[dim])
+                    merged[tuple(index)] = pieces[i]
+                    self._pth[i].release(pieces[i])
+                    start += pieces[i].shape[dim]
                 yield merged
         finally:
             self._release(pieces)
@@ -261,8 +197,8 @@ class MetaShards:
                          f"stored {r} times, but the copies differ")
 
     def _release(self, pieces) -> None:
-        for pages, piece in zip(self._pages, pieces):
-            pages.release(piece)
+        for pth, piece in zip(self._pth, pieces):
+            pth.release(piece)
 
 
 def read_config(src: Path, *, rope_scaling_factor: float | None = None, **overrides) -> LlamaConfig:

@@ -283,7 +283,7 @@ def test_quantized_tensors_are_refused(tmp_path, capsys):
     edit_shards(src, lambda name, state: state.update({"layers.0.attention.wq.weight": torch.zeros(64, 64,
                                                                                                   dtype=torch.int8)}))
     fails(capsys, tmp_path / "out", "meta", str(src),
-          fragments=[f"{src}/consolidated.00.pth: layers.0.attention.wq.weight is torch.int8", "not quantized ones"])
+          fragments=[f"{src}/consolidated.00.pth: layers.0.attention.wq.weight is int8", "not quantized ones"])
 
     hf = hf_src(tmp_path, max_shard_size="50MB")
     state = load_file(hf / "model.safetensors")
