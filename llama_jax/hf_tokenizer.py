@@ -235,3 +235,30 @@ class HFTokenizer:
         """`apply_chat_template(messages, add_generation_prompt=True)`: the rendered text, its
         special-token strings as their ids, no special tokens added around it."""
         return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def encode_dialog_for_training(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[float]]:
+        """The ids of the whole conversation as the template renders it (no generation prompt), and
+        weight 1 on the tokens of each assistant turn (content and what the template writes after it,
+        its end-of-turn token included), 0 elsewhere, as transformers' assistant masks do.
+
+        A turn's text is what rendering the conversation up to it adds to the rendering of the turns
+        before it with the generation prompt; so the template must render a conversation as an
+        extension of its beginning, which chat templates do unless they rewrite earlier turns.
+        """
+        if not all(isinstance(m, Mapping) for m in messages):
+            raise ValueError(f"a chat is a list of {{role, content}} dicts, got {list(messages)!r}")
+        text = self.render_chat(messages, add_generation_prompt=False)
+        spans = []
+        for k, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            before = self.render_chat(messages[:k], add_generation_prompt=True) if k else ""
+            through = self.render_chat(messages[:k + 1], add_generation_prompt=False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise ValueError(f"the chat template of {self.path.parent} renders turn {k} differently once later "
+                                 f"turns follow, so its assistant tokens cannot be told apart for training")
+            spans.append((len(before), len(through)))
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        weights = [float(any(start < stop and begin < end for begin, stop in spans))
+                   for start, end in encoding.offsets]
+        return encoding.ids, weights

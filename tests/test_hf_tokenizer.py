@@ -188,3 +188,37 @@ def test_no_chat_template(hf_chat_model, tmp_path):
     assert tokenizer.stop_tokens == (2,)
     with pytest.raises(ValueError, match="has no chat template"):
         tokenizer.encode_dialog(DIALOGS["user"])
+
+
+def test_training_weights_are_transformers_assistant_masks(ours, theirs):
+    """Weights on the assistant turns, as transformers' return_assistant_tokens_mask gives them for
+    the same template with {% generation %} around each assistant turn's content and end."""
+    tagged = (
+        "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endif %}{% endfor %}")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello, naïve 日本語 🙂"}, {"role": "user", "content": "More"},
+            {"role": "assistant", "content": " 1 2 3\n\n"}]
+    expected = theirs.apply_chat_template(chat, chat_template=tagged, return_assistant_tokens_mask=True,
+                                          return_dict=True)
+    ids, weights = ours.encode_dialog_for_training(chat)
+    assert ids == expected["input_ids"]
+    assert weights == [float(m) for m in expected["assistant_masks"]]
+    weighted = ours.decode([i for i, w in zip(ids, weights) if w])
+    assert weighted == "Hello, naïve 日本語 🙂<|im_end|>\n 1 2 3\n\n<|im_end|>\n"
+
+
+def test_training_weights_need_a_template_that_extends_its_earlier_turns(hf_chat_model, tmp_path):
+    """A template that renders earlier turns differently once later ones follow (here: the last
+    assistant turn alone keeps its text) gives no assistant spans to weight: refused."""
+    rewriting = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                 "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}"
+                 "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+    path = variant(hf_chat_model, tmp_path, config_edit=lambda c: {**c, "chat_template": rewriting})
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "More"}, {"role": "assistant", "content": "No"}]
+    with pytest.raises(ValueError, match="renders turn 1 differently once later turns follow"):
+        HFTokenizer(path).encode_dialog_for_training(chat)
