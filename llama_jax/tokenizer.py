@@ -19,6 +19,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import tiktoken
 
+from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
+from llama_jax.hf_tokenizer import tokenizer_files as hf_tokenizer_files
+
 # Meta's pre-tokenizer split: case-insensitive contractions, letter runs with one leading
 # non-letter, digits in groups of at most 3, punctuation runs, newline runs, other whitespace.
 LLAMA3_PAT_STR = (
@@ -329,8 +332,6 @@ def _is_json(head: bytes) -> bool:
 
 def find_tokenizer(directory: str | os.PathLike) -> str | None:
     """The tokenizer file a directory holds: tokenizer.model, else a Hugging Face tokenizer.json."""
-    from llama_jax.hf_tokenizer import TOKENIZER_JSON
-
     for name in (TOKENIZER_MODEL, TOKENIZER_JSON):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
@@ -342,23 +343,21 @@ def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
     """Name in a checkpoint directory -> file, for every file the tokenizer at `path` is made of: a
     tokenizer.model alone, or an HF tokenizer.json with its tokenizer_config.json, chat_template.jinja
     and generation_config.json."""
-    from llama_jax.hf_tokenizer import tokenizer_files as hf_files
-
     path = _require_file(path)
     with open(path, "rb") as f:
         if _is_json(f.read(64)):
-            return {name: os.fspath(file) for name, file in hf_files(path).items()}
+            return {name: os.fspath(file) for name, file in hf_tokenizer_files(path).items()}
     return {TOKENIZER_MODEL: path}
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> Llama3Tokenizer | Llama2Tokenizer | HFTokenizer:
     """The tokenizer at `path`: Llama3Tokenizer for a tiktoken ranks file, Llama2Tokenizer for a
     sentencepiece model, HFTokenizer for a Hugging Face tokenizer.json (with its sibling files); a
     directory (a checkpoint) gives the tokenizer it holds (`find_tokenizer`)."""
     if os.path.isdir(path):
         found = find_tokenizer(path)
         if found is None:
-            raise ValueError(f"{path} holds no tokenizer ({TOKENIZER_MODEL} or tokenizer.json)")
+            raise ValueError(f"{path} holds no tokenizer ({TOKENIZER_MODEL} or {TOKENIZER_JSON})")
         path = found
     path = _require_file(path)
     with open(path, "rb") as f:
@@ -367,8 +366,6 @@ def load_tokenizer(path: str | os.PathLike):
     if _RANKS_LINE.fullmatch(first_line):
         return Llama3Tokenizer(path)
     if _is_json(head):
-        from llama_jax.hf_tokenizer import HFTokenizer
-
         return HFTokenizer(path)
     # A sentencepiece ModelProto starts with field 1 (`pieces`, length-delimited): tag byte 0x0A.
     if head[:1] == b"\n":

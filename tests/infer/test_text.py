@@ -108,3 +108,27 @@ def test_tokenizer_must_fit_the_model(tiny, tokenizer):
     cfg, params = tiny  # vocabulary 512
     with pytest.raises(ValueError, match="tokenizer has 128256 token ids but the model's vocabulary has 512"):
         generate(cfg, params, tokenizer, ["hi"], max_new_tokens=1)
+
+
+def test_stream_keeps_the_space_a_sentencepiece_token_starts_with(tmp_path):
+    """A Metaspace decoder (Llama 2, TinyLlama) drops a token's leading "▁" at the start of a text:
+    each piece is decoded after the piece before it, so the spaces stay."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from llama_jax.hf_tokenizer import HFTokenizer
+
+    spm = Tokenizer(models.BPE(byte_fallback=True))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(["hello world, the quick brown fox"] * 10, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=[f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    spm.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = HFTokenizer(tmp_path / "tokenizer.json")
+    text = "hello world, the quick brown fox"
+    ids = tokenizer.encode(text, bos=False, eos=False)
+    assert tokenizer.decode(ids[1:]) != text[len(tokenizer.decode(ids[:1])):]  # decoding apart loses a space
+    pieces = stream_pieces(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == text

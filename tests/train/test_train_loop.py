@@ -106,7 +106,8 @@ def test_init_from_a_model_with_its_own_tokenizer(tmp_path, hf_chat_model):
 
     model = convert_hf(hf_chat_model, tmp_path / "converted")
     records = [r for i in range(20) for r in (
-        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]},
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant", "content": f"{2 * i}."}]},
         {"text": f"Hello, world {i}!"})]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
