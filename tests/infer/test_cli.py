@@ -276,6 +276,30 @@ def test_chat_model_with_its_own_tokenizer_replies_as_transformers(capsys, tmp_p
         transformers_greedy(model, hf_tokenizer, ids, 8) for ids in chats]
 
 
+def test_chat_model_interactive_chat_keeps_the_conversation(capsys, monkeypatch, chat_model):
+    """Two turns on stdin: the second prompt is the model's template over the whole conversation,
+    prefilled after the first turn's cache, and answered as transformers answers it."""
+    ours, model, hf_tokenizer = chat_model
+    prompts = []
+    real = cli.reply
+
+    def spy(conversation, tok, prompt_ids, **kw):
+        prompts.append((prompt_ids, len(conversation.cached_ids)))
+        return real(conversation, tok, prompt_ids, **kw)
+
+    monkeypatch.setattr(cli, "reply", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there!\nMore, please.\n"))
+    status, out, _ = run_cli(capsys, "--checkpoint", ours, "--chat", "--temperature", "0", "--max-new-tokens", "6")
+    first, second = out.split("\n")[:2]
+    assert status == 0 and out == f"{first}\n{second}\n"
+    dialog = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": first},
+              {"role": "user", "content": "More, please."}]
+    (_, _), (prompt, cached) = prompts
+    assert prompt == hf_tokenizer.apply_chat_template(dialog, add_generation_prompt=True, return_dict=False)
+    assert cached > len(prompts[0][0])  # the first turn's cache is continued
+    assert second == transformers_greedy(model, hf_tokenizer, prompt, 6)
+
+
 def test_chat_model_completes_text_as_transformers(capsys, chat_model):
     ours, model, hf_tokenizer = chat_model
     expected = transformers_greedy(model, hf_tokenizer, hf_tokenizer("The quick brown")["input_ids"], 10)

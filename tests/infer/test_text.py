@@ -132,3 +132,18 @@ def test_stream_keeps_the_space_a_sentencepiece_token_starts_with(tmp_path):
     assert tokenizer.decode(ids[1:]) != text[len(tokenizer.decode(ids[:1])):]  # decoding apart loses a space
     pieces = stream_pieces(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids) == text
+
+
+def test_stream_of_a_byte_level_hf_tokenizer_concatenates_to_decode(hf_chat_model):
+    """Any ids, the special tokens among them: the pieces of a GPT-2-style byte-level tokenizer
+    (whose tokens split characters) add up to the decoded text."""
+    from llama_jax.hf_tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(hf_chat_model / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, tokenizer.vocab_size, 60).tolist()
+        assert "".join(stream_pieces(tokenizer, ids)) == tokenizer.decode(ids)
+    text = "naïve café 日本語 🙂<|im_end|>"
+    pieces = stream_pieces(tokenizer, tokenizer.encode(text, bos=False, eos=False))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
