@@ -129,11 +129,13 @@ class HFTokenizer:
         config_path, generation_path = directory / TOKENIZER_CONFIG, directory / GENERATION_CONFIG
         config = _read_json(config_path) if config_path.is_file() else {}
         generation = _read_json(generation_path) if generation_path.is_file() else {}
-        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        self._names = {name: _token_name(config.get(name)) for name in TEMPLATE_TOKEN_NAMES}
-        self._names = {name: token for name, token in self._names.items() if token is not None}
-        ids = {name: self._id_of(token, config_path) for name, token in self._names.items()}
+        names = {name: _token_name(config.get(name)) for name in TEMPLATE_TOKEN_NAMES}
+        self._names = {name: token for name, token in names.items() if token is not None}
+        # A name outside the vocabulary (transformers would add it as a new token) has no id here.
+        ids = {name: self._tok.token_to_id(token) for name, token in self._names.items()}
+        ids = {name: i for name, i in ids.items() if i is not None}
         self._bos_id = ids.get("bos_token", generation.get("bos_token_id"))
         generation_eos = generation.get("eos_token_id")
         generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
@@ -144,12 +146,6 @@ class HFTokenizer:
         self._template = None if source is None else compile_chat_template(source, str(directory))
         end_of_turn = self._end_of_turn_id() if self._template is not None else None
         self._stop_tokens = tuple(dict.fromkeys([*eos_ids, *([end_of_turn] if end_of_turn is not None else [])]))
-
-    def _id_of(self, token: str, where: Path) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise ValueError(f"{where}: token {token!r} is not in the vocabulary of {self.path}")
-        return i
 
     def _end_of_turn_id(self) -> int | None:
         """The token the template writes right after an assistant message (ChatML's <|im_end|>,
@@ -166,10 +162,6 @@ class HFTokenizer:
             if self._tok.decode([i], skip_special_tokens=False).strip():
                 return None
         return None
-
-    @property
-    def files(self) -> dict[str, Path]:
-        return tokenizer_files(self.path)
 
     @property
     def vocab_size(self) -> int:
