@@ -41,6 +41,10 @@ def tokenizer_files(tokenizer_json: str | os.PathLike) -> dict[str, Path]:
     return {TOKENIZER_JSON: path} | {name: path.parent / name for name in siblings if (path.parent / name).is_file()}
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -109,7 +113,7 @@ def compile_chat_template(source: str, where: str):
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{where}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+        raise ValueError(f"{where}: the chat template does not parse (line {e.lineno}: {_one_line(e)})") from None
 
 
 class HFTokenizer:
@@ -124,7 +128,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as e:  # noqa: BLE001 (tokenizers raises bare Exception for every parse error)
-            raise ValueError(f"{self.path}: the tokenizers library cannot read it ({e})") from None
+            raise ValueError(f"{self.path}: the tokenizers library cannot read it ({_one_line(e)})") from None
         directory = self.path.parent
         config_path, generation_path = directory / TOKENIZER_CONFIG, directory / GENERATION_CONFIG
         config = _read_json(config_path) if config_path.is_file() else {}
@@ -221,7 +225,7 @@ class HFTokenizer:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          **self._names)
         except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
-            raise ValueError(f"the chat template of {self.path.parent} failed: {e}") from None
+            raise ValueError(f"the chat template of {self.path.parent} failed: {_one_line(e)}") from None
 
     def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """`apply_chat_template(messages, add_generation_prompt=True)`: the rendered text, its

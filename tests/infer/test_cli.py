@@ -319,3 +319,12 @@ def test_chat_template_that_refuses_the_dialog_is_one_line(capsys, tmp_path, cha
                                *GREEDY)
     assert (status, out) == (1, "") and err.count("\n") == 1
     assert err.startswith("error: the chat template of") and err.endswith("failed: System role not supported\n")
+
+
+def test_damaged_tokenizer_json_is_one_line(capsys, tmp_path, chat_model):
+    ours, _, _ = chat_model
+    damaged = shutil.copytree(ours, tmp_path / "damaged")
+    (damaged / "tokenizer.json").write_text((ours / "tokenizer.json").read_text()[:5000])
+    status, out, err = run_cli(capsys, "--checkpoint", damaged, "--prompt", "Hi", *GREEDY)
+    assert (status, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith(f"error: {damaged}/tokenizer.json: the tokenizers library cannot read it")
