@@ -2,7 +2,9 @@
 
     DIR/config.json       LlamaConfig as JSON (readable, editable)
     DIR/params/           Orbax checkpoint of the parameter tree
-    DIR/tokenizer.model   the tokenizer, when known
+    DIR/tokenizer.model   the tokenizer, when known: Llama 3's (tiktoken) or Llama 2's (sentencepiece);
+    DIR/tokenizer.json    or, for another model, its Hugging Face tokenizer files as it ships them
+                          (with tokenizer_config.json, chat_template.jinja, generation_config.json)
 
 A training run's output directory (`python -m llama_jax.train --out OUT`) holds its final model in
 OUT/model; every reader here accepts OUT for it.
@@ -28,10 +30,11 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LlamaConfig, compute_dtype
 from llama_jax.model import param_shapes, split_layers, stack_layers
+from llama_jax.tokenizer import TOKENIZER_MODEL, find_tokenizer, tokenizer_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = TOKENIZER_MODEL
 # A training run's --out directory: its train states (train/loop.py), then its final model.
 TRAIN_STATES_DIR = "checkpoints"
 TRAINED_MODEL_DIR = "model"
@@ -104,11 +107,20 @@ def _barrier(name: str) -> None:
 
 def write_metadata(directory: str | os.PathLike, cfg: LlamaConfig,
                    tokenizer_path: str | os.PathLike | None = None) -> None:
-    """config.json, and tokenizer.model when given: the checkpoint directory beside params/."""
+    """config.json, and the tokenizer's files when given: the checkpoint directory beside params/."""
     directory = Path(directory)
     (directory / CONFIG_FILE).write_text(cfg.to_json() + "\n")
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+        copy_tokenizer(tokenizer_path, directory)
+
+
+def copy_tokenizer(tokenizer_path: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy every file of the tokenizer at `tokenizer_path` into `directory` under its checkpoint name
+    (`tokenizer_files`); a file already in place stays."""
+    for name, source in tokenizer_files(tokenizer_path).items():
+        target = Path(directory) / name
+        if Path(source).absolute() != target.absolute():
+            shutil.copyfile(source, target)
 
 
 def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str | os.PathLike | None = None,
@@ -233,6 +245,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:
-    """The tokenizer file inside a checkpoint directory, or None when it has none."""
-    candidate = Path(path) / TOKENIZER_FILE
-    return candidate if candidate.is_file() else None
+    """The tokenizer file inside a checkpoint directory (tokenizer.model or tokenizer.json, which
+    `llama_jax.tokenizer.load_tokenizer` opens), or None when it has none."""
+    found = find_tokenizer(path)
+    return Path(found) if found is not None else None

@@ -1,9 +1,10 @@
 """Llama tokenizers: Llama 3 (tiktoken BPE + header/eot chat format) and Llama 2 (sentencepiece).
 
 Both give the ids Meta's reference code gives (llama-models for Llama 3, meta-llama/llama for
-Llama 2) and share one interface: `encode(text, bos, eos)`, `decode(ids)`, `encode_dialog(messages)`,
-`bos_id`, `eos_id`, `pad_id`, `stop_tokens`, `vocab_size`, `special_tokens`. `load_tokenizer`
-picks the class from the file's contents.
+Llama 2) and share one interface, which `hf_tokenizer.HFTokenizer` (any other model's tokenizer.json)
+shares too: `encode(text, bos, eos)`, `decode(ids)`, `encode_dialog(messages)`, `bos_id`, `eos_id`,
+`pad_id`, `stop_tokens`, `vocab_size`, `special_tokens`. `load_tokenizer` picks the class from the
+file's contents.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 
 import tiktoken
+
+from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
+from llama_jax.hf_tokenizer import tokenizer_files as hf_tokenizer_files
 
 # Meta's pre-tokenizer split: case-insensitive contractions, letter runs with one leading
 # non-letter, digits in groups of at most 3, punctuation runs, newline runs, other whitespace.
@@ -319,20 +323,56 @@ def _role_and_content(message: Mapping[str, str]) -> tuple[str, str]:
     return role, content
 
 
-def load_tokenizer(path: str | os.PathLike) -> Llama3Tokenizer | Llama2Tokenizer:
-    """Llama3Tokenizer for a tiktoken ranks file, Llama2Tokenizer for a sentencepiece model."""
+TOKENIZER_MODEL = "tokenizer.model"  # the Llama 3 / Llama 2 tokenizer's name in a checkpoint directory
+
+
+def _is_json(head: bytes) -> bool:
+    return head.lstrip()[:1] == b"{"
+
+
+def find_tokenizer(directory: str | os.PathLike) -> str | None:
+    """The tokenizer file a directory holds: tokenizer.model, else a Hugging Face tokenizer.json."""
+    for name in (TOKENIZER_MODEL, TOKENIZER_JSON):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
+    """Name in a checkpoint directory -> file, for every file the tokenizer at `path` is made of: a
+    tokenizer.model alone, or an HF tokenizer.json with its tokenizer_config.json, chat_template.jinja
+    and generation_config.json."""
+    path = _require_file(path)
+    with open(path, "rb") as f:
+        if _is_json(f.read(64)):
+            return {name: os.fspath(file) for name, file in hf_tokenizer_files(path).items()}
+    return {TOKENIZER_MODEL: path}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Llama3Tokenizer | Llama2Tokenizer | HFTokenizer:
+    """The tokenizer at `path`: Llama3Tokenizer for a tiktoken ranks file, Llama2Tokenizer for a
+    sentencepiece model, HFTokenizer for a Hugging Face tokenizer.json (with its sibling files); a
+    directory (a checkpoint) gives the tokenizer it holds (`find_tokenizer`)."""
+    if os.path.isdir(path):
+        found = find_tokenizer(path)
+        if found is None:
+            raise ValueError(f"{path} holds no tokenizer ({TOKENIZER_MODEL} or {TOKENIZER_JSON})")
+        path = found
     path = _require_file(path)
     with open(path, "rb") as f:
         head = f.read(4096)
     first_line = next((line for line in head.split(b"\n") if line.strip()), b"")
     if _RANKS_LINE.fullmatch(first_line):
         return Llama3Tokenizer(path)
+    if _is_json(head):
+        return HFTokenizer(path)
     # A sentencepiece ModelProto starts with field 1 (`pieces`, length-delimited): tag byte 0x0A.
     if head[:1] == b"\n":
         return Llama2Tokenizer(path)
     raise ValueError(
-        f"{path} is neither a Llama 3 tokenizer (tiktoken '<base64 token> <rank>' lines) "
-        f"nor a Llama 2 sentencepiece model"
+        f"{path} is neither a Llama 3 tokenizer (tiktoken '<base64 token> <rank>' lines), "
+        f"a Llama 2 sentencepiece model, nor a Hugging Face tokenizer.json"
     )
 
 

@@ -4,3 +4,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_chat_model(tmp_path_factory):
+    """A tiny SmolLM2-style HF model directory (tests/hf_chat_model.py), built once per session."""
+    from tests import hf_chat_model
+
+    return hf_chat_model.build(tmp_path_factory.mktemp("hf_chat_model"))

@@ -30,8 +30,10 @@ builds only tensors and containers: a file whose pickle would run code is refuse
 _HF_HELP = """\
 SRC is a Hugging Face Llama directory: config.json (transformers 4.x or 5.x) and model.safetensors
 or model.safetensors.index.json with its shards. HF's rotary permutation of q/k is undone, tied
-embeddings stay tied. The tokenizer comes along: original/tokenizer.model when present, else
-tokenizer.json converted to tiktoken ranks.
+embeddings stay tied. Any Llama-architecture model converts (SmolLM, TinyLlama, ...). The tokenizer
+comes along: original/tokenizer.model when present, else a Llama 3 tokenizer.json converted to
+tiktoken ranks, else any other tokenizer.json as it is, with its tokenizer_config.json (chat
+template), chat_template.jinja and generation_config.json, which infer and train then use.
 """
 
 _TO_HF_HELP = """\
@@ -39,7 +41,8 @@ SRC is a llama_jax checkpoint; DST becomes a directory that
 transformers.LlamaForCausalLM.from_pretrained(DST) loads: config.json, generation_config.json,
 sharded safetensors with model.safetensors.index.json, and original/tokenizer.model. A Llama 3
 tokenizer also becomes tokenizer.json and tokenizer_config.json (with the chat template), which
-transformers.AutoTokenizer.from_pretrained(DST) loads.
+transformers.AutoTokenizer.from_pretrained(DST) loads; another model's tokenizer files, carried
+from `convert hf`, are copied as they are.
 """
 
 

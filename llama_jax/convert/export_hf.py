@@ -1,15 +1,16 @@
 """Our checkpoint directory -> a Hugging Face Llama directory that transformers loads as it is.
 
     DST/config.json                       transformers LlamaConfig (4.x key names, which 5.x reads)
-    DST/generation_config.json            bos / stop ids, Meta's recommended sampling
+    DST/generation_config.json            bos / stop ids, Meta's recommended sampling (or the model's own)
     DST/model-0000k-of-0000n.safetensors  tensors in HF layout (q/k rows permuted for rotate-half)
     DST/model.safetensors.index.json      tensor name -> file
     DST/tokenizer.json                    a Llama 3 tokenizer as transformers' fast tokenizer (hf_tokenizer.py)
     DST/tokenizer_config.json             its bos / eos, model_max_length and our chat format
-    DST/original/tokenizer.model          the checkpoint's tokenizer file as it is, when it has one
+    DST/original/tokenizer.model          the checkpoint's tokenizer.model as it is, when it has one
 
-AutoTokenizer loads the export when the checkpoint has a Llama 3 (tiktoken) tokenizer. A Llama 2
-sentencepiece model is only copied: its HF form is another tokenizer model altogether (BPE with
+AutoTokenizer loads the export when the checkpoint has a Llama 3 (tiktoken) tokenizer, or the Hugging
+Face tokenizer files of another model (carried from `convert hf`), which are copied as they are. A
+Llama 2 sentencepiece model is only copied: its HF form is another tokenizer model altogether (BPE with
 sentencepiece scores, byte fallback and a Metaspace normalizer), and the models we export are Llama 3.
 
 Tensors are read one layer slice at a time and written straight into their file, so memory stays
@@ -35,6 +36,7 @@ from llama_jax.convert.hf import INDEX_FILE, ORIGINAL_TOKENIZER
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.keymap import HF_KEYS, checkpoint_tensors
 from llama_jax.convert.store import ParamsReader, check_paths, read_tokenizer
+from llama_jax.hf_tokenizer import GENERATION_CONFIG, HFTokenizer
 from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -52,11 +54,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
-def stop_ids(cfg: LlamaConfig, tokenizer: Llama3Tokenizer | Llama2Tokenizer | None, *, base: bool) -> list[int]:
-    """The ids generation stops at: end_of_text, plus (unless `base`) the Llama 3 tokenizer's
-    end-of-message and end-of-turn ids, which instruct models end their replies with. A base
-    model never emits those, so listing them costs it nothing; leaving them out makes an instruct
-    model talk past the end of its turn."""
+def stop_ids(cfg: LlamaConfig, tokenizer: Llama3Tokenizer | Llama2Tokenizer | HFTokenizer | None, *,
+             base: bool) -> list[int]:
+    """The ids generation stops at: end_of_text, plus (unless `base`) the tokenizer's other stop
+    tokens: Llama 3's end-of-message and end-of-turn, which instruct models end their replies with
+    (another model's: its eos ids and its chat template's end of turn). A base model never emits
+    those, so listing them costs it nothing; leaving them out makes an instruct model talk past the
+    end of its turn."""
     ids = [cfg.eos_id]
     if not base and tokenizer is not None:
         ids += [i for i in tokenizer.stop_tokens if i not in ids]
@@ -97,7 +101,12 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
                              f"{cfg.vocab_size} ({src / checkpoint.CONFIG_FILE})")
         stops = stop_ids(cfg, tokenizer, base=base)
         # The tokenizer before the tensors: its errors then come before hours of writing.
-        if tokenizer_file is not None:
+        generation = dict(SAMPLING_DEFAULTS)
+        if isinstance(tokenizer, HFTokenizer):  # another model's own files, as they came
+            checkpoint.copy_tokenizer(tokenizer_file, staging)
+            if (staging / GENERATION_CONFIG).is_file():
+                generation = json.loads((staging / GENERATION_CONFIG).read_text(encoding="utf-8"))
+        elif tokenizer_file is not None:
             (staging / ORIGINAL_TOKENIZER).parent.mkdir()
             shutil.copyfile(tokenizer_file, staging / ORIGINAL_TOKENIZER)
         if isinstance(tokenizer, Llama3Tokenizer):
@@ -126,8 +135,7 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
         _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eos = stops if len(stops) > 1 else stops[0]
         _write_json(staging / "config.json", {**cfg.to_hf_config(dtype=out_dtype.name), "eos_token_id": eos})
-        _write_json(staging / "generation_config.json",
-                    {"bos_token_id": cfg.bos_id, "eos_token_id": eos, **SAMPLING_DEFAULTS})
+        _write_json(staging / GENERATION_CONFIG, {**generation, "bos_token_id": cfg.bos_id, "eos_token_id": eos})
     return dst
 
 

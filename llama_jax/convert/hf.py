@@ -3,8 +3,10 @@
 Reads model.safetensors, or the shards model.safetensors.index.json lists; config.json in
 transformers 4.x or 5.x keys (LlamaConfig.from_hf_config). The q/k rows HF permuted for its
 rotate-half rotary are put back in Meta's order (keymap.HF_KEYS). The tokenizer comes along when
-the directory has one: Meta's original/tokenizer.model as is, else tokenizer.json's byte-level BPE
-written out as tiktoken ranks.
+the directory has one: Meta's original/tokenizer.model as is; else a Llama 3 tokenizer.json's
+byte-level BPE written out as tiktoken ranks; else any other tokenizer.json as it is, with its
+tokenizer_config.json, chat_template.jinja and generation_config.json (llama_jax.hf_tokenizer).
+The weights never depend on which.
 """
 
 from __future__ import annotations
@@ -134,15 +136,20 @@ def tiktoken_ranks(tokenizer_json: str | os.PathLike) -> bytes:
 
 
 def _tokenizer(src: Path, cfg: LlamaConfig) -> tuple[Path | None, bytes | None]:
-    """(a tokenizer.model to copy, or ranks to write), either or both None."""
+    """(a tokenizer to copy, or Llama 3 ranks to write), either or both None. The tokenizer to copy
+    is Meta's original/tokenizer.model, or a tokenizer.json that is not Llama 3's, which comes with
+    its sibling files (checkpoint.copy_tokenizer) and is served by the `tokenizers` library."""
     from llama_jax.tokenizer import NUM_SPECIAL_TOKENS
 
     original, tokenizer_json = src / ORIGINAL_TOKENIZER, src / TOKENIZER_JSON
     if original.is_file():
         found, copy, ranks, size = original, original, None, read_tokenizer(original).vocab_size
     elif tokenizer_json.is_file():
-        ranks = tiktoken_ranks(tokenizer_json)
-        found, copy, size = tokenizer_json, None, ranks.count(b"\n") + NUM_SPECIAL_TOKENS
+        try:
+            ranks = tiktoken_ranks(tokenizer_json)
+            found, copy, size = tokenizer_json, None, ranks.count(b"\n") + NUM_SPECIAL_TOKENS
+        except ValueError:  # not Llama 3's: used as it is
+            found, copy, ranks, size = tokenizer_json, tokenizer_json, None, read_tokenizer(tokenizer_json).vocab_size
     else:
         return None, None
     if size > cfg.vocab_size:

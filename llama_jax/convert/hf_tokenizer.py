@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llama_jax.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON
 from llama_jax.tokenizer import LLAMA3_HEADER_ROLES, LLAMA3_PAT_STR, Llama3Tokenizer, read_tiktoken_ranks
-
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 BOS, EOS, EOT, EOM = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"
 START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", metavar="F", type=Path,
                         help="one prompt per line, or JSONL with a 'prompt' field; writes JSONL results")
     p.add_argument("--chat", action="store_true",
-                   help="Llama 3 chat format; interactive on stdin unless --prompt/--prompts-file")
+                   help="the model's chat format (Llama 3's, or its tokenizer's chat template); interactive on "
+                        "stdin unless --prompt/--prompts-file")
     p.add_argument("--system", metavar="TEXT", help="system prompt of the chat")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0: greedy")
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", choices=("xla", "pallas", "cudnn", "auto"),
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.model, or a Hugging Face tokenizer.json beside its tokenizer_config.json "
+                        "(default: the checkpoint's)")
     p.add_argument("--truncate", action="store_true",
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
     p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
@@ -111,7 +114,8 @@ def load_tokenizer_for(args, checkpoint_dir: Path):
     else:
         path = checkpoint.tokenizer_path(checkpoint_dir)
         if path is None:
-            raise ValueError(f"{checkpoint_dir} has no {checkpoint.TOKENIZER_FILE}: pass --tokenizer PATH")
+            raise ValueError(f"{checkpoint_dir} has no tokenizer ({checkpoint.TOKENIZER_FILE} or tokenizer.json): "
+                             f"pass --tokenizer PATH")
     return load_tokenizer(path)
 
 

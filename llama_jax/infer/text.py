@@ -22,26 +22,34 @@ class TextStream:
     """Incremental detokenizer: push token ids, get back only text whose characters are complete.
 
     The ids since the last emitted piece are decoded together; while they end in a partial UTF-8
-    character (decoded as U+FFFD) nothing is emitted. Concatenated pieces plus `flush()` equal
-    `tokenizer.decode(all ids)`.
+    character (decoded as U+FFFD) nothing is emitted. They are decoded after the ids of the piece
+    before, and only the text they add is emitted: a sentencepiece-style decoder drops the space
+    a token starts with at the start of a text ("▁world" alone is "world"). Concatenated pieces plus
+    `flush()` equal `tokenizer.decode(all ids)`.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._pending: list[int] = []
+        self._before: list[int] = []  # the ids of the last emitted piece
+
+    def _added_text(self) -> str:
+        before = self.tokenizer.decode(self._before) if self._before else ""
+        text = self.tokenizer.decode(self._before + self._pending)
+        return text[len(before):] if text.startswith(before) else self.tokenizer.decode(self._pending)
 
     def push(self, token_id: int) -> str:
         self._pending.append(token_id)
-        text = self.tokenizer.decode(self._pending)
+        text = self._added_text()
         if text.endswith(_INCOMPLETE):
             return ""
-        self._pending = []
+        self._before, self._pending = self._pending, []
         return text
 
     def flush(self) -> str:
         """The held-back rest (a character the stream ended inside decodes as U+FFFD)."""
-        text = self.tokenizer.decode(self._pending) if self._pending else ""
-        self._pending = []
+        text = self._added_text() if self._pending else ""
+        self._before, self._pending = [], []
         return text
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.hf_tokenizer import HFTokenizer
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 # The built-in corpus: Python's own standard library sources, present on every install, so the
@@ -147,10 +149,12 @@ def chat_ids_and_weights(tokenizer, messages) -> tuple[list[int], list[float]]:
     """bos + each message as header, content, eot; weight 1 on assistant content and its end token.
 
     Built from the tokenizer's own pieces (`encode_header`, `encode_message`), so the ids are exactly
-    those `encode_dialog` gives a prompt.
+    those `encode_dialog` gives a prompt. Another model's tokenizer renders its own chat template.
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r}")
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encode_dialog_for_training(messages)
     ids, weights = [tokenizer.bos_id], [0.0]
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None

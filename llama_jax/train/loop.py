@@ -1,7 +1,8 @@
 """The training loop: set up (or resume) a run in OUT, step, log, checkpoint, export.
 
     OUT/config.json          the model's LlamaConfig (a resumed run reads it back)
-    OUT/tokenizer.model      the tokenizer the data was encoded with
+    OUT/tokenizer.model      the tokenizer the data was encoded with (or another model's tokenizer.json
+                             and its sibling files, as an --init-from checkpoint carries them)
     OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
@@ -21,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -129,8 +129,8 @@ def resolve_tokenizer(tc: TrainConfig, cfg: LlamaConfig, out: Path) -> str:
 
     choice = tc.tokenizer
     if choice is None:
-        if (out / checkpoint.TOKENIZER_FILE).is_file():
-            return str(out / checkpoint.TOKENIZER_FILE)
+        if checkpoint.tokenizer_path(out):
+            return str(checkpoint.tokenizer_path(out))
         if tc.init_from and checkpoint.tokenizer_path(tc.init_from):
             return str(checkpoint.tokenizer_path(tc.init_from))
         choice = "llama3" if cfg.vocab_size >= 128256 else "bytes"
@@ -262,8 +262,7 @@ def _prepare(tc: TrainConfig) -> _Setup:
     check_batch_size(mesh, tc.batch_size, tc.grad_accum)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
-        if Path(tokenizer_path).absolute() != (out / checkpoint.TOKENIZER_FILE).absolute():
-            shutil.copyfile(tokenizer_path, out / checkpoint.TOKENIZER_FILE)
+        checkpoint.copy_tokenizer(tokenizer_path, out)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)

@@ -217,6 +217,39 @@ def test_hf_destination_exists(tmp_path, capsys):
     assert (tmp_path / "out").read_text() == "a file"
 
 
+def chat_model_src(tmp_path, hf_chat_model, edit_config=None):
+    src = shutil.copytree(hf_chat_model, tmp_path / "chat")
+    if edit_config is not None:
+        path = src / "tokenizer_config.json"
+        path.write_text(json.dumps(edit_config(json.loads(path.read_text()))))
+    return src
+
+
+def test_hf_unreadable_tokenizer_json(tmp_path, capsys, hf_chat_model):
+    src = chat_model_src(tmp_path, hf_chat_model)
+    (src / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    fails(capsys, tmp_path / "out", "hf", str(src),
+          fragments=[f"{src}/tokenizer.json: the tokenizers library cannot read it"])
+
+
+def test_hf_chat_template_that_does_not_parse(tmp_path, capsys, hf_chat_model):
+    src = chat_model_src(tmp_path, hf_chat_model, lambda c: {**c, "chat_template": "{% if messages %}{{ x }"})
+    fails(capsys, tmp_path / "out", "hf", str(src), fragments=[f"{src}", "the chat template does not parse"])
+
+
+def test_hf_chat_template_that_raises(tmp_path, capsys, hf_chat_model):
+    src = chat_model_src(tmp_path, hf_chat_model, lambda c: {**c, "chat_template": "{{ raise_exception('nope') }}"})
+    fails(capsys, tmp_path / "out", "hf", str(src), fragments=[f"{src}", "chat template", "failed: nope"])
+
+
+def test_hf_tokenizer_larger_than_the_model(tmp_path, capsys, hf_chat_model):
+    src = chat_model_src(tmp_path, hf_chat_model)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    fails(capsys, tmp_path / "out", "hf", str(src),
+          fragments=[f"{src}/tokenizer.json: {config['vocab_size']} tokens do not fit the model's vocab_size 100"])
+
+
 # to-hf ----------------------------------------------------------------------------------------
 
 def test_to_hf_errors(tmp_path, capsys):

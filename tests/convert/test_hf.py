@@ -20,7 +20,8 @@ from llama_jax.config import PRESETS
 from llama_jax.convert.export_hf import export_hf
 from llama_jax.convert.hf import convert_hf, tiktoken_ranks
 from llama_jax.model import Llama
-from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
+from llama_jax.hf_tokenizer import HFTokenizer
+from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path, load_tokenizer
 from tests.convert import sources
 from tests.reference import random_params
 
@@ -167,10 +168,63 @@ def test_real_llama3_tokenizer_json(tmp_path):
     assert converted == open(default_tokenizer_path(), "rb").read()
 
 
-def test_tokenizer_json_that_is_not_llama3_is_refused(tmp_path):
-    path = tokenizer_json(llama3_subset(tmp_path / "subset.model", 10), tmp_path / "tokenizer.json")
+def test_tokenizer_json_that_is_not_llama3_is_carried_as_it_is(tmp_path):
+    """Llama 3's vocabulary split by another pattern is not Llama 3's tokenizer: tiktoken cannot
+    give its ids, so the checkpoint keeps the tokenizer.json, which the `tokenizers` library serves."""
+    model = sources.hf_model("3.0", vocab_size=10 + 256 + 256)
+    src = save_hf(model, tmp_path / "hf", "3.0", "5.x")
+    path = tokenizer_json(llama3_subset(tmp_path / "subset.model", 10), src / "tokenizer.json")
     data = json.loads(path.read_text())
     data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\w+|\s+"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="tokenizer.json: its pre-tokenizer does not split text with Llama 3's"):
         tiktoken_ranks(path)
+
+    ours = convert_hf(src, tmp_path / "ours")
+    assert not (ours / "tokenizer.model").exists()
+    assert (ours / "tokenizer.json").read_bytes() == path.read_bytes()
+    tokenizer = load_tokenizer(ours)
+    assert isinstance(tokenizer, HFTokenizer)
+    for text in TEXTS:
+        assert tokenizer.encode(text, bos=False, eos=False) == tokenizers.Tokenizer.from_file(str(path)).encode(
+            text, add_special_tokens=False).ids
+
+
+# A Llama-architecture model with its own tokenizer (SmolLM2-style) ---------------------------
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, naïve café!"}]
+
+
+def test_model_with_its_own_tokenizer_converts_exactly(tmp_path, hf_chat_model):
+    ours = convert_hf(hf_chat_model, tmp_path / "ours")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (ours / name).read_bytes() == (hf_chat_model / name).read_bytes()
+    assert not (ours / "tokenizer.model").exists()
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_chat_model, dtype=torch.float32).eval()
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_chat_model)
+    tokenizer = load_tokenizer(ours)
+    ids = tokenizer.encode_dialog(CHAT)
+    assert ids == theirs.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+    cfg, params = checkpoint.load(ours, dtype="float32")
+    assert (cfg.vocab_size, cfg.bos_id, cfg.eos_id, cfg.tie_embeddings) == (len(theirs), 1, 2, True)
+    got = np.asarray(forward(cfg, params, jnp.asarray([ids])))
+    np.testing.assert_allclose(got, sources.hf_logits(model, [ids]), atol=TOL, rtol=TOL)
+
+
+def test_model_with_its_own_tokenizer_exports_its_tokenizer(tmp_path, hf_chat_model):
+    """to-hf copies the carried files: AutoTokenizer loads them with the original's ids."""
+    exported = export_hf(convert_hf(hf_chat_model, tmp_path / "ours"), tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (exported / name).read_bytes() == (hf_chat_model / name).read_bytes()
+    assert not (exported / "original").exists()
+    assert json.loads((exported / "generation_config.json").read_text()) == json.loads(
+        (hf_chat_model / "generation_config.json").read_text())  # its own, with the same bos / eos
+    original = transformers.AutoTokenizer.from_pretrained(hf_chat_model)
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    for text in [*TEXTS, "<|im_start|>user\nHi<|im_end|>"]:
+        assert again(text)["input_ids"] == original(text)["input_ids"]
+    assert again.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False) == \
+        original.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+    tensors, reference = tensors_of(exported), transformers.LlamaForCausalLM.from_pretrained(hf_chat_model)
+    assert all(torch.equal(tensors[name], value) for name, value in reference.state_dict().items()
+               if name in tensors)

@@ -181,7 +181,8 @@ def no_tokenizer_dir(tmp_path_factory, checkpoint_dir):
 @pytest.mark.parametrize("case, argv, message", [
     ("not a checkpoint", ["--checkpoint", "{tmp}", "--prompt", "hi"], "is not a llama_jax checkpoint"),
     ("missing dir", ["--checkpoint", "{tmp}/nope", "--prompt", "hi"], "is not a llama_jax checkpoint"),
-    ("no tokenizer", ["--checkpoint", "{bare}", "--prompt", "hi"], "has no tokenizer.model: pass --tokenizer PATH"),
+    ("no tokenizer", ["--checkpoint", "{bare}", "--prompt", "hi"],
+     "has no tokenizer (tokenizer.model or tokenizer.json): pass --tokenizer PATH"),
     ("bad tokenizer path", ["--checkpoint", "{ckpt}", "--tokenizer", "{tmp}/t.model", "--prompt", "hi"],
      "--tokenizer: no such file"),
     ("too long", ["--checkpoint", "{ckpt}", "--prompt", "word " * 80],
@@ -243,3 +244,103 @@ def test_a_damaged_checkpoint_is_one_line_in_a_fresh_process(tmp_path, checkpoin
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr.startswith("error: ") and "damaged checkpoint" in run.stderr, run.stderr
         assert run.stderr.count("\n") == 1, run.stderr
+
+
+# A Llama-architecture model with its own tokenizer (SmolLM2-style byte-level BPE, ChatML) ----------
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, hf_chat_model):
+    """(our converted checkpoint, transformers' model, transformers' tokenizer) of the same model."""
+    import torch
+    import transformers
+
+    from llama_jax.convert.hf import convert_hf
+
+    ours = convert_hf(hf_chat_model, tmp_path_factory.mktemp("chat_model") / "ours")
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_chat_model, dtype=torch.float32).eval()
+    return ours, model, transformers.AutoTokenizer.from_pretrained(hf_chat_model)
+
+
+def transformers_greedy(model, hf_tokenizer, prompt_ids, max_new_tokens):
+    """transformers' greedy `generate`, decoded as our CLI prints it (the stop token left out)."""
+    import torch
+
+    stops = [2]  # <|im_end|>: eos_token, generation_config's eos and the template's end of turn
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=stops, pad_token_id=2)[0, len(prompt_ids):].tolist()
+    return hf_tokenizer.decode(out[:-1] if out and out[-1] in stops else out, skip_special_tokens=False)
+
+
+def test_chat_model_with_its_own_tokenizer_replies_as_transformers(capsys, tmp_path, chat_model):
+    ours, model, hf_tokenizer = chat_model
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+    prompt_ids = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    expected = transformers_greedy(model, hf_tokenizer, prompt_ids, 12)
+    assert len(set(expected)) > 5  # a varied reply (random weights often repeat one token)
+    status, out, err = run_cli(capsys, "--checkpoint", ours, "--chat", "--system", "Be brief.", "--prompt",
+                               "Hi there!", "--temperature", "0", "--max-new-tokens", "12")
+    assert (status, out, err) == (0, expected + "\n", "")
+
+    prompts = ["Hello, world!", "The quick brown fox"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    status, out, _ = run_cli(capsys, "--checkpoint", ours, "--chat", "--prompts-file", tmp_path / "prompts.txt",
+                             "--temperature", "0", "--max-new-tokens", "8")
+    chats = [hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              return_dict=False) for p in prompts]
+    assert status == 0
+    assert [json.loads(line)["completion"] for line in out.splitlines()] == [
+        transformers_greedy(model, hf_tokenizer, ids, 8) for ids in chats]
+
+
+def test_chat_model_interactive_chat_keeps_the_conversation(capsys, monkeypatch, chat_model):
+    """Two turns on stdin: the second prompt is the model's template over the whole conversation,
+    prefilled after the first turn's cache, and answered as transformers answers it."""
+    ours, model, hf_tokenizer = chat_model
+    prompts = []
+    real = cli.reply
+
+    def spy(conversation, tok, prompt_ids, **kw):
+        prompts.append((prompt_ids, len(conversation.cached_ids)))
+        return real(conversation, tok, prompt_ids, **kw)
+
+    monkeypatch.setattr(cli, "reply", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there!\nMore, please.\n"))
+    status, out, _ = run_cli(capsys, "--checkpoint", ours, "--chat", "--temperature", "0", "--max-new-tokens", "6")
+    first, second = out.split("\n")[:2]
+    assert status == 0 and out == f"{first}\n{second}\n"
+    dialog = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": first},
+              {"role": "user", "content": "More, please."}]
+    (_, _), (prompt, cached) = prompts
+    assert prompt == hf_tokenizer.apply_chat_template(dialog, add_generation_prompt=True, return_dict=False)
+    assert cached > len(prompts[0][0])  # the first turn's cache is continued
+    assert second == transformers_greedy(model, hf_tokenizer, prompt, 6)
+
+
+def test_chat_model_completes_text_as_transformers(capsys, chat_model):
+    ours, model, hf_tokenizer = chat_model
+    expected = transformers_greedy(model, hf_tokenizer, hf_tokenizer("The quick brown")["input_ids"], 10)
+    status, out, _ = run_cli(capsys, "--checkpoint", ours, "--prompt", "The quick brown", "--temperature", "0",
+                             "--max-new-tokens", "10")
+    assert (status, out) == (0, expected + "\n")
+
+
+def test_chat_template_that_refuses_the_dialog_is_one_line(capsys, tmp_path, chat_model):
+    ours, _, _ = chat_model
+    refusing = shutil.copytree(ours, tmp_path / "refusing")
+    config = json.loads((refusing / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}") + config["chat_template"]
+    (refusing / "tokenizer_config.json").write_text(json.dumps(config))
+    status, out, err = run_cli(capsys, "--checkpoint", refusing, "--chat", "--system", "Be brief.", "--prompt", "Hi",
+                               *GREEDY)
+    assert (status, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith("error: the chat template of") and err.endswith("failed: System role not supported\n")
+
+
+def test_damaged_tokenizer_json_is_one_line(capsys, tmp_path, chat_model):
+    ours, _, _ = chat_model
+    damaged = shutil.copytree(ours, tmp_path / "damaged")
+    (damaged / "tokenizer.json").write_text((ours / "tokenizer.json").read_text()[:5000])
+    status, out, err = run_cli(capsys, "--checkpoint", damaged, "--prompt", "Hi", *GREEDY)
+    assert (status, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith(f"error: {damaged}/tokenizer.json: the tokenizers library cannot read it")

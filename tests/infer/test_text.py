@@ -108,3 +108,42 @@ def test_tokenizer_must_fit_the_model(tiny, tokenizer):
     cfg, params = tiny  # vocabulary 512
     with pytest.raises(ValueError, match="tokenizer has 128256 token ids but the model's vocabulary has 512"):
         generate(cfg, params, tokenizer, ["hi"], max_new_tokens=1)
+
+
+def test_stream_keeps_the_space_a_sentencepiece_token_starts_with(tmp_path):
+    """A Metaspace decoder (Llama 2, TinyLlama) drops a token's leading "▁" at the start of a text:
+    each piece is decoded after the piece before it, so the spaces stay."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from llama_jax.hf_tokenizer import HFTokenizer
+
+    spm = Tokenizer(models.BPE(byte_fallback=True))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(["hello world, the quick brown fox"] * 10, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=[f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    spm.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = HFTokenizer(tmp_path / "tokenizer.json")
+    text = "hello world, the quick brown fox"
+    ids = tokenizer.encode(text, bos=False, eos=False)
+    assert tokenizer.decode(ids[1:]) != text[len(tokenizer.decode(ids[:1])):]  # decoding apart loses a space
+    pieces = stream_pieces(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+
+
+def test_stream_of_a_byte_level_hf_tokenizer_concatenates_to_decode(hf_chat_model):
+    """Any ids, the special tokens among them: the pieces of a GPT-2-style byte-level tokenizer
+    (whose tokens split characters) add up to the decoded text."""
+    from llama_jax.hf_tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(hf_chat_model / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, tokenizer.vocab_size, 60).tolist()
+        assert "".join(stream_pieces(tokenizer, ids)) == tokenizer.decode(ids)
+    text = "naïve café 日本語 🙂<|im_end|>"
+    pieces = stream_pieces(tokenizer, tokenizer.encode(text, bos=False, eos=False))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)

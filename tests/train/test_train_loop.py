@@ -95,6 +95,36 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, uninterrupted_
     assert summary["first_loss"] < losses(uninterrupted_run)[0] - 0.5  # trained weights, not a fresh init
 
 
+def test_init_from_a_model_with_its_own_tokenizer(tmp_path, hf_chat_model):
+    """A converted SmolLM2-style model trains with its own tokenizer.json: chat records through its
+    chat template, and the final model carries the tokenizer files on."""
+    from llama_jax.convert.hf import convert_hf
+    from llama_jax.hf_tokenizer import HFTokenizer
+    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.train.data import BatchIterator, DataConfig
+    from llama_jax.train.step import loss_sums
+
+    model = convert_hf(hf_chat_model, tmp_path / "converted")
+    records = [r for i in range(20) for r in (
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant", "content": f"{2 * i}."}]},
+        {"text": f"Hello, world {i}!"})]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = train(TrainConfig(out=str(tmp_path / "out"), mesh="fsdp8", init_from=str(model), data=(str(data),),
+                                **{**BASE, "config": None, "steps": 2}))
+    tokenizer = load_tokenizer(model)
+    cfg, params = checkpoint.load(model, dtype="float32")
+    first = next(BatchIterator(DataConfig((str(data),), BASE["seq_len"], BASE["batch_size"], 0), tokenizer))
+    _, sums = loss_sums(cfg, params, first)
+    assert summary["first_loss"] == pytest.approx(float(sums["nll"] / sums["weight"]), rel=1e-5)
+    assert 0 < first["weights"].sum() < first["weights"].size  # chat rows weigh only the assistant turns
+    trained = tmp_path / "out" / "model"
+    assert isinstance(load_tokenizer(trained), HFTokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (trained / name).read_bytes() == (hf_chat_model / name).read_bytes()
+
+
 def test_default_model_metrics_files_and_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
