@@ -7,9 +7,9 @@ start-up (mesh.py), and parameters placed on a mesh (params.py; import it direct
 
 from llama_jax.sharding.mesh import initialize_distributed, make_mesh, mesh_str, parse_mesh
 from llama_jax.sharding.rules import (
-    BATCH_AXES, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, logical_to_sharding, logical_to_spec,
+    BATCH_AXES, CONTEXT, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, logical_to_sharding, logical_to_spec,
     tree_shardings,
 )
 
-__all__ = ["RULES", "MESH_AXES", "DATA", "FSDP", "TENSOR", "BATCH_AXES", "logical_to_spec", "logical_to_sharding",
+__all__ = ["RULES", "MESH_AXES", "DATA", "FSDP", "CONTEXT", "TENSOR", "BATCH_AXES", "logical_to_spec", "logical_to_sharding",
            "tree_shardings", "activation_sharding", "parse_mesh", "make_mesh", "mesh_str", "initialize_distributed"]

@@ -38,7 +38,7 @@ from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import abstract_state, check_batch_size, init_state, make_train_step, put_batch, \
+from llama_jax.train.step import abstract_state, check_batch_shape, init_state, make_train_step, put_batch, \
     state_shardings
 
 log = logging.getLogger("llama_jax.train")
@@ -258,7 +258,7 @@ def _prepare(tc: TrainConfig) -> _Setup:
     cfg = dataclasses.replace(cfg, **_runtime_overrides(tc, jax.devices()[0].platform))
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    check_batch_size(mesh, tc.batch_size, tc.grad_accum)
+    check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         if Path(tokenizer_path).absolute() != (out / checkpoint.TOKENIZER_FILE).absolute():

@@ -3,8 +3,8 @@
     state, metrics = train_step(state, batch)
 
 `state` (TrainState: step, float32 params, optimizer state) is donated and sharded by the rules
-table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays split over
-dp x fsdp (see data.py). Matmuls run in cfg.dtype (bf16 on accelerators); master weights, grads,
+table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays, rows split over
+dp x fsdp and tokens over cp (see data.py; put_batch lays the tokens out for cp's load balance). Matmuls run in cfg.dtype (bf16 on accelerators); master weights, grads,
 optimizer state and the loss stay float32.
 
 The loss is a sum over weighted targets divided by the batch's total weight, and gradient
@@ -20,12 +20,14 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, param_shapes
 from llama_jax.sharding import BATCH_AXES, activation_sharding, logical_to_sharding
+from llama_jax.sharding.context import check_seq_len, context_size, load_balance
 from llama_jax.sharding.params import init_params, param_shardings
 
 Batch = dict[str, jax.Array]
@@ -57,11 +59,13 @@ def batch_sharding(mesh: Mesh, batch_shape: tuple[int, int]) -> NamedSharding:
     return logical_to_sharding(BATCH_AXES, mesh, batch_shape)
 
 
-def check_batch_size(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+def check_batch_shape(mesh: Mesh, batch_shape: tuple[int, int], grad_accum: int = 1) -> None:
+    batch_size, seq_len = batch_shape
     data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
     if batch_size % (data_ways * grad_accum):
         raise ValueError(f"batch size {batch_size} must be a multiple of dp x fsdp ({data_ways}) x grad_accum "
                          f"({grad_accum}) = {data_ways * grad_accum}, so every device gets whole microbatch rows")
+    check_seq_len(seq_len, context_size(mesh))
 
 
 # Init ----------------------------------------------------------------------------------------
@@ -127,7 +131,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
                     batch_shape: tuple[int, int], grad_accum: int = 1, z_loss: float = 0.0,
                     schedule: Callable | None = None):
     """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape."""
-    check_batch_size(mesh, batch_shape[0], grad_accum)
+    check_batch_shape(mesh, batch_shape, grad_accum)
     state_sh = state_shardings(cfg, optimizer, mesh)
     batch_sh = {k: batch_sharding(mesh, batch_shape) for k in ("inputs", "targets", "weights", "positions",
                                                                "segment_ids")}
@@ -157,9 +161,12 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 def put_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
     """Place a global numpy batch (identical on every process) on the mesh; each process transfers
-    only the rows its own devices hold."""
+    only the rows its own devices hold. With context parallelism every [B, T] array is first put in
+    the load-balanced token order, all alike, so each token keeps its position, document and weight."""
     out = {}
+    cp = context_size(mesh)
     for k, x in batch.items():
+        x = load_balance(np.asarray(x), cp) if cp > 1 else x
         sharding = batch_sharding(mesh, x.shape)
         out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
     return out

@@ -2,6 +2,7 @@
 packing that never leaks across documents, overfitting one batch, mixed precision."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +60,14 @@ def reference():
     return params, batch, flat(grads), {k: float(v) for k, v in sums.items()}
 
 
-@pytest.mark.parametrize("mesh_spec", ["dp8", "fsdp8", "tp8", "dp2,fsdp2,tp2"])
+@pytest.mark.parametrize("mesh_spec", ["dp8", "fsdp8", "tp8", "dp2,fsdp2,tp2", "cp2", "cp4", "cp8", "dp2,cp4",
+                                       "fsdp2,cp2,tp2"])
 def test_same_loss_and_grads_on_every_mesh(reference, mesh_spec):
+    """Context parallel meshes (cp) included: rows of T=32 cut into up to 16 chunks of 2 tokens, so
+    the packed documents cross chunk boundaries."""
     params, batch, want_grads, want_sums = reference
-    mesh = make_mesh(mesh_spec)
+    devices = math.prod(int(item.lstrip("dpfsct")) for item in mesh_spec.split(","))
+    mesh = make_mesh(mesh_spec, devices=jax.devices()[:devices])
     shardings = param_shardings(CFG, mesh)
     params = jax.device_put(params, shardings)
     compute = jax.jit(lambda p, b: grads_and_sums(CFG, p, b, mesh), out_shardings=(shardings, None))
