@@ -31,6 +31,8 @@ from llama_jax.sharding.context import check_seq_len, context_size, load_balance
 from llama_jax.sharding.params import init_params, param_shardings
 
 Batch = dict[str, jax.Array]
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "positions": jnp.int32,
+                "segment_ids": jnp.int32}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -57,6 +59,19 @@ def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 def batch_sharding(mesh: Mesh, batch_shape: tuple[int, int]) -> NamedSharding:
     return logical_to_sharding(BATCH_AXES, mesh, batch_shape)
+
+
+def sharded_abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The state's shapes, dtypes and shardings on `mesh`: a restore target, or AOT compile input."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract_state(cfg, optimizer), state_shardings(cfg, optimizer, mesh))
+
+
+def abstract_batch(mesh: Mesh, batch_shape: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """A batch's shapes, dtypes and shardings on `mesh`, for compiling a step ahead of time:
+    `step.lower(sharded_abstract_state(...), abstract_batch(...)).compile().memory_analysis()`."""
+    sharding = batch_sharding(mesh, batch_shape)
+    return {k: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=sharding) for k, dtype in BATCH_DTYPES.items()}
 
 
 def check_batch_shape(mesh: Mesh, batch_shape: tuple[int, int], grad_accum: int = 1) -> None:
@@ -133,8 +148,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape."""
     check_batch_shape(mesh, batch_shape, grad_accum)
     state_sh = state_shardings(cfg, optimizer, mesh)
-    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in ("inputs", "targets", "weights", "positions",
-                                                               "segment_ids")}
+    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_DTYPES}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(state: TrainState, batch: Batch):
