@@ -3,9 +3,10 @@
     state, metrics = train_step(state, batch)
 
 `state` (TrainState: step, float32 params, optimizer state) is donated and sharded by the rules
-table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays, rows split over
-dp x fsdp and tokens over cp (see data.py; put_batch lays the tokens out for cp's load balance). Matmuls run in cfg.dtype (bf16 on accelerators); master weights, grads,
-optimizer state and the loss stay float32.
+table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays (see
+data.py), rows split over dp x fsdp and tokens over cp (put_batch lays them out in context
+parallelism's load-balanced order). Matmuls run in cfg.dtype (bf16 on accelerators); master
+weights, grads, optimizer state and the loss stay float32.
 
 The loss is a sum over weighted targets divided by the batch's total weight, and gradient
 accumulation sums per-microbatch gradients before that one division, so `grad_accum=k` gives the
