@@ -1,5 +1,6 @@
 """Sharding: logical axis names (axes.py), THE rules table (rules.py), mesh strings and multi-process
-start-up (mesh.py), and parameters placed on a mesh (params.py; import it directly, it needs the model).
+start-up (mesh.py), context parallelism's load-balanced token order (context.py), and parameters
+placed on a mesh (params.py; import it directly, it needs the model).
 
     mesh = make_mesh("dp2,fsdp2,tp2")
     params = llama_jax.sharding.params.init_params(cfg, mesh, seed=0)
