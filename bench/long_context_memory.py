@@ -93,7 +93,8 @@ def main(argv=None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"### {now}, {machine()}, commit {git_commit()}\n\n"
               f"{args.config} shapes ({cfg.num_params() / 1e9:.2f}B params), one row of {args.seq_len:,} tokens "
-              f"per dp x fsdp group (each device holds seq-len / cp of a row), bf16 compute, float32 weights + AdamW, remat full; compiled ahead of time "
+              f"per dp x fsdp group (each device holds seq-len / cp of a row), bf16 compute, float32 weights + AdamW, "
+              f"remat full; compiled ahead of time "
               f"for 8 fake CPU devices (JAX {jax.__version__}), XLA memory_analysis per device.")
     entry = header + "\n\n" + "\n".join(lines)
     print(entry)

@@ -8,8 +8,8 @@ placed on a mesh (params.py; import it directly, it needs the model).
 
 from llama_jax.sharding.mesh import initialize_distributed, make_mesh, mesh_str, parse_mesh
 from llama_jax.sharding.rules import (
-    BATCH_AXES, CONTEXT, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, logical_to_sharding, logical_to_spec,
-    tree_shardings,
+    BATCH_AXES, CONTEXT, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, logical_to_sharding,
+    logical_to_spec, tree_shardings,
 )
 
 __all__ = ["RULES", "MESH_AXES", "DATA", "FSDP", "CONTEXT", "TENSOR", "BATCH_AXES", "logical_to_spec", "logical_to_sharding",

@@ -179,7 +179,8 @@ def test_long_row_on_cp8_trains_and_needs_an_eighth_of_one_devices_memory():
 
     def temp_bytes(mesh, seq_len):
         step = make_train_step(cfg, optimizer, mesh, batch_shape=(1, seq_len))
-        compiled = step.lower(sharded_abstract_state(cfg, optimizer, mesh), abstract_batch(mesh, (1, seq_len))).compile()
+        state, batch = sharded_abstract_state(cfg, optimizer, mesh), abstract_batch(mesh, (1, seq_len))
+        compiled = step.lower(state, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     cp8 = make_mesh("cp8")
