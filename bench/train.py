@@ -1,8 +1,17 @@
-"""Training-step throughput: tokens/s and MFU of llama_jax's train step on one or more meshes, and
-(on CPU) Hugging Face transformers' LlamaForCausalLM training step side by side.
+"""Training-step throughput and memory: tokens/s, MFU and per-device memory of llama_jax's train
+step on one or more meshes and row lengths, and (on CPU) Hugging Face transformers'
+LlamaForCausalLM training step side by side.
 
     python -m bench.train                                  # the trainer's default model, CPU, 1 and 8 devices + torch
     python -m bench.train --config llama3.2-1b --mesh fsdp8 --batch-size 8 --seq-len 2048 --no-torch
+    python -m bench.train --config tiny --batch-size 1 --seq-len 4096 8192 --mesh dp1 cp2 cp4 cp8 --no-torch
+                                                           # long rows, context parallelism
+    python -m bench.train --config tiny --batch-size 1 --seq-len 16384 65536 --mesh dp1 cp8 --memory-only
+
+A mesh uses as many devices as it names ('cp2': 2 of the 8; '-1': all). Per-device memory is the
+compiled step's own account (memory_analysis: arguments, i.e. state and batch shards, plus
+temporaries plus outputs not aliased to donated inputs), so `--memory-only` compiles each setup
+ahead of time without allocating anything: rows far too long to run on the host still get a number.
 
 Both sides do the same work per step: forward, next-token cross-entropy over every position,
 backward, global-norm clipping and an AdamW update of float32 weights, on the same random batch
@@ -32,12 +41,28 @@ from bench.results import append_results, git_commit, machine, median_seconds  #
 SECTION = "## Training step throughput (bench/train.py)"
 
 
-def model_config(name: str, dtype: str):
+def model_config(name: str, dtype: str, seq_len: int):
     from llama_jax.config import PRESETS
     from llama_jax.train.loop import DEFAULT_MODEL, default_model_config
 
     cfg = default_model_config() if name == DEFAULT_MODEL else PRESETS[name]
-    return dataclasses.replace(cfg, dtype=dtype, param_dtype="float32")
+    return dataclasses.replace(cfg, dtype=dtype, param_dtype="float32", max_seq_len=max(cfg.max_seq_len, seq_len))
+
+
+def mesh_for(spec: str):
+    """The mesh over as many devices as `spec` names ('dp1': one device, 'cp2': two), all with -1."""
+    from llama_jax.sharding import make_mesh, parse_mesh
+
+    devices = jax.devices()
+    if "-1" in spec:
+        return make_mesh(spec)
+    for n in range(1, len(devices) + 1):
+        try:
+            parse_mesh(spec, n)
+        except ValueError:
+            continue
+        return make_mesh(spec, devices=devices[:n])
+    return make_mesh(spec)  # raises, naming what is wrong
 
 
 def random_batch(cfg, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -48,24 +73,29 @@ def random_batch(cfg, batch_size: int, seq_len: int, seed: int = 0) -> dict[str,
             "segment_ids": np.ones((batch_size, seq_len), np.int32)}
 
 
-def bench_jax(cfg, mesh_spec: str, batch: dict, steps: int, warmup: int, grad_accum: int) -> float:
-    from llama_jax.sharding import make_mesh
+def bench_jax(cfg, mesh, batch: dict, steps: int, warmup: int, grad_accum: int,
+              memory_only: bool) -> tuple[float | None, dict[str, int]]:
+    """(median step seconds, or None with memory_only; the compiled step's per-device bytes)."""
     from llama_jax.train.optim import OptimConfig, make_optimizer
-    from llama_jax.train.step import init_state, make_train_step, put_batch
+    from llama_jax.train.step import abstract_batch, init_state, make_train_step, put_batch, sharded_abstract_state
 
-    devices = jax.devices()
-    mesh = make_mesh(mesh_spec, devices=devices[:1]) if mesh_spec in ("dp1", "1") else make_mesh(mesh_spec)
     optimizer = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
-    state = init_state(cfg, optimizer, mesh, seed=0)
-    step = make_train_step(cfg, optimizer, mesh, batch_shape=batch["inputs"].shape, grad_accum=grad_accum)
+    shape = batch["inputs"].shape
+    step = make_train_step(cfg, optimizer, mesh, batch_shape=shape, grad_accum=grad_accum)
+    compiled = step.lower(sharded_abstract_state(cfg, optimizer, mesh), abstract_batch(mesh, shape)).compile()
+    m = compiled.memory_analysis()
+    memory = {"temp": m.temp_size_in_bytes,
+              "total": m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes}
+    if memory_only:
+        return None, memory
+    holder = {"state": init_state(cfg, optimizer, mesh, seed=0)}
     on_mesh = put_batch(batch, mesh)
-    holder = {"state": state}
 
     def run():
-        holder["state"], metrics = step(holder["state"], on_mesh)
+        holder["state"], metrics = compiled(holder["state"], on_mesh)
         jax.block_until_ready(metrics["loss"])
 
-    return median_seconds(run, steps, warmup)
+    return median_seconds(run, steps, warmup), memory
 
 
 def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> float:
@@ -102,51 +132,64 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_MODEL, help="preset, or the trainer's default model (%(default)s)")
     p.add_argument("--mesh", nargs="+", default=["dp1", "fsdp8"] if on_cpu else ["fsdp-1"],
-                   help="meshes to time ('dp1': a single device); default %(default)s")
+                   help="meshes to time, each over the devices it names ('dp1': a single device); default %(default)s")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[256], help="row lengths to sweep (%(default)s)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", help="compute dtype (%(default)s)")
+    p.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="(default: the config's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setup")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile each setup ahead of time for its per-device memory; time nothing")
     p.add_argument("--no-torch", action="store_true", help="skip the HF transformers (PyTorch CPU) step")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
 
-    cfg = model_config(args.config, args.dtype)
-    B, T = args.batch_size, args.seq_len
-    batch = random_batch(cfg, B, T)
-    flops_per_step = cfg.flops_per_token(T) * B * T
+    cfg = model_config(args.config, args.dtype, max(args.seq_len))
+    if args.remat:
+        cfg = dataclasses.replace(cfg, remat=args.remat)
+    B = args.batch_size
     peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
-
-    rows = []
-    for mesh_spec in args.mesh:
-        seconds = bench_jax(cfg, mesh_spec, batch, args.steps, args.warmup, args.grad_accum)
-        devices = 1 if mesh_spec in ("dp1", "1") else len(jax.devices())
-        rows.append((f"llama_jax (JAX {jax.__version__})", f"{mesh_spec} ({devices} {jax.devices()[0].platform})",
-                     seconds))
-    if not args.no_torch and on_cpu:
-        import torch
-        import transformers
-        seconds = bench_torch(cfg, batch, args.steps, args.warmup, args.torch_threads)
-        rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__})",
-                     f"{args.torch_threads} threads", seconds))
+    platform = jax.devices()[0].platform
 
     def fmt(x):
         return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
 
-    lines = ["| framework | devices | tokens/s | MFU | step (ms) |", "|---|---|---|---|---|"]
-    for name, where, seconds in rows:
-        mfu = f"{100 * flops_per_step / seconds / peak:.1f}%" if peak else "n/a"
-        lines.append(f"| {name} | {where} | {fmt(B * T / seconds)} | {mfu} | {seconds * 1e3:.0f} |")
+    lines = ["| framework | devices | tokens/row | tokens/s | MFU | step (ms) | per-device memory (MiB) | of which "
+             "temporaries (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for T in args.seq_len:
+        batch = random_batch(cfg, B, T)
+        flops_per_step = cfg.flops_per_token(T) * B * T
+        rows = []
+        for spec in args.mesh:
+            mesh = mesh_for(spec)
+            seconds, memory = bench_jax(cfg, mesh, batch, args.steps, args.warmup, args.grad_accum, args.memory_only)
+            rows.append((f"llama_jax (JAX {jax.__version__})", f"{spec} ({mesh.size} {platform})", seconds, memory))
+        if not args.no_torch and not args.memory_only and on_cpu:
+            import torch
+            import transformers
+            seconds = bench_torch(cfg, batch, args.steps, args.warmup, args.torch_threads)
+            rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__})",
+                         f"{args.torch_threads} threads", seconds, None))
+        for name, where, seconds, memory in rows:
+            mib = ("n/a", "n/a") if memory is None else (fmt(memory["total"] / 2**20), fmt(memory["temp"] / 2**20))
+            if seconds is None:
+                timing = ("not run", "", "")
+            else:
+                mfu = f"{100 * flops_per_step / seconds / peak:.1f}%" if peak else "n/a"
+                timing = (fmt(B * T / seconds), mfu, f"{seconds * 1e3:.0f}")
+            lines.append(f"| {name} | {where} | {T:,} | " + " | ".join(timing + mib) + " |")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     peak_text = f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source
+    what = ("compiled ahead of time for memory only, nothing run" if args.memory_only
+            else f"median of {args.steps} steps after {args.warmup}")
     header = (f"### {now}, {machine()}, commit {git_commit()}\n\n"
-              f"{args.config}: {cfg.num_params() / 1e6:.2f}M params, {cfg.n_layers} layers, dim {cfg.dim}, vocab "
-              f"{cfg.vocab_size}; batch {B} x {T} tokens, {cfg.dtype} compute, float32 weights + AdamW, grad accum "
-              f"{args.grad_accum}; {fmt(cfg.flops_per_token(T) / 1e6)} MFLOP/token; peak {peak_text}; median of "
-              f"{args.steps} steps after {args.warmup}.")
+              f"{args.config}: {cfg.num_params() / 1e6:.2f}M params, {cfg.n_layers} layers, dim {cfg.dim}, "
+              f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}; batch {B} rows, "
+              f"{cfg.dtype} compute, float32 weights + AdamW, remat {cfg.remat}, attention {cfg.attention_impl}, grad "
+              f"accum {args.grad_accum}; peak {peak_text}; {what}.")
     entry = header + "\n\n" + "\n".join(lines)
     print(entry)
     if not args.no_append:

@@ -161,7 +161,7 @@ class Attention(nn.Module):
 
         impl = cfg.attention_impl
         if cache_kv is None:
-            out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, impl=impl)
+            out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, impl=impl)
             new_cache_kv = None
         else:
             # The chunk's tokens occupy consecutive slots starting at each sequence's first position.

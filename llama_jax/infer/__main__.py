@@ -25,6 +25,7 @@ from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
+from llama_jax.sharding.context import context_size
 from llama_jax.sharding.params import load_params
 from llama_jax.tokenizer import load_tokenizer
 
@@ -82,6 +83,9 @@ def load_model(args):
         kernels.resolve_impl(args.attention_impl)  # one line now, not a trace error mid-prefill
         overrides["attention_impl"] = args.attention_impl
     mesh = make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None and context_size(mesh) > 1:
+        raise ValueError(f"--mesh {args.mesh}: context parallelism (cp) is for training; decoding splits over dp, "
+                         "fsdp and tp")
     if mesh is None:
         cfg, params = checkpoint.load(path, **overrides)
     else:

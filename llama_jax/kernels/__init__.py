@@ -11,7 +11,9 @@ cuDNN fused attention, NVIDIA GPUs only), "auto" (pallas on GPU / TPU, xla on CP
 "pallas_interpret" is the same as an impl name, so a model config can ask for it.
 
 Under a multi-device mesh (the model's activation_sharding context) the Pallas kernels run per
-shard of batch rows and heads (sharded.py); XLA and cuDNN attention are partitioned by XLA.
+shard of batch rows and heads (sharded.py); XLA and cuDNN attention are partitioned by XLA. When
+the mesh splits the sequence (context parallelism), `attention` gathers keys and values over it
+and masks by positions (context_parallel.py): XLA only for now, so "auto" means "xla" there.
 """
 
 import functools
@@ -19,9 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax.kernels import context_parallel
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import default_lowering, flash_attention
-from llama_jax.kernels.reference import attention_reference, cached_attention_reference
+from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
+    positional_attention_reference
 from llama_jax.kernels.sharded import on_shards
 from llama_jax.sharding import axes
 
@@ -52,8 +56,16 @@ def resolve_impl(impl: str, *, interpret: bool = False) -> str:
     return impl
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, impl: str = "xla",
+def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, positions_BT=None, *, impl: str = "xla",
               interpret: bool = False):
+    """positions_BT: each token's position, needed when the active mesh splits the sequence."""
+    if context_parallel.sequence_axes(q_BTHD.shape[1]) is not None:
+        if impl not in ("xla", "auto"):
+            raise ValueError(f"attention impl {impl!r} cannot run with the sequence split over a context-parallel "
+                             "mesh axis: the flash kernels mask by index, not by positions; use 'xla'")
+        if positions_BT is None:
+            raise ValueError("context-parallel attention needs the tokens' positions (its mask is by position)")
+        return context_parallel.attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
     impl = resolve_impl(impl, interpret=interpret)
     if impl == "xla":
         return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
@@ -83,4 +95,4 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla
 
 
 __all__ = ["IMPLS", "attention", "cached_attention", "resolve_impl", "attention_reference",
-           "cached_attention_reference", "flash_attention", "decode_attention"]
+           "cached_attention_reference", "positional_attention_reference", "flash_attention", "decode_attention"]

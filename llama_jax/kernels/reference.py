@@ -46,3 +46,16 @@ def cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale=
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
     mask_BTS = jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None]
     return _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale)
+
+
+def positional_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, k_positions_BS, q_segment_ids_BT=None,
+                                   k_segment_ids_BS=None, *, scale=None):
+    """Causal attention masked by positions, not by index: a query at position p sees a key at
+    position s iff s <= p and both lie in the same segment. Tokens may come in any order (context
+    parallelism's load-balanced layout) and the queries may be a subset of the keys. Positions
+    must restart in each segment, or count along the row when there are no segments."""
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+    mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
+    if q_segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (q_segment_ids_BT[:, :, None] == k_segment_ids_BS[:, None, :])
+    return _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale)

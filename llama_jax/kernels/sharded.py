@@ -21,7 +21,8 @@ from llama_jax.sharding import axes
 from llama_jax.sharding.rules import logical_to_spec
 
 
-def _mesh_axes(logical: str, size: int, mesh):
+def mesh_axes_of(logical: str, size: int, mesh):
+    """The mesh axis (or axes) the rules split a dim of this logical name and size over; None if whole."""
     spec = logical_to_spec((logical,), (size,), mesh)
     return spec[0] if len(spec) else None
 
@@ -38,8 +39,8 @@ def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str =
         return kernel(*operands)
     B, _, H, _ = q_BTHE.shape
     K = k_BSKE.shape[2]
-    batch = _mesh_axes(batch_axis, B, mesh)
-    heads, kv_heads = _mesh_axes(axes.HEADS, H, mesh), _mesh_axes(axes.KV_HEADS, K, mesh)
+    batch = mesh_axes_of(batch_axis, B, mesh)
+    heads, kv_heads = mesh_axes_of(axes.HEADS, H, mesh), mesh_axes_of(axes.KV_HEADS, K, mesh)
     if heads != kv_heads:
         heads = kv_heads = None
     q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
@@ -48,4 +49,4 @@ def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str =
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*operands)
 
 
-__all__ = ["on_shards"]
+__all__ = ["on_shards", "mesh_axes_of"]

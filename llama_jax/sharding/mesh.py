@@ -1,4 +1,4 @@
-"""Mesh strings (`dp4,tp8`, `dp2,fsdp4,tp2`, `fsdp-1`) -> jax Mesh, and multi-process start-up."""
+"""Mesh strings (`dp4,tp8`, `dp2,fsdp4,tp2`, `fsdp2,cp4`, `fsdp-1`) -> jax Mesh, and multi-process start-up."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
-    """A Mesh with axes (dp, fsdp, tp), tp innermost so it spans the most closely linked devices."""
+    """A Mesh with axes (dp, fsdp, cp, tp), tp innermost so it spans the most closely linked devices,
+    cp next: its per-layer key/value all-gathers are the next heaviest traffic."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = parse_mesh(spec, len(devices)) if isinstance(spec, str) else {a: spec.get(a, 1) for a in MESH_AXES}
     shape = tuple(sizes[a] for a in MESH_AXES)

@@ -1,11 +1,19 @@
 """THE rules table: the only place that names mesh axes, and the helpers that apply it.
 
-The mesh always has the three axes below, outermost first (absent ones have size 1), so one
+The mesh always has the four axes below, outermost first (absent ones have size 1), so one
 table serves every mesh:
 
     dp    pure data parallel: params replicated, batch split.
     fsdp  fully sharded data parallel: batch split, and params + optimizer state split along
           `embed`, gathered per layer on use (ZeRO-3).
+    cp    context parallel: each row's tokens split along the sequence (load-balanced, see
+          context.py), keys and values all-gathered inside attention (kernels/context_parallel.py).
+          Params and optimizer state are split over cp as over fsdp: the devices of a cp group
+          hold different tokens of the same rows, so, exactly like fsdp's, they can each keep a
+          slice of the weights and gather it per layer. torchtitan shards FSDP over
+          dp_shard x cp and MaxText maps `embed` to its context axis for the same reason: at
+          long context a layer's tokens cost far more compute than gathering its weights, and
+          the optimizer state (12 bytes per parameter) would otherwise be whole on every cp rank.
     tp    tensor parallel (Megatron): heads, kv heads, MLP width and vocab split; innermost so its
           per-layer collectives stay on the fastest links (NVLink / ICI neighbours).
 """
@@ -24,14 +32,15 @@ from llama_jax.sharding import axes
 
 DATA = "dp"
 FSDP = "fsdp"
+CONTEXT = "cp"
 TENSOR = "tp"
-MESH_AXES = (DATA, FSDP, TENSOR)
+MESH_AXES = (DATA, FSDP, CONTEXT, TENSOR)
 
 # Logical axis -> mesh axis (or axes, major first), each logical name once.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Parameters.
     (axes.VOCAB, TENSOR),
-    (axes.EMBED, FSDP),
+    (axes.EMBED, (FSDP, CONTEXT)),
     (axes.HEADS, TENSOR),
     (axes.KV_HEADS, TENSOR),
     (axes.HEAD_DIM, None),
@@ -39,7 +48,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (axes.LAYERS, None),
     # Activations at block boundaries, and the batches fed to the step.
     (axes.ACTIVATION_BATCH, (DATA, FSDP)),
-    (axes.ACTIVATION_LENGTH, None),
+    (axes.ACTIVATION_LENGTH, CONTEXT),
     (axes.ACTIVATION_EMBED, None),
     (axes.ACTIVATION_VOCAB, TENSOR),
     # KV cache.

@@ -22,6 +22,8 @@ examples:
   python -m llama_jax.train --mesh dp4,tp8 --config llama3.2-1b --data corpus/ --seq-len 2048 \\
       --batch-size 256 --steps 10000 --lr 3e-4 --out runs/1b
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --data chats.jsonl --lr 1e-5 --steps 500
+  python -m llama_jax.train --init-from ckpt/llama3.1-8b --data books/ --seq-len 131072 --batch-size 2 \
+      --mesh fsdp2,cp4 --remat full --lr 1e-5 --steps 200     # long context: each row split over 4 devices
   (rerun the same command to resume; send SIGTERM to save and stop cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("mesh and processes")
     g.add_argument("--mesh", default=d.mesh,
-                   help="axes and sizes, tp innermost: 'fsdp8', 'dp4,tp8', 'dp2,fsdp-1,tp2' (-1: the rest); "
+                   help="axes and sizes, tp innermost: 'fsdp8', 'dp4,tp8', 'dp2,fsdp-1,tp2' (-1: the rest); cp "
+                        "splits each row's tokens (long context: 'fsdp2,cp4'; --seq-len a multiple of 2 x cp); "
                         "default %(default)s, every device as FSDP")
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="fake devices the CPU backend exposes when XLA_FLAGS does not say (default %(default)s)")

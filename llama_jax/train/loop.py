@@ -38,8 +38,7 @@ from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import abstract_state, check_batch_size, init_state, make_train_step, put_batch, \
-    state_shardings
+from llama_jax.train.step import check_batch_shape, init_state, make_train_step, put_batch, sharded_abstract_state
 
 log = logging.getLogger("llama_jax.train")
 
@@ -259,7 +258,7 @@ def _prepare(tc: TrainConfig) -> _Setup:
     cfg = dataclasses.replace(cfg, **_runtime_overrides(tc))
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    check_batch_size(mesh, tc.batch_size, tc.grad_accum)
+    check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         checkpoint.copy_tokenizer(tokenizer_path, out)
@@ -288,11 +287,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
     primary = _is_primary()
     latest = manager.latest_step()
     if latest is not None:
-        shardings = state_shardings(cfg, optimizer, mesh)
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              abstract_state(cfg, optimizer), shardings)
         restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(sharded_abstract_state(cfg, optimizer, mesh)), data=ocp.args.JsonRestore()))
         state = restored["state"]
         data.restore(restored["data"])
         log.info("resumed from %s at step %d", out / checkpoint.TRAIN_STATES_DIR, latest)

@@ -3,9 +3,10 @@
     state, metrics = train_step(state, batch)
 
 `state` (TrainState: step, float32 params, optimizer state) is donated and sharded by the rules
-table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays split over
-dp x fsdp (see data.py). Matmuls run in cfg.dtype (bf16 on accelerators); master weights, grads,
-optimizer state and the loss stay float32.
+table: FSDP splits params and Adam moments alike. `batch` is a dict of [B, T] arrays (see
+data.py), rows split over dp x fsdp and tokens over cp (put_batch lays them out in context
+parallelism's load-balanced order). Matmuls run in cfg.dtype (bf16 on accelerators); master
+weights, grads, optimizer state and the loss stay float32.
 
 The loss is a sum over weighted targets divided by the batch's total weight, and gradient
 accumulation sums per-microbatch gradients before that one division, so `grad_accum=k` gives the
@@ -20,15 +21,19 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, param_shapes
 from llama_jax.sharding import BATCH_AXES, activation_sharding, logical_to_sharding
+from llama_jax.sharding.context import check_seq_len, context_size, load_balance
 from llama_jax.sharding.params import init_params, param_shardings
 
 Batch = dict[str, jax.Array]
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "positions": jnp.int32,
+                "segment_ids": jnp.int32}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -57,11 +62,26 @@ def batch_sharding(mesh: Mesh, batch_shape: tuple[int, int]) -> NamedSharding:
     return logical_to_sharding(BATCH_AXES, mesh, batch_shape)
 
 
-def check_batch_size(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+def sharded_abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The state's shapes, dtypes and shardings on `mesh`: a restore target, or AOT compile input."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract_state(cfg, optimizer), state_shardings(cfg, optimizer, mesh))
+
+
+def abstract_batch(mesh: Mesh, batch_shape: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """A batch's shapes, dtypes and shardings on `mesh`, for compiling a step ahead of time:
+    `step.lower(sharded_abstract_state(...), abstract_batch(...)).compile().memory_analysis()`."""
+    sharding = batch_sharding(mesh, batch_shape)
+    return {k: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=sharding) for k, dtype in BATCH_DTYPES.items()}
+
+
+def check_batch_shape(mesh: Mesh, batch_shape: tuple[int, int], grad_accum: int = 1) -> None:
+    batch_size, seq_len = batch_shape
     data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
     if batch_size % (data_ways * grad_accum):
         raise ValueError(f"batch size {batch_size} must be a multiple of dp x fsdp ({data_ways}) x grad_accum "
                          f"({grad_accum}) = {data_ways * grad_accum}, so every device gets whole microbatch rows")
+    check_seq_len(seq_len, context_size(mesh))
 
 
 # Init ----------------------------------------------------------------------------------------
@@ -127,10 +147,9 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
                     batch_shape: tuple[int, int], grad_accum: int = 1, z_loss: float = 0.0,
                     schedule: Callable | None = None):
     """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape."""
-    check_batch_size(mesh, batch_shape[0], grad_accum)
+    check_batch_shape(mesh, batch_shape, grad_accum)
     state_sh = state_shardings(cfg, optimizer, mesh)
-    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in ("inputs", "targets", "weights", "positions",
-                                                               "segment_ids")}
+    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_DTYPES}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(state: TrainState, batch: Batch):
@@ -157,9 +176,12 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
 
 def put_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
     """Place a global numpy batch (identical on every process) on the mesh; each process transfers
-    only the rows its own devices hold."""
+    only the rows its own devices hold. With context parallelism every [B, T] array is first put in
+    the load-balanced token order, all alike, so each token keeps its position, document and weight."""
     out = {}
+    cp = context_size(mesh)
     for k, x in batch.items():
+        x = load_balance(np.asarray(x), cp) if cp > 1 else x
         sharding = batch_sharding(mesh, x.shape)
         out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
     return out

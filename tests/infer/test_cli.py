@@ -160,7 +160,8 @@ def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
                                           "--mesh", "dp2,tp4", "--quantize", "int8"])
     cfg, params, _, mesh = cli.load_model(args)
     # Quantized: the unquantized norms keep the stored float32; the matmuls run in bfloat16.
-    assert (cfg.dtype, cfg.param_dtype, dict(mesh.shape)) == ("bfloat16", "float32", {"dp": 2, "fsdp": 1, "tp": 4})
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    assert dict(mesh.shape) == {"dp": 2, "fsdp": 1, "cp": 1, "tp": 4}
     assert cfg.per_layer_params  # split for decoding (engine.prepare)
     wq = params["layers_1"]["attention"]["wq"]
     assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, "tp", None)
@@ -189,6 +190,8 @@ def no_tokenizer_dir(tmp_path_factory, checkpoint_dir):
      "prompt 0 has 82 tokens, but the model's context is 64 tokens: a prompt may have at most 63 (pass --truncate"),
     ("nothing to do", ["--checkpoint", "{ckpt}"], "nothing to do: pass --prompt TEXT, --prompts-file F or --chat"),
     ("bad mesh", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--mesh", "tp3"], "mesh 'tp3'"),
+    ("cp mesh", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--mesh", "dp2,cp4"],
+     "--mesh dp2,cp4: context parallelism (cp) is for training"),
     ("no kernel lowering", ["--checkpoint", "{ckpt}", "--prompt", "hi", "--attention-impl", "pallas"],
      "attention impl 'pallas' has no lowering on backend 'cpu'"),
     ("bad batch", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/p.txt", "--batch-size", "0"],

@@ -8,12 +8,15 @@ from llama_jax.sharding import initialize_distributed, make_mesh, mesh_str, pars
 
 
 @pytest.mark.parametrize("spec, n, expected", [
-    ("dp4,tp8", 32, {"dp": 4, "fsdp": 1, "tp": 8}),
-    ("dp2,fsdp4,tp2", 16, {"dp": 2, "fsdp": 4, "tp": 2}),
-    ("fsdp8", 8, {"dp": 1, "fsdp": 8, "tp": 1}),
-    ("tp2,dp-1", 8, {"dp": 4, "fsdp": 1, "tp": 2}),
-    ("fsdp-1", 1, {"dp": 1, "fsdp": 1, "tp": 1}),
-    (" dp2 , tp4 ", 8, {"dp": 2, "fsdp": 1, "tp": 4}),
+    ("dp4,tp8", 32, {"dp": 4, "fsdp": 1, "cp": 1, "tp": 8}),
+    ("dp2,fsdp4,tp2", 16, {"dp": 2, "fsdp": 4, "cp": 1, "tp": 2}),
+    ("fsdp8", 8, {"dp": 1, "fsdp": 8, "cp": 1, "tp": 1}),
+    ("tp2,dp-1", 8, {"dp": 4, "fsdp": 1, "cp": 1, "tp": 2}),
+    ("fsdp-1", 1, {"dp": 1, "fsdp": 1, "cp": 1, "tp": 1}),
+    (" dp2 , tp4 ", 8, {"dp": 2, "fsdp": 1, "cp": 1, "tp": 4}),
+    ("dp2,cp4", 8, {"dp": 2, "fsdp": 1, "cp": 4, "tp": 1}),
+    ("fsdp2,cp2,tp2", 8, {"dp": 1, "fsdp": 2, "cp": 2, "tp": 2}),
+    ("cp-1,tp2", 8, {"dp": 1, "fsdp": 1, "cp": 4, "tp": 2}),
 ])
 def test_parse_mesh(spec, n, expected):
     assert parse_mesh(spec, n) == expected
@@ -36,13 +39,16 @@ def test_parse_mesh_errors(spec, n, message):
         parse_mesh(spec, n)
 
 
-def test_make_mesh_puts_tp_innermost():
+def test_make_mesh_puts_tp_innermost_and_cp_next():
     mesh = make_mesh("dp2,fsdp2,tp2")
-    assert mesh.axis_names == ("dp", "fsdp", "tp")
+    assert mesh.axis_names == ("dp", "fsdp", "cp", "tp")
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     # Neighbouring device ids (the closest links on real hardware) differ along tp.
-    assert sorted(ids[0, 0, :].tolist()) == [0, 1]
+    assert sorted(ids[0, 0, 0, :].tolist()) == [0, 1]
     assert mesh_str(mesh) == "dp2,fsdp2,tp2"
+    cp_mesh = make_mesh("fsdp2,cp2,tp2")
+    assert np.vectorize(lambda d: d.id)(cp_mesh.devices)[0, 0].tolist() == [[0, 1], [2, 3]]
+    assert mesh_str(cp_mesh) == "fsdp2,cp2,tp2"
     assert mesh_str(make_mesh("fsdp-1")) == "fsdp8"
     assert make_mesh("dp1", devices=jax.devices()[:1]).size == 1
 

@@ -12,8 +12,8 @@ from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
 from llama_jax.sharding.params import param_shardings
 
 
-def abstract_mesh(dp, fsdp, tp):
-    return AbstractMesh((dp, fsdp, tp), ("dp", "fsdp", "tp"))
+def abstract_mesh(dp, fsdp, tp, cp=1):
+    return AbstractMesh((dp, fsdp, cp, tp), ("dp", "fsdp", "cp", "tp"))
 
 
 def specs(cfg, mesh):
@@ -65,6 +65,20 @@ def test_golden_specs_70b_fsdp64():
     got = specs(LlamaConfig.preset("llama3.1-70b"), abstract_mesh(1, 64, 1))
     assert got[f"{L}['attention']['wo']"] == P(None, None, None, "fsdp")
     assert got["['tok_embeddings']"] == P(None, "fsdp")
+
+
+def test_context_parallel_splits_params_like_fsdp_and_activations_along_the_sequence():
+    # Params: embed over fsdp x cp (ZeRO-3 over the cp group too); the rest as without cp.
+    got = specs(LlamaConfig.preset("llama3.1-8b"), abstract_mesh(1, 2, 1, cp=4))
+    assert got[f"{L}['attention']['wq']"] == P(None, ("fsdp", "cp"))
+    assert got[f"{L}['feed_forward']['w2']"] == P(None, None, ("fsdp", "cp"))
+    assert got["['tok_embeddings']"] == P(None, ("fsdp", "cp"))
+    assert specs(LlamaConfig.preset("llama3.1-8b"), abstract_mesh(2, 1, 1, cp=4))["['output']"] == P("cp")
+    # Batches and block-boundary activations: rows over dp x fsdp, tokens over cp.
+    mesh = abstract_mesh(2, 1, 2, cp=2)
+    assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH), (8, 64), mesh) == P("dp", "cp")
+    assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB), (8, 64, 512),
+                           mesh) == P("dp", "cp", "tp")
 
 
 def test_dims_a_mesh_axis_does_not_divide_are_replicated_over_it():

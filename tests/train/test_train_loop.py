@@ -33,13 +33,14 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, uninterrupted, mon
     assert_same_losses(losses(tmp_path), uninterrupted, range(STEPS))
 
 
-def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch):
+@pytest.mark.parametrize("first, second", [("fsdp8", "dp2,fsdp2,tp2"), ("fsdp2,cp4", "dp2,cp2,tp2")])
+def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch, first, second):
     monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:4")
-    train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+    train(TrainConfig(out=str(tmp_path), mesh=first, **BASE))
     monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
-    # Another data-parallel size and tensor parallelism: the same global batches, re-split.
-    resumed = train(TrainConfig(out=str(tmp_path), mesh="dp2,fsdp2,tp2", **BASE))
-    assert resumed["resumed_from"] == 4 and resumed["mesh"] == "dp2,fsdp2,tp2"
+    # Another data-parallel, context-parallel and tensor-parallel split: the same global batches, re-split.
+    resumed = train(TrainConfig(out=str(tmp_path), mesh=second, **BASE))
+    assert resumed["resumed_from"] == 4 and resumed["mesh"] == second
     assert_same_losses(losses(tmp_path), uninterrupted, range(4, STEPS), rtol=1e-5)
 
 

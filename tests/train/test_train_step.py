@@ -2,6 +2,7 @@
 packing that never leaks across documents, overfitting one batch, mixed precision."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from llama_jax.model import init_params as init_single
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import param_shardings
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import grads_and_sums, init_state, loss_sums, make_train_step, put_batch
+from llama_jax.train.step import abstract_batch, grads_and_sums, init_state, loss_sums, make_train_step, put_batch, \
+    sharded_abstract_state
 
 CFG = LlamaConfig.preset("tiny", n_heads=8, n_kv_heads=2)  # float32; D=64, F=192, V=512
 B, T = 8, 32
@@ -59,10 +61,14 @@ def reference():
     return params, batch, flat(grads), {k: float(v) for k, v in sums.items()}
 
 
-@pytest.mark.parametrize("mesh_spec", ["dp8", "fsdp8", "tp8", "dp2,fsdp2,tp2"])
+@pytest.mark.parametrize("mesh_spec", ["dp8", "fsdp8", "tp8", "dp2,fsdp2,tp2", "cp2", "cp4", "cp8", "dp2,cp4",
+                                       "fsdp2,cp2,tp2"])
 def test_same_loss_and_grads_on_every_mesh(reference, mesh_spec):
+    """Context parallel meshes (cp) included: rows of T=32 cut into up to 16 chunks of 2 tokens, so
+    the packed documents cross chunk boundaries."""
     params, batch, want_grads, want_sums = reference
-    mesh = make_mesh(mesh_spec)
+    devices = math.prod(int(item.lstrip("dpfsct")) for item in mesh_spec.split(","))
+    mesh = make_mesh(mesh_spec, devices=jax.devices()[:devices])
     shardings = param_shardings(CFG, mesh)
     params = jax.device_put(params, shardings)
     compute = jax.jit(lambda p, b: grads_and_sums(CFG, p, b, mesh), out_shardings=(shardings, None))
@@ -162,3 +168,39 @@ def test_batch_size_must_split_evenly():
     mesh = make_mesh("dp2,fsdp2,tp2")
     with pytest.raises(ValueError, match=r"multiple of dp x fsdp \(4\) x grad_accum \(2\) = 8"):
         make_train_step(CFG, make_optimizer(OptimConfig()), mesh, batch_shape=(4, T), grad_accum=2)
+
+
+def test_long_row_on_cp8_trains_and_needs_an_eighth_of_one_devices_memory():
+    """Per-device temporaries of the compiled step at 16K tokens (dominated by attention's scores:
+    cp8 holds T/8 queries against all T keys), and two steps of a 2K row on cp8. The issue asks to
+    train on 32K; on two busy CPU cores a 4K step of the dense XLA attention takes ~10 s, 32K ~64x that."""
+    cfg = LlamaConfig.preset("tiny", n_layers=1, max_seq_len=16384)
+    optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10))
+
+    def temp_bytes(mesh, seq_len):
+        step = make_train_step(cfg, optimizer, mesh, batch_shape=(1, seq_len))
+        state, batch = sharded_abstract_state(cfg, optimizer, mesh), abstract_batch(mesh, (1, seq_len))
+        compiled = step.lower(state, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    cp8 = make_mesh("cp8")
+    one = temp_bytes(make_mesh("dp1", devices=jax.devices()[:1]), 16384)
+    split = temp_bytes(cp8, 16384)
+    assert split <= one / 4, (split, one)
+
+    T = 2048
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T + 1), dtype=np.int32)
+    batch = put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((1, T), np.float32),
+                       "positions": np.arange(T, dtype=np.int32)[None], "segment_ids": np.ones((1, T), np.int32)}, cp8)
+    step = make_train_step(cfg, optimizer, cp8, batch_shape=(1, T))
+    state = init_state(cfg, optimizer, cp8, seed=0)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[1] < losses[0], losses
+
+
+def test_rows_must_split_into_2cp_chunks():
+    with pytest.raises(ValueError, match="sequence length 36 must be a multiple of 2 x cp = 8"):
+        make_train_step(CFG, make_optimizer(OptimConfig()), make_mesh("dp2,cp4"), batch_shape=(2, 36))
