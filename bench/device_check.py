@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, timeit
 from bench.results import RESULTS, append_results, git_commit, machine, median_seconds
 from llama_jax.kernels import _is_cuda, attention, cached_attention, decode_attention, flash_attention
-from llama_jax.kernels.flash_attention import default_lowering
+from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
 
 SECTION = "## Device check (bench/device_check.py)"

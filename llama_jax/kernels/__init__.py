@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.kernels.decode_attention import decode_attention
-from llama_jax.kernels.flash_attention import default_lowering, flash_attention
+from llama_jax.kernels.common import default_lowering
+from llama_jax.kernels.flash_attention import flash_attention
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
 from llama_jax.kernels.sharded import on_shards
 from llama_jax.sharding import axes
