@@ -1,13 +1,18 @@
 """What every attention kernel shares: the Pallas lowering of a backend, block arithmetic, masks,
-the f32 matmul and the online-softmax step. `i` indexes query blocks, `j` key blocks.
+the f32 matmul and the online-softmax step.
+
+`i` indexes query blocks of bq rows, `j` key blocks of bk keys. A per-row statistic (running max
+m, sum l, lse) is a [rows] vector on Triton and a [rows, 128] array broadcast over the lanes on
+Mosaic (`lanes=True`), where a vector only lives in whole vregs.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 
 # Running-max start: finite, so exp(m_prev - m_next) is never exp(-inf + inf) = NaN for a row
 # whose keys so far were all masked (-inf).
@@ -36,12 +41,20 @@ def resolve_lowering(lowering: str | None, interpret: bool) -> str:
     return lowering
 
 
+# ---------------------------------------------------------------------------------------------
+# Block arithmetic and masks.
+
+
 def cdiv(a, b):
     return lax.div(a + b - 1, b)
 
 
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
 def key_blocks(i, bq, bk, num_k_blocks, cfg):
-    """Key blocks [0, hi) that query block i sees; those below `full` need no mask at all."""
+    """(full, hi): query block i sees key blocks [0, hi); those below `full` need no mask at all."""
     if cfg.causal:
         hi = cdiv((i + 1) * bq, bk)
         full = lax.div(i * bq + 1, bk)  # key block j fits under the diagonal: (j+1)*bk-1 <= i*bq
@@ -52,8 +65,9 @@ def key_blocks(i, bq, bk, num_k_blocks, cfg):
 
 
 def query_blocks(j, bq, bk, num_q_blocks, cfg):
-    """Query blocks [lo, num_q_blocks) that see key block j; those from `full` on need no mask.
-    Key padding needs no mask here: a padded key's column only feeds its own discarded dK/dV."""
+    """(lo, full): query blocks [lo, num_q_blocks) see key block j; those from `full` on need no
+    mask. Key padding needs no mask here: a padded key's column only feeds its own discarded
+    dK/dV."""
     if not cfg.causal:
         return 0, (num_q_blocks if cfg.has_segments else 0)
     lo = lax.div(j * bk, bq)
@@ -74,8 +88,40 @@ def visible(q_pos, k_pos, q_seg, k_seg, cfg, *, key_padding=True):
     return ok
 
 
-def mask(s, visible):
-    return s if visible is None else jnp.where(visible, s, -jnp.inf)
+def mask(s, visible_pairs):
+    return s if visible_pairs is None else jnp.where(visible_pairs, s, -jnp.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token int operands of a kernel call (segment ids), a (query, key) pair.
+
+
+class Rows(NamedTuple):
+    """Per-token ids of the queries and the keys (arrays, or a kernel's refs); None if absent."""
+
+    q_seg: Any = None
+    k_seg: Any = None
+
+
+def with_rows(in_specs, args, rows: Rows, q_spec, k_spec):
+    """in_specs and args followed by each present (query ids, key ids) pair of `rows`, with the
+    query ids' spec and the key ids' spec."""
+    present = [ids for ids in rows if ids is not None]
+    return in_specs + [q_spec, k_spec] * (len(present) // 2), args + present
+
+
+def split_refs(refs, n_inputs: int, cfg):
+    """(input refs, Rows, the refs after them) of a kernel whose call took `n_inputs` inputs and
+    then the row operands `with_rows` appended (segment ids if it has them)."""
+    rest = list(refs[n_inputs:])
+    rows = {}
+    if cfg.has_segments:
+        rows["q_seg"], rows["k_seg"] = rest.pop(0), rest.pop(0)
+    return refs[:n_inputs], Rows(**rows), rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmul and softmax.
 
 
 def dot(a, b, contract):
@@ -88,17 +134,6 @@ def dot(a, b, contract):
 NN, NT = ((1,), (0,)), ((1,), (1,))
 
 
-def online_softmax_step(acc, m, l, s, v):
-    """Fold one block of scores s [rows, bk] and values v [bk, D] into the running output acc,
-    row max m and row sum l (Triton layout: statistics are [rows] vectors)."""
-    m_next = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp(m - m_next)
-    p = jnp.exp(s - m_next[:, None])
-    l = alpha * l + p.sum(axis=1)
-    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, NN)
-    return acc, m_next, l
-
-
 def fit_lanes(x_R128, n):
     """A lane-broadcast [rows, 128] statistic widened / narrowed to [rows, n]."""
     if n == LANES:
@@ -108,9 +143,25 @@ def fit_lanes(x_R128, n):
     return jnp.tile(x_R128, (1, n // LANES))
 
 
-def split_refs(refs, n_inputs: int, cfg):
-    """(input refs, qs_ref, ks_ref, output and scratch refs) of a kernel: the segment-id refs come
-    right after the `n_inputs` inputs when the call has segments, and are None when it has none."""
-    if cfg.has_segments:
-        return refs[:n_inputs], refs[n_inputs], refs[n_inputs + 1], refs[n_inputs + 2:]
-    return refs[:n_inputs], None, None, refs[n_inputs:]
+def columns(stat, n, *, lanes):
+    """A per-row statistic in a shape that broadcasts against [rows, n]."""
+    return fit_lanes(stat, n) if lanes else stat[:, None]
+
+
+def online_softmax_step(acc, m, l, s, v, *, lanes=False):
+    """Fold one block of scores s [rows, bk] and values v [bk, D] into the running output acc
+    [rows, D], row max m and row sum l; returns the new (acc, m, l)."""
+    m_next = jnp.maximum(m, s.max(axis=1, keepdims=lanes))
+    alpha = jnp.exp(m - m_next)
+    p = jnp.exp(s - columns(m_next, s.shape[1], lanes=lanes))
+    l = alpha * l + p.sum(axis=1, keepdims=lanes)
+    acc = acc * columns(alpha, acc.shape[1], lanes=lanes) + dot(p.astype(v.dtype), v, NN)
+    return acc, m_next, l
+
+
+def finish_softmax(acc, m, l, *, lanes=False):
+    """(output acc / l in f32, lse = m + log l) of the running statistics; a row that saw no key
+    (l = 0) gets output 0 and lse 0, never NaN."""
+    seen = l > 0.0
+    l = jnp.where(seen, l, 1.0)
+    return acc / columns(l, acc.shape[1], lanes=lanes), jnp.where(seen, m + jnp.log(l), 0.0)

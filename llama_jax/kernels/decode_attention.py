@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from llama_jax.kernels import decode_mosaic, decode_triton
-from llama_jax.kernels.common import LANES, resolve_lowering
+from llama_jax.kernels.common import LANES, resolve_lowering, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +76,6 @@ def combine_splits(acc_PBKRD, m_PBKR, l_PBKR):
     return acc_BKRD / jnp.where(l_BKR > 0.0, l_BKR, 1.0)[..., None]
 
 
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale: float | None = None,
                      block_sizes: DecodeBlockSizes | None = None, lowering: str | None = None,
                      interpret: bool = False):
@@ -111,10 +107,10 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, scale: float | N
         raise ValueError(f"cache length {S} needs a block_k dividing it that is a multiple of "
                          f"{unit}; got block_k={bs.block_k}")
     row_unit = 16 if lowering == "triton" else 8
-    br = min(bs.block_rows, _round_up(R, row_unit))
+    br = min(bs.block_rows, round_up(R, row_unit))
     if lowering == "triton":
         br = max(16, pl.next_power_of_2(br))
-    Rp = _round_up(R, br)
+    Rp = round_up(R, br)
     num_blocks = S // bk
     num_programs = B * K * (Rp // br)
     num_splits = bs.num_splits or -(-_TARGET_PROGRAMS[lowering] // num_programs)

@@ -19,16 +19,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llama_jax.kernels.common import LANES, M_FLOOR, NN, NT, dot, fit_lanes
+from llama_jax.kernels.common import LANES, M_FLOOR, NT, dot, fit_lanes, online_softmax_step
 
-def _decode_kernel_mosaic(last_block_BN, q_ref, k_ref, v_ref, pos_ref, acc_ref, m_ref, l_ref,
-                          m_scr, l_scr, acc_scr, *, cfg):
+
+def _kernel(last_block_BN, q_ref, k_ref, v_ref, pos_ref, acc_ref, m_ref, l_ref, m_scr, l_scr, acc_scr, *, cfg):
     # last_block_BN: SMEM [B, n_row_blocks]; q_ref, acc_ref, acc_scr [hp, br, W];
     # k_ref, v_ref [bk, W]; pos_ref [br, 128]; m_ref, l_ref, m_scr, l_scr [hp, br, 128]
     bk = cfg.block_k
     b, r, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     j = split * cfg.blocks_per_split + t
-    hp, br, W = q_ref.shape
+    hp, br, _ = q_ref.shape
 
     @pl.when(t == 0)
     def _init():
@@ -40,16 +40,10 @@ def _decode_kernel_mosaic(last_block_BN, q_ref, k_ref, v_ref, pos_ref, acc_ref, 
     def _step():
         k, v = k_ref[...], v_ref[...]
         k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (br, bk), 1)
-        visible = k_pos <= jnp.tile(pos_ref[...], (1, bk // LANES))
+        visible = k_pos <= fit_lanes(pos_ref[...], bk)
         for h in range(hp):
             s = jnp.where(visible, dot(q_ref[h], k, NT) * cfg.scale, -jnp.inf)
-            m_prev = m_scr[h]
-            m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-            alpha = jnp.exp(m_prev - m_next)
-            p = jnp.exp(s - jnp.tile(m_next, (1, bk // LANES)))
-            l_scr[h] = alpha * l_scr[h] + p.sum(axis=1, keepdims=True)
-            m_scr[h] = m_next
-            acc_scr[h] = acc_scr[h] * fit_lanes(alpha, W) + dot(p.astype(v.dtype), v, NN)
+            acc_scr[h], m_scr[h], l_scr[h] = online_softmax_step(acc_scr[h], m_scr[h], l_scr[h], s, v, lanes=True)
 
     @pl.when(t == pl.num_programs(4) - 1)
     def _finish():
@@ -96,7 +90,7 @@ def partials(q_BKRD, k_BSKD, v_BSKD, pos_BR, num_splits, cfg):
                         pltpu.VMEM((hp, br, W), jnp.float32)],
     )
     acc, m, l = pl.pallas_call(
-        functools.partial(_decode_kernel_mosaic, cfg=cfg),
+        functools.partial(_kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((num_splits, B, KG, hp, Rp, W), jnp.float32),
                    jax.ShapeDtypeStruct((num_splits, B, KG, hp, Rp, LANES), jnp.float32),

@@ -16,7 +16,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from llama_jax.kernels.common import M_FLOOR, NT, dot, online_softmax_step
 
-def _decode_kernel_triton(q_ref, k_ref, v_ref, pos_ref, acc_ref, m_ref, l_ref, *, cfg):
+
+def _kernel(q_ref, k_ref, v_ref, pos_ref, acc_ref, m_ref, l_ref, *, cfg):
     # q_ref, acc_ref [br, D]; k_ref, v_ref [S, D]; pos_ref, m_ref, l_ref [br]
     bk = cfg.block_k
     split = pl.program_id(0)
@@ -51,7 +52,7 @@ def partials(q_BKRD, k_BSKD, v_BSKD, pos_BR, num_splits, cfg):
     br = cfg.block_rows
     kv = pl.BlockSpec((None, S, None, D), lambda s, r, b, k: (b, 0, k, 0))
     acc, m, l = pl.pallas_call(
-        functools.partial(_decode_kernel_triton, cfg=cfg),
+        functools.partial(_kernel, cfg=cfg),
         grid=(num_splits, Rp // br, B, K),
         in_specs=[pl.BlockSpec((None, None, br, D), lambda s, r, b, k: (b, k, r, 0)), kv, kv,
                   pl.BlockSpec((None, br), lambda s, r, b, k: (b, r))],

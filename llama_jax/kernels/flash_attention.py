@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from llama_jax.kernels import flash_mosaic, flash_triton
-from llama_jax.kernels.common import LANES, SUBLANES, resolve_lowering
+from llama_jax.kernels.common import LANES, SUBLANES, Rows, resolve_lowering, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,27 +67,24 @@ class _Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# custom_vjp over the padded, lowering-specific layout.
+# custom_vjp over the padded inputs: each lowering saves what its own backward needs.
 
-# lowering -> its module's forward(q, k, v, qs, ks, cfg) -> (o, lse) and
-# backward(q, k, v, qs, ks, o, lse, do, cfg) -> (dq, dk, dv)
+# lowering -> its module: forward(q, k, v, rows, cfg) -> (o, residuals) and
+# backward(residuals, do, cfg) -> (dq, dk, dv), on [B, Tp, H|K, D] inputs.
 _LOWERINGS = {"triton": flash_triton, "mosaic": flash_mosaic}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, cfg):
-    return _LOWERINGS[cfg.lowering].forward(q, k, v, q_seg, kv_seg, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, rows, cfg):
+    return _LOWERINGS[cfg.lowering].forward(q, k, v, rows, cfg)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
-    o, lse = _LOWERINGS[cfg.lowering].forward(q, k, v, q_seg, kv_seg, cfg)
-    return o, (q, k, v, q_seg, kv_seg, o, lse)
+def _flash_fwd(q, k, v, rows, cfg):
+    return _LOWERINGS[cfg.lowering].forward(q, k, v, rows, cfg)
 
 
 def _flash_bwd(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, o, lse = residuals
-    dq, dk, dv = _LOWERINGS[cfg.lowering].backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg)
-    return dq, dk, dv, None, None
+    return (*_LOWERINGS[cfg.lowering].backward(residuals, do, cfg), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -95,10 +92,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---------------------------------------------------------------------------------------------
 # Public API.
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
 
 
 def _fit_blocks(bs: BlockSizes, T: int, lowering: str):
@@ -116,10 +109,10 @@ def _fit_blocks(bs: BlockSizes, T: int, lowering: str):
             unit = LANES if name.startswith("block_k") else SUBLANES
             if b % unit:
                 raise ValueError(f"mosaic {name}={b} must be a multiple of {unit}")
-        cap_k = _round_up(T, LANES)
-        blocks = {n: min(b, cap_k if n.startswith("block_k") else _round_up(T, SUBLANES))
+        cap_k = round_up(T, LANES)
+        blocks = {n: min(b, cap_k if n.startswith("block_k") else round_up(T, SUBLANES))
                   for n, b in blocks.items()}
-    Tp = _round_up(T, math.lcm(*blocks.values()))
+    Tp = round_up(T, math.lcm(*blocks.values()))
     return blocks, Tp
 
 
@@ -163,16 +156,8 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, kv_segment_i
 
     pad = [(0, 0), (0, Tp - T), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(x, pad) for x in (q_BTHD, k_BTKD, v_BTKD))
-    qs = ks = None
+    rows = Rows()
     if segment_ids_BT is not None:  # padding rows get id -1: they only ever see each other
-        qs, ks = (jnp.pad(s.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
-                  for s in (segment_ids_BT, kv_segment_ids_BT))
-    if lowering == "triton":
-        o = _flash(q, k, v, qs, ks, cfg)
-    else:
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-        if qs is not None:
-            qs = jnp.broadcast_to(qs[:, :, None], (B, Tp, LANES))
-            ks = jnp.broadcast_to(ks[:, None, :], (B, SUBLANES, Tp))
-        o = _flash(q, k, v, qs, ks, cfg).transpose(0, 2, 1, 3)
-    return o[:, :T]
+        rows = Rows(*(jnp.pad(s.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
+                      for s in (segment_ids_BT, kv_segment_ids_BT)))
+    return _flash(q, k, v, rows, cfg)[:, :T]
