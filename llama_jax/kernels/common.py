@@ -76,7 +76,9 @@ def query_blocks(j, bq, bk, num_q_blocks, cfg):
 
 
 def visible(q_pos, k_pos, q_seg, k_seg, cfg, *, key_padding=True):
-    """Which (query, key) pairs attend; positions / ids broadcast to [bq, bk]."""
+    """Which (query, key) pairs attend; positions / ids broadcast to [bq, bk]. Positions are the
+    token indices, or the tokens' own positions when the call has them (cfg.has_positions): then
+    padded keys sit past every query, so causal masking covers them."""
     ok = None
     if cfg.causal:
         ok = k_pos <= q_pos
@@ -93,7 +95,7 @@ def mask(s, visible_pairs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-token int operands of a kernel call (segment ids), a (query, key) pair.
+# Per-token int operands of a kernel call: segment ids and positions, each a (query, key) pair.
 
 
 class Rows(NamedTuple):
@@ -101,6 +103,8 @@ class Rows(NamedTuple):
 
     q_seg: Any = None
     k_seg: Any = None
+    q_pos: Any = None
+    k_pos: Any = None
 
 
 def with_rows(in_specs, args, rows: Rows, q_spec, k_spec):
@@ -112,11 +116,13 @@ def with_rows(in_specs, args, rows: Rows, q_spec, k_spec):
 
 def split_refs(refs, n_inputs: int, cfg):
     """(input refs, Rows, the refs after them) of a kernel whose call took `n_inputs` inputs and
-    then the row operands `with_rows` appended (segment ids if it has them)."""
+    then the row operands `with_rows` appended: segment ids if it has them, then positions."""
     rest = list(refs[n_inputs:])
     rows = {}
     if cfg.has_segments:
         rows["q_seg"], rows["k_seg"] = rest.pop(0), rest.pop(0)
+    if cfg.has_positions:
+        rows["q_pos"], rows["k_pos"] = rest.pop(0), rest.pop(0)
     return refs[:n_inputs], Rows(**rows), rest
 
 
