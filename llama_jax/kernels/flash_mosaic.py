@@ -67,7 +67,7 @@ def _mask(s, i, j, rows, cfg, **kw):
     return mask(s, visible(q_pos, k_pos, q_seg, k_seg, cfg, **kw))
 
 
-def _run(step, b, i, j, bounds, index_flags):
+def _when_seen(step, b, i, j, bounds, index_flags):
     """step(masked) if query block i sees key block j: by the positions' bounds when the call has
     them (then always masked), else by index_flags() -> (visible, needs_mask)."""
     if bounds is not None:
@@ -115,7 +115,7 @@ def _fwd_kernel(*refs, cfg):
         acc[...], m_scr[...], l_scr[...] = online_softmax_step(acc[...], m_scr[...], l_scr[...], s, v_ref[...],
                                                                lanes=True)
 
-    _run(step, b, i, j, bounds, lambda: _key_block_flags(i, j, bq, bk, pl.num_programs(3), cfg))
+    _when_seen(step, b, i, j, bounds, lambda: _key_block_flags(i, j, bq, bk, pl.num_programs(3), cfg))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -144,7 +144,7 @@ def _dq_kernel(*refs, cfg):
         ds = p * (dot(do_ref[...], v_ref[...], NT) - fit_lanes(delta_ref[...], bk))
         acc[...] += dot(ds.astype(k.dtype), k, NN)
 
-    _run(step, b, i, j, bounds, lambda: _key_block_flags(i, j, bq, bk, pl.num_programs(3), cfg))
+    _when_seen(step, b, i, j, bounds, lambda: _key_block_flags(i, j, bq, bk, pl.num_programs(3), cfg))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -174,7 +174,7 @@ def _dkv_kernel(*refs, cfg):
         ds = p * (dot(do, v_ref[...], NT) - fit_lanes(delta_ref[...], bk))
         dk_acc[...] += dot(ds.astype(q.dtype).T, q, NN)
 
-    _run(step, b, i, j, bounds, lambda: _query_block_flags(i, j, bq, bk, pl.num_programs(4), cfg))
+    _when_seen(step, b, i, j, bounds, lambda: _query_block_flags(i, j, bq, bk, pl.num_programs(4), cfg))
 
     @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():
