@@ -1,4 +1,4 @@
-"""Flash attention in Pallas: causal / packed-segment self-attention, forward and backward.
+"""Flash attention in Pallas: causal / packed-segment attention by index or by position, fwd and bwd.
 
 Shapes: B batch, T queries, S keys (S = T in self-attention), Tp / Sp T / S padded to a multiple
 of every block, H query heads, K kv heads, G = H // K query heads per kv head, D head_dim, bq / bk
