@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.kernels import decode_attention, flash_attention
-from llama_jax.kernels.flash_attention import default_lowering
+from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import cached_attention_reference
 from bench.results import append_results, git_commit
 

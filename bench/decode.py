@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import LlamaConfig, init_params
+from llama_jax import LlamaConfig, init_params, kernels
 from llama_jax.infer import engine
 from llama_jax.infer.quantize import param_bytes, quantize_params
 from llama_jax.infer.sampling import SamplingParams
@@ -180,7 +180,7 @@ def main():
     p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", choices=("float32", "bfloat16"),
                    help="weights and compute (default %(default)s here: XLA's CPU bfloat16 matmuls are slow)")
     p.add_argument("--attention-impl", default="xla" if on_cpu else "auto",
-                   choices=("xla", "pallas", "cudnn", "auto"), help="(default %(default)s on this backend)")
+                   choices=kernels.IMPLS, help="(default %(default)s on this backend)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="decode steps timed")

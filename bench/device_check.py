@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, timeit
 from bench.results import RESULTS, append_results, git_commit, machine, median_seconds
 from llama_jax.kernels import _is_cuda, attention, cached_attention, decode_attention, flash_attention
-from llama_jax.kernels.flash_attention import default_lowering
+from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
 
 SECTION = "## Device check (bench/device_check.py)"
@@ -182,7 +182,6 @@ def check_correctness(phase: Phase, ctx) -> None:
     B, H, K = 2, (4 if ctx.quick else 8), 2
     lengths = (100,) if ctx.quick else (1024, 1000)
     head_dims = (64,) if ctx.quick else (128, 64)
-    pallas_impl = "pallas_interpret" if ctx.interpret else "pallas"
     reference = with_grads(in_float32(lambda q, k, v, s: attention_reference(q, k, v, s)))
 
     def against_reference(fn, dtype, T, D, segments=True):
@@ -210,7 +209,7 @@ def check_correctness(phase: Phase, ctx) -> None:
         cudnn = lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         phase.run("dot_product_attention cudnn", f"B{B} T{T} H{H} K{K} D{D} bfloat16 causal",
                   against_reference(cudnn, jnp.bfloat16, T, D, segments=False))
-    for impl in ("xla", pallas_impl, "cudnn"):
+    for impl in ("xla", "pallas", "cudnn"):
         # cuDNN computes in half precision only; the others are checked in float32 too.
         dtypes = (jnp.bfloat16,) if impl == "cudnn" else (jnp.bfloat16, jnp.float32)
         for dtype in dtypes:
@@ -218,7 +217,7 @@ def check_correctness(phase: Phase, ctx) -> None:
             if impl == "cudnn" and not ctx.cudnn:
                 phase.results.append(Result(phase.name, f"attention(impl={impl})", shape, "SKIP", "no cuDNN"))
                 continue
-            fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl)
+            fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl, interpret=ctx.interpret)
             phase.run(f"attention(impl={impl})", shape, against_reference(fn, dtype, T, D))
 
     S = 256 if ctx.quick else 2048
@@ -240,12 +239,12 @@ def check_correctness(phase: Phase, ctx) -> None:
         for Tq in (4,) if ctx.quick else (1, 4):
             shape = f"B4 T{Tq} S{S} H{H} K{K} D{D} {jnp.dtype(dtype).name} ragged"
             phase.run("decode_attention (ours)", shape, decode_check(ours_decode, dtype, Tq))
-    for impl in (pallas_impl, "cudnn"):
+    for impl in ("pallas", "cudnn"):
         shape = f"B4 T1 S{S} H{H} K{K} D{D} bfloat16 ragged"
         if impl == "cudnn" and not ctx.cudnn:
             phase.results.append(Result(phase.name, f"cached_attention(impl={impl})", shape, "SKIP", "no cuDNN"))
             continue
-        fn = lambda q, k, v, p, impl=impl: cached_attention(q, k, v, p, impl=impl)
+        fn = lambda q, k, v, p, impl=impl: cached_attention(q, k, v, p, impl=impl, interpret=ctx.interpret)
         phase.run(f"cached_attention(impl={impl})", shape, decode_check(fn, jnp.bfloat16, 1))
     for case in flash_cases[1:]:
         flash_check(*case)
@@ -335,14 +334,14 @@ def check_train(phase: Phase, ctx) -> None:
     optimizer = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
     batch = put_batch(random_batch(base, B, T), mesh)
     flops_per_step = base.flops_per_token(T) * B * T
-    for impl in ("pallas_interpret" if ctx.interpret else "pallas", "cudnn", "xla"):
+    for impl in ("pallas", "cudnn", "xla"):
         shape = f"{'tiny' if ctx.quick else 'llama3.2-1b'} B{B} T{T} bf16 remat=full"
         if impl == "cudnn" and not ctx.cudnn:
             phase.results.append(Result(phase.name, f"train step attention={impl}", shape, "SKIP", "no cuDNN"))
             continue
 
         def run(impl=impl):
-            cfg = dataclasses.replace(base, attention_impl=impl)
+            cfg = dataclasses.replace(base, attention_impl=impl, attention_interpret=ctx.interpret)
             holder = {"state": init_state(cfg, optimizer, mesh, seed=0)}
             step = make_train_step(cfg, optimizer, mesh, batch_shape=(B, T))
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# "pallas_interpret" runs the Pallas kernels in the interpreter: any backend, exact, slow (tests).
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
+from llama_jax import kernels
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -94,7 +94,8 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # one of kernels.IMPLS
+    attention_interpret: bool = False  # run the Pallas kernels in the interpreter (any backend: tests)
     scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls the same params
     # False (training, checkpoints): one `layers` subtree whose leaves are stacked on a leading layer
     # axis. True (decoding): subtrees `layers_0` .. `layers_{L-1}` and a per-layer KV cache, so each
@@ -129,8 +130,8 @@ class LlamaConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl not in kernels.IMPLS:
+            raise ValueError(f"attention_impl must be one of {kernels.IMPLS}, got {self.attention_impl!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
@@ -447,5 +448,4 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "matching_preset", "canonical_dtype_name", "compute_dtype",
-           "ATTENTION_IMPLS"]
+__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "matching_preset", "canonical_dtype_name", "compute_dtype"]

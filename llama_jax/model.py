@@ -159,9 +159,9 @@ class Attention(nn.Module):
         q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
         k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
 
-        impl = cfg.attention_impl
+        which = dict(impl=cfg.attention_impl, interpret=cfg.attention_interpret)
         if cache_kv is None:
-            out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, impl=impl)
+            out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, **which)
             new_cache_kv = None
         else:
             # The chunk's tokens occupy consecutive slots starting at each sequence's first position.
@@ -169,8 +169,7 @@ class Attention(nn.Module):
             start_B = positions_BT[:, 0]
             k_BSKE = _write_cache(k_BSKE, k_BTKE, start_B)
             v_BSKE = _write_cache(v_BSKE, v_BTKE, start_B)
-            out_BTHE = kernels.cached_attention(q_BTHE, k_BSKE.astype(dt), v_BSKE.astype(dt), positions_BT,
-                                                impl=impl)
+            out_BTHE = kernels.cached_attention(q_BTHE, k_BSKE.astype(dt), v_BSKE.astype(dt), positions_BT, **which)
             new_cache_kv = (k_BSKE, v_BSKE)
         return jnp.einsum("bthe,hed->btd", out_BTHE.astype(dt), wo.astype(dt)), new_cache_kv
 

@@ -220,7 +220,7 @@ def test_pallas_kernels_give_the_same_logits_as_xla():
     """The model through our Pallas kernels (interpreted on CPU): flash attention for a packed
     forward pass and its gradients' inputs, the decode kernel for prefill + a step into the cache."""
     cfg = dataclasses.replace(PRESETS["tiny"], dim=128, n_heads=2, n_kv_heads=1)  # head_dim 64, GQA 2:1
-    kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas_interpret")
+    kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas", attention_interpret=True)
     params = random_params(cfg, seed=8)
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, cfg.vocab_size, (2, 40))

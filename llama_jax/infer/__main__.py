@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
-    p.add_argument("--attention-impl", choices=("xla", "pallas", "cudnn", "auto"),
+    p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
     p.add_argument("--tokenizer", metavar="PATH",

@@ -1,14 +1,15 @@
-"""Attention entry points; `impl` picks the implementation, one dispatch per function.
+"""Attention entry points; `impl` picks the implementation from one table.
 
 - `attention`: causal self-attention for training and whole-sequence forward passes.
 - `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
   into the cache and decode steps).
 
-impl: "xla" (plain XLA, any backend), "pallas" (our kernels: flash_attention.py and
-decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s
-cuDNN fused attention, NVIDIA GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). On CPU
-"pallas" runs only with interpret=True (the Pallas interpreter: exact, slow, for tests);
-"pallas_interpret" is the same as an impl name, so a model config can ask for it.
+IMPLS names the implementations, the one list config validation and the CLIs use: "xla" (plain
+XLA, any backend), "pallas" (our kernels: flash_attention.py and decode_attention.py, Triton on
+GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s cuDNN fused attention, NVIDIA
+GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). `interpret=True` runs the Pallas kernels in
+the Pallas interpreter (exact, slow, any backend: how CPU tests run them); the other
+implementations ignore it.
 
 Under a multi-device mesh (the model's activation_sharding context) the Pallas kernels run per
 shard of batch rows and heads (sharded.py); XLA and cuDNN attention are partitioned by XLA. When
@@ -16,20 +17,61 @@ the mesh splits the sequence (context parallelism), `attention` gathers keys and
 and masks by positions (context_parallel.py): XLA only for now, so "auto" means "xla" there.
 """
 
+from __future__ import annotations
+
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from llama_jax.kernels import context_parallel
+from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.decode_attention import decode_attention
-from llama_jax.kernels.flash_attention import default_lowering, flash_attention
+from llama_jax.kernels.flash_attention import flash_attention
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
     positional_attention_reference
 from llama_jax.kernels.sharded import on_shards
 from llama_jax.sharding import axes
 
-IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
+
+def _pallas_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret):
+    kernel = functools.partial(flash_attention, interpret=interpret)
+    return on_shards(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+
+
+def _pallas_cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret):
+    kernel = functools.partial(decode_attention, interpret=interpret)
+    return on_shards(kernel, q_BTHD, k_BSKD, v_BSKD, q_positions_BT, batch_axis=axes.CACHE_BATCH)
+
+
+def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret):
+    # cudnn takes packed documents only as a dense [B, 1, T, T] mask.
+    mask = None
+    if segment_ids_BT is not None:
+        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, is_causal=True,
+                                        implementation="cudnn")
+
+
+def _cudnn_cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret):
+    S = k_BSKD.shape[1]
+    mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, implementation="cudnn")
+
+
+class _Impl(NamedTuple):
+    attention: Callable  # (q, k, v, segment_ids or None, interpret) -> [B, T, H, D]
+    cached_attention: Callable  # (q, k_cache, v_cache, q_positions, interpret) -> [B, T, H, D]
+
+
+_IMPLS = {
+    "xla": _Impl(lambda q, k, v, segment_ids, interpret: attention_reference(q, k, v, segment_ids),
+                 lambda q, k, v, positions, interpret: cached_attention_reference(q, k, v, positions)),
+    "pallas": _Impl(_pallas_attention, _pallas_cached_attention),
+    "cudnn": _Impl(_cudnn_attention, _cudnn_cached_attention),
+}
+IMPLS = (*_IMPLS, "auto")
 
 
 def _is_cuda() -> bool:
@@ -43,8 +85,6 @@ def resolve_impl(impl: str, *, interpret: bool = False) -> str:
     backend = jax.default_backend()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-    if impl == "pallas_interpret":
-        return "pallas_interpret"
     if impl == "auto":
         return "pallas" if default_lowering(backend) else "xla"
     if impl == "pallas" and default_lowering(backend) is None and not interpret:
@@ -67,31 +107,13 @@ def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, positions_BT=None, *,
             raise ValueError("context-parallel attention needs the tokens' positions (its mask is by position)")
         return context_parallel.attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
     impl = resolve_impl(impl, interpret=interpret)
-    if impl == "xla":
-        return attention_reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
-    if impl in ("pallas", "pallas_interpret"):
-        kernel = functools.partial(flash_attention, interpret=interpret or impl == "pallas_interpret")
-        return on_shards(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
-    # cudnn takes packed documents only as a dense [B, 1, T, T] mask.
-    mask = None
-    if segment_ids_BT is not None:
-        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, is_causal=True,
-                                        implementation="cudnn")
+    return _IMPLS[impl].attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret)
 
 
 def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla",
                      interpret: bool = False):
     impl = resolve_impl(impl, interpret=interpret)
-    if impl == "xla":
-        return cached_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT)
-    if impl in ("pallas", "pallas_interpret"):
-        kernel = functools.partial(decode_attention, interpret=interpret or impl == "pallas_interpret")
-        return on_shards(kernel, q_BTHD, k_BSKD, v_BSKD, q_positions_BT, batch_axis=axes.CACHE_BATCH)
-    S = k_BSKD.shape[1]
-    mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
-    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask,
-                                        implementation="cudnn")
+    return _IMPLS[impl].cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret)
 
 
 __all__ = ["IMPLS", "attention", "cached_attention", "resolve_impl", "attention_reference",

@@ -32,6 +32,7 @@ data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages":
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llama_jax.kernels import IMPLS
     from llama_jax.train.loop import DEFAULT_MODEL, TrainConfig
 
     d = TrainConfig()
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="recompute activations "
                    "in the backward pass to save memory (default: the config's, 'none' for presets)")
-    g.add_argument("--attention-impl", choices=["xla", "pallas", "cudnn", "auto"], help="attention kernel")
+    g.add_argument("--attention-impl", choices=IMPLS, help="attention kernel")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=list(d.data), metavar="PATH",

@@ -63,7 +63,7 @@ def test_context_parallel_attention_and_grads_equal_the_unsplit_attention(spec, 
     assert "all-gather" in hlo and "reduce-scatter" in hlo
 
 
-@pytest.mark.parametrize("impl", ["pallas", "cudnn", "pallas_interpret"])
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
 def test_kernels_that_mask_by_index_are_refused_under_cp(impl):
     q, k, v, positions, segment_ids = packed_rows()
     with activation_sharding(make_mesh("cp8")), pytest.raises(ValueError, match="context-parallel"):

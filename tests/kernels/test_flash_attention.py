@@ -1,5 +1,7 @@
 """Flash attention kernels (both lowerings, Pallas interpreter) against the XLA reference."""
 
+import dataclasses
+import math
 import zlib
 
 import jax
@@ -27,10 +29,11 @@ def _segments(rng, B, T, max_doc=12):
                        jnp.int32)
 
 
-def _inputs(rng, lowering, B, H, K, D, dtype, segments):
-    lo, hi = SEQ_RANGE[lowering]
-    T = int(rng.integers(lo, hi))
-    T += T % 16 == 0  # never a block multiple
+def _inputs(rng, lowering, B, H, K, D, dtype, segments, T=None):
+    if T is None:
+        lo, hi = SEQ_RANGE[lowering]
+        T = int(rng.integers(lo, hi))
+        T += T % 16 == 0  # never a block multiple
     q, k, v, do = (jnp.asarray(rng.standard_normal(shape), dtype)
                    for shape in [(B, T, H, D), (B, T, K, D), (B, T, K, D), (B, T, H, D)])
     return q, k, v, do, (_segments(rng, B, T) if segments else None)
@@ -106,7 +109,7 @@ def test_rows_that_see_no_key_are_zero_not_nan(lowering):
     q, k, v, do, seg = _inputs(rng, lowering, 2, 4, 2, 64, jnp.float32, segments=True)
     kv_seg = jnp.where(seg == 2, 99, seg)  # no key left in document 2: its queries see nothing
     got = _out_and_grads(lambda q, k, v: flash_attention(
-        q, k, v, seg, kv_segment_ids_BT=kv_seg, block_sizes=TEST_BLOCKS[lowering],
+        q, k, v, seg, kv_segment_ids_BS=kv_seg, block_sizes=TEST_BLOCKS[lowering],
         lowering=lowering, interpret=True), q, k, v, do)
     T = q.shape[1]
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & (seg[:, :, None] == kv_seg[:, None, :])
@@ -140,6 +143,103 @@ def test_input_errors():
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="interpret=True"):
             flash_attention(q, kv, kv)
+
+
+def _load_balanced(T, cp, device):
+    """(query indices of one device, key indices of the whole gathered row) in context
+    parallelism's load-balanced order: 2 * cp chunks, device d holding chunks d and 2*cp-1-d."""
+    chunks = np.array_split(np.arange(T), 2 * cp)
+    order = [np.concatenate([chunks[d], chunks[2 * cp - 1 - d]]) for d in range(cp)]
+    return order[device], np.concatenate(order)
+
+
+def _positions(idx, B):
+    return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (B, len(idx)))
+
+
+def _permuted(q_idx, k_idx, lowering, seg, poison_BS=None):
+    """flash_attention over the tokens q_idx attending to k_idx, masked by their positions, as a
+    function of q, k, v in order; keys where poison_BS is set hold NaN."""
+
+    def f(q, k, v):
+        k, v = k[:, k_idx], v[:, k_idx]
+        if poison_BS is not None:
+            k, v = (jnp.where(poison_BS[:, :, None, None], jnp.nan, x) for x in (k, v))
+        B = q.shape[0]
+        return flash_attention(q[:, q_idx], k, v, seg[:, q_idx], kv_segment_ids_BS=seg[:, k_idx],
+                               q_positions_BT=_positions(q_idx, B), kv_positions_BS=_positions(k_idx, B),
+                               block_sizes=TEST_BLOCKS[lowering], lowering=lowering, interpret=True)
+
+    return f
+
+
+def _check_against_reference(f, q_idx, q, k, v, seg, rng):
+    do = jnp.asarray(rng.standard_normal((q.shape[0], len(q_idx), *q.shape[2:])), jnp.float32)
+    got = _out_and_grads(f, q, k, v, do)
+    want = _out_and_grads(lambda q, k, v: attention_reference(q, k, v, seg)[:, q_idx], q, k, v, do)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_positions_in_shuffled_order_match_the_reference(lowering):
+    """Causal masking by positions: every token shuffled (GQA 4, packed documents) gives the
+    reference's output and gradients on the tokens in order."""
+    rng = np.random.default_rng(21)
+    q, k, v, _, seg = _inputs(rng, lowering, 2, 8, 2, 64, jnp.float32, segments=True)
+    order = rng.permutation(q.shape[1])
+    _check_against_reference(_permuted(order, order, lowering, seg), order, q, k, v, seg, rng)
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_positions_of_a_context_parallel_shard_skip_the_keys_it_never_sees(lowering):
+    """One device of cp2 (chunks 1 and 2 of 4) against all keys in gathered order (0, 3, 1, 2):
+    the reference's numbers, and chunk 3's key blocks, later than every query here, are never
+    computed on: they hold NaN, which any visit would spread (0 * NaN)."""
+    rng = np.random.default_rng(22)
+    chunk = math.lcm(*dataclasses.astuple(TEST_BLOCKS[lowering])[:4])
+    T = 4 * chunk
+    q, k, v, _, seg = _inputs(rng, lowering, 2, 4, 1, 64, jnp.float32, segments=True, T=T)
+    q_idx, k_idx = _load_balanced(T, cp=2, device=1)
+    poison = jnp.broadcast_to(jnp.asarray(k_idx >= 3 * chunk), (2, T))
+    f = _permuted(q_idx, k_idx, lowering, seg, poison)
+    _check_against_reference(f, q_idx, q, k, v, seg, rng)
+
+
+def test_position_errors():
+    q = jnp.zeros((1, 40, 4, 64))
+    kv = jnp.zeros((1, 40, 2, 64))
+    pos = jnp.zeros((1, 40), jnp.int32)
+    run = lambda *a, **kw: flash_attention(*a, interpret=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="positions only order causal attention"):
+        run(q, kv, kv, q_positions_BT=pos, causal=False)
+    with pytest.raises(ValueError, match="need the queries' positions"):
+        run(q, kv, kv, kv_positions_BS=pos)
+    with pytest.raises(ValueError, match="needs their positions"):
+        run(q[:, :20], kv, kv)
+    with pytest.raises(ValueError, match=r"positions \(1, 20\)"):
+        run(q, kv, kv, q_positions_BT=pos[:, :20])
+
+
+@pytest.mark.parametrize("platform,lowering", [("cuda", "triton"), ("tpu", "mosaic")])
+def test_positions_lower_for_device(platform, lowering):
+    """A context-parallel shard's shapes (T queries, 4T keys, by position, packed) forward and
+    backward, through the real lowering."""
+    B, T, S, H, K, D = 1, 1024, 4096, 32, 8, 128
+
+    def loss(q, k, v, seg, kv_seg, pos, kv_pos):
+        out = flash_attention(q, k, v, seg, kv_segment_ids_BS=kv_seg, q_positions_BT=pos,
+                              kv_positions_BS=kv_pos, lowering=lowering)
+        return out.astype(jnp.float32).sum()
+
+    rows = lambda n: jax.ShapeDtypeStruct((B, n), jnp.int32)  # noqa: E731
+    mlir = export_mlir(jax.value_and_grad(loss, argnums=(0, 1, 2)), platform,
+                       jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((B, S, K, D), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((B, S, K, D), jnp.bfloat16),
+                       rows(T), rows(S), rows(T), rows(S))
+    assert mlir.count(f"@{KERNEL_CALL[platform]}") == 3
 
 
 # Real sizes and default blocks: what would run on the hardware, forward and backward.

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices 
 
 # 8 query heads over 4 kv heads: tp4 splits both, two query heads per kv head on every shard.
 CFG = dataclasses.replace(PRESETS["tiny"], dim=128, n_heads=8, n_kv_heads=4)
-KERNEL_CFG = dataclasses.replace(CFG, attention_impl="pallas_interpret")
+KERNEL_CFG = dataclasses.replace(CFG, attention_impl="pallas", attention_interpret=True)
 
 
 def kernel_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
@@ -41,7 +41,7 @@ def kernel_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
 ])
 def test_sharded_model_runs_the_kernels_per_shard_with_the_xla_numbers(spec, kv_heads, per_shard_q):
     cfg = dataclasses.replace(CFG, n_kv_heads=kv_heads)
-    kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas_interpret")
+    kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas", attention_interpret=True)
     params = random_params(cfg, seed=8)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (4, 16))
