@@ -73,11 +73,24 @@ def test_busy_port_is_one_line(tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def wait_until_up(url, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+
+
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        wait_until_up(url)
         results, started = {}, {"short": threading.Event(), "long": threading.Event()}
 
         def stream(name, max_tokens):
