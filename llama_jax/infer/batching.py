@@ -19,13 +19,15 @@ Sampling keys are fold_in(fold_in(key(seed), 0), position), as `engine.stream_to
 for a prompt at index 0: a request's tokens depend on its seed and prompt only, not on its batch
 companions or on being preempted and recomputed.
 
-Pages (pages.py): a request holds the pages its positions need, allocated as it grows. With
-prefix caching, each full page written is registered under the hash of all tokens up to its end,
+Pages (pages.py): a request is admitted when the pages of its whole context are available, and
+holds them from then on; it gets one more page each time its decoding fills one. With prefix
+caching, each full page written is registered under the hash of all tokens up to its end,
 and a new request whose context starts with registered pages holds those instead of prefilling
 them. When a page is needed and none is free or evictable, the newest request that holds pages
-is preempted: its pages are released (its registered ones stay cached) and it is requeued first,
-to be recomputed from its prompt and the tokens it already produced. The oldest request always
-makes progress, so a request that fits the pool alone always finishes.
+is preempted: its pages are released (its registered ones stay cached) and it is requeued ahead
+of the requests that arrived after it, to be recomputed from its prompt and the tokens it already
+produced. The oldest request always makes progress, so a request that fits the pool alone always
+finishes.
 
 Logprobs are those of the model's distribution (log_softmax of the logits, before temperature and
 filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
@@ -255,6 +257,13 @@ class BatchingEngine:
                     pages_used=self.allocator.used, pages_cached=self.allocator.cached,
                     pages_total=self.allocator.num_pages, **self.counters)
 
+    def warm_up(self) -> None:
+        """Compile the decode step and every prefill chunk shape now, before requests wait on them
+        (rows of padding only: the pages are left as they are)."""
+        for rows, width in [(self.max_batch, 1)] + self.chunk_shapes:
+            jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
+                                            np.zeros(rows, np.int32)))
+
     # Scheduling --------------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
@@ -262,9 +271,9 @@ class BatchingEngine:
         self._admit()
         decoding = [r for r in self._by_admission() if not r.prefilling]
         for request in decoding:
-            self._reserve(request, request.written + 1)
-        shape, chunk = self._plan_prefill()
+            self._reserve_next_page(request)
         decoding = [r for r in decoding if r.slot is not None]  # preempted for older requests' pages
+        shape, chunk = self._plan_prefill()
         pending = []
         if chunk:
             pending.append(([(r, n, row) for row, (r, n) in enumerate(chunk)], self._run_prefill(shape, chunk)))
@@ -293,26 +302,27 @@ class BatchingEngine:
             request.slot = self.slots.index(None)
             self.slots[request.slot] = request
             request.admitted, self._admitted = self._admitted, self._admitted + 1
-            request.pages, request.keys, request.written = hits, keys[:len(hits)], len(hits) * P
-            self.page_table[request.slot, :len(hits)] = hits
+            # Its whole context's pages now, so its prefill never waits for pages.
+            request.pages = hits + [self.allocator.allocate() for _ in range(needed)]
+            request.keys, request.written = keys[:len(hits)], len(hits) * P
+            self.page_table[request.slot, :len(request.pages)] = request.pages
             if not request.reported:
                 request.cached_tokens = len(hits) * P
             self.counters["cached_tokens"] += len(hits) * P
 
-    def _reserve(self, request: _Request, end: int) -> int:
-        """Give the request pages for positions up to `end`, preempting newer requests when none
-        is left (or the request itself when it is the newest). Returns the positions covered."""
-        while len(request.pages) * self.page_size < end:
+    def _reserve_next_page(self, request: _Request) -> None:
+        """Give a decoding request a page for its next position if it needs one, preempting the
+        newest request when none is left (the request itself when it is the newest)."""
+        while len(request.pages) * self.page_size <= request.written:
             page = self.allocator.allocate()
             if page is None:
                 newest = self._by_admission()[-1]
                 self._preempt(newest)
                 if newest is request:
-                    return 0
+                    return
                 continue
             self.page_table[request.slot, len(request.pages)] = page
             request.pages.append(page)
-        return end
 
     def _preempt(self, request: _Request) -> None:
         self._vacate(request)
@@ -336,14 +346,7 @@ class BatchingEngine:
             return (0, 0), []
         remaining = [len(r.tokens) - r.written for r in prefilling]
         rows, width = max(self.chunk_shapes, key=lambda s: sum(min(n, s[1]) for n in remaining[:s[0]]))
-        chunk = []
-        for request in prefilling[:rows]:
-            if request.slot is None:  # preempted for an older request's pages
-                continue
-            end = self._reserve(request, min(len(request.tokens), request.written + width))
-            if end > request.written:
-                chunk.append((request, end - request.written))
-        return (rows, width), chunk
+        return (rows, width), [(r, min(n, width)) for r, n in zip(prefilling[:rows], remaining)]
 
     # Running the model -------------------------------------------------------------------------
 
