@@ -6,6 +6,11 @@ most likely tokens, then keep the nucleus: the fewest most likely of those whose
 kept set has exactly the stated size. Temperature 0 is greedy (argmax, lower id on ties).
 
 Every row draws with its own key, so a prompt's sample does not depend on its batch-mates.
+
+`sample` takes one setting for the whole batch (a static argument); `sample_rows` takes each row's
+own temperature, top-k and top-p as arrays, so a continuous batch of requests with different
+settings runs one compiled program. It filters among the MAX_TOP_K most likely tokens of a row
+(a fixed shape); a row without top-k and top-p draws from the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -72,4 +77,26 @@ def sample(logits_BV, keys_B, params: SamplingParams):
     return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-__all__ = ["SamplingParams", "keep_mask", "sample"]
+MAX_TOP_K = 256  # the candidates `sample_rows` filters with top-k and top-p
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+    """Token ids [B] int32, each row with its own settings (temperature 0: greedy; top_k 0 and top_p
+    1: no filter). A nucleus is taken among the row's MAX_TOP_K most likely tokens."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = temperature_B == 0
+    scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    values_BC, ids_BC = jax.lax.top_k(scaled_BV, min(MAX_TOP_K, logits_BV.shape[-1]))
+    rank_C = jnp.arange(values_BC.shape[-1])
+    keep_BC = (top_k_B[:, None] == 0) | (rank_C[None, :] < top_k_B[:, None])
+    probs_BC = jax.nn.softmax(jnp.where(keep_BC, values_BC, -jnp.inf), axis=-1)
+    # A token is needed while the more likely ones hold less than top_p; the first always is.
+    keep_BC &= jnp.cumsum(probs_BC, axis=-1) - probs_BC < top_p_B[:, None]
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BC, values_BC, -jnp.inf))
+    filtered_B = jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0]
+    unfiltered_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
+    drawn_B = jnp.where((top_k_B == 0) & (top_p_B >= 1), unfiltered_B, filtered_B)
+    return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+
+
+__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "MAX_TOP_K"]
