@@ -108,6 +108,7 @@ def load_engine(args):
         params = quantize_params(params, args.quantize)
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages)
+    engine.warm_up()  # compiled now, not while the first requests wait
     return engine, tokenizer
 
 

@@ -171,14 +171,17 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens" if max_tokens is not None else prompt_param,
                            code="context_length_exceeded") from None
-        params = RequestParams(
-            max_tokens=max_tokens if max_tokens is not None else budget,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(body.top_k or 0, 0),
-            seed=body.seed,
-            stop_token_ids=tuple(self.tokenizer.stop_tokens),
-            logprobs=logprobs)
+        try:  # RequestParams checks what the engine can sample with (e.g. its largest top_k)
+            params = RequestParams(
+                max_tokens=max_tokens if max_tokens is not None else budget,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=max(body.top_k or 0, 0),
+                seed=body.seed,
+                stop_token_ids=tuple(self.tokenizer.stop_tokens),
+                logprobs=logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
         request_id = f"{kind}-{uuid.uuid4().hex}"
         try:
             request = await self.runner.submit(request_id, prompt_ids, params)

@@ -133,8 +133,9 @@ class EngineRunner:
                     self._shut(commands[i + 1:])
                     return
                 self._apply(*command)
-            if self.engine.has_work():
-                self._step()
+            new_tokens = self._step() if self.engine.has_work() else 0
+            if self.metrics is not None:  # after aborts too: they free pages without a step
+                self.metrics.observe_step(self.engine.stats(), new_tokens)
 
     def _apply(self, kind: str, *args) -> None:
         if kind == "add":
@@ -153,13 +154,14 @@ class EngineRunner:
         elif kind == "abort_all":
             self._fail_all(EngineError("the server is shutting down and aborted this request after its grace period"))
 
-    def _step(self) -> None:
+    def _step(self) -> int:
+        """One engine step, its outputs sent to their requests; the number of new tokens."""
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 (the server stays up; the requests in the engine end)
             log.exception("engine step failed; aborting its %d requests", len(self._live))
             self._fail_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"))
-            return
+            return 0
         for output in outputs:
             loop, request = self._live.get(output.request_id, (None, None))
             if request is None:  # aborted since the step began
@@ -167,8 +169,7 @@ class EngineRunner:
             if output.finish_reason is not None:
                 del self._live[output.request_id]
             loop.call_soon_threadsafe(request.outputs.put_nowait, output)
-        if self.metrics is not None:
-            self.metrics.observe_step(self.engine.stats(), len(outputs))
+        return len(outputs)
 
     def _shut(self, unapplied) -> None:
         self._fail_all(EngineError("the server stopped before this request finished"))

@@ -97,3 +97,10 @@ def live_server(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

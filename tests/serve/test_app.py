@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from llama_jax.serve.app import create_app
-from tests.serve.common import FakeEngine, live_server
+from tests.serve.common import FakeEngine, live_server, wait_for
 
 MODEL = "tiny-llama"
 REPLY = "Hello world! How are you today?"
@@ -27,13 +27,6 @@ def server(tokenizer, api_key=None, **engine_options):
 
 def client(url, api_key="unused"):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def sse_events(response) -> list[str]:
@@ -237,6 +230,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ({**CHAT, "temperature": 3}, ["temperature", "less than or equal to 2"], "temperature"),
     ({**CHAT, "top_p": 0}, ["top_p", "greater than 0"], "top_p"),
     ({**CHAT, "top_k": -2}, ["top_k"], "top_k"),
+    ({**CHAT, "top_k": 1000}, ["top_k must be an integer in [0, 256]"], None),  # the engine's own limit
     ({**CHAT, "max_tokens": 0}, ["max_tokens"], "max_tokens"),
     ({**CHAT, "stop": ["ok", ""]}, ["stop strings must not be empty"], "stop"),
     ({**CHAT, "top_logprobs": 2}, ["top_logprobs needs logprobs"], None),
