@@ -10,8 +10,9 @@ requests/s (inf: all at t=0), prompts of random token ids and lengths, and a num
 tokens per request. Both systems replay it:
 
 - server: `python -m llama_jax.serve`'s app over a BatchingEngine (max batch = the concurrency,
-  the static batch's size) in this process, driven over HTTP by an asyncio + httpx client that keeps at most
-  `concurrency` requests open (a request arriving while all are busy waits for one). Each request is
+  the static batch's size) in this process, driven over HTTP by an asyncio + httpx client in a
+  process of its own that keeps at most `concurrency` requests open (a request arriving while all
+  are busy waits for one). Each request is
   a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, runs them as one
@@ -35,6 +36,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import multiprocessing
 import os
 import socket
 import threading
@@ -138,6 +140,31 @@ async def replay_over_http(url: str, trace: list[Request], concurrency: int) -> 
         return await asyncio.gather(*(one(r) for r in trace))
 
 
+class Client:
+    """replay_over_http in a process of its own, so the load generator never competes with the
+    server's event loop and engine thread for this process's GIL (clients are remote in real use)."""
+
+    def __enter__(self):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_client_process, args=(child,), daemon=True)
+        self.process.start()
+        return self
+
+    def replay(self, url: str, trace: list[Request], concurrency: int) -> list[Timing]:
+        self.conn.send((url, trace, concurrency))
+        return self.conn.recv()
+
+    def __exit__(self, *_):
+        self.conn.send(None)
+        self.process.join()
+
+
+def _client_process(conn) -> None:
+    while (job := conn.recv()) is not None:
+        conn.send(asyncio.run(replay_over_http(*job)))
+
+
 # Static batching -------------------------------------------------------------------------------
 
 def static_batches(trace: list[Request], concurrency: int, clock):
@@ -213,28 +240,28 @@ def main():
     print(f"{cfg.num_params() / 1e9:.3f}B params", flush=True)
     params = init_params(cfg, 0)
     rows = []
-    for concurrency in args.concurrency:
-        # A server with as many batch slots as the static batch has rows: the same capacity.
-        engine = BatchingEngine(cfg, params, max_batch=concurrency)
-        engine.warm_up()
-        # Static batching decodes from the engine's own prepared weights (the same per-layer layout).
-        static_cfg, static_params = engine.cfg, engine.params
-        with Server(engine, tokenizer) as server:
-            warm = make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed)
-            asyncio.run(replay_over_http(server.url, warm, concurrency))
-            for rate in rates:
-                n = args.requests or max(8, 2 * concurrency)
-                trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
-                served = summarize(asyncio.run(replay_over_http(server.url, trace, concurrency)))
-                # Static batching compiles a program per batch shape (prompt and cache length
-                # buckets): an untimed replay first compiles what the timed one will meet.
-                replay_static(static_cfg, static_params, trace, concurrency)
-                static = summarize(replay_static(static_cfg, static_params, trace, concurrency))
-                for name, result in (("server (continuous)", served), ("static generate", static)):
-                    rows.append((rate, concurrency, n, name, result))
-                    print(rows[-1], flush=True)
-        del engine, static_params
-        gc.collect()
+    with Client() as client:
+        for concurrency in args.concurrency:
+            # A server with as many batch slots as the static batch has rows: the same capacity.
+            engine = BatchingEngine(cfg, params, max_batch=concurrency)
+            engine.warm_up()
+            # Static batching decodes from the engine's own prepared weights (the same per-layer layout).
+            static_cfg, static_params = engine.cfg, engine.params
+            with Server(engine, tokenizer) as server:
+                client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
+                for rate in rates:
+                    n = args.requests or max(8, 2 * concurrency)
+                    trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
+                    served = summarize(client.replay(server.url, trace, concurrency))
+                    # Static batching compiles a program per batch shape (prompt and cache length
+                    # buckets): an untimed replay first compiles what the timed one will meet.
+                    replay_static(static_cfg, static_params, trace, concurrency)
+                    static = summarize(replay_static(static_cfg, static_params, trace, concurrency))
+                    for name, result in (("server (continuous)", served), ("static generate", static)):
+                        rows.append((rate, concurrency, n, name, result))
+                        print(rows[-1], flush=True)
+            del engine, static_params
+            gc.collect()
 
     commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "

@@ -154,6 +154,9 @@ def main(argv=None) -> int:
         return 130
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name!r} (context {engine.max_seq_len} tokens, {args.max_batch} batch slots) on "
+          f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
     try:
         serve(app, sock, grace_period=args.grace_period)
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from llama_jax.infer.batching import EngineFullError, RequestParams
 from llama_jax.serve import protocol as p
 from llama_jax.serve.metrics import ServerMetrics
 from llama_jax.serve.output import Counts, Delta, deltas
-from llama_jax.serve.runner import EngineError, EngineRunner, ShuttingDownError
+from llama_jax.serve.runner import EngineError, EngineRequest, EngineRunner, ShuttingDownError
 
 
 class APIError(Exception):
@@ -120,10 +120,9 @@ class Generation:
         if body.stream:
             return _stream(request, self._completion_chunks(request, body, echo))
         counts = Counts()
-        pieces = await _unless_disconnected(http, _collect(deltas(request, self.tokenizer, body.stop_strings,
-                                                                  counts)))
+        pieces = await self._whole(request, body, http, counts)
         if pieces is None:
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody reads it: the client is gone
         tokens = [t for d in pieces for t in d.tokens]
         return p.CompletionResponse(
             id=request.id, created=int(time.time()), model=self.model_name, usage=self._usage(request, counts),
@@ -146,10 +145,9 @@ class Generation:
         if body.stream:
             return _stream(request, self._chat_chunks(request, body))
         counts = Counts()
-        pieces = await _unless_disconnected(http, _collect(deltas(request, self.tokenizer, body.stop_strings,
-                                                                  counts)))
+        pieces = await self._whole(request, body, http, counts)
         if pieces is None:
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody reads it: the client is gone
         tokens = [t for d in pieces for t in d.tokens]
         return p.ChatCompletionResponse(
             id=request.id, created=int(time.time()), model=self.model_name, usage=self._usage(request, counts),
@@ -195,7 +193,16 @@ class Generation:
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return request
 
-    def _usage(self, request, counts: Counts) -> p.Usage:
+    async def _whole(self, request: EngineRequest, body: p.SamplingRequest, http: Request,
+                     counts: Counts) -> list[Delta] | None:
+        """All of a request's text pieces, or None when the client disconnects first (which
+        aborts the request)."""
+        async def collect():
+            return [d async for d in deltas(request, self.tokenizer, body.stop_strings, counts)]
+
+        return await _unless_disconnected(http, collect())
+
+    def _usage(self, request: EngineRequest, counts: Counts) -> p.Usage:
         return p.Usage(prompt_tokens=request.prompt_len, completion_tokens=counts.completion_tokens,
                        total_tokens=request.prompt_len + counts.completion_tokens,
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=counts.cached_prompt_tokens))
@@ -256,10 +263,6 @@ class Generation:
 def _stream(request, chunks) -> StreamingResponse:
     return StreamingResponse(_server_sent_events(request, chunks), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
-
-
-async def _collect(pieces) -> list[Delta]:
-    return [d async for d in pieces]
 
 
 async def _server_sent_events(request, chunks):

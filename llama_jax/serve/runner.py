@@ -28,7 +28,7 @@ class EngineError(RuntimeError):
     """The engine failed while this request was in it; the request has been aborted."""
 
 
-class Request:
+class EngineRequest:
     """One request's view of the engine: its TokenOutputs in order, and abort()."""
 
     def __init__(self, runner: EngineRunner, request_id: str, prompt_len: int, params: RequestParams):
@@ -70,7 +70,7 @@ class EngineRunner:
         self.metrics = metrics
         self._commands: collections.deque = collections.deque()
         self._wake = threading.Condition()
-        self._live: dict[str, tuple[asyncio.AbstractEventLoop, Request]] = {}  # engine thread only
+        self._live: dict[str, tuple[asyncio.AbstractEventLoop, EngineRequest]] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="llama_jax-engine", daemon=True)
         self.accepting = True
 
@@ -98,12 +98,12 @@ class EngineRunner:
         self.post("stop")
         self._thread.join(timeout)
 
-    async def submit(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams) -> Request:
+    async def submit(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams) -> EngineRequest:
         """Add a request; raises here what engine.add raises (EngineFullError, ValueError)."""
         if not self.accepting or not self.alive():
             raise ShuttingDownError("the server is shutting down")
         loop = asyncio.get_running_loop()
-        request = Request(self, request_id, len(prompt_ids), params)
+        request = EngineRequest(self, request_id, len(prompt_ids), params)
         added = loop.create_future()
         self.post("add", request, list(prompt_ids), loop, added)
         try:
