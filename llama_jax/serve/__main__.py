@@ -108,7 +108,6 @@ def load_engine(args):
         params = quantize_params(params, args.quantize)
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages)
-    engine.warm_up()  # compiled now, not while the first requests wait
     return engine, tokenizer
 
 
@@ -147,6 +146,7 @@ def main(argv=None) -> int:
         check_args(args)
         sock = listen(args.host, args.port)
         engine, tokenizer = load_engine(args)
+        engine.warm_up()  # compiled now, not while the first requests wait
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

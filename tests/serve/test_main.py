@@ -11,10 +11,12 @@ import threading
 import time
 
 import httpx
+import jax
 import pytest
 
 from llama_jax import LlamaConfig
-from llama_jax.serve.__main__ import main
+from llama_jax.infer.quantize import QuantizedArray
+from llama_jax.serve.__main__ import build_parser, load_engine, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -119,3 +121,23 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0():
     long = results["long"]  # ended after the grace period with an error event the client can read
     assert 20 < len(long) < 100 and "grace period" in json.loads(long[-2].removeprefix("data: "))["error"]["message"]
     assert long[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--max-batch", "4", "--max-seq-len", "48", "--page-size", "8", "--kv-pages", "20"],
+    ["--max-batch", "4", "--mesh", "dp4,tp2", "--quantize", "int8"],
+])
+def test_load_engine_follows_the_flags(checkpoint_dir, flags):
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint_dir), *flags])
+    engine, tokenizer = load_engine(args)
+    option = dict(zip(flags[::2], flags[1::2]))
+    assert engine.max_batch == 4 and tokenizer.vocab_size == 128256
+    assert engine.max_seq_len == int(option.get("--max-seq-len", 64))
+    assert engine.page_size == int(option.get("--page-size", 16))
+    assert engine.stats()["pages_total"] == int(option.get("--kv-pages", 4 * -(-engine.max_seq_len // engine.page_size)))
+    assert (engine.mesh is None) == ("--mesh" not in option)
+    if engine.mesh is not None:
+        assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "tp": 2}
+    quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
+                 if isinstance(leaf, QuantizedArray)]
+    assert bool(quantized) == ("--quantize" in option)

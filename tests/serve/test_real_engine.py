@@ -121,3 +121,16 @@ def test_disconnect_frees_the_pages(served, monkeypatch):
         assert metric(url, "llama_jax_kv_pages_used") > 0
     wait_for(lambda: metric(url, "llama_jax_kv_pages_used") == 0)
     assert metric(url, "llama_jax_generation_tokens_total") - generated < 50  # aborted, not run to its end
+
+
+def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(served):
+    url, tokenizer, _, _ = served
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers in one line."},
+                {"role": "user", "content": "Hi"}]
+    first, second = (client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+                     for _ in range(2))
+    prompt_len = len(tokenizer.encode_dialog(messages))
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens == prompt_len
+    # Pages of 8 tokens: the second request finds every full page of the first's prompt (all but
+    # the last token is looked up, so the last position is always prefilled).
+    assert second.usage.prompt_tokens_details.cached_tokens == (prompt_len - 1) // 8 * 8 > 0
