@@ -25,10 +25,11 @@ import uvicorn
 from llama_jax import checkpoint
 from llama_jax.infer.__main__ import check_host_memory, load_tokenizer_for
 from llama_jax.infer.batching import BatchingEngine
+from llama_jax.infer.engine import batch_multiple
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.text import check_tokenizer
 from llama_jax.serve.app import create_app
-from llama_jax.sharding import make_mesh, parse_mesh
+from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import load_params
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
@@ -60,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """One-line ValueError for any flag that cannot work, before the model loads."""
-    checkpoint.load_config(args.checkpoint)  # raises for a path that is not a checkpoint
+    """One-line ValueError for any flag that cannot work, before the model loads (the engine checks
+    its settings again, but only once the weights are in memory)."""
+    cfg = checkpoint.load_config(args.checkpoint)  # raises for a path that is not a checkpoint
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size"):
@@ -72,8 +74,12 @@ def check_args(args) -> None:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of {cfg.max_seq_len}")
     if args.mesh:
-        parse_mesh(args.mesh, jax.device_count())
+        split = batch_multiple(make_mesh(args.mesh))
+        if args.max_batch % split:
+            raise ValueError(f"--max-batch {args.max_batch} does not divide over the mesh's batch split of {split}")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -51,6 +51,8 @@ def fake_checkpoint(tmp_path):
     (["--max-batch", "0"], ["--max-batch must be >= 1"]),
     (["--page-size", "-1"], ["--page-size must be >= 1"]),
     (["--mesh", "tp3"], ["mesh 'tp3'", "8 devices"]),
+    (["--mesh", "dp8", "--max-batch", "12"], ["--max-batch 12", "batch split of 8"]),
+    (["--max-seq-len", "100000"], ["--max-seq-len 100000", "context of 256"]),
     (["--grace-period", "-1"], ["--grace-period"]),
     (["--api-key", " "], ["--api-key is empty"]),
 ])
