@@ -304,7 +304,8 @@ def test_a_bad_request_does_not_disturb_a_running_one(tokenizer):
     assert results[0].choices[0].message.content == REPLY
 
 
-def test_engine_failure_ends_its_requests_and_the_server_goes_on(tokenizer):
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_failure_ends_its_requests_and_the_server_goes_on(tokenizer, stream):
     with server(tokenizer) as (engine, url):
         real_step = engine.step
 
@@ -313,8 +314,14 @@ def test_engine_failure_ends_its_requests_and_the_server_goes_on(tokenizer):
             raise RuntimeError("device lost")
 
         engine.step = failing_step
-        assert_error(post(url, "/v1/chat/completions", CHAT), 500, "device lost")
+        response = post(url, "/v1/chat/completions", {**CHAT, "stream": stream})
+        if stream:  # the stream has begun (status 200): the error is its last event
+            *_, error, done = sse_events(response)
+            assert "device lost" in json.loads(error)["error"]["message"] and done == "[DONE]"
+        else:
+            assert_error(response, 500, "device lost")
         assert client(url).chat.completions.create(**CHAT).choices[0].message.content == REPLY
+        assert not engine.requests
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(tokenizer):
