@@ -4,7 +4,8 @@
 - `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
   into the cache and decode steps).
 - `paged_attention`: the same against keys and values in fixed-size pages named by a page table
-  (the continuous-batching engine); only "xla" so far.
+  (the continuous-batching engine); only "xla" so far (paged_attention_xla.py: the pages up to
+  the batch's furthest position, block by block).
 
 impl: "xla" (plain XLA, any backend), "pallas" (our kernels: flash_attention.py and
 decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import default_lowering, flash_attention
+from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, paged_attention_reference
 from llama_jax.kernels.sharded import on_shards
 from llama_jax.sharding import axes
@@ -88,8 +90,9 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
     impl = resolve_impl(impl)
     if impl != "xla":
         raise ValueError(f"paged attention has no {impl!r} implementation yet; use 'xla'")
-    return paged_attention_reference(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT)
+    return paged_attention_xla(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT)
 
 
 __all__ = ["IMPLS", "attention", "cached_attention", "paged_attention", "resolve_impl", "attention_reference",
-           "cached_attention_reference", "paged_attention_reference", "flash_attention", "decode_attention"]
+           "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "flash_attention",
+           "decode_attention"]
