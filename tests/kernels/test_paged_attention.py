@@ -1,5 +1,6 @@
-"""Paged attention (the gather reference and the blocked XLA path) against attention over the
-same keys and values laid out contiguously."""
+"""Paged attention (the gather reference, the blocked XLA path, the Pallas kernel in the
+interpreter) against attention over the same keys and values laid out contiguously; the kernel's
+lowering for cuda."""
 
 import functools
 
@@ -8,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax.kernels.paged_attention import PagedBlockSizes, paged_attention
 from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import cached_attention_reference, paged_attention_reference
+from tests.kernels.lowering import KERNEL_CALL, export_mlir
 
 B, H, K, D, P, M = 4, 8, 2, 16, 4, 12  # GQA 4:1; up to 48 positions per row in pages of 4
 
@@ -55,3 +58,24 @@ def test_blocked_path_reads_only_the_blocks_up_to_the_furthest_position():
     out = paged_attention_xla(q, k_pages, v_pages, page_table, positions, pages_per_block=2)
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(out[np.array([0, 2, 3])], expected[np.array([0, 2, 3])], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("pages_per_block, num_splits", [(1, None), (2, 3), (4, 1)])
+def test_pallas_kernel_in_the_interpreter_equals_the_reference(T, pages_per_block, num_splits):
+    q, _, (k_pages, v_pages), page_table, positions = _inputs(np.random.default_rng(10 + T), T)
+    expected = paged_attention_reference(q, k_pages, v_pages, page_table, positions)
+    sizes = PagedBlockSizes(pages_per_block=pages_per_block, num_splits=num_splits)
+    kernel = jax.jit(functools.partial(paged_attention, block_sizes=sizes, interpret=True))
+    out = kernel(q, k_pages, v_pages, page_table, positions)
+    real = np.asarray(positions[:, 0] >= 0)
+    np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out[~real], 0)  # a padding row sees nothing
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_kernel_lowers_for_cuda(dtype):
+    args = (jax.ShapeDtypeStruct((8, 1, 32, 128), dtype), jax.ShapeDtypeStruct((1024, 16, 8, 128), dtype),
+            jax.ShapeDtypeStruct((1024, 16, 8, 128), dtype), jax.ShapeDtypeStruct((8, 130), jnp.int32),
+            jax.ShapeDtypeStruct((8, 1), jnp.int32))
+    assert KERNEL_CALL["cuda"] in export_mlir(paged_attention, "cuda", *args)
