@@ -171,10 +171,10 @@ class BatchingEngine:
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
         impl = kernels.resolve_impl(attention_impl)
-        if impl in ("auto", "pallas"):  # no paged Pallas kernel yet: the gather path everywhere
-            impl = "xla"
-        if impl != "xla":
-            raise ValueError(f"attention_impl {attention_impl!r}: paged attention has only 'xla' and 'auto' so far")
+        if impl == "pallas" and jax.default_backend() == "tpu":  # no Mosaic paged kernel yet
+            impl = "xla" if attention_impl == "auto" else impl
+        if impl not in ("xla", "pallas", "pallas_interpret"):
+            raise ValueError(f"attention_impl {attention_impl!r}: paged attention has 'xla' and 'pallas' only")
         self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
         if not 1 < self.max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] (the model's context), "

@@ -4,7 +4,8 @@
 - `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
   into the cache and decode steps).
 - `paged_attention`: the same against keys and values in fixed-size pages named by a page table
-  (the continuous-batching engine); only "xla" so far.
+  (the continuous-batching engine): "xla" is paged_attention_xla.py (the pages up to the batch's
+  furthest position, block by block), "pallas" paged_attention.py (Triton only); no "cudnn".
 
 impl: "xla" (plain XLA, any backend), "pallas" (our kernels: flash_attention.py and
 decode_attention.py, Triton on GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import default_lowering, flash_attention
+from llama_jax.kernels.paged_attention import paged_attention as paged_attention_pallas
+from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, paged_attention_reference
-from llama_jax.kernels.sharded import on_shards
+from llama_jax.kernels.sharded import on_page_shards, on_shards
 from llama_jax.sharding import axes
 
 IMPLS = ("xla", "pallas", "cudnn", "auto", "pallas_interpret")
@@ -84,12 +87,18 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla
                                         implementation="cudnn")
 
 
-def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, impl: str = "xla"):
-    impl = resolve_impl(impl)
-    if impl != "xla":
-        raise ValueError(f"paged attention has no {impl!r} implementation yet; use 'xla'")
-    return paged_attention_reference(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT)
+def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, impl: str = "xla",
+                    interpret: bool = False):
+    impl = resolve_impl(impl, interpret=interpret)
+    operands = (q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT)
+    if impl == "xla":
+        return paged_attention_xla(*operands)
+    if impl in ("pallas", "pallas_interpret"):
+        kernel = functools.partial(paged_attention_pallas, interpret=interpret or impl == "pallas_interpret")
+        return on_page_shards(kernel, *operands)
+    raise ValueError(f"paged attention has no {impl!r} implementation; use 'xla' or 'pallas'")
 
 
 __all__ = ["IMPLS", "attention", "cached_attention", "paged_attention", "resolve_impl", "attention_reference",
-           "cached_attention_reference", "paged_attention_reference", "flash_attention", "decode_attention"]
+           "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
+           "flash_attention", "decode_attention"]

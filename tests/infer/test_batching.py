@@ -266,3 +266,16 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec):
     assert {k: tokens_and_reason(v) for k, v in sharded.items()} == {k: tokens_and_reason(v) for k, v in single.items()}
     np.testing.assert_allclose([o.logprob for o in sharded["c"]], [o.logprob for o in single["c"]], rtol=1e-5)
     assert engine.pages[0][0].sharding.spec == P(None, None, "tp")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
+@pytest.mark.parametrize("spec", [None, "dp2,tp2"])
+def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
+    cfg, params = tiny
+    mesh = None if spec is None else make_mesh(spec, jax.devices()[:4])
+    settings = dict(max_batch=2, page_size=8, prefill_chunk=16, max_seq_len=64, mesh=mesh)
+    arrivals = {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),
+                    ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}
+    xla, _ = drain(BatchingEngine(cfg, params, **settings), {0: list(arrivals[0])})
+    pallas, _ = drain(BatchingEngine(cfg, params, attention_impl="pallas_interpret", **settings), arrivals)
+    assert {k: tokens_and_reason(v) for k, v in pallas.items()} == {k: tokens_and_reason(v) for k, v in xla.items()}
