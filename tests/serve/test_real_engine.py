@@ -118,7 +118,7 @@ def test_disconnect_frees_the_pages(served, monkeypatch):
     body = {"model": MODEL, "prompt": "Count to a hundred:", "max_tokens": 50, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         assert next(response.iter_lines()).startswith("data: ")
-        assert metric(url, "llama_jax_kv_pages_used") > 0
+        wait_for(lambda: metric(url, "llama_jax_kv_pages_used") > 0)  # the gauge follows each step
     wait_for(lambda: metric(url, "llama_jax_kv_pages_used") == 0)
     assert metric(url, "llama_jax_generation_tokens_total") - generated < 50  # aborted, not run to its end
 
