@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 
 import httpx
 import openai
