@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import random
 from collections.abc import Sequence
 
