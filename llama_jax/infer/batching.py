@@ -174,9 +174,9 @@ class BatchingEngine:
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
-        impl = kernels.resolve_impl(attention_impl)
-        if impl == "pallas" and jax.default_backend() == "tpu":  # no Mosaic paged kernel yet
-            impl = "xla" if attention_impl == "auto" else impl
+        # "auto" is the XLA path everywhere until the Pallas kernel (Triton only, no Mosaic yet) has
+        # run on a GPU; so far it is checked in the interpreter and lowered for cuda only.
+        impl = "xla" if attention_impl == "auto" else kernels.resolve_impl(attention_impl)
         if impl not in ("xla", "pallas", "pallas_interpret"):
             raise ValueError(f"attention_impl {attention_impl!r}: paged attention has 'xla' and 'pallas' only")
         self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
