@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import random
 from collections.abc import Sequence
 
@@ -102,11 +101,12 @@ class EngineFullError(RuntimeError):
 # Device side -----------------------------------------------------------------------------------
 
 def model_step(params, pages, tokens_BT, positions_BT, page_table_BM, logits_at_B, seeds_B, temperature_B,
-               top_k_B, top_p_B, *, cfg: LlamaConfig, mesh=None):
+               top_k_B, top_p_B, top_logprobs_B, *, cfg: LlamaConfig, mesh=None):
     """Run each row's tokens (at positions_BT; negative: padding) through the model, writing their
     keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated), and sample
     a token per row from the logits at its token logits_at_B. Returns (pages, (tokens [B], logprob
-    [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS]))."""
+    [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS])); the top ones are computed
+    only when a row asks for them (top_logprobs_B > 0), zeros otherwise."""
     dt = cfg.compute_dtype
     with _sharding_context(mesh):
         embedding_VD = params["tok_embeddings"]
@@ -133,7 +133,11 @@ def model_step(params, pages, tokens_BT, positions_BT, page_table_BM, logits_at_
     tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
     logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    top_logprobs_BN, top_ids_BN = jax.lax.top_k(logprobs_BV, MAX_LOGPROBS)
+    # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
+    top_logprobs_BN, top_ids_BN = jax.lax.cond(
+        jnp.any(top_logprobs_B > 0), lambda: tuple(jax.lax.top_k(logprobs_BV, MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
     return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
 
 
@@ -170,9 +174,9 @@ class BatchingEngine:
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
-        impl = kernels.resolve_impl(attention_impl)
-        if impl == "pallas" and jax.default_backend() == "tpu":  # no Mosaic paged kernel yet
-            impl = "xla" if attention_impl == "auto" else impl
+        # "auto" is the XLA path everywhere until the Pallas kernel (Triton only, no Mosaic yet) has
+        # run on a GPU; so far it is checked in the interpreter and lowered for cuda only.
+        impl = "xla" if attention_impl == "auto" else kernels.resolve_impl(attention_impl)
         if impl not in ("xla", "pallas", "pallas_interpret"):
             raise ValueError(f"attention_impl {attention_impl!r}: paged attention has 'xla' and 'pallas' only")
         self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
@@ -379,13 +383,15 @@ class BatchingEngine:
         rows = list(rows) + [None] * (R - len(rows))
         page_table = np.zeros((R, self.pages_per_seq), np.int32)
         seeds, temperature = np.zeros(R, np.uint32), np.zeros(R, np.float32)
-        top_k, top_p = np.zeros(R, np.int32), np.ones(R, np.float32)
+        top_k, top_p, top_logprobs = np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, np.int32)
         for row, request in enumerate(rows):
             if request is not None:
                 page_table[row] = self.page_table[request.slot]
                 p = request.params
                 seeds[row], temperature[row], top_k[row], top_p[row] = request.seed, p.temperature, p.top_k, p.top_p
-        inputs = self._place((tokens, positions, page_table, logits_at, seeds, temperature, top_k, top_p))
+                top_logprobs[row] = p.logprobs or 0
+        inputs = self._place((tokens, positions, page_table, logits_at, seeds, temperature, top_k, top_p,
+                              top_logprobs))
         self.pages, result = model_step_jit(self.params, self.pages, *inputs, cfg=self.cfg, mesh=self.mesh)
         return result
 

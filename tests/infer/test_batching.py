@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import Llama, LlamaConfig
 from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams
 from llama_jax.infer.engine import SamplingParams, stream_tokens
+from llama_jax.infer.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
 
@@ -279,3 +280,12 @@ def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
     xla, _ = drain(BatchingEngine(cfg, params, **settings), {0: list(arrivals[0])})
     pallas, _ = drain(BatchingEngine(cfg, params, attention_impl="pallas_interpret", **settings), arrivals)
     assert {k: tokens_and_reason(v) for k, v in pallas.items()} == {k: tokens_and_reason(v) for k, v in xla.items()}
+
+
+def test_int8_weights_and_tied_embeddings_give_the_static_engines_tokens():
+    cfg = LlamaConfig.preset("tiny-3.2")  # tied embeddings, 4 kv heads, scaled rope
+    params = quantize_params(random_params(cfg), "int8")
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    ids = prompt(21, 9)
+    engine.add("q", ids, RequestParams(8, **GREEDY))
+    assert tokens_and_reason(drain(engine)[0]["q"]) == alone(cfg, params, ids, 8)
