@@ -115,6 +115,25 @@ class KVCache(NamedTuple):
         return self.layer_shape[1]
 
 
+class PagedKV(NamedTuple):
+    """One layer's keys and values in fixed-size pages shared by every sequence of a batch (the
+    continuous-batching engine's layout, infer/batching.py): page_table[b, i] names the pool page
+    that holds sequence b's positions i*P .. i*P+P-1. A token at a negative position is padding:
+    it writes nothing."""
+
+    k_pages: jax.Array  # [N, P, K, E]
+    v_pages: jax.Array  # [N, P, K, E]
+    page_table: jax.Array  # [B, M] int32
+
+    def write(self, k_BTKE, v_BTKE, positions_BT) -> "PagedKV":
+        N, P = self.k_pages.shape[:2]
+        page_BT = jnp.take_along_axis(self.page_table, jnp.maximum(positions_BT, 0) // P, axis=1)
+        page_BT = jnp.where(positions_BT >= 0, page_BT, N)  # past the pool: dropped by the scatter
+        slot_BT = positions_BT % P
+        put = lambda pages, new: pages.at[page_BT, slot_BT].set(new.astype(pages.dtype), mode="drop")  # noqa: E731
+        return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
+
+
 def _write_cache(cache_BSKE, new_BTKE, start_B):
     """Write each sequence's new entries at its own start slot (prompts of unequal lengths)."""
     write = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0))  # noqa: E731
@@ -163,6 +182,10 @@ class Attention(nn.Module):
         if cache_kv is None:
             out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, **which)
             new_cache_kv = None
+        elif isinstance(cache_kv, PagedKV):
+            new_cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
+            out_BTHE = kernels.paged_attention(q_BTHE, new_cache_kv.k_pages, new_cache_kv.v_pages,
+                                               new_cache_kv.page_table, positions_BT, **which)
         else:
             # The chunk's tokens occupy consecutive slots starting at each sequence's first position.
             k_BSKE, v_BSKE = cache_kv

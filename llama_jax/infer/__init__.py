@@ -2,6 +2,9 @@
 
 engine.py   bucketed prefill and the jitted decode step over a donated KV cache (token ids);
             Conversation keeps a cache between chat turns
+batching.py continuous batching over a paged KV cache (BatchingEngine: requests join and leave the
+            running batch at every step; the server's engine)
+pages.py    the KV page allocator and prefix cache of batching.py
 sampling.py greedy / temperature / top-k / top-p as small pure functions
 quantize.py weight-only int8 / fp8 with per-output-channel scales
 text.py     the text API: generate, streaming detokenizer, chat dialog, reply (one chat turn)

@@ -6,6 +6,11 @@ most likely tokens, then keep the nucleus: the fewest most likely of those whose
 kept set has exactly the stated size. Temperature 0 is greedy (argmax, lower id on ties).
 
 Every row draws with its own key, so a prompt's sample does not depend on its batch-mates.
+
+`sample` takes one setting for the whole batch (a static argument); `sample_rows` takes each row's
+own temperature, top-k and top-p as arrays, so a continuous batch of requests with different
+settings runs one compiled program. It filters among the MAX_TOP_K most likely tokens of a row
+(a fixed shape); a row without top-k and top-p draws from the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -72,4 +77,39 @@ def sample(logits_BV, keys_B, params: SamplingParams):
     return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-__all__ = ["SamplingParams", "keep_mask", "sample"]
+MAX_TOP_K = 256  # the candidates `sample_rows` filters with top-k and top-p
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+    """Token ids [B] int32, each row with its own settings (temperature 0: greedy; top_k 0 and top_p
+    1: no filter). A nucleus is taken among the row's MAX_TOP_K most likely tokens."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def draw():
+        scaled_BV = logits_BV / jnp.where(temperature_B == 0, 1.0, temperature_B)[:, None]
+        unfiltered_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV).astype(jnp.int32)
+        filtering_B = (top_k_B > 0) | (top_p_B < 1)
+        drawn_B = jax.lax.cond(jnp.any(filtering_B),
+                               lambda: jnp.where(filtering_B, _filtered(scaled_BV, keys_B, top_k_B, top_p_B),
+                                                 unfiltered_B),
+                               lambda: unfiltered_B)
+        return jnp.where(temperature_B == 0, greedy_B, drawn_B)
+
+    # Noise over the vocabulary and the top-k sort cost more than a small model's step on CPU:
+    # a batch that needs neither skips them (lax.cond runs one branch).
+    return jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
+
+
+def _filtered(scaled_BV, keys_B, top_k_B, top_p_B):
+    values_BC, ids_BC = jax.lax.top_k(scaled_BV, min(MAX_TOP_K, scaled_BV.shape[-1]))
+    rank_C = jnp.arange(values_BC.shape[-1])
+    keep_BC = (top_k_B[:, None] == 0) | (rank_C[None, :] < top_k_B[:, None])
+    probs_BC = jax.nn.softmax(jnp.where(keep_BC, values_BC, -jnp.inf), axis=-1)
+    # A token is needed while the more likely ones hold less than top_p; the first always is.
+    keep_BC &= jnp.cumsum(probs_BC, axis=-1) - probs_BC < top_p_B[:, None]
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BC, values_BC, -jnp.inf))
+    return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "MAX_TOP_K"]

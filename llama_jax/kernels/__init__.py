@@ -3,6 +3,9 @@
 - `attention`: causal self-attention for training and whole-sequence forward passes.
 - `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
   into the cache and decode steps).
+- `paged_attention`: the same against keys and values in fixed-size pages named by a page table
+  (the continuous-batching engine): "xla" is paged_attention_xla.py (the pages up to the batch's
+  furthest position, block by block), "pallas" paged_attention.py (Triton only); no "cudnn".
 
 IMPLS names the implementations, the one list config validation and the CLIs use: "xla" (plain
 XLA, any backend), "pallas" (our kernels: flash_attention.py and decode_attention.py, Triton on
@@ -29,9 +32,11 @@ from llama_jax.kernels import context_parallel
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import flash_attention
+from llama_jax.kernels.paged_attention import paged_attention as paged_attention_pallas
+from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
-    positional_attention_reference
-from llama_jax.kernels.sharded import on_shards
+    paged_attention_reference, positional_attention_reference
+from llama_jax.kernels.sharded import on_page_shards, on_shards
 from llama_jax.sharding import axes
 
 
@@ -116,5 +121,18 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla
     return _IMPLS[impl].cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret)
 
 
-__all__ = ["IMPLS", "attention", "cached_attention", "resolve_impl", "attention_reference",
-           "cached_attention_reference", "positional_attention_reference", "flash_attention", "decode_attention"]
+def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, impl: str = "xla",
+                    interpret: bool = False):
+    impl = resolve_impl(impl, interpret=interpret)
+    operands = (q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT)
+    if impl == "xla":
+        return paged_attention_xla(*operands)
+    if impl == "pallas":
+        kernel = functools.partial(paged_attention_pallas, interpret=interpret)
+        return on_page_shards(kernel, *operands)
+    raise ValueError(f"paged attention has no {impl!r} implementation; use 'xla' or 'pallas'")
+
+
+__all__ = ["IMPLS", "attention", "cached_attention", "paged_attention", "resolve_impl", "attention_reference",
+           "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
+           "positional_attention_reference", "flash_attention", "decode_attention"]

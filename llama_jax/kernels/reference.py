@@ -59,3 +59,15 @@ def positional_attention_reference(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, k_pos
     if q_segment_ids_BT is not None:
         mask_BTS = mask_BTS & (q_segment_ids_BT[:, :, None] == k_segment_ids_BS[:, None, :])
     return _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale)
+
+
+def paged_attention_reference(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, scale=None):
+    """Queries at absolute positions against keys and values in pages: page_table[b, i] holds
+    sequence b's positions i*P .. i*P+P-1. Each row's pages are gathered into a contiguous cache of
+    M*P slots, so a query at position p sees exactly its sequence's positions 0..p; entries of the
+    page table past a sequence's end point anywhere, they are masked."""
+    B, M = page_table_BM.shape
+    _, P, K, D = k_pages_NPKD.shape
+    gather = lambda pages: pages[page_table_BM].reshape(B, M * P, K, D)  # noqa: E731
+    return cached_attention_reference(q_BTHD, gather(k_pages_NPKD), gather(v_pages_NPKD), q_positions_BT,
+                                      scale=scale)

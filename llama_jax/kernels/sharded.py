@@ -49,4 +49,23 @@ def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str =
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*operands)
 
 
-__all__ = ["on_shards", "mesh_axes_of"]
+def on_page_shards(kernel, q_BTHE, k_pages_NPKE, v_pages_NPKE, page_table_BM, q_positions_BT):
+    """kernel(q, k_pages, v_pages, page_table, positions) -> [B, T, H, E], per shard when a
+    multi-device mesh is active: rows split like the batch, heads like the kv heads; every device
+    holds the whole page axis of its kv heads (a row's pages may lie anywhere in the pool)."""
+    operands = (q_BTHE, k_pages_NPKE, v_pages_NPKE, page_table_BM, q_positions_BT)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*operands)
+    B, _, H, _ = q_BTHE.shape
+    K = k_pages_NPKE.shape[2]
+    batch = mesh_axes_of(axes.ACTIVATION_BATCH, B, mesh)
+    heads, kv_heads = mesh_axes_of(axes.HEADS, H, mesh), mesh_axes_of(axes.KV_HEADS, K, mesh)
+    if heads != kv_heads:
+        heads = kv_heads = None
+    q_spec, pages_spec, rows_spec = P(batch, None, heads, None), P(None, None, kv_heads, None), P(batch, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, pages_spec, pages_spec, rows_spec, rows_spec),
+                         out_specs=q_spec, check_vma=False)(*operands)
+
+
+__all__ = ["on_shards", "on_page_shards", "mesh_axes_of"]

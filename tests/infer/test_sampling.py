@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.infer.sampling import SamplingParams, keep_mask, sample
+from llama_jax.infer.sampling import MAX_TOP_K, SamplingParams, keep_mask, sample, sample_rows
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 (ids shuffled so order is not the id order).
 PROBS = {3: 0.5, 0: 0.25, 4: 0.125, 1: 0.0625, 2: 0.0625}
@@ -87,6 +87,20 @@ def test_same_key_same_token_and_rows_are_independent():
         assert int(sample(logits[r:r + 1], keys[r:r + 1], params)[0]) == int(batch[r])
     draws = [sample(logits, jax.random.split(jax.random.key(s), 4), params).tolist() for s in range(3, 8)]
     assert any(d != batch.tolist() for d in draws)
+
+
+@pytest.mark.parametrize("vocab", [64, 4 * MAX_TOP_K])
+def test_sample_rows_draws_what_sample_draws_with_each_rows_setting(vocab):
+    settings = [SamplingParams(0.0), SamplingParams(1.0, 1.0, 0), SamplingParams(1.0, 1.0, 2),
+                SamplingParams(1.0, 0.8, 0), SamplingParams(0.5, 0.9, 3), SamplingParams(1.3, 0.95, 40)]
+    B = len(settings)
+    logits = jax.random.normal(jax.random.key(1), (B, vocab)) * 3
+    for seed in range(5):
+        keys = jax.random.split(jax.random.key(seed), B)
+        rows = sample_rows(logits, keys, jnp.asarray([s.temperature for s in settings], jnp.float32),
+                           jnp.asarray([s.top_k for s in settings]), jnp.asarray([s.top_p for s in settings]))
+        expected = [int(sample(logits[r:r + 1], keys[r:r + 1], s)[0]) for r, s in enumerate(settings)]
+        assert rows.tolist() == expected
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,0 +1,286 @@
+"""Serving under load: the OpenAI server (continuous batching) against today's static batching
+(`engine.stream_tokens`, batches of the concurrency size) on one request trace.
+
+    python -m bench.serve              # Llama-3.2-1B shapes, float32 on CPU (long: tens of minutes)
+    python -m bench.serve --quick      # a small model with the real vocabulary, a few minutes
+    python -m bench.serve --concurrency 16 --rates inf --requests 64
+
+For each arrival rate and concurrency a trace is drawn (seeded): Poisson arrivals at `rate`
+requests/s (inf: all at t=0), prompts of random token ids and lengths, and a number of output
+tokens per request. Both systems replay it:
+
+- server: `python -m llama_jax.serve`'s app over a BatchingEngine (max batch = the concurrency,
+  the static batch's size) in this process, driven over HTTP by an asyncio + httpx client in a
+  process of its own that keeps at most `concurrency` requests open (a request arriving while all
+  are busy waits for one). Each request is
+  a streamed, greedy completion of its token ids with `max_tokens` = its output length and
+  `logprobs: 0`, whose chunks say exactly which tokens each carries.
+- static: one loop takes up to `concurrency` requests that have arrived, runs them as one
+  `stream_tokens` batch with max_new_tokens = the longest of them (the batch ends when its longest
+  request does: the head-of-line blocking continuous batching removes), and waits for the next
+  arrival when none is there. It compiles a program per batch shape, so the trace is replayed once
+  untimed first; the server's engine compiles all of its shapes at start (`warm_up`).
+
+Times count from each request's arrival: time to first token (TTFT) includes waiting for a slot or
+a batch; inter-token latency (ITL) is every gap between consecutive tokens of a request; output
+tokens/s is all output tokens over the span from the first arrival to the last token. Random
+weights (speed does not depend on their values); greedy, so both produce the same tokens. Prints
+one markdown table and appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import json
+import multiprocessing
+import os
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import uvicorn
+
+from llama_jax import LlamaConfig, init_params
+from llama_jax.infer import engine as static_engine
+from llama_jax.infer.batching import BatchingEngine
+from llama_jax.infer.sampling import SamplingParams
+from llama_jax.serve.app import create_app
+from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
+from bench.results import append_results, git_commit, machine
+
+SECTION = "## Serving under load (bench/serve.py)"
+MODEL = "bench"
+# Prompt ids stay below Llama 3's special tokens (128000+), so no prompt holds a stop or header token.
+PROMPT_ID_LIMIT = 128000
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    arrival: float  # seconds after the trace starts
+    prompt: list[int]
+    output_len: int
+
+
+@dataclasses.dataclass
+class Timing:
+    """When each output token of one request arrived (seconds after the trace starts)."""
+
+    arrival: float
+    token_times: list[float] = dataclasses.field(default_factory=list)
+
+
+def model_config(quick: bool, preset: str) -> LlamaConfig:
+    if quick:  # the real vocabulary, so the real tokenizer detokenizes in the server
+        return LlamaConfig(vocab_size=128256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256,
+                           max_seq_len=256, tie_embeddings=True, dtype="float32", param_dtype="float32")
+    return LlamaConfig.preset(preset, dtype="float32", param_dtype="float32", max_seq_len=1024)
+
+
+def make_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens: tuple[int, int],
+               seed: int) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(n) if rate == float("inf") else rng.exponential(1 / rate, n)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [Request(float(t), rng.integers(0, PROMPT_ID_LIMIT, rng.integers(*prompt_lens, endpoint=True)).tolist(),
+                    int(rng.integers(*output_lens, endpoint=True))) for t in arrivals]
+
+
+# The server ------------------------------------------------------------------------------------
+
+class Server:
+    """The app on uvicorn in a thread, on a free local port."""
+
+    def __init__(self, engine, tokenizer):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_):
+        self.server.should_exit = True
+        self.thread.join()
+
+
+async def replay_over_http(url: str, trace: list[Request], concurrency: int) -> list[Timing]:
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(request: Request) -> Timing:
+            await asyncio.sleep(max(0.0, request.arrival - (time.perf_counter() - start)))
+            timing = Timing(request.arrival)
+            body = {"model": MODEL, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0,
+                    "logprobs": 0, "stream": True}
+            async with slots, client.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                    now = time.perf_counter() - start
+                    tokens = len(choice["logprobs"]["tokens"]) if choice["logprobs"] else 0
+                    timing.token_times += [now] * tokens
+            return timing
+
+        return await asyncio.gather(*(one(r) for r in trace))
+
+
+class Client:
+    """replay_over_http in a process of its own, so the load generator never competes with the
+    server's event loop and engine thread for this process's GIL (clients are remote in real use)."""
+
+    def __enter__(self):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_client_process, args=(child,), daemon=True)
+        self.process.start()
+        return self
+
+    def replay(self, url: str, trace: list[Request], concurrency: int) -> list[Timing]:
+        self.conn.send((url, trace, concurrency))
+        return self.conn.recv()
+
+    def __exit__(self, *_):
+        self.conn.send(None)
+        self.process.join()
+
+
+def _client_process(conn) -> None:
+    while (job := conn.recv()) is not None:
+        conn.send(asyncio.run(replay_over_http(*job)))
+
+
+# Static batching -------------------------------------------------------------------------------
+
+def static_batches(trace: list[Request], concurrency: int, clock):
+    """Yields the indices of each batch the static loop runs, given clock() -> seconds since the
+    start; sleeps until the next arrival when nothing is waiting."""
+    i = 0
+    while i < len(trace):
+        now = clock()
+        if trace[i].arrival > now:
+            time.sleep(trace[i].arrival - now)
+            now = clock()
+        j = i
+        while j < len(trace) and j - i < concurrency and trace[j].arrival <= now:
+            j += 1
+        yield list(range(i, j))
+        i = j
+
+
+def replay_static(cfg, params, trace: list[Request], concurrency: int) -> list[Timing]:
+    greedy = SamplingParams(temperature=0.0)
+    timings = [Timing(r.arrival) for r in trace]
+    start = time.perf_counter()
+    clock = lambda: time.perf_counter() - start  # noqa: E731
+    for batch in static_batches(trace, concurrency, clock):
+        prompts = [trace[i].prompt for i in batch]
+        longest = max(trace[i].output_len for i in batch)
+        for event in static_engine.stream_tokens(cfg, params, prompts, max_new_tokens=longest, sampling=greedy,
+                                                 batch_size=concurrency):
+            request = batch[event.index]
+            times = timings[request].token_times
+            if event.finish_reason is None and len(times) < trace[request].output_len:
+                times.append(clock())
+    return timings
+
+
+# Report ----------------------------------------------------------------------------------------
+
+def summarize(timings: list[Timing]) -> dict:
+    ttft = [t.token_times[0] - t.arrival for t in timings if t.token_times]
+    itl = [b - a for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    tokens = sum(len(t.token_times) for t in timings)
+    span = max(t.token_times[-1] for t in timings if t.token_times) - min(t.arrival for t in timings)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return dict(tokens=tokens, tok_s=tokens / span, ttft50=pct(ttft, 50), ttft99=pct(ttft, 99),
+                itl50=pct(itl, 50), itl99=pct(itl, 99))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.3g}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small model with Llama 3's vocabulary, short requests")
+    p.add_argument("--preset", default="llama3.2-1b", help="model shapes without --quick (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="clients at most in flight")
+    p.add_argument("--rates", type=float, nargs="+", default=None,
+                   help="Poisson arrival rates in requests/s; inf: all at once (default: 4 inf, --quick: 8 inf)")
+    p.add_argument("--requests", type=int, default=None, help="requests per trace (default: 2 x concurrency, >= 8)")
+    p.add_argument("--prompt-lens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="prompt tokens (default: 32 256, --quick: 8 64)")
+    p.add_argument("--output-lens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="output tokens (default: 32 128, --quick: 8 48)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rates = args.rates or ([8.0, float("inf")] if args.quick else [4.0, float("inf")])
+    prompt_lens = tuple(args.prompt_lens or ((8, 64) if args.quick else (32, 256)))
+    output_lens = tuple(args.output_lens or ((8, 48) if args.quick else (32, 128)))
+
+    cfg = model_config(args.quick, args.preset)
+    tokenizer = Llama3Tokenizer(default_tokenizer_path())
+    load_before = os.getloadavg()[0]
+    print(f"{cfg.num_params() / 1e9:.3f}B params", flush=True)
+    params = init_params(cfg, 0)
+    rows = []
+    with Client() as client:
+        for concurrency in args.concurrency:
+            # A server with as many batch slots as the static batch has rows: the same capacity.
+            engine = BatchingEngine(cfg, params, max_batch=concurrency)
+            engine.warm_up()
+            # Static batching decodes from the engine's own prepared weights (the same per-layer layout).
+            static_cfg, static_params = engine.cfg, engine.params
+            with Server(engine, tokenizer) as server:
+                client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
+                for rate in rates:
+                    n = args.requests or max(8, 2 * concurrency)
+                    trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
+                    served = summarize(client.replay(server.url, trace, concurrency))
+                    # Static batching compiles a program per batch shape (prompt and cache length
+                    # buckets): an untimed replay first compiles what the timed one will meet.
+                    replay_static(static_cfg, static_params, trace, concurrency)
+                    static = summarize(replay_static(static_cfg, static_params, trace, concurrency))
+                    for name, result in (("server (continuous)", served), ("static generate", static)):
+                        rows.append((rate, concurrency, n, name, result))
+                        print(rows[-1], flush=True)
+            del engine, static_params
+            gc.collect()
+
+    commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
+    header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
+              f"commit {commit}{', --quick' if args.quick else ''}")
+    shape = "quick model" if args.quick else f"{args.preset} shapes"
+    notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
+             f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
+             f"prompts {prompt_lens[0]}-{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens, "
+             f"greedy; server: max batch = concurrency, pages of 16; load average "
+             f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
+    table = ["| rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
+             "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for rate, concurrency, n, name, r in rows:
+        table.append(f"| {rate:g} | {concurrency} | {n} | {name} | {r['tok_s']:.1f} | {ms(r['ttft50'])} "
+                     f"| {ms(r['ttft99'])} | {ms(r['itl50'])} | {ms(r['itl99'])} |")
+    text = "\n".join([header, "", notes, "", *table])
+    print("\n" + text)
+    append_results(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Continuous batching over a paged KV cache: requests join and leave a running batch at every step.
+
+    engine = BatchingEngine(cfg, params, max_batch=64)
+    engine.add("a", prompt_ids, RequestParams(max_tokens=64, temperature=0.7, stop_token_ids=(128009,)))
+    while engine.has_work():
+        for out in engine.step(): ...  # TokenOutput per new token; finish_reason on a request's last
+
+Each `step` admits waiting requests into free batch slots, runs one prefill chunk (up to
+`prefill_chunk` prompt tokens of one or several admitted requests, so a long prompt delays the
+running requests by one chunk at a time), then one decode step for every request past its prompt.
+Both run one jitted function, `model_step`, over per-layer page pools [N, P, K, E] (donated, so
+updated in place) and the rows' page tables [B, M]: the decode step is compiled once for
+[max_batch, 1] and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
+R = 1, 2, 4, 8, times the mesh's batch split). Every per-request setting (temperature, top-k,
+top-p, seed) is an array with a row per request; stop ids and token limits are checked on the host.
+So no prompt length, output length or setting compiles anything after those shapes.
+
+Sampling keys are fold_in(fold_in(key(seed), 0), position), as `engine.stream_tokens` derives them
+for a prompt at index 0: a request's tokens depend on its seed and prompt only, not on its batch
+companions or on being preempted and recomputed.
+
+Pages (pages.py): a request is admitted when the pages of its whole context are available, and
+holds them from then on; it gets one more page each time its decoding fills one. With prefix
+caching, each full page written is registered under the hash of all tokens up to its end,
+and a new request whose context starts with registered pages holds those instead of prefilling
+them. When a page is needed and none is free or evictable, the newest request that holds pages
+is preempted: its pages are released (its registered ones stay cached) and it is requeued ahead
+of the requests that arrived after it, to be recomputed from its prompt and the tokens it already
+produced. The oldest request always makes progress, so a request that fits the pool alone always
+finishes.
+
+Logprobs are those of the model's distribution (log_softmax of the logits, before temperature and
+filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import kernels
+from llama_jax.config import LlamaConfig
+from llama_jax.infer.engine import _sharding_context, batch_multiple, prepare
+from llama_jax.infer.pages import PageAllocator, page_keys
+from llama_jax.infer.sampling import MAX_TOP_K, sample_rows
+from llama_jax.model import Block, PagedKV, RMSNorm
+from llama_jax.sharding import axes, logical_to_sharding
+
+MAX_LOGPROBS = 20
+PAGE_AXES = (None, None, axes.KV_HEADS, axes.HEAD_DIM)  # [N, P, K, E]: split over tp on kv heads
+_ROW_SPLITS = (1, 2, 4, 8)  # prefill chunk shapes: prefill_chunk tokens as R rows of prefill_chunk / R
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParams:
+    """Per-request settings, carried as data in the batch (no recompiles)."""
+
+    max_tokens: int  # new tokens at most (>= 1)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off; at most MAX_TOP_K
+    seed: int | None = None  # None: the engine picks one; same seed + same prompt -> same tokens
+    stop_token_ids: tuple[int, ...] = ()  # ends the request (finish_reason "stop"), reported as its last token
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n > 0: also the top n (n <= MAX_LOGPROBS)
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenOutput:
+    request_id: str
+    token_id: int
+    logprob: float | None  # when RequestParams.logprobs is not None
+    top_logprobs: tuple[tuple[int, float], ...] | None  # when RequestParams.logprobs > 0
+    finish_reason: str | None  # None while running; "stop" (a stop token) or "length"
+    prompt_tokens: int
+    cached_prompt_tokens: int  # prompt tokens served from the prefix cache
+
+
+class EngineFullError(RuntimeError):
+    """The waiting queue is full."""
+
+
+# Device side -----------------------------------------------------------------------------------
+
+def model_step(params, pages, tokens_BT, positions_BT, page_table_BM, logits_at_B, seeds_B, temperature_B,
+               top_k_B, top_p_B, top_logprobs_B, *, cfg: LlamaConfig, mesh=None):
+    """Run each row's tokens (at positions_BT; negative: padding) through the model, writing their
+    keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated), and sample
+    a token per row from the logits at its token logits_at_B. Returns (pages, (tokens [B], logprob
+    [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS])); the top ones are computed
+    only when a row asks for them (top_logprobs_B > 0), zeros otherwise."""
+    dt = cfg.compute_dtype
+    with _sharding_context(mesh):
+        embedding_VD = params["tok_embeddings"]
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
+        new_pages = []
+        for i, (k_pages, v_pages) in enumerate(pages):
+            x_BTD, kv = Block(cfg).apply({"params": params[f"layers_{i}"]}, x_BTD, positions_BT, None,
+                                         PagedKV(k_pages, v_pages, page_table_BM))
+            new_pages.append((kv.k_pages, kv.v_pages))
+        x_B1D = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
+        x_B1D = RMSNorm(cfg).apply({"params": params["norm"]}, x_B1D)
+        if cfg.tie_embeddings:
+            logits_BV = jnp.einsum("btd,vd->bv", x_B1D, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits_BV = jnp.einsum("btd,dv->bv", x_B1D, params["output"].astype(dt),
+                                   preferred_element_type=jnp.float32)
+    if mesh is not None:
+        sharding = logical_to_sharding(PAGE_AXES, mesh, pages[0][0].shape)
+        new_pages = jax.lax.with_sharding_constraint(new_pages, jax.tree.map(lambda _: sharding, new_pages))
+    # The sampled token's position: one past the token whose logits it comes from.
+    sampled_at_B = jnp.take_along_axis(positions_BT, logits_at_B[:, None], axis=1)[:, 0] + 1
+    keys_B = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0),
+                                                                position))(seeds_B, sampled_at_B)
+    tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+    # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
+    top_logprobs_BN, top_ids_BN = jax.lax.cond(
+        jnp.any(top_logprobs_B > 0), lambda: tuple(jax.lax.top_k(logprobs_BV, MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
+    return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
+
+
+model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
+
+
+# Host side -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: str
+    tokens: list[int]  # the prompt, then every token generated so far
+    prompt_len: int
+    params: RequestParams
+    seed: int
+    order: int  # add() order: preempted requests go back to the waiting queue by it
+    slot: int | None = None
+    admitted: int = 0  # admission order: the newest is preempted first
+    pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its first full written pages
+    written: int = 0  # positions whose keys and values are in its pages
+    prefilling: bool = True  # until the logits at its last context token are sampled
+    cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    reported: bool = False  # its first output is out
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class BatchingEngine:
+    """Not thread-safe: one thread calls add, abort and step."""
+
+    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
+                 max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
+        # "auto" is the XLA path everywhere until the Pallas kernel (Triton only, no Mosaic yet) has
+        # run on a GPU; so far it is checked in the interpreter and lowered for cuda only.
+        impl = "xla" if attention_impl == "auto" else kernels.resolve_impl(attention_impl,
+                                                                            interpret=cfg.attention_interpret)
+        if impl not in ("xla", "pallas"):
+            raise ValueError(f"attention_impl {attention_impl!r}: paged attention has 'xla' and 'pallas' only")
+        self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
+        if not 1 < self.max_seq_len <= cfg.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] (the model's context), "
+                             f"got {self.max_seq_len}")
+        multiple = batch_multiple(mesh)
+        if max_batch < 1 or max_batch % multiple:
+            raise ValueError(f"max_batch must be a positive multiple of {multiple} (the mesh's batch split), "
+                             f"got {max_batch}")
+        if page_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"page_size and prefill_chunk must be >= 1, got {page_size} and {prefill_chunk}")
+        self.page_size = page_size
+        self.pages_per_seq = -(-self.max_seq_len // page_size)
+        num_pages = max_batch * self.pages_per_seq if num_pages is None else num_pages
+        if num_pages < self.pages_per_seq:
+            raise ValueError(f"num_pages {num_pages} cannot hold one sequence of max_seq_len {self.max_seq_len} "
+                             f"({self.pages_per_seq} pages of {page_size})")
+        cfg, self.params = prepare(cfg, params, mesh)
+        self.cfg = dataclasses.replace(cfg, attention_impl=impl)
+        self.mesh, self.max_batch, self.max_waiting = mesh, max_batch, max_waiting
+        self.allocator = PageAllocator(num_pages, prefix_caching=prefix_caching)
+        self.chunk_shapes = [(k * multiple, prefill_chunk // k) for k in _ROW_SPLITS
+                             if prefill_chunk % k == 0 and k * multiple <= max_batch]
+        self.pages = self._empty_pages(num_pages)
+        self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
+        self.slots: list[_Request | None] = [None] * max_batch
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.requests: dict[str, _Request] = {}
+        self._added = self._admitted = 0
+        self.counters = collections.Counter(prefilled_tokens=0, cached_tokens=0, preemptions=0, generated_tokens=0)
+
+    def _empty_pages(self, num_pages: int):
+        cfg = self.cfg
+        shape = (num_pages, self.page_size, cfg.n_kv_heads, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)  # noqa: E731
+        if self.mesh is not None:
+            zeros = jax.jit(zeros, out_shardings=logical_to_sharding(PAGE_AXES, self.mesh, shape))
+        return tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_len + max_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus max_tokens {max_tokens} is "
+                             f"{prompt_len + max_tokens} tokens, more than the context of {self.max_seq_len}")
+
+    def add(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams) -> None:
+        prompt = [int(t) for t in prompt_ids]
+        self.check(len(prompt), params.max_tokens)
+        bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.cfg.vocab_size})")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(self.waiting) >= self.max_waiting:
+            raise EngineFullError(f"{len(self.waiting)} requests are waiting, the most this engine queues")
+        seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
+        request = _Request(request_id, prompt, len(prompt), params, seed, order=self._added)
+        self._added += 1
+        self.requests[request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.slot is None:
+            self.waiting.remove(request)
+        else:
+            self._vacate(request)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> dict:
+        return dict(running=sum(r is not None for r in self.slots), waiting=len(self.waiting),
+                    pages_used=self.allocator.used, pages_cached=self.allocator.cached,
+                    pages_total=self.allocator.num_pages, **self.counters)
+
+    def warm_up(self) -> None:
+        """Compile the decode step and every prefill chunk shape now, before requests wait on them
+        (rows of padding only: the pages are left as they are)."""
+        for rows, width in [(self.max_batch, 1)] + self.chunk_shapes:
+            jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
+                                            np.zeros(rows, np.int32)))
+
+    # Scheduling --------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOutput]:
+        """Admit, prefill one chunk, decode one token for every request past its prompt."""
+        self._admit()
+        decoding = [r for r in self._by_admission() if not r.prefilling]
+        for request in decoding:
+            self._reserve_next_page(request)
+        decoding = [r for r in decoding if r.slot is not None]  # preempted for older requests' pages
+        shape, chunk = self._plan_prefill()
+        pending = []
+        if chunk:
+            pending.append(([(r, n, row) for row, (r, n) in enumerate(chunk)], self._run_prefill(shape, chunk)))
+        if decoding:
+            pending.append(([(r, 1, r.slot) for r in decoding], self._run_decode(decoding)))
+        outputs = []
+        for rows, result in pending:
+            outputs += self._advance(rows, jax.device_get(result))
+        return outputs
+
+    def _by_admission(self) -> list[_Request]:
+        return sorted((r for r in self.slots if r is not None), key=lambda r: r.admitted)
+
+    def _admit(self) -> None:
+        P = self.page_size
+        while self.waiting and None in self.slots:
+            request = self.waiting[0]
+            # At least the last context token is prefilled: its logits give the next token.
+            keys = page_keys(request.tokens[:-1], P)
+            hits = self.allocator.lookup(keys)
+            needed = -(-len(request.tokens) // P) - len(hits)
+            if self.allocator.available() < needed:
+                self.allocator.release(hits)
+                return
+            self.waiting.popleft()
+            request.slot = self.slots.index(None)
+            self.slots[request.slot] = request
+            request.admitted, self._admitted = self._admitted, self._admitted + 1
+            # Its whole context's pages now, so its prefill never waits for pages.
+            request.pages = hits + [self.allocator.allocate() for _ in range(needed)]
+            request.keys, request.written = keys[:len(hits)], len(hits) * P
+            self.page_table[request.slot, :len(request.pages)] = request.pages
+            if not request.reported:
+                request.cached_tokens = len(hits) * P
+            self.counters["cached_tokens"] += len(hits) * P
+
+    def _reserve_next_page(self, request: _Request) -> None:
+        """Give a decoding request a page for its next position if it needs one, preempting the
+        newest request when none is left (the request itself when it is the newest)."""
+        while len(request.pages) * self.page_size <= request.written:
+            page = self.allocator.allocate()
+            if page is None:
+                newest = self._by_admission()[-1]
+                self._preempt(newest)
+                if newest is request:
+                    return
+                continue
+            self.page_table[request.slot, len(request.pages)] = page
+            request.pages.append(page)
+
+    def _preempt(self, request: _Request) -> None:
+        self._vacate(request)
+        request.pages, request.keys, request.written, request.prefilling = [], [], 0, True
+        # Back to the queue in arrival order, ahead of requests that never ran.
+        index = next((i for i, r in enumerate(self.waiting) if r.order > request.order), len(self.waiting))
+        self.waiting.insert(index, request)
+        self.counters["preemptions"] += 1
+
+    def _vacate(self, request: _Request) -> None:
+        self.allocator.release(request.pages)
+        self.slots[request.slot] = None
+        self.page_table[request.slot] = 0
+        request.slot = None
+
+    def _plan_prefill(self) -> tuple[tuple[int, int], list[tuple[_Request, int]]]:
+        """This step's prefill chunk: its shape (the one that prefills the most tokens of the
+        oldest prefilling requests) and its (request, tokens) rows."""
+        prefilling = [r for r in self._by_admission() if r.prefilling]
+        if not prefilling:
+            return (0, 0), []
+        remaining = [len(r.tokens) - r.written for r in prefilling]
+        rows, width = max(self.chunk_shapes, key=lambda s: sum(min(n, s[1]) for n in remaining[:s[0]]))
+        return (rows, width), [(r, min(n, width)) for r, n in zip(prefilling[:rows], remaining)]
+
+    # Running the model -------------------------------------------------------------------------
+
+    def _run_prefill(self, shape, chunk):
+        rows, width = shape
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        logits_at = np.zeros(rows, np.int32)
+        for row, (request, n) in enumerate(chunk):
+            tokens[row, :n] = request.tokens[request.written:request.written + n]
+            positions[row, :n] = np.arange(request.written, request.written + n)
+            logits_at[row] = n - 1
+        return self._run([r for r, _ in chunk], tokens, positions, logits_at)
+
+    def _run_decode(self, decoding):
+        B = self.max_batch
+        tokens, positions = np.zeros((B, 1), np.int32), np.full((B, 1), -1, np.int32)
+        for request in decoding:
+            tokens[request.slot, 0] = request.tokens[-1]
+            positions[request.slot, 0] = request.written
+        rows = [None] * B
+        for request in decoding:
+            rows[request.slot] = request
+        return self._run(rows, tokens, positions, np.zeros(B, np.int32))
+
+    def _run(self, rows, tokens, positions, logits_at):
+        """model_step on rows (requests, or None for padding) and their inputs; returns the
+        (device) sample of each row."""
+        R = tokens.shape[0]
+        rows = list(rows) + [None] * (R - len(rows))
+        page_table = np.zeros((R, self.pages_per_seq), np.int32)
+        seeds, temperature = np.zeros(R, np.uint32), np.zeros(R, np.float32)
+        top_k, top_p, top_logprobs = np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, np.int32)
+        for row, request in enumerate(rows):
+            if request is not None:
+                page_table[row] = self.page_table[request.slot]
+                p = request.params
+                seeds[row], temperature[row], top_k[row], top_p[row] = request.seed, p.temperature, p.top_k, p.top_p
+                top_logprobs[row] = p.logprobs or 0
+        inputs = self._place((tokens, positions, page_table, logits_at, seeds, temperature, top_k, top_p,
+                              top_logprobs))
+        self.pages, result = model_step_jit(self.params, self.pages, *inputs, cfg=self.cfg, mesh=self.mesh)
+        return result
+
+    def _place(self, arrays):
+        if self.mesh is None:
+            return arrays
+        return tuple(jax.device_put(x, logical_to_sharding((axes.ACTIVATION_BATCH,) + (None,) * (x.ndim - 1),
+                                                           self.mesh, x.shape)) for x in arrays)
+
+    def _advance(self, rows, result) -> list[TokenOutput]:
+        """Account for the tokens each (request, tokens fed, result row) fed, and emit the token
+        sampled where a request's context ended."""
+        tokens, logprobs, top_ids, top_logprobs = result
+        outputs = []
+        for request, n, row in rows:
+            if request.prefilling:
+                self.counters["prefilled_tokens"] += n
+            request.written += n
+            self._register_pages(request)
+            if request.written < len(request.tokens):
+                continue  # more of its context to prefill
+            request.prefilling = False
+            outputs.append(self._emit(request, int(tokens[row]), float(logprobs[row]),
+                                      zip(top_ids[row].tolist(), top_logprobs[row].tolist())))
+        return outputs
+
+    def _register_pages(self, request: _Request) -> None:
+        """Offer the request's newly filled pages to the prefix cache."""
+        full = request.written // self.page_size
+        if not self.allocator.prefix_caching or full <= len(request.keys):
+            return
+        parent = request.keys[-1] if request.keys else b""
+        keys = page_keys(request.tokens[:full * self.page_size], self.page_size, len(request.keys), parent)
+        for page, key in zip(request.pages[len(request.keys):full], keys):
+            self.allocator.register(page, key)
+        request.keys += keys
+
+    def _emit(self, request: _Request, token: int, logprob: float, top) -> TokenOutput:
+        request.tokens.append(token)
+        self.counters["generated_tokens"] += 1
+        p = request.params
+        reason = "stop" if token in p.stop_token_ids else "length" if request.generated >= p.max_tokens else None
+        out = TokenOutput(request.id, token,
+                          logprob=None if p.logprobs is None else logprob,
+                          top_logprobs=tuple(list(top)[:p.logprobs]) if p.logprobs else None,
+                          finish_reason=reason, prompt_tokens=request.prompt_len,
+                          cached_prompt_tokens=request.cached_tokens)
+        request.reported = True
+        if reason is not None:
+            del self.requests[request.id]
+            self._vacate(request)
+        return out
+
+
+__all__ = ["BatchingEngine", "RequestParams", "TokenOutput", "EngineFullError", "model_step", "model_step_jit",
+           "MAX_LOGPROBS"]

@@ -1,0 +1,174 @@
+"""Serve a llama_jax checkpoint over the OpenAI API (completions, chat completions, streaming).
+
+    python -m llama_jax.serve --checkpoint DIR [--port 8000] [--mesh tp8] [--api-key KEY]
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "DIR-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Requests are batched continuously over a paged KV cache (llama_jax.infer.batching). SIGTERM stops
+taking requests, lets running ones finish for --grace-period seconds (then aborts them) and exits
+0. Bad flags or paths are one line on stderr and exit status 1 (2 for unknown flags), before
+anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import jax
+import uvicorn
+
+from llama_jax import checkpoint
+from llama_jax.infer.__main__ import check_host_memory, load_tokenizer_for
+from llama_jax.infer.batching import BatchingEngine
+from llama_jax.infer.engine import batch_multiple
+from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
+from llama_jax.infer.text import check_tokenizer
+from llama_jax.serve.app import create_app
+from llama_jax.sharding import make_mesh
+from llama_jax.sharding.params import load_params
+
+API_KEY_ENV = "LLAMA_JAX_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="llama_jax checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4 (default: one device)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="B",
+                   help="requests decoded together at most; more wait in the queue (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="longest prompt + max_tokens of one request (default: the model's context)")
+    p.add_argument("--kv-pages", type=int, metavar="N",
+                   help="KV cache pages in all (default: enough for --max-batch requests of --max-seq-len)")
+    p.add_argument("--page-size", type=int, default=16, metavar="T", help="tokens per KV cache page (default: %(default)s)")
+    p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file (default: the checkpoint's)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the name clients pass as 'model' (default: the checkpoint directory's name)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}; unset: no key)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds running requests get to finish before they are aborted "
+                        "(default: %(default)s)")
+    return p
+
+
+def check_args(args) -> None:
+    """One-line ValueError for any flag that cannot work, before the model loads (the engine checks
+    its settings again, but only once the weights are in memory)."""
+    cfg = checkpoint.load_config(args.checkpoint)  # raises for a path that is not a checkpoint
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.grace_period < 0:
+        raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty")
+    if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of {cfg.max_seq_len}")
+    if args.mesh:
+        split = batch_multiple(make_mesh(args.mesh))
+        if args.max_batch % split:
+            raise ValueError(f"--max-batch {args.max_batch} does not divide over the mesh's batch split of {split}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now, so a busy port fails before the model loads."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
+
+
+def load_engine(args):
+    """(BatchingEngine, tokenizer) for the flags."""
+    cfg = checkpoint.load_config(args.checkpoint)
+    tokenizer = load_tokenizer_for(args)
+    check_tokenizer(cfg, tokenizer)
+    # CPU keeps float32 compute (XLA's bfloat16 CPU matmuls are several times slower); weights are
+    # stored in the compute dtype, or quantized from the stored ones.
+    dtype = "float32" if jax.default_backend() == "cpu" else cfg.dtype
+    param_dtype = cfg.param_dtype if args.quantize else dtype
+    check_host_memory(cfg, param_dtype, args.quantize)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    overrides = {"dtype": dtype, "param_dtype": param_dtype}
+    if mesh is None:
+        cfg, params = checkpoint.load(args.checkpoint, **overrides)
+    else:
+        cfg, params = load_params(args.checkpoint, mesh, **overrides)
+    if args.quantize:
+        params = quantize_params(params, args.quantize)
+    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                            page_size=args.page_size, num_pages=args.kv_pages)
+    return engine, tokenizer
+
+
+# uvicorn cancels the handlers still running this long after the grace period (a last resort: by
+# then the runner has ended their requests with an error the clients can read).
+CANCEL_AFTER_GRACE_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, draining the app's runner as soon as a signal comes: new requests get 503 and the
+    running ones `grace_period` seconds; uvicorn meanwhile closes the socket and waits for them."""
+
+    def __init__(self, config: uvicorn.Config, runner, grace_period: float):
+        super().__init__(config)
+        self.runner, self.grace_period = runner, grace_period
+
+    def handle_exit(self, sig, frame) -> None:
+        self.runner.drain(self.grace_period)
+        super().handle_exit(sig, frame)
+
+
+def serve(app, sock: socket.socket, *, grace_period: float = 30.0, log_level: str = "info") -> None:
+    """Run `app` on the bound `sock` until SIGTERM or SIGINT, then drain; returns once stopped."""
+    config = uvicorn.Config(app, timeout_graceful_shutdown=grace_period + CANCEL_AFTER_GRACE_S,
+                            log_level=log_level)
+    server = DrainingServer(config, app.state.runner, grace_period)
+    # uvicorn re-raises the signal it stopped for once it has restored the previous handler; this
+    # one absorbs SIGTERM then, so a drained server exits 0 rather than dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run(sockets=[sock])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        sock = listen(args.host, args.port)
+        engine, tokenizer = load_engine(args)
+        engine.warm_up()  # compiled now, not while the first requests wait
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, tokenizer, name, api_key=args.api_key)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name!r} (context {engine.max_seq_len} tokens, {args.max_batch} batch slots) on "
+          f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    try:
+        serve(app, sock, grace_period=args.grace_period)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The one thread that drives the engine, and the asyncio side of each request.
+
+The engine is not thread-safe, so every call into it (add, abort, step) happens on this thread;
+the event loop posts commands to a queue and gets each request's TokenOutputs back on an
+asyncio.Queue through `loop.call_soon_threadsafe`. Idle, the thread sleeps on a condition variable
+that each command notifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from llama_jax.infer.batching import RequestParams
+
+log = logging.getLogger(__name__)
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is draining (SIGTERM): it finishes what it has and takes nothing new."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while this request was in it; the request has been aborted."""
+
+
+class EngineRequest:
+    """One request's view of the engine: its TokenOutputs in order, and abort()."""
+
+    def __init__(self, runner: EngineRunner, request_id: str, prompt_len: int, params: RequestParams):
+        self.runner, self.id, self.prompt_len, self.params = runner, request_id, prompt_len, params
+        self.outputs: asyncio.Queue = asyncio.Queue()  # TokenOutput, or an EngineError
+        self.finished = False
+        self._last_token_time = self.arrival = time.monotonic()
+        self._tokens = 0
+
+    async def next(self):
+        """The next TokenOutput; raises EngineError when the engine failed or stopped under it."""
+        output = await self.outputs.get()
+        if isinstance(output, BaseException):
+            self.finished = True
+            raise output
+        if output.finish_reason is not None:
+            self.finished = True
+        self._observe_latency()
+        return output
+
+    def _observe_latency(self) -> None:
+        metrics, now = self.runner.metrics, time.monotonic()
+        if metrics is not None:
+            latency = metrics.time_per_output_token if self._tokens else metrics.time_to_first_token
+            latency.observe(now - self._last_token_time)
+        self._tokens += 1
+        self._last_token_time = now
+
+    def abort(self) -> None:
+        """Free the request's slot and pages (no-op once it finished)."""
+        if not self.finished:
+            self.finished = True
+            self.runner.post("abort", self.id)
+
+
+class EngineRunner:
+    def __init__(self, engine, metrics=None):
+        self.engine = engine
+        self.metrics = metrics
+        self._commands: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._live: dict[str, tuple[asyncio.AbstractEventLoop, EngineRequest]] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="llama_jax-engine", daemon=True)
+        self.accepting = True
+
+    # Event-loop side.
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def drain(self, grace_period: float) -> None:
+        """Turn new requests away (ShuttingDownError) from now on; the running ones go on for
+        `grace_period` seconds, then end with an EngineError (their clients get an error, not a cut
+        connection)."""
+        if self.accepting:
+            self.accepting = False
+            timer = threading.Timer(grace_period, self.post, args=("abort_all",))
+            timer.daemon = True
+            timer.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort what is left, end the thread and wait for it."""
+        self.accepting = False
+        self.post("stop")
+        self._thread.join(timeout)
+
+    async def submit(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams) -> EngineRequest:
+        """Add a request; raises here what engine.add raises (EngineFullError, ValueError)."""
+        if not self.accepting or not self.alive():
+            raise ShuttingDownError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        request = EngineRequest(self, request_id, len(prompt_ids), params)
+        added = loop.create_future()
+        self.post("add", request, list(prompt_ids), loop, added)
+        try:
+            await added
+        except asyncio.CancelledError:
+            # The add still happens on the engine thread: the abort, queued after it, undoes it.
+            request.abort()
+            raise
+        return request
+
+    def post(self, *command) -> None:
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+
+    # Engine-thread side.
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._commands and not self.engine.has_work():
+                    self._wake.wait()
+                commands = list(self._commands)
+                self._commands.clear()
+            for i, command in enumerate(commands):
+                if command[0] == "stop":
+                    self._shut(commands[i + 1:])
+                    return
+                self._apply(*command)
+            new_tokens = self._step() if self.engine.has_work() else 0
+            if self.metrics is not None:  # after aborts too: they free pages without a step
+                self.metrics.observe_step(self.engine.stats(), new_tokens)
+
+    def _apply(self, kind: str, *args) -> None:
+        if kind == "add":
+            request, prompt_ids, loop, added = args
+            try:
+                self.engine.add(request.id, prompt_ids, request.params)
+            except Exception as e:  # noqa: BLE001 (handed to the request's handler, which maps it to a status)
+                loop.call_soon_threadsafe(_settle, added, e)
+                return
+            self._live[request.id] = (loop, request)
+            loop.call_soon_threadsafe(_settle, added, None)
+        elif kind == "abort":
+            (request_id,) = args
+            self.engine.abort(request_id)
+            self._live.pop(request_id, None)
+        elif kind == "abort_all":
+            self._fail_all(EngineError("the server is shutting down and aborted this request after its grace period"))
+
+    def _step(self) -> int:
+        """One engine step, its outputs sent to their requests; the number of new tokens."""
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 (the server stays up; the requests in the engine end)
+            log.exception("engine step failed; aborting its %d requests", len(self._live))
+            self._fail_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"))
+            return 0
+        for output in outputs:
+            loop, request = self._live.get(output.request_id, (None, None))
+            if request is None:  # aborted since the step began
+                continue
+            if output.finish_reason is not None:
+                del self._live[output.request_id]
+            loop.call_soon_threadsafe(request.outputs.put_nowait, output)
+        return len(outputs)
+
+    def _shut(self, unapplied) -> None:
+        self._fail_all(EngineError("the server stopped before this request finished"))
+        for kind, *args in unapplied:
+            if kind == "add":
+                _, _, loop, added = args
+                loop.call_soon_threadsafe(_settle, added, ShuttingDownError("the server is shutting down"))
+
+    def _fail_all(self, error: EngineError) -> None:
+        for request_id, (loop, request) in list(self._live.items()):
+            self.engine.abort(request_id)
+            loop.call_soon_threadsafe(request.outputs.put_nowait, error)
+        self._live.clear()
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

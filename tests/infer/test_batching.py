@@ -1,0 +1,292 @@
+"""The continuous-batching engine against the static engine (`stream_tokens`, each prompt alone):
+greedy and seeded tokens of requests arriving over time, finish reasons, logprobs, aborts, page
+accounting, the prefix cache, preemption under a tiny page budget, compile counts and meshes."""
+
+import collections
+import dataclasses
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import Llama, LlamaConfig
+from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams
+from llama_jax.infer.engine import SamplingParams, stream_tokens
+from llama_jax.infer.quantize import quantize_params
+from llama_jax.sharding import make_mesh
+from tests.infer.common import collect, random_params
+
+# Shared by most tests, so they share compiled programs: 4 slots, pages of 8 tokens, chunks of
+# 32 tokens (as 1x32, 2x16 or 4x8).
+SETTINGS = dict(max_batch=4, page_size=8, prefill_chunk=32)
+GREEDY = dict(temperature=0.0)
+
+_compiles = collections.Counter()
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: _compiles.update([kw.get("fun_name", "?")])
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def prompt(n, start):
+    return [1] + [(start + i) % 500 + 2 for i in range(n - 1)]
+
+
+def alone(cfg, params, ids, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=()):
+    """The static engine's tokens and finish reason for one prompt."""
+    sampling = SamplingParams(temperature, top_p, top_k)
+    events = stream_tokens(cfg, params, [ids], max_new_tokens=max_tokens, sampling=sampling, seed=seed,
+                           stop_ids=stop)
+    return collect(events)[0]
+
+
+def drain(engine, arrivals=None):
+    """Step until no work is left, adding arrivals[step] before that step. Returns {id: [outputs]}
+    and {id: (step of first output, step of last)}."""
+    arrivals = arrivals or {}
+    outputs, steps = collections.defaultdict(list), {}
+    step = 0
+    while engine.has_work() or step in arrivals:
+        for request_id, ids, params in arrivals.pop(step, []):
+            engine.add(request_id, ids, params)
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+            first = steps.get(out.request_id, (step, step))[0]
+            steps[out.request_id] = (first, step)
+        step += 1
+    return dict(outputs), steps
+
+
+def tokens_and_reason(outs):
+    return [o.token_id for o in outs], outs[-1].finish_reason
+
+
+def without_stop_token(outs):
+    """The engine reports a stop token as the last output; the static engine does not return it."""
+    tokens, reason = tokens_and_reason(outs)
+    return (tokens[:-1] if reason == "stop" else tokens), reason
+
+
+# Prompts of 3 to 70 tokens (the longest spans 3 chunks), outputs of 2 to 12 tokens, arriving
+# over the first steps: more requests than slots, so some wait for a slot.
+REQUESTS = [(f"r{i}", prompt(n, 37 * i), m, step) for i, (n, m, step) in
+            enumerate([(3, 30, 0), (70, 6, 0), (20, 2, 0), (9, 10, 1), (33, 8, 3), (12, 5, 3), (5, 9, 8)])]
+
+
+def test_greedy_requests_arriving_over_time_equal_each_prompt_alone(tiny):
+    cfg, params = tiny
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    arrivals = collections.defaultdict(list)
+    for request_id, ids, max_tokens, step in REQUESTS:
+        arrivals[step].append((request_id, ids, RequestParams(max_tokens, **GREEDY)))
+    outputs, steps = drain(engine, arrivals)
+    for request_id, ids, max_tokens, _ in REQUESTS:
+        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+        assert all(o.prompt_tokens == len(ids) for o in outputs[request_id])
+    # r6 arrives at step 8 and starts while r0 (30 tokens from step 1) still runs.
+    assert steps["r6"][0] < steps["r0"][1]
+    assert engine.stats() | dict(pages_cached=0) == dict(
+        running=0, waiting=0, pages_used=0, pages_cached=0, pages_total=4 * 32, preemptions=0,
+        prefilled_tokens=sum(len(ids) for _, ids, _, _ in REQUESTS),
+        generated_tokens=sum(m for _, _, m, _ in REQUESTS), cached_tokens=0)
+
+
+def test_a_long_prompt_does_not_stall_running_requests(tiny):
+    cfg, params = tiny
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    engine.add("short", prompt(4, 0), RequestParams(20, **GREEDY))
+    engine.step()  # prefilled, first token out
+    engine.add("long", prompt(100, 50), RequestParams(2, **GREEDY))  # 4 chunks: 32, 32, 32, 4
+    # The short request gets a token at every step of the long prefill.
+    assert [[o.request_id for o in engine.step()] for _ in range(4)] == [["short"]] * 3 + [["long", "short"]]
+
+
+def test_seeded_sampling_depends_on_the_seed_only(tiny):
+    cfg, params = tiny
+    ids = prompt(30, 3)
+    settings = dict(temperature=0.8, top_k=40, top_p=0.95, seed=7)
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    engine.add("x", ids, RequestParams(10, **settings))
+    by_itself = tokens_and_reason(drain(engine)[0]["x"])
+    # The same request among companions with other settings, arriving at another step.
+    arrivals = {0: [("a", prompt(9, 1), RequestParams(15, temperature=1.0, seed=1)),
+                    ("b", prompt(40, 2), RequestParams(15, **GREEDY))],
+                2: [("x", ids, RequestParams(10, **settings))],
+                3: [("c", prompt(5, 3), RequestParams(4, temperature=0.5, top_k=3))]}
+    outputs, _ = drain(engine, arrivals)
+    assert tokens_and_reason(outputs["x"]) == by_itself
+    assert by_itself == alone(cfg, params, ids, 10, temperature=0.8, top_p=0.95, top_k=40, seed=7)
+    engine.add("y", ids, RequestParams(10, **settings | dict(seed=8)))
+    assert tokens_and_reason(drain(engine)[0]["y"]) != by_itself
+
+
+def test_stop_ids_and_max_tokens_set_the_finish_reason(tiny):
+    cfg, params = tiny
+    ids = prompt(11, 30)
+    reference, _ = alone(cfg, params, ids, 10)
+    k = next(k for k in range(2, 10) if reference[k] not in reference[:k])
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    engine.add("stop", ids, RequestParams(10, stop_token_ids=(reference[k], 499), **GREEDY))
+    engine.add("length", ids, RequestParams(3, **GREEDY))
+    outputs, _ = drain(engine)
+    assert tokens_and_reason(outputs["stop"]) == (reference[:k + 1], "stop")  # the stop token is reported
+    assert tokens_and_reason(outputs["length"]) == (reference[:3], "length")
+    assert [o.finish_reason for o in outputs["length"]] == [None, None, "length"]
+
+
+def test_logprobs_are_the_log_softmax_of_the_model_logits(tiny):
+    cfg, params = tiny
+    ids = prompt(13, 5)
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    engine.add("top", ids, RequestParams(6, temperature=1.0, seed=3, logprobs=5))
+    engine.add("chosen", ids, RequestParams(6, **GREEDY, logprobs=0))
+    engine.add("none", ids, RequestParams(2, **GREEDY))
+    outputs, _ = drain(engine)
+    for name in ("top", "chosen"):
+        tokens = [o.token_id for o in outputs[name]]
+        logits = Llama(cfg).apply({"params": params}, np.array([ids + tokens], np.int32))[0]
+        expected = jax.nn.log_softmax(logits[len(ids) - 1:-1], axis=-1)
+        for out, row in zip(outputs[name], np.asarray(expected)):
+            np.testing.assert_allclose(out.logprob, row[out.token_id], rtol=1e-4, atol=1e-4)
+            if name == "chosen":
+                assert out.top_logprobs is None
+                continue
+            top = np.argsort(-row)[:5]
+            assert [t for t, _ in out.top_logprobs] == top.tolist()
+            np.testing.assert_allclose([lp for _, lp in out.top_logprobs], row[top], rtol=1e-4, atol=1e-4)
+    assert all(o.logprob is None and o.top_logprobs is None for o in outputs["none"])
+
+
+def test_abort_frees_the_slot_and_pages(tiny):
+    cfg, params = tiny
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    for i in range(5):  # one more than the slots
+        engine.add(f"r{i}", prompt(20, i), RequestParams(30, **GREEDY))
+    early = [out for _ in range(4) for out in engine.step()]
+    used = lambda: {k: engine.stats()[k] for k in ("running", "waiting", "pages_used")}  # noqa: E731
+    assert used() == dict(running=4, waiting=1, pages_used=4 * 3)  # 20 prompt tokens, a few new: 3 pages each
+    engine.abort("r1")
+    engine.abort("r4")  # still waiting
+    engine.abort("unknown")
+    assert used() == dict(running=3, waiting=0, pages_used=3 * 3)
+    outputs, _ = drain(engine)
+    assert set(outputs) == {"r0", "r2", "r3"} and engine.stats()["pages_used"] == 0
+    for i in (0, 2, 3):
+        outs = [o for o in early if o.request_id == f"r{i}"] + outputs[f"r{i}"]
+        assert tokens_and_reason(outs) == alone(cfg, params, prompt(20, i), 30)
+
+
+def test_bad_requests_are_refused(tiny):
+    cfg, params = tiny
+    engine = BatchingEngine(cfg, params, max_seq_len=64, max_waiting=2, **SETTINGS)
+    with pytest.raises(ValueError, match="prompt of 60 tokens plus max_tokens 5 is 65 tokens, more than the "
+                                         "context of 64"):
+        engine.check(60, 5)
+    with pytest.raises(ValueError, match="token id 512 is outside"):
+        engine.add("a", [1, 512], RequestParams(2))
+    with pytest.raises(ValueError, match="top_k must be an integer in"):
+        RequestParams(2, top_k=1000)
+    with pytest.raises(ValueError, match="logprobs must be in"):
+        RequestParams(2, logprobs=21)
+    engine.add("a", [1], RequestParams(2))
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        engine.add("a", [1], RequestParams(2))
+    engine.add("b", [1], RequestParams(2))
+    with pytest.raises(EngineFullError):
+        engine.add("c", [1], RequestParams(2))
+
+
+def test_no_request_compiles_anything_after_warm_up():
+    # A config of its own, so nothing compiled by other tests is reused.
+    cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=3e-5)
+    engine = BatchingEngine(cfg, random_params(cfg), **SETTINGS)
+    _compiles.clear()
+    engine.warm_up()
+    assert _compiles["jit(model_step)"] == 1 + 3  # decode, and prefill chunks of 1x32, 2x16, 4x8
+    _compiles.clear()
+    arrivals = {0: [("a", prompt(3, 0), RequestParams(5, **GREEDY)),
+                    ("b", prompt(45, 1), RequestParams(9, temperature=0.7, top_p=0.9, seed=1, logprobs=3))],
+                2: [("c", prompt(17, 2), RequestParams(4, temperature=1.2, top_k=5, stop_token_ids=(3, 4, 5)))],
+                3: [("d", prompt(8, 3), RequestParams(12, logprobs=0)), ("e", prompt(2, 4), RequestParams(1)),
+                    ("f", prompt(30, 5), RequestParams(3))]}
+    outputs, _ = drain(engine, arrivals)
+    assert len(outputs) == 6
+    assert sum(_compiles.values()) == 0, _compiles
+
+
+# Prefix cache and preemption ------------------------------------------------------------------
+
+def test_a_shared_prefix_is_prefilled_once(tiny):
+    cfg, params = tiny
+    system = prompt(24, 100)  # 3 full pages
+    first, second = system + prompt(6, 7)[1:], system + prompt(9, 8)[1:]
+    runs = {}
+    for caching in (True, False):
+        engine = BatchingEngine(cfg, params, prefix_caching=caching, **SETTINGS)
+        engine.add("first", first, RequestParams(5, **GREEDY))
+        drain(engine)
+        before = engine.stats()["prefilled_tokens"]
+        engine.add("second", second, RequestParams(7, **GREEDY))
+        outputs, _ = drain(engine)
+        runs[caching] = (tokens_and_reason(outputs["second"]), engine.stats()["prefilled_tokens"] - before,
+                         outputs["second"][0].cached_prompt_tokens)
+    assert runs[True][0] == runs[False][0] == alone(cfg, params, second, 7)
+    assert runs[True][1:] == (len(second) - 24, 24)
+    assert runs[False][1:] == (len(second), 0)
+
+
+def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny):
+    cfg, params = tiny
+    # 8 pages of 8 tokens: one sequence of 64 tokens, or a few shorter ones at a time.
+    engine = BatchingEngine(cfg, params, max_seq_len=64, num_pages=8, **SETTINGS)
+    system = prompt(16, 300)
+    requests = {f"r{i}": (system + prompt(4 + 5 * i, 11 * i)[1:], 6 + 2 * i) for i in range(6)}  # 25..60 tokens
+    arrivals = {0: [(r, ids, RequestParams(m, **GREEDY)) for r, (ids, m) in list(requests.items())[:4]],
+                5: [(r, ids, RequestParams(m, **GREEDY)) for r, (ids, m) in list(requests.items())[4:]]}
+    outputs, _ = drain(engine, arrivals)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and stats["pages_used"] == 0
+    for request_id, (ids, max_tokens) in requests.items():
+        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+
+
+# Meshes ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
+@pytest.mark.parametrize("spec", ["tp2", "dp2,tp2"])
+def test_a_mesh_gives_the_single_device_tokens(tiny, spec):
+    cfg, params = tiny
+    arrivals = {0: [("a", prompt(3, 0), RequestParams(8, **GREEDY)),
+                    ("b", prompt(40, 1), RequestParams(6, temperature=0.9, top_k=20, seed=4))],
+                2: [("c", prompt(12, 2), RequestParams(7, temperature=1.0, seed=5, logprobs=2))]}
+    single, _ = drain(BatchingEngine(cfg, params, **SETTINGS), {k: list(v) for k, v in arrivals.items()})
+    mesh = make_mesh(spec, jax.devices()[:4 if "dp" in spec else 2])
+    engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS)
+    sharded, _ = drain(engine, arrivals)
+    assert {k: tokens_and_reason(v) for k, v in sharded.items()} == {k: tokens_and_reason(v) for k, v in single.items()}
+    np.testing.assert_allclose([o.logprob for o in sharded["c"]], [o.logprob for o in single["c"]], rtol=1e-5)
+    assert engine.pages[0][0].sharding.spec == P(None, None, "tp")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
+@pytest.mark.parametrize("spec", [None, "dp2,tp2"])
+def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
+    cfg, params = tiny
+    mesh = None if spec is None else make_mesh(spec, jax.devices()[:4])
+    settings = dict(max_batch=2, page_size=8, prefill_chunk=16, max_seq_len=64, mesh=mesh)
+    arrivals = {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),
+                    ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}
+    xla, _ = drain(BatchingEngine(cfg, params, **settings), {0: list(arrivals[0])})
+    in_interpreter = dataclasses.replace(cfg, attention_interpret=True)
+    pallas, _ = drain(BatchingEngine(in_interpreter, params, attention_impl="pallas", **settings), arrivals)
+    assert {k: tokens_and_reason(v) for k, v in pallas.items()} == {k: tokens_and_reason(v) for k, v in xla.items()}
+
+
+def test_int8_weights_and_tied_embeddings_give_the_static_engines_tokens():
+    cfg = LlamaConfig.preset("tiny-3.2")  # tied embeddings, 4 kv heads, scaled rope
+    params = quantize_params(random_params(cfg), "int8")
+    engine = BatchingEngine(cfg, params, **SETTINGS)
+    ids = prompt(21, 9)
+    engine.add("q", ids, RequestParams(8, **GREEDY))
+    assert tokens_and_reason(drain(engine)[0]["q"]) == alone(cfg, params, ids, 8)
