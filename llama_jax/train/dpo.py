@@ -117,17 +117,21 @@ class DPO:
 
 # The reference pass ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def _reference_forward(cfg: LlamaConfig, mesh: Mesh, logprobs_fn):
+    """Jitted once per setting, so a process that trains again (resume, tests) does not recompile."""
+    def forward(params, batch):
+        with activation_sharding(mesh):
+            return logprobs_fn(cfg, params, batch)
+    return jax.jit(forward, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def reference_table(cfg: LlamaConfig, params_ref, pairs: PreferencePairs, mesh: Mesh, batch_size: int,
                     logprobs_fn=reference_logprobs) -> np.ndarray:
     """[num_pairs, 2] float32: (chosen, rejected) log-prob sums of every pair under `params_ref`,
     packed in batches like training's (same rows, same shardings), in record order."""
     T = pairs.seq_len
-
-    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
-    def forward(params, batch):
-        with activation_sharding(mesh):
-            return logprobs_fn(cfg, params, batch)
-
+    forward = _reference_forward(cfg, mesh, logprobs_fn)
     table = np.full((len(pairs), 2), np.nan, np.float32)
     pos = 0
     while pos < len(pairs):
