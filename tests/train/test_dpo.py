@@ -68,13 +68,14 @@ def unpacked_logprobs(params, pairs):
     return np.asarray(sums).reshape(len(pairs), 2)
 
 
-def test_packed_sharded_loss_equals_the_formula_on_unpacked_sequences(tmp_path, tokenizer):
+@pytest.mark.parametrize("mesh_spec", ["dp2,fsdp2,tp2", "fsdp2,cp4"])
+def test_packed_sharded_loss_equals_the_formula_on_unpacked_sequences(tmp_path, tokenizer, mesh_spec):
     pairs = PreferencePairs(read_preferences([write_jsonl(tmp_path / "p.jsonl", some_records())]), tokenizer, SEQ_LEN)
     policy, reference = init_single(CFG, 0), init_single(CFG, 1)
     want_policy, want_reference = unpacked_logprobs(policy, pairs), unpacked_logprobs(reference, pairs)
 
-    mesh = make_mesh("dp2,fsdp2,tp2")
-    B = 8  # dp x fsdp x grad_accum
+    mesh = make_mesh(mesh_spec)  # cp: each row's tokens split over 4 devices, in load-balanced order
+    B = 8  # a multiple of dp x fsdp x grad_accum
     shardings = param_shardings(CFG, mesh)
     # The reference pass, packed and sharded, gives the unpacked forwards' sums.
     got_reference = reference_table(CFG, jax.device_put(reference, shardings), pairs, mesh, B)
