@@ -48,8 +48,9 @@ def some_records():
     def text(n):
         return " ".join(rng.choice(words, n))
 
+    # Never the same text twice in a pair: a tie's reward accuracy would be decided by rounding.
     records = [{"prompt": text(rng.integers(0, 4)), "chosen": text(rng.integers(1, 4)),
-                "rejected": text(rng.integers(1, 4))} for _ in range(7)]
+                "rejected": "not " + text(rng.integers(1, 3))} for _ in range(7)]
     records += [{"messages": [{"role": "user", "content": text(1)}], "chosen": {"role": "assistant", "content": "ok"},
                  "rejected": {"role": "assistant", "content": text(2)}}]
     return records
