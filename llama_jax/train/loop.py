@@ -5,6 +5,7 @@
                              and its sibling files, as an --init-from checkpoint carries them)
     OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
+    OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
 
 Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
@@ -104,6 +105,8 @@ class TrainConfig:
         if self.objective == "dpo" and not self.data:
             raise ValueError("--objective dpo needs --data: JSONL preference records (prompt or messages, chosen, "
                              "rejected)")
+        if self.objective == "dpo" and self.z_loss:
+            raise ValueError("--z-loss belongs to the next-token objective, not to --objective dpo")
 
 
 # Setting up ------------------------------------------------------------------------------------
