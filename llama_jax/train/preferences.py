@@ -127,12 +127,16 @@ def response_ids_and_weights(tokenizer, prompt, response) -> tuple[list[int], li
     message = {"role": "assistant", **response}
     if isinstance(tokenizer, HFTokenizer):
         ids, weights = tokenizer.encode_dialog_for_training([*prompt, message])
+        if not any(weights):
+            return ids, weights
         # Earlier assistant turns of the prompt are weighted too: keep only the last weighted run.
         last = max(i for i, w in enumerate(weights) if w)
         first = last
         while first > 0 and weights[first - 1]:
             first -= 1
         return ids, [1.0 if first <= i <= last else 0.0 for i in range(len(ids))]
+    if not hasattr(tokenizer, "encode_message"):
+        raise ValueError(f"chat records need a Llama 3 or a Hugging Face chat tokenizer, not {type(tokenizer).__name__}")
     prompt_ids = tokenizer.encode_dialog(prompt)
     body = tokenizer.encode_message(message)[len(tokenizer.encode_header("assistant")):]  # content + eot
     return prompt_ids + body, [0.0] * len(prompt_ids) + [1.0] * len(body)
@@ -156,7 +160,7 @@ class Tokenized:
 
 
 class PreferencePairs:
-    """Tokenized pairs: `pairs[i] == (chosen, rejected)` Tokenizeds of record i."""
+    """The tokenized records: `pairs[i]` is record i's (chosen, rejected) pair of sequences."""
 
     def __init__(self, records: Sequence[PreferenceRecord], tokenizer, seq_len: int):
         self.seq_len = seq_len
