@@ -136,7 +136,8 @@ def response_ids_and_weights(tokenizer, prompt, response) -> tuple[list[int], li
             first -= 1
         return ids, [1.0 if first <= i <= last else 0.0 for i in range(len(ids))]
     if not hasattr(tokenizer, "encode_message"):
-        raise ValueError(f"chat records need a Llama 3 or a Hugging Face chat tokenizer, not {type(tokenizer).__name__}")
+        raise ValueError(f"chat records need a Llama 3 or a Hugging Face chat tokenizer, not "
+                         f"{type(tokenizer).__name__}")
     prompt_ids = tokenizer.encode_dialog(prompt)
     body = tokenizer.encode_message(message)[len(tokenizer.encode_header("assistant")):]  # content + eot
     return prompt_ids + body, [0.0] * len(prompt_ids) + [1.0] * len(body)
