@@ -149,6 +149,26 @@ def test_sigterm_and_resume_continue_exactly(tmp_path, toy_run, monkeypatch):
     assert [got[s] for s in range(TOY_STEPS)] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
+def test_dpo_from_a_converted_hf_chat_checkpoint(tmp_path, hf_chat_model):
+    from llama_jax import checkpoint
+    from llama_jax.convert.hf import convert_hf
+
+    ckpt = convert_hf(hf_chat_model, tmp_path / "ckpt")
+    records = [{"messages": [{"role": "user", "content": f"Hello, world! {i}"}],
+                "chosen": {"role": "assistant", "content": "I am fine, thank you."},
+                "rejected": {"role": "assistant", "content": "The quick brown fox."}} for i in range(12)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    out = tmp_path / "run"
+    summary = train(TrainConfig(out=str(out), init_from=str(ckpt), data=(data,), seq_len=256, batch_size=8, steps=3,
+                                lr=1e-3, warmup_steps=0, mesh="fsdp8", objective="dpo", log_every=1, progress=False))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["pairs"] >= 12  # epochs wrap
+    assert rows[-1]["reward_margin"] > 0 and rows[-1]["loss"] < math.log(2)
+    cfg, _ = checkpoint.load(summary["model"])  # OUT/model: a checkpoint infer and convert read
+    assert cfg.num_params() == checkpoint.load_config(ckpt).num_params()
+    assert checkpoint.tokenizer_path(summary["model"]).name == "tokenizer.json"
+
+
 def test_batches_hold_whole_pairs_and_resume_exactly(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "p.jsonl", some_records())
     make = lambda: PreferenceBatches(PreferenceDataConfig((data,), SEQ_LEN, 2, seed=3), tokenizer)  # noqa: E731
