@@ -146,9 +146,10 @@ def reference_table(cfg: LlamaConfig, params_ref, pairs: PreferencePairs, mesh: 
 
 
 def prepare_reference(data: PreferenceBatches, out: Path, cfg: LlamaConfig, params_ref, mesh: Mesh, *,
-                      resumed: bool, primary: bool = True) -> None:
-    """Give `data` its reference log-probs: computed from `params_ref` (the initial weights) and
-    written to OUT/reference_logprobs.npz on a fresh run, read back from there on a resumed one."""
+                      resumed: bool, primary: bool = True, logprobs_fn=reference_logprobs) -> None:
+    """Give `data` its reference log-probs: computed by `logprobs_fn(cfg, params_ref, batch)` (the
+    initial weights; with adapters, the base without them) and written to
+    OUT/reference_logprobs.npz on a fresh run, read back from there on a resumed one."""
     path = Path(out) / REFERENCE_FILE
     if resumed:
         if not path.is_file():
@@ -161,7 +162,7 @@ def prepare_reference(data: PreferenceBatches, out: Path, cfg: LlamaConfig, para
         data.reference = stored["logprobs"]
         return
     started = time.perf_counter()
-    table = reference_table(cfg, params_ref, data.pairs, mesh, data.cfg.batch_size)
+    table = reference_table(cfg, params_ref, data.pairs, mesh, data.cfg.batch_size, logprobs_fn)
     log.info("reference log-probs of %d pairs computed in %.1f s", len(table), time.perf_counter() - started)
     if primary:
         staging = path.with_name(f".{path.name}.tmp.npz")
