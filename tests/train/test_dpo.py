@@ -18,7 +18,7 @@ from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import param_shardings
 from llama_jax.tokenizer import Llama3Tokenizer
 from llama_jax.train.data import write_byte_tokenizer
-from llama_jax.train.dpo import DPO, reference_table
+from llama_jax.train.dpo import DPO, prepare_reference, reference_table
 from llama_jax.train.loop import TrainConfig, train
 from llama_jax.train.optim import OptimConfig, make_optimizer
 from llama_jax.train.preferences import PreferenceBatches, PreferenceDataConfig, PreferencePairs, pack_pairs, \
@@ -189,6 +189,21 @@ def test_batches_hold_whole_pairs_and_resume_exactly(tmp_path, tokenizer):
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_resumed_run_reads_its_own_reference_log_probs_or_says_why_not(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "p.jsonl", some_records())
+    batches = PreferenceBatches(PreferenceDataConfig((data,), SEQ_LEN, 2), tokenizer)
+    resume = dict(out=tmp_path, cfg=CFG, params_ref=None, mesh=None, resumed=True)
+    with pytest.raises(ValueError, match="reference_logprobs.npz is missing: a resumed DPO run reads"):
+        prepare_reference(batches, **resume)
+    table = np.arange(2 * len(batches.pairs), dtype=np.float32).reshape(-1, 2)
+    np.savez(tmp_path / "reference_logprobs.npz", logprobs=table, fingerprint=np.asarray("0123456789abcdef"))
+    with pytest.raises(ValueError, match="other preference data than --data gives now"):
+        prepare_reference(batches, **resume)
+    np.savez(tmp_path / "reference_logprobs.npz", logprobs=table, fingerprint=np.asarray(batches.pairs.fingerprint))
+    prepare_reference(batches, **resume)
+    np.testing.assert_array_equal(batches.reference, table)
 
 
 def test_chat_records_render_through_the_chat_format(tmp_path, tokenizer):
