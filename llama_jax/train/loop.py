@@ -5,6 +5,7 @@
                              and its sibling files, as an --init-from checkpoint carries them)
     OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
+    OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
 
 Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
@@ -22,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -36,9 +38,12 @@ from llama_jax.config import PRESETS, LlamaConfig, compute_dtype
 from llama_jax.sharding import make_mesh, mesh_str
 from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
+from llama_jax.train.dpo import DPO, prepare_reference
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import check_batch_shape, init_state, make_train_step, put_batch, sharded_abstract_state
+from llama_jax.train.preferences import PreferenceBatches, PreferenceDataConfig
+from llama_jax.train.step import LanguageModeling, Objective, check_batch_shape, init_state, make_train_step, \
+    put_batch, sharded_abstract_state
 
 log = logging.getLogger("llama_jax.train")
 
@@ -55,6 +60,9 @@ class NonFiniteLoss(RuntimeError):
 
     def __str__(self) -> str:
         return self.args[1]
+
+
+OBJECTIVES = ("lm", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,8 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     z_loss: float = 0.0
+    objective: str = "lm"  # "lm": next-token loss (pre-training, SFT); "dpo": preference pairs (see dpo.py)
+    dpo_beta: float = 0.1
     dtype: str | None = None  # compute dtype; default bfloat16 on accelerators, float32 on CPU
     remat: str | None = None
     attention_impl: str | None = None
@@ -90,6 +100,13 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "dpo" and not self.data:
+            raise ValueError("--objective dpo needs --data: JSONL preference records (prompt or messages, chosen, "
+                             "rejected)")
+        if self.objective == "dpo" and self.z_loss:
+            raise ValueError("--z-loss belongs to the next-token objective, not to --objective dpo")
 
 
 # Setting up ------------------------------------------------------------------------------------
@@ -212,12 +229,12 @@ class _StopFlag:
 
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(cfg: LlamaConfig, optim: OptimConfig, mesh, batch_shape: tuple[int, int], grad_accum: int,
-                        z_loss: float):
+                        objective: Objective):
     """One optimizer and jitted step per setting, so a process that calls `train` again (a resumed
     run in a notebook, the tests) reuses the compiled step instead of tracing it anew."""
     optimizer = make_optimizer(optim)
     return optimizer, make_train_step(cfg, optimizer, mesh, batch_shape=batch_shape, grad_accum=grad_accum,
-                                      z_loss=z_loss, schedule=lr_schedule(optim))
+                                      objective=objective, schedule=lr_schedule(optim))
 
 
 def _test_fault() -> tuple[str, int] | None:
@@ -241,7 +258,7 @@ class _Setup:
     tokenizer_path: str
     optimizer: Any
     step_fn: Any
-    data: data_lib.BatchIterator
+    data: data_lib.BatchIterator | PreferenceBatches
 
 
 def _prepare(tc: TrainConfig) -> _Setup:
@@ -264,14 +281,26 @@ def _prepare(tc: TrainConfig) -> _Setup:
         checkpoint.copy_tokenizer(tokenizer_path, out)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)
-    data = data_lib.BatchIterator(data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    if tc.objective == "dpo":
+        objective = DPO(tc.dpo_beta)
+        data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    else:
+        objective = LanguageModeling(tc.z_loss)
+        data = data_lib.BatchIterator(data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed),
+                                      tokenizer)
+    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective)
     return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data)
 
 
 def train(tc: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
-    setup = _prepare(tc)
+    created = not Path(tc.out).exists()
+    try:
+        setup = _prepare(tc)
+    except Exception:
+        if created and _is_primary():  # bad input never leaves a half-made run directory behind
+            shutil.rmtree(tc.out, ignore_errors=True)
+        raise
     manager = checkpoint_manager(setup.out / checkpoint.TRAIN_STATES_DIR, tc.keep)
     try:
         return _run(tc, setup, manager)
@@ -297,6 +326,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         if tc.init_from:
             _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc))
         state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
+    if isinstance(data, PreferenceBatches):  # the reference log-probs: of the initial weights, once
+        prepare_reference(data, out, cfg, state.params, mesh, resumed=latest is not None, primary=primary)
     start = int(state.step)
 
     T, B = tc.seq_len, tc.batch_size
