@@ -20,9 +20,9 @@ import psutil
 
 from llama_jax import checkpoint, kernels
 from llama_jax.config import compute_dtype
-from llama_jax.infer.engine import Conversation, PromptTooLongError, batch_multiple, prepare
+from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
+from llama_jax.infer.engine import Conversation, PromptTooLongError
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
-from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.context import context_size
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off; at most 256")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
@@ -92,7 +92,8 @@ def load_model(args):
         cfg, params = load_params(path, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
-    cfg, params = prepare(cfg, params, mesh, donate=True)  # never two copies of the weights at once
+    # The engine's per-layer layout, once for every generation; never two copies of the weights.
+    cfg, params = prepare(cfg, params, mesh, donate=True)
     return cfg, params, tokenizer, mesh
 
 
@@ -154,7 +155,8 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    SamplingParams(args.temperature, args.top_p, args.top_k)  # bad values fail before the model loads
+    # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
+    RequestParams(1, args.temperature, args.top_p, args.top_k)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     cfg, params, tokenizer, mesh = load_model(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
