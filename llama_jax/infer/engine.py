@@ -83,7 +83,7 @@ def request_params(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int, sampl
                          top_p=sampling.top_p, top_k=sampling.top_k, seed=seed, stop_token_ids=tuple(stop_ids))
 
 
-def _attention_impl(cfg: LlamaConfig) -> str:
+def paged_attention_impl(cfg: LlamaConfig) -> str:
     """The paged attention the config's implementation names (the engine has 'xla' and 'pallas')."""
     return cfg.attention_impl if cfg.attention_impl in ("xla", "pallas") else "auto"
 
@@ -118,7 +118,7 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=rows, page_size=PAGE_SIZE,
                             max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len),
                             prefill_chunk=chunk, min_prefill_chunk=min(MIN_BUCKET, chunk),
-                            max_waiting=len(prompts), attention_impl=_attention_impl(cfg))
+                            max_waiting=len(prompts), attention_impl=paged_attention_impl(cfg))
     for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
         engine.add(str(i), prompt, params_i, stream=i)
     yield from _events(engine)
@@ -171,7 +171,7 @@ class Conversation:
             self.engine = BatchingEngine(cfg, self.params, mesh=self.mesh, max_batch=1, max_seq_len=context,
                                          page_size=PAGE_SIZE, prefill_chunk=self.chunk,
                                          min_prefill_chunk=min(MIN_BUCKET, self.chunk),
-                                         attention_impl=_attention_impl(cfg))
+                                         attention_impl=paged_attention_impl(cfg))
             self.params = self.engine.params  # split once, for every turn
         elif self.engine.max_seq_len < context:
             self.engine.grow(context)
@@ -188,4 +188,4 @@ class Conversation:
 
 
 __all__ = ["TokenEvent", "PromptTooLongError", "Conversation", "stream_tokens", "check_prompts", "bucket_length",
-           "request_params", "MIN_BUCKET", "PREFILL_CHUNK", "PAGE_SIZE"]
+           "request_params", "paged_attention_impl", "MIN_BUCKET", "PREFILL_CHUNK", "PAGE_SIZE"]
