@@ -11,10 +11,11 @@ running requests by one chunk at a time), then one decode step for every request
 Both run one jitted function, `model_step`, over per-layer page pools [N, P, K, E] (donated, so
 updated in place) and the rows' page tables [B, M]: the decode step is compiled once for
 [max_batch, 1] and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
-R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also every power-of-two
-multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole chunk). Every per-request setting (temperature, top-k,
-top-p, seed) is an array with a row per request; stop ids and token limits are checked on the host.
-So no prompt length, output length or setting compiles anything after those shapes.
+R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
+power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
+chunk). Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+request; stop ids and token limits are checked on the host. So no prompt length, output length or
+setting compiles anything after those shapes.
 
 Sampling keys are fold_in(fold_in(key(seed), stream), position), stream 0 unless `add` names one
 (`engine.stream_tokens` passes each prompt's index): a request's tokens depend on its seed, stream
@@ -139,7 +140,7 @@ def param_shardings(cfg: LlamaConfig, mesh, params):
 def prepare(cfg: LlamaConfig, params, mesh=None, *, donate: bool = False) -> tuple[LlamaConfig, DecodeParams]:
     """(cfg, DecodeParams): the model's params placed on `mesh` as the rules table says, each layer
     split into buffers of its own (kept on the mesh: the layer axis is never split). DecodeParams
-    pass through unchanged. donate: each stacked weight is deleted once split (the tree passed in is
+    (already placed) pass through unchanged. donate: each stacked weight is deleted once split (the tree passed in is
     unusable afterwards), so the peak is the model plus one stacked weight, not twice the layers."""
     if isinstance(params, DecodeParams):
         return cfg, params
