@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 on CPU, where XLA's bfloat16 matmuls are slow: a Llama-3.2-1B decode step "
                         "measured 6x slower; bfloat16 there halves the memory at that cost)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
@@ -191,7 +192,7 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
 
 
 def write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout):
-    """One JSON line per prompt, in the file's order, each written as soon as its batch allows."""
+    """One JSON line per prompt, in the file's order, each written once it and those before it are done."""
     out = open(args.output, "w", encoding="utf-8") if args.output else stdout
     finished, next_index = {}, 0
     try:
