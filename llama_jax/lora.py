@@ -240,12 +240,16 @@ def adapt(params, adapters, spec: LoraConfig):
     return _walk(params, adapters, lambda name, w, a, b: LoraWeight(w, a, b, spec.scale, INPUT_DIMS[name]))
 
 
-def merge(params, adapters, spec: LoraConfig, dtype=None):
+def merge(params, adapters, spec: LoraConfig, dtype=None, *, donate: bool = False):
     """Plain params W + alpha/r * A @ B (a QuantizedArray base dequantized), each in `dtype` (default:
-    the base weight's own dtype), one weight at a time."""
+    the base weight's own dtype), one weight at a time. donate: delete each base weight once merged
+    (the tree passed in is unusable afterwards), so the peak is the model plus one weight."""
     def merged(name, w, a, b):
         target = jnp.dtype(dtype if dtype is not None else w.dtype)
-        return _merge_jit(w, a, b, scale=spec.scale, n_in=INPUT_DIMS[name], dtype=target)
+        out = _merge_jit(w, a, b, scale=spec.scale, n_in=INPUT_DIMS[name], dtype=target)
+        if donate:
+            jax.tree.map(lambda x: x.delete(), w)
+        return out
 
     from llama_jax.infer.quantize import dequantize_params
 
@@ -312,3 +316,10 @@ def load_adapters(path: str | os.PathLike, cfg: LlamaConfig, *, base_config: Lla
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                               adapter_shapes(cfg, spec))
     return spec, ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+
+
+def merge_from(path: str | os.PathLike, params, cfg: LlamaConfig, *, base_path: str | os.PathLike,
+               base_config: LlamaConfig, mesh: Mesh | None = None, donate: bool = False):
+    """The base `params` with the adapters of directory `path` merged in, in the params' own dtypes."""
+    spec, adapters = load_adapters(path, cfg, base_config=base_config, base_path=base_path, mesh=mesh)
+    return merge(params, adapters, spec, donate=donate)

@@ -97,6 +97,14 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank is not None:  # bad LoRA flags fail here, before OUT is touched
+            from llama_jax.lora import TARGETS, LoraConfig
+
+            LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets if self.lora_targets is not None else TARGETS)
+            if self.quantize_base not in (None, *lora_lib.QUANTIZE_BASE):
+                raise ValueError(f"--quantize-base {self.quantize_base!r}: choose one of {lora_lib.QUANTIZE_BASE}")
+            if not self.init_from and not (Path(self.out) / lora_lib.RUN_FILE).is_file():
+                raise ValueError("--lora-rank needs --init-from CHECKPOINT: the base model the adapters are trained on")
 
 
 # Setting up ------------------------------------------------------------------------------------
