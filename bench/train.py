@@ -197,8 +197,10 @@ def main(argv=None) -> str:
     p.add_argument("--memory-only", action="store_true",
                    help="compile each setup ahead of time for its per-device memory; time nothing")
     p.add_argument("--no-torch", action="store_true", help="skip the HF transformers (PyTorch CPU) step")
-    p.add_argument("--lora", type=int, metavar="R", help="also LoRA and QLoRA (int8 base) steps of rank R, side by side")
-    p.add_argument("--base-dtype", default="bfloat16", help="the frozen LoRA base's dtype (%(default)s, as Meta ships)")
+    p.add_argument("--lora", type=int, metavar="R",
+                   help="also LoRA and QLoRA (int8 base) steps of rank R, side by side")
+    p.add_argument("--base-dtype", help="the frozen LoRA base's dtype (default: the compute dtype, as the trainer "
+                   "holds it)")
     p.add_argument("--layers", type=int, help="the preset's shapes with this many layers")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -210,6 +212,8 @@ def main(argv=None) -> str:
     trainers = [("full fine-tuning", None)]
     if args.lora:
         from llama_jax.lora import LoraConfig
+
+        args.base_dtype = args.base_dtype or cfg.dtype
 
         lora_spec = LoraConfig(rank=args.lora)
         trainers += [(f"LoRA r={args.lora}, {args.base_dtype} base", (lora_spec, args.base_dtype, None)),

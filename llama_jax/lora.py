@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on the frozen weights of a Llama, without the model knowing about them.
+"""LoRA: low-rank adapters on the frozen weights of a Llama; the model knows only one hook (model.contract).
 
     spec = LoraConfig(rank=16, alpha=32, targets=("wq", "wv"))
     adapters = init_adapters(cfg, spec, rng, mesh)        # {"layers": {"attention": {"wq": {"a", "b"}}}}
@@ -11,26 +11,26 @@ A [L, *I, r] and B [L, r, *O], their own parameter subtree with logical axes: A 
 input dims, B like its output dims, r is replicated (`axes.LORA_RANK`). B starts at zero, so step 0
 computes exactly the base model.
 
-How the model sees them: `adapt` puts a `LoraWeight` where W was. The model reads every weight as
-`w.astype(compute_dtype)` (which is also how int8 weights dequantize, infer/quantize.py), and
-`LoraWeight.astype` returns W + alpha/r * A @ B for that one layer, inside the layer scan. Why this
-and not x @ W + (x @ A) @ B inside the model: no change to model.py, and the same memory. The merge
-runs under `jax.checkpoint`, so the backward pass recomputes it from (W, A, B) instead of keeping
-every layer's merged copy alive: the step holds the base once (its layer slices are scan inputs,
-not copies), the adapters and their Adam moments, plus one layer's merged weight and its gradient
-at a time. The cost is FLOPs: the backward pass forms each layer's full weight gradient dL/dW'
-[I, O] and projects it onto A and B (dA = s dW' B^T, dB = s A^T dW'), where the unmerged form would
-skip it; bench/train.py measures what that leaves of LoRA's speed-up. The base gets no gradient:
-callers differentiate with respect to the adapters only.
+How the model sees them: `adapt` puts a `LoraWeight` where W was, and the model's one hook,
+`model.contract(subscripts, x, w, dtype)`, lets it compute x W + alpha/r (x A) B, unmerged. Why
+unmerged rather than merging W + s A @ B per layer inside the scan (which needs no hook): the
+merged weight is an intermediate that the backward pass needs (dx = dy W'^T), so autodiff keeps
+it for every layer, a second copy of the model, unless the whole block is rematerialised; and
+the backward pass would form each layer's full weight gradient only to project it onto A and B.
+Unmerged, the backward pass keeps x and the small x A, reads the stored W again (under
+jax.checkpoint, so a converted or dequantized W is never kept), and never forms dW. Measured by
+bench/train.py's memory_analysis: the step holds the base once, the adapters and their Adam
+moments, and activations. The base gets no gradient: callers differentiate with respect to the
+adapters only. `LoraWeight.astype` is the merge, for anything that reads a weight whole.
 
-QLoRA: the base may hold `QuantizedArray`s (infer/quantize.py, int8 with per-channel scales); the
-merge dequantizes them the same way, so the base stays int8 in memory.
+QLoRA: the base may hold `QuantizedArray`s (infer/quantize.py, int8 with per-channel scales): each
+layer's W is dequantized as it is read, in the forward pass and again in the backward pass, so the
+base stays int8 in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -135,9 +135,25 @@ class LoraWeight:
     def dtype(self):
         return self.base.dtype
 
+    def contract(self, subscripts: str, x, dtype):
+        """einsum(subscripts, x, W') for W' = W + s A @ B, as x W + s (x A) B (model.contract calls it).
+
+        The base matmul runs under jax.checkpoint, so the backward pass keeps x and the stored W
+        (int8 with QLoRA; a slice of the scanned stack, not a copy), never W converted to the
+        compute dtype: kept for every layer, that would be a second, wider copy of the model."""
+        x_subs, rest = subscripts.split(",")
+        w_subs, out_subs = rest.split("->")
+        ins, outs = w_subs[:self.n_in], w_subs[self.n_in:]
+        r = next(c for c in "rRzZ" if c not in subscripts)
+        xa_subs = "".join(c for c in x_subs if c not in ins) + r
+        base_out = jax.checkpoint(lambda x, w: jnp.einsum(subscripts, x, w.astype(dtype)))(x, self.base)
+        xa = jnp.einsum(f"{x_subs},{ins}{r}->{xa_subs}", x, self.a.astype(dtype))
+        delta = jnp.einsum(f"{xa_subs},{r}{outs}->{out_subs}", xa, self.b.astype(dtype))
+        return base_out + (self.scale * delta).astype(dtype)
+
     def astype(self, dtype):
-        merge = functools.partial(_merge, scale=self.scale, n_in=self.n_in, dtype=dtype)
-        return jax.checkpoint(merge)(self.base, self.a, self.b)
+        """The merged weight (anything that reads the weight whole rather than through contract)."""
+        return _merge(self.base, self.a, self.b, scale=self.scale, n_in=self.n_in, dtype=dtype)
 
     def __jax_array__(self):
         return self.astype(self.base.dtype)
@@ -280,7 +296,8 @@ def save_adapters(path: str | os.PathLike, spec: LoraConfig, adapters, *, base: 
         checkpointer.save(staging / PARAMS_DIR, adapters)
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:
-            meta = {**spec.to_dict(), "base": str(Path(base).absolute()), "base_config_sha256": config_sha256(base_config)}
+            meta = {**spec.to_dict(), "base": str(Path(base).absolute()),
+                    "base_config_sha256": config_sha256(base_config)}
             (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 

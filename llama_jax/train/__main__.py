@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA / QLoRA (train adapters on a frozen --init-from base)")
     g.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R adapters A [in, R], B [R, out] on the "
                    "targeted weights instead of the weights themselves; writes OUT/adapters and the merged OUT/model")
-    g.add_argument("--lora-alpha", type=float, metavar="A", help="the update is scaled by alpha / rank (default alpha = 2 x rank)")
+    g.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="the update is scaled by alpha / rank (default alpha = 2 x rank)")
     g.add_argument("--lora-targets", metavar="W,W", help=f"weights to adapt (default all: {','.join(TARGETS)})")
     g.add_argument("--quantize-base", choices=("int8",), help="hold the frozen base as int8 weights (QLoRA), as "
                    "`infer --quantize int8` does")

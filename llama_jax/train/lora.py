@@ -82,11 +82,15 @@ def write_run_file(out: Path, run: LoraRun) -> None:
 
 
 def load_base(run: LoraRun, cfg: LlamaConfig, mesh):
-    """The frozen base on `mesh`, in its stored dtype (not float32 master weights: it is never
-    updated), or int8 with --quantize-base, each weight quantized as it is read."""
+    """The frozen base on `mesh`, in the compute dtype (not float32 master weights: it is never
+    updated; bfloat16 on accelerators), or int8 with --quantize-base.
+
+    Not in its stored dtype when that differs (a bfloat16 checkpoint computed in float32 on CPU):
+    XLA then converts the whole stacked base once, outside the layer loop of the backward pass,
+    holding a float32 copy for the step anyway (measured: bench/train.py's memory_analysis)."""
     from llama_jax.sharding.params import load_params
 
-    _, params = load_params(run.base, mesh, dtype=cfg.dtype, param_dtype=run.base_config.param_dtype,
+    _, params = load_params(run.base, mesh, dtype=cfg.dtype, param_dtype=cfg.dtype,
                             attention_impl=cfg.attention_impl, remat=cfg.remat)
     if run.quantize_base:
         from llama_jax.infer.quantize import QuantizedArray, quantize_params

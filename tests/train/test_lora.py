@@ -149,7 +149,7 @@ def test_lora_step_trains_adapters_only_and_fsdp2_tp4_equals_one_device():
     sharded_losses, sharded_state, _, _ = lora_steps("fsdp2,tp4")
     np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)  # after 2 Adam steps
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)  # 1% of an Adam step
     assert tuple(sharded_state.params["layers"]["attention"]["wq"]["b"].sharding.spec) == (None, None, "tp")
 
 
