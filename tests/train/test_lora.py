@@ -148,8 +148,13 @@ def test_lora_step_trains_adapters_only_and_fsdp2_tp4_equals_one_device():
     assert losses[1] < losses[0]
     sharded_losses, sharded_state, _, _ = lora_steps("fsdp2,tp4")
     np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
+    # Adam's first moments: linear in the gradients (its steps, g / sqrt(v), amplify the rounding of
+    # gradients near zero).
+    moments = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.ndim][:len(adapter_leaves)]  # noqa: E731
+    for got, want in zip(moments(sharded_state), moments(state)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     for got, want in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)  # 1% of an Adam step
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3)  # a tenth of an Adam step
     assert tuple(sharded_state.params["layers"]["attention"]["wq"]["b"].sharding.spec) == (None, None, "tp")
 
 
