@@ -252,7 +252,9 @@ def main(argv=None) -> str:
             if seconds is None:
                 timing = ("not run", "", "")
             else:
-                mfu = f"{100 * flops_per_step / seconds / peak:.1f}%" if peak else "n/a"
+                # A LoRA step does fewer FLOPs than the model's 6N per token (no weight gradients).
+                full = trainer == "full fine-tuning"
+                mfu = f"{100 * flops_per_step / seconds / peak:.1f}%" if peak and full else "n/a"
                 timing = (fmt(B * T / seconds), mfu, f"{seconds * 1e3:.0f}")
             lines.append(f"| {name} | {trainer} | {where} | {T:,} | " + " | ".join(timing + mib) + " |")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -2,8 +2,8 @@
 
     spec = LoraConfig(rank=16, alpha=32, targets=("wq", "wv"))
     adapters = init_adapters(cfg, spec, rng, mesh)        # {"layers": {"attention": {"wq": {"a", "b"}}}}
-    logits = Llama(cfg).apply({"params": adapt(base, adapters, spec)}, tokens)   # W + alpha/r * A @ B
-    logits = Llama(cfg).apply({"params": adapt(base, None, spec)}, tokens)       # the base alone (DPO's reference)
+    logits = apply(cfg, base, adapters, spec, tokens)     # Llama(cfg).apply with W + alpha/r * A @ B
+    logits = apply(cfg, base, None, spec, tokens)         # the base alone, the same arrays (DPO's reference)
     merged = merge(base, adapters, spec)                  # plain params, for infer / convert / export
 
 A targeted weight W with input dims I and output dims O (a stacked layer axis in front) gets
@@ -254,6 +254,14 @@ def adapt(params, adapters, spec: LoraConfig):
     if adapters is None:
         return params
     return _walk(params, adapters, lambda name, w, a, b: LoraWeight(w, a, b, spec.scale, INPUT_DIMS[name]))
+
+
+def apply(cfg: LlamaConfig, base, adapters, spec: LoraConfig, tokens, **kwargs):
+    """Llama(cfg).apply of the frozen base with the adapters, or without them (adapters=None: e.g.
+    DPO's reference model, from the same arrays); kwargs as Llama.__call__'s."""
+    from llama_jax.model import Llama
+
+    return Llama(cfg).apply({"params": adapt(base, adapters, spec)}, tokens, **kwargs)
 
 
 def merge(params, adapters, spec: LoraConfig, dtype=None, *, donate: bool = False):

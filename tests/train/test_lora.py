@@ -79,6 +79,7 @@ def test_step_zero_is_the_base_and_merged_logits_equal_unmerged():
     assert len(b_leaves) == 7 and not any(np.any(np.asarray(b)) for b in b_leaves)
     np.testing.assert_array_equal(apply({"params": lora.adapt(params, fresh, SPEC)}, tokens), base_logits)
     assert lora.adapt(params, None, SPEC) is params  # DPO's reference: the same frozen arrays
+    np.testing.assert_array_equal(lora.apply(CFG, params, None, SPEC, tokens), base_logits)
 
     adapters = random_adapters()
     unmerged = apply({"params": lora.adapt(params, adapters, SPEC)}, tokens)
