@@ -189,8 +189,8 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
     if frozen_loss is not None:  # the frozen tree keeps the shardings it was loaded with
         return jax.jit(train_step, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, replicated),
                        donate_argnums=0)
-    return jax.jit(lambda state, batch: train_step(state, batch), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=0)
 
 
 def put_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
