@@ -351,6 +351,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
                  setup.source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
                  setup.tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
 
+    if lora_run is not None:
+        peak = None  # a LoRA step does fewer FLOPs than the model's 6N per token: no MFU to report
     metrics_log = MetricsLog(out) if primary else None
     bar = None
     if primary and tc.progress:

@@ -85,6 +85,24 @@ def test_lora_run_starts_at_the_base_loss_falls_and_exports(converted, lora_run)
     assert batch_loss(cfg, merged, first_batch(base, data)) < summary["first_loss"] - 0.5
 
 
+def test_merged_model_exports_to_hugging_face(converted, lora_run, tmp_path):
+    """`convert to-hf` takes OUT/model as any checkpoint: transformers' logits are the merged model's."""
+    import torch
+    import transformers
+
+    from llama_jax.convert.export_hf import export_hf
+
+    base, data = converted
+    out, _ = lora_run
+    cfg, merged = checkpoint.load(out / "model", dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(export_hf(out / "model", tmp_path / "hf")).eval()
+    tokens = first_batch(base, data)["inputs"][:1, :16]
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    got = jax.jit(Llama(cfg).apply)({"params": merged}, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_resume_is_exact(converted, lora_run, tmp_path, monkeypatch):
     base, data = converted
     monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
