@@ -24,7 +24,7 @@ examples:
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --data chats.jsonl --lr 1e-5 --steps 500
   python -m llama_jax.train --init-from ckpt/llama3.1-8b --data books/ --seq-len 131072 --batch-size 2 \
       --mesh fsdp2,cp4 --remat full --lr 1e-5 --steps 200     # long context: each row split over 4 devices
-  python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \
+  python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \\
       --lr 2e-4 --steps 500 --out runs/lora     # QLoRA: OUT/adapters + the merged OUT/model
   (rerun the same command to resume; send SIGTERM to save and stop cleanly)
 
