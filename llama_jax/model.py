@@ -90,6 +90,15 @@ class PagedKV(NamedTuple):
         return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
 
 
+def contract(subscripts: str, x, w, dtype):
+    """jnp.einsum(subscripts, x, w) in `dtype`. A weight that is not an array may bring its own
+    contraction (`w.contract`: a LoRA-adapted weight, llama_jax/lora.py); any other converts itself
+    (`w.astype`: int8 weights, infer/quantize.py)."""
+    if hasattr(w, "contract"):
+        return w.contract(subscripts, x, dtype)
+    return jnp.einsum(subscripts, x, w.astype(dtype))
+
+
 # Modules -----------------------------------------------------------------------------------
 
 def _param(module: nn.Module, name: str, shape, logical_axes, cfg: LlamaConfig, std: float = 0.02):
@@ -121,9 +130,9 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (H, E, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg, out_std)
 
         x_BTD = x_BTD.astype(dt)
-        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq.astype(dt))
-        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk.astype(dt))
-        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv.astype(dt))
+        q_BTHE = contract("btd,dhe->bthe", x_BTD, wq, dt)
+        k_BTKE = contract("btd,dke->btke", x_BTD, wk, dt)
+        v_BTKE = contract("btd,dke->btke", x_BTD, wv, dt)
         inv_freq = rope_frequencies(cfg)
         q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
         k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
@@ -135,7 +144,7 @@ class Attention(nn.Module):
             cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
             out_BTHE = kernels.paged_attention(q_BTHE, cache_kv.k_pages, cache_kv.v_pages, cache_kv.page_table,
                                                positions_BT, **which)
-        return jnp.einsum("bthe,hed->btd", out_BTHE.astype(dt), wo.astype(dt)), cache_kv
+        return contract("bthe,hed->btd", out_BTHE.astype(dt), wo, dt), cache_kv
 
 
 class Mlp(nn.Module):
@@ -149,9 +158,9 @@ class Mlp(nn.Module):
         w3 = _param(self, "w3", (D, F), (axes.EMBED, axes.MLP), cfg)
         w2 = _param(self, "w2", (F, D), (axes.MLP, axes.EMBED), cfg, 0.02 / math.sqrt(2 * cfg.n_layers))
         x_BTD = x_BTD.astype(dt)
-        gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, w1.astype(dt)))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3.astype(dt))
-        return jnp.einsum("btf,fd->btd", gate_BTF * up_BTF, w2.astype(dt))
+        gate_BTF = jax.nn.silu(contract("btd,df->btf", x_BTD, w1, dt))
+        up_BTF = contract("btd,df->btf", x_BTD, w3, dt)
+        return contract("btf,fd->btd", gate_BTF * up_BTF, w2, dt)
 
 
 _ACTIVATION_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_EMBED)

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    p.add_argument("--lora", metavar="DIR", help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), "
+                   "merged into the weights as they load (then quantized, with --quantize)")
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
@@ -91,6 +93,11 @@ def load_model(args):
         cfg, params = checkpoint.load(path, **overrides)
     else:
         cfg, params = load_params(path, mesh, **overrides)
+    if args.lora:
+        from llama_jax.lora import merge_from
+
+        params = merge_from(args.lora, params, cfg, base_path=path, base_config=checkpoint.load_config(path),
+                            mesh=mesh, donate=True)
     if args.quantize:
         params = quantize_params(params, args.quantize)
     # The engine's per-layer layout, once for every generation; never two copies of the weights.
