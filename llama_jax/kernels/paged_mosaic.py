@@ -15,6 +15,11 @@ Grid (batch, kv-head group, row block, split, block in split), the last axis acc
   scores, and its output is read from its own lanes of p . v_tile: no unaligned lane slicing.
   Softmax statistics are [rows, 128] lane-broadcast arrays (common.py, `lanes=True`).
 Shapes as in paged_attention.py.
+
+Not yet run on a TPU (interpreter and lowering only): the whole table sits in SMEM, B * M words
+(64 rows of 128K positions in pages of 16 would be 2 MiB, past a TensorCore's SMEM: such tables
+would need a per-row prefetch), and page DMAs of P * W elements (4 KiB at P 16, D 128, bf16) may
+be too small to reach the copy bandwidth without more pages per block.
 """
 
 from __future__ import annotations
