@@ -59,7 +59,7 @@ class _Config:
     num_blocks: int
     num_warps: int
     num_stages: int
-    interpret: bool
+    interpret: bool | object  # True, or pltpu.InterpretParams (Mosaic)
 
 
 # lowering -> its module's partials(q_BKRD, k_pages, v_pages, table_BM, pos_BR, num_splits, cfg)
@@ -79,9 +79,12 @@ def combine_splits(acc_SBKRD, m_SBKR, l_SBKR):
 
 def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, scale: float | None = None,
                     block_sizes: PagedBlockSizes | None = None, lowering: str | None = None,
-                    interpret: bool = False):
+                    interpret=False):
     """Same contract as `paged_attention_reference`: a query at position p sees its row's positions
-    0..p; a query with no visible position (p < 0, padding) gets output 0."""
+    0..p; a query with no visible position (p < 0, padding) gets output 0.
+
+    interpret: True runs the kernel in the Pallas interpreter; for the Mosaic kernel it may also be
+    a `pltpu.InterpretParams`, the TPU interpreter, which models its DMAs and semaphores."""
     B, T, H, D = q_BTHD.shape
     _, P, K, _ = k_pages_NPKD.shape
     if k_pages_NPKD.shape[3] != D or v_pages_NPKD.shape != k_pages_NPKD.shape:

@@ -101,6 +101,23 @@ def test_pallas_kernel_in_the_interpreter_equals_the_reference(lowering, T, page
     np.testing.assert_array_equal(out[~real], 0)  # a padding row sees nothing
 
 
+def test_mosaic_kernel_in_the_tpu_interpreter_equals_the_reference():
+    """The TPU interpreter runs the DMAs and semaphore waits as a TPU orders them (each page copy
+    into the buffer it is read from, the next block's copies in flight during this block's
+    compute) and checks for races between them."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, _, (k_pages, v_pages), page_table, positions = _inputs(np.random.default_rng(3), 2, 8, 4, 64)
+    expected = paged_attention_reference(q, k_pages, v_pages, page_table, positions)
+    k_pages, v_pages = (_poison_unread_pages(x, page_table, positions, 3) for x in (k_pages, v_pages))
+    out = paged_attention(q, k_pages, v_pages, page_table, positions, lowering="mosaic",
+                          block_sizes=PagedBlockSizes(pages_per_block=3, block_rows=8, num_splits=2),
+                          interpret=pltpu.InterpretParams(detect_races=True))
+    real = np.asarray(positions[:, 0] >= 0)
+    np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out[~real], 0)
+
+
 def test_combine_splits_of_an_empty_split():
     """A split past the end of a row contributes (acc 0, max floor, sum 0): no effect."""
     acc = jnp.array([[[[[2.0, 4.0]]]], [[[[0.0, 0.0]]]]])  # [S=2, B, K, R, D]
