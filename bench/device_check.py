@@ -8,14 +8,16 @@ Sections (issue #14), each check in its own try/except so one lowering error nev
 each section with a time budget past which its remaining checks are skipped:
 - env: jax / jaxlib versions, device kind, backend.
 - correctness: our flash kernel (forward and dq/dk/dv, GQA, packed segments, head_dim 64 / 128,
-  float32 / bfloat16, a length that is no multiple of the block), our decode kernel on ragged
-  positions, cuDNN's fused attention, and the model's `kernels.attention` dispatch for every impl,
+  float32 / bfloat16, a length that is no multiple of the block), our paged kernel on the device's
+  lowering (ragged rows, a shuffled page pool), cuDNN's fused attention, the model's
+  `kernels.attention` dispatch for every impl and `kernels.paged_attention`'s for pallas and xla,
   all against `kernels/reference.py` in float32 at HIGHEST matmul precision on the same device.
   Error = max |got - want| / max |want| (and the mean over max |want|), so one tolerance per dtype.
 - timing: causal attention fwd and fwd+bwd TFLOP/s at 4k / 8k / 16k (constant tokens), ours vs
   cuDNN vs XLA, FLOPs counted as bench/attention.py does.
-- decode: K/V bytes read per second of our decode kernel and the XLA cached path, 32k bf16 cache,
-  as a fraction of a device copy's bandwidth measured in the same run.
+- decode: K/V page bytes read per second of our paged kernel, the XLA paged path and JAX's own
+  paged kernel, 32k bf16 positions per row in shuffled pages of 16, as a fraction of a device
+  copy's bandwidth measured in the same run (issue #13's target: >= 80%).
 - train: Llama-3.2-1B train step (bf16 compute, float32 AdamW state, full remat) per attention impl:
   tokens/s and MFU against the data-sheet peak and against a measured bf16 matmul rate.
 
@@ -38,11 +40,12 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, timeit
+from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, paged_decode_impls, \
+    paged_decode_inputs, timeit
 from bench.results import RESULTS, append_results, git_commit, machine, median_seconds
-from llama_jax.kernels import _is_cuda, attention, cached_attention, decode_attention, flash_attention
+from llama_jax.kernels import _is_cuda, attention, flash_attention, paged_attention, paged_attention_pallas
 from llama_jax.kernels.common import default_lowering
-from llama_jax.kernels.reference import attention_reference, cached_attention_reference
+from llama_jax.kernels.reference import attention_reference, paged_attention_reference
 
 SECTION = "## Device check (bench/device_check.py)"
 SECTIONS = ("env", "correctness", "timing", "decode", "train")
@@ -220,34 +223,38 @@ def check_correctness(phase: Phase, ctx) -> None:
             fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl, interpret=ctx.interpret)
             phase.run(f"attention(impl={impl})", shape, against_reference(fn, dtype, T, D))
 
-    S = 256 if ctx.quick else 2048
-    cached_reference = in_float32(lambda q, k, v, p: cached_attention_reference(q, k, v, p))
-
-    def decode_check(fn, dtype, Tq):
-        def run():
-            q, _, _, _ = attention_inputs(4, Tq, H, K, D, dtype, seed=1)
-            _, k, v, _ = attention_inputs(4, S, H, K, D, dtype, seed=2)
-            # Ragged: each row its own position, one near the start, one at the cache's end.
-            start = jnp.array([0, S // 3, S - Tq, 37 % (S - Tq)])
-            positions = start[:, None] + jnp.arange(Tq)[None, :]
-            got = jax.jit(fn)(q, k, v, positions)
-            return compare([("out", got, cached_reference(q, k, v, positions))], dtype)
-        return run
-
-    ours_decode = lambda q, k, v, p: decode_attention(q, k, v, p, lowering=ctx.lowering, interpret=ctx.interpret)
-    for dtype in (jnp.bfloat16, jnp.float32):
-        for Tq in (4,) if ctx.quick else (1, 4):
-            shape = f"B4 T{Tq} S{S} H{H} K{K} D{D} {jnp.dtype(dtype).name} ragged"
-            phase.run("decode_attention (ours)", shape, decode_check(ours_decode, dtype, Tq))
-    for impl in ("pallas", "cudnn"):
-        shape = f"B4 T1 S{S} H{H} K{K} D{D} bfloat16 ragged"
-        if impl == "cudnn" and not ctx.cudnn:
-            phase.results.append(Result(phase.name, f"cached_attention(impl={impl})", shape, "SKIP", "no cuDNN"))
-            continue
-        fn = lambda q, k, v, p, impl=impl: cached_attention(q, k, v, p, impl=impl, interpret=ctx.interpret)
-        phase.run(f"cached_attention(impl={impl})", shape, decode_check(fn, jnp.bfloat16, 1))
+    check_paged(phase, ctx, H, K, D)
     for case in flash_cases[1:]:
         flash_check(*case)
+
+
+def check_paged(phase: Phase, ctx, H, K, D) -> None:
+    """Paged attention (the serving engine's decode path) on ragged rows whose pages lie shuffled in
+    a larger pool: our kernel on the device's lowering, `kernels.paged_attention`'s dispatch and the
+    XLA paged path, against the gather reference."""
+    B, P, M = 4, 16, (8 if ctx.quick else 128)  # up to M * P positions per row
+
+    def paged_inputs(dtype, Tq):
+        q, _, _, _ = attention_inputs(B, Tq, H, K, D, dtype, seed=3)
+        N = B * M + 7
+        keys = jax.random.split(jax.random.key(4), 3)
+        k_pages, v_pages = (jax.random.normal(kk, (N, P, K, D), jnp.float32).astype(dtype) for kk in keys[:2])
+        table = jax.random.permutation(keys[2], N)[:B * M].reshape(B, M).astype(jnp.int32)
+        last = jnp.array([Tq - 1, M * P // 3, 20, M * P - 1])  # first page, middle, early, the last slot
+        return q, k_pages, v_pages, table, last[:, None] - (Tq - 1) + jnp.arange(Tq)[None, :]
+
+    reference = in_float32(lambda q, k, v, t, p: paged_attention_reference(q, k, v, t, p))
+    paths = {f"paged_attention ({ctx.lowering}, ours)":
+             lambda *a: paged_attention_pallas(*a, lowering=ctx.lowering, interpret=ctx.interpret),
+             "paged_attention(impl=pallas)": lambda *a: paged_attention(*a, impl="pallas", interpret=ctx.interpret),
+             "paged_attention(impl=xla)": lambda *a: paged_attention(*a, impl="xla")}
+    for name, fn in paths.items():
+        cases = ((jnp.bfloat16, 1), (jnp.float32, 4)) if name.endswith("ours)") else ((jnp.bfloat16, 1),)
+        for dtype, Tq in cases:
+            def run(fn=fn, dtype=dtype, Tq=Tq):
+                args = paged_inputs(dtype, Tq)
+                return compare([("out", jax.jit(fn)(*args), reference(*args))], dtype)
+            phase.run(name, f"B{B} T{Tq} pages {M}x{P} H{H} K{K} D{D} {jnp.dtype(dtype).name} ragged", run)
 
 
 def check_timing(phase: Phase, ctx) -> None:
@@ -289,20 +296,22 @@ def check_decode(phase: Phase, ctx) -> None:
         return "INFO", f"{bandwidth['copy'] / 1e9:.0f} GB/s read+write", ""
     phase.run("device copy bandwidth", "2 GiB bf16" if not ctx.quick else "16 MiB bf16", copy)
 
-    q, _, _, _ = attention_inputs(B, 1, H, K, D, jnp.bfloat16)
-    _, k, v, _ = attention_inputs(B, S, H, K, D, jnp.bfloat16, seed=1)
-    positions = jnp.full((B, 1), S - 1, jnp.int32)  # a full cache: every slot is read
-    impls = {
-        "decode_attention (ours)": lambda q, k, v: decode_attention(q, k, v, positions, lowering=ctx.lowering,
-                                                                    interpret=ctx.interpret),
-        "cached_attention xla": lambda q, k, v: cached_attention_reference(q, k, v, positions),
-    }
-    for name, fn in impls.items():
-        def run(fn=fn):
-            rate = (k.nbytes + v.nbytes) / timeit(jax.jit(fn), q, k, v, reps=ctx.reps)
+    q, k_pages, v_pages, table, positions = paged_decode_inputs(B, H, K, D, S)  # every row's pages read
+    for name, impl in paged_decode_impls(ctx.lowering, ctx.interpret, positions).items():
+        shape = f"B{B} S{S} pages of 16 H{H} K{K} D{D} bf16"
+        if ctx.interpret and name == "jax pallas ops":
+            impl = "interpreted: JAX's kernel not timed"
+        if isinstance(impl, str):
+            phase.results.append(Result(phase.name, f"paged decode {name}", shape, "SKIP", impl))
+            continue
+
+        def run(impl=impl):
+            prepare, fn = impl
+            prepared = jax.block_until_ready(jax.jit(prepare)(q, k_pages, v_pages, table))
+            rate = (k_pages.nbytes + v_pages.nbytes) / timeit(jax.jit(fn), *prepared, reps=ctx.reps)
             share = f"{100 * rate / bandwidth['copy']:.0f}% of copy" if "copy" in bandwidth else ""
             return "INFO", f"{rate / 1e9:.3g} GB/s", share
-        phase.run(name, f"B{B} S{S} H{H} K{K} D{D} bf16", run)
+        phase.run(f"paged decode {name}", shape, run)
 
 
 def check_train(phase: Phase, ctx) -> None:

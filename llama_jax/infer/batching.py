@@ -268,8 +268,9 @@ class BatchingEngine:
                  min_prefill_chunk: int | None = None, max_waiting: int = 1024, prefix_caching: bool = True,
                  attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`."""
-        # "auto" is the XLA path everywhere until the Pallas kernel (Triton only, no Mosaic yet) has
-        # run on a GPU; so far it is checked in the interpreter and lowered for cuda only.
+        # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
+        # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
+        # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
         impl = "xla" if attention_impl == "auto" else kernels.resolve_impl(attention_impl,
                                                                             interpret=cfg.attention_interpret)
         if impl not in ("xla", "pallas"):

@@ -1,14 +1,13 @@
 """Attention entry points; `impl` picks the implementation from one table.
 
 - `attention`: causal self-attention for training and whole-sequence forward passes.
-- `cached_attention`: queries at absolute positions against a preallocated KV cache (prefill
-  into the cache and decode steps).
-- `paged_attention`: the same against keys and values in fixed-size pages named by a page table
-  (the continuous-batching engine): "xla" is paged_attention_xla.py (the pages up to the batch's
-  furthest position, block by block), "pallas" paged_attention.py (Triton only); no "cudnn".
+- `paged_attention`: queries at absolute positions against keys and values in fixed-size pages
+  named by a page table (the continuous-batching engine's prefill chunks and decode steps, the one
+  decode path): "xla" is paged_attention_xla.py (the pages up to the batch's furthest position,
+  block by block), "pallas" paged_attention.py (Triton on GPU / Mosaic on TPU); no "cudnn".
 
 IMPLS names the implementations, the one list config validation and the CLIs use: "xla" (plain
-XLA, any backend), "pallas" (our kernels: flash_attention.py and decode_attention.py, Triton on
+XLA, any backend), "pallas" (our kernels: flash_attention.py and paged_attention.py, Triton on
 GPU / Mosaic on TPU), "cudnn" (`jax.nn.dot_product_attention`'s cuDNN fused attention, NVIDIA
 GPUs only), "auto" (pallas on GPU / TPU, xla on CPU). `interpret=True` runs the Pallas kernels in
 the Pallas interpreter (exact, slow, any backend: how CPU tests run them); the other
@@ -23,31 +22,22 @@ and masks by positions (context_parallel.py): XLA only for now, so "auto" means 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from llama_jax.kernels import context_parallel
 from llama_jax.kernels.common import default_lowering
-from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import flash_attention
 from llama_jax.kernels.paged_attention import paged_attention as paged_attention_pallas
 from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
     paged_attention_reference, positional_attention_reference
 from llama_jax.kernels.sharded import on_page_shards, on_shards
-from llama_jax.sharding import axes
 
 
 def _pallas_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret):
     kernel = functools.partial(flash_attention, interpret=interpret)
     return on_shards(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
-
-
-def _pallas_cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret):
-    kernel = functools.partial(decode_attention, interpret=interpret)
-    return on_shards(kernel, q_BTHD, k_BSKD, v_BSKD, q_positions_BT, batch_axis=axes.CACHE_BATCH)
 
 
 def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret):
@@ -59,22 +49,11 @@ def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret):
                                         implementation="cudnn")
 
 
-def _cudnn_cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret):
-    S = k_BSKD.shape[1]
-    mask = (jnp.arange(S)[None, None, :] <= q_positions_BT[:, :, None])[:, None]
-    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, implementation="cudnn")
-
-
-class _Impl(NamedTuple):
-    attention: Callable  # (q, k, v, segment_ids or None, interpret) -> [B, T, H, D]
-    cached_attention: Callable  # (q, k_cache, v_cache, q_positions, interpret) -> [B, T, H, D]
-
-
+# impl -> its attention(q, k, v, segment_ids or None, interpret) -> [B, T, H, D]
 _IMPLS = {
-    "xla": _Impl(lambda q, k, v, segment_ids, interpret: attention_reference(q, k, v, segment_ids),
-                 lambda q, k, v, positions, interpret: cached_attention_reference(q, k, v, positions)),
-    "pallas": _Impl(_pallas_attention, _pallas_cached_attention),
-    "cudnn": _Impl(_cudnn_attention, _cudnn_cached_attention),
+    "xla": lambda q, k, v, segment_ids, interpret: attention_reference(q, k, v, segment_ids),
+    "pallas": _pallas_attention,
+    "cudnn": _cudnn_attention,
 }
 IMPLS = (*_IMPLS, "auto")
 
@@ -112,13 +91,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, positions_BT=None, *,
             raise ValueError("context-parallel attention needs the tokens' positions (its mask is by position)")
         return context_parallel.attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
     impl = resolve_impl(impl, interpret=interpret)
-    return _IMPLS[impl].attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret)
-
-
-def cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, impl: str = "xla",
-                     interpret: bool = False):
-    impl = resolve_impl(impl, interpret=interpret)
-    return _IMPLS[impl].cached_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, interpret)
+    return _IMPLS[impl](q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret)
 
 
 def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, impl: str = "xla",
@@ -133,6 +106,6 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
     raise ValueError(f"paged attention has no {impl!r} implementation; use 'xla' or 'pallas'")
 
 
-__all__ = ["IMPLS", "attention", "cached_attention", "paged_attention", "resolve_impl", "attention_reference",
+__all__ = ["IMPLS", "attention", "paged_attention", "resolve_impl", "attention_reference",
            "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
-           "positional_attention_reference", "flash_attention", "decode_attention"]
+           "positional_attention_reference", "flash_attention"]

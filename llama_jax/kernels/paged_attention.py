@@ -1,114 +1,90 @@
-"""Paged attention in Pallas (Triton lowering, GPU): queries at absolute positions against keys
-and values in fixed-size pages named by a per-row page table, ragged rows.
+"""Paged attention in Pallas: queries at absolute positions against keys and values in fixed-size
+pages named by a per-row page table, ragged rows (the continuous-batching engine's decode and
+prefill chunks).
 
 Shapes: B batch, T query positions per row (1 to decode, a prefill chunk's width), H query heads,
 K kv heads, G = H // K, D head dim, N pages in the pool, P slots per page, M page-table entries
 per row, J pages per block (bk = J * P slots), R = T * G query rows per kv head, br rows per
-program.
+program, S splits of the page table.
 
-As decode_attention.py's Triton kernel, of which this is the paged twin: per kv head, all G query
-heads of all T positions form one [R, D] row block, so each page is read once for the group (GQA);
-the table is split into chunks handled by separate programs whose partial softmaxes
-`combine_splits` merges (flash decoding); a program stops at the block holding its rows' last
-position, so a row reads only its own pages. Each step gathers J pages with one indexed load
-from the pool (`k_ref[pages]`), the page table row sitting beside the queries.
+Decode is memory bound: a step reads each row's pages once. So both kernels
+- group, per kv head, all G query heads of all T positions into one [R, D] row block, so each page
+  is read once for the group (GQA; K/V are never repeated),
+- split the table into chunks handled by separate programs (flash decoding), each writing a
+  partial (accumulator, running max, sum) that `combine_splits` merges, so a batch of a few rows
+  still fills the machine,
+- read only a row's own pages up to the block holding its last query position (ragged rows).
 
-No Mosaic (TPU) kernel yet: on TPU, jax's own `ragged_paged_attention` is the model to follow.
+One kernel per lowering, one file each, behind one table: `paged_triton.py` (GPU) gathers J pages
+per step with one indexed load from the pool; `paged_mosaic.py` (TPU) scalar-prefetches the page
+table into SMEM and DMAs the J pages of the next block from HBM while it computes on the current
+one. Both run under `interpret=True` on CPU, which is how the tests exercise them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.decode_attention import combine_splits
-from llama_jax.kernels.common import M_FLOOR, NT, default_lowering, dot, online_softmax_step
+from llama_jax.kernels import paged_mosaic, paged_triton
+from llama_jax.kernels.common import LANES, resolve_lowering, round_up
 
 
 @dataclasses.dataclass(frozen=True)
 class PagedBlockSizes:
-    pages_per_block: int = 4  # J: pages gathered per step
-    block_rows: int = 16  # query rows (T * G) per program
-    num_splits: int | None = None  # None: enough to give every SM a few programs
-    num_warps: int = 4
-    num_stages: int = 2
+    pages_per_block: int  # J: pages read per step
+    block_rows: int  # query rows (T * G) per program
+    num_splits: int | None = None  # None: enough to give every core a few programs
+    num_warps: int = 4  # triton only
+    num_stages: int = 2  # triton only
 
 
-_TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs, as decode_attention
+# Starting points, not tuned on hardware yet. Mosaic: J * P slots should be a whole number of
+# 128-lane vregs (8 pages of 16) and large enough to amortise the ~0.35us per grid step.
+DEFAULT_PAGED_BLOCK_SIZES = {
+    "triton": PagedBlockSizes(pages_per_block=4, block_rows=16),
+    "mosaic": PagedBlockSizes(pages_per_block=8, block_rows=128),
+}
+_TARGET_PROGRAMS = {"triton": 264, "mosaic": 4}  # ~2 waves of an H100's 132 SMs; 2 TensorCores
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
     scale: float
     pages_per_block: int
+    block_rows: int
     blocks_per_split: int
     num_blocks: int
     num_warps: int
     num_stages: int
-    interpret: bool
+    interpret: bool | object  # True, or pltpu.InterpretParams (Mosaic)
 
 
-def _paged_kernel(q_ref, k_ref, v_ref, table_ref, pos_ref, acc_ref, m_ref, l_ref, *, cfg: _Config):
-    # q_ref, acc_ref [br, D]; k_ref, v_ref [N, P, D] (this kv head); table_ref [Mp]; pos_ref, m_ref, l_ref [br]
-    J = cfg.pages_per_block
-    P, D = k_ref.shape[1], k_ref.shape[2]
-    bk = J * P
-    q, pos = q_ref[...], pos_ref[...]
-    lo = pl.program_id(0) * cfg.blocks_per_split
-    # Blocks past the rows' last position are never read: the ragged batch.
-    hi = jnp.minimum(jnp.minimum(lo + cfg.blocks_per_split, cfg.num_blocks), lax.div(jnp.max(pos) + bk, bk))
-
-    def body(j, carry):
-        acc, m, l = carry
-        pages = table_ref[pl.ds(pl.multiple_of(j * J, J), J)]
-        k, v = k_ref[pages].reshape(bk, D), v_ref[pages].reshape(bk, D)
-        s = dot(q, k, NT) * cfg.scale
-        k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
-        return online_softmax_step(acc, m, l, s, v)
-
-    br = q.shape[0]
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((br,), M_FLOOR, jnp.float32), jnp.zeros((br,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, carry)
-    acc_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+# lowering -> its module's partials(q_BKRD, k_pages, v_pages, table_BM, pos_BR, num_splits, cfg)
+# -> per-split (acc [S, B, K, Rp, D], m [S, B, K, Rp], l [S, B, K, Rp])
+_LOWERINGS = {"triton": paged_triton, "mosaic": paged_mosaic}
 
 
-def _partials(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR, br, num_splits, cfg):
-    B, K, Rp, D = q_BKRD.shape
-    N, P = k_pages_NPKD.shape[:2]
-    M = table_BM.shape[1]
-    pages = pl.BlockSpec((N, P, None, D), lambda s, r, b, k: (0, 0, k, 0))
-    out_map = lambda s, r, b, k: (s, b, k, r)  # noqa: E731
-    return pl.pallas_call(
-        functools.partial(_paged_kernel, cfg=cfg),
-        grid=(num_splits, Rp // br, B, K),
-        in_specs=[pl.BlockSpec((None, None, br, D), lambda s, r, b, k: (b, k, r, 0)), pages, pages,
-                  pl.BlockSpec((None, M), lambda s, r, b, k: (b, 0)),
-                  pl.BlockSpec((None, br), lambda s, r, b, k: (b, r))],
-        out_specs=[pl.BlockSpec((None, None, None, br, D), lambda s, r, b, k: (s, b, k, r, 0)),
-                   pl.BlockSpec((None, None, None, br), out_map),
-                   pl.BlockSpec((None, None, None, br), out_map)],
-        out_shape=[jax.ShapeDtypeStruct((num_splits, B, K, Rp, D), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, B, K, Rp), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, B, K, Rp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=cfg.interpret,
-        name="paged_attention",
-    )(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR)
+def combine_splits(acc_SBKRD, m_SBKR, l_SBKR):
+    """Merge per-split partial softmaxes: rescale each split to the global running max. A split
+    that saw no key (acc 0, max at the floor, sum 0) adds nothing; a row no split saw gets 0."""
+    m_BKR = m_SBKR.max(axis=0)
+    w_SBKR = jnp.exp(m_SBKR - m_BKR)
+    l_BKR = (w_SBKR * l_SBKR).sum(axis=0)
+    acc_BKRD = (w_SBKR[..., None] * acc_SBKRD).sum(axis=0)
+    return acc_BKRD / jnp.where(l_BKR > 0.0, l_BKR, 1.0)[..., None]
 
 
 def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, scale: float | None = None,
-                    block_sizes: PagedBlockSizes | None = None, interpret: bool = False):
+                    block_sizes: PagedBlockSizes | None = None, lowering: str | None = None,
+                    interpret=False):
     """Same contract as `paged_attention_reference`: a query at position p sees its row's positions
-    0..p; a query with no visible position (p < 0, padding) gets output 0."""
+    0..p; a query with no visible position (p < 0, padding) gets output 0.
+
+    interpret: True runs the kernel in the Pallas interpreter; for the Mosaic kernel it may also be
+    a `pltpu.InterpretParams`, the TPU interpreter, which models its DMAs and semaphores."""
     B, T, H, D = q_BTHD.shape
     _, P, K, _ = k_pages_NPKD.shape
     if k_pages_NPKD.shape[3] != D or v_pages_NPKD.shape != k_pages_NPKD.shape:
@@ -119,21 +95,26 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
     if page_table_BM.shape[0] != B or q_positions_BT.shape != (B, T):
         raise ValueError(f"page table {page_table_BM.shape} and positions {q_positions_BT.shape} must have "
                          f"q's batch {B} (positions: [B, T] = {(B, T)})")
-    if default_lowering() == "mosaic":
-        raise ValueError("paged attention has a Triton (GPU) kernel only; use the 'xla' implementation on TPU")
-    bs = block_sizes or PagedBlockSizes()
+    lowering = resolve_lowering(lowering, interpret)
+    bs = block_sizes or DEFAULT_PAGED_BLOCK_SIZES[lowering]
+    J = bs.pages_per_block
+    if lowering == "mosaic" and J * P > LANES and (J * P) % LANES:
+        raise ValueError(f"the Mosaic kernel needs pages_per_block * page size = {J} * {P} below {LANES} or a "
+                         f"multiple of it (a score tile of whole vregs)")
     G = H // K
     R = T * G
-    br = max(16, pl.next_power_of_2(min(bs.block_rows, R)))
-    Rp = -(-R // br) * br
-    J = bs.pages_per_block
+    if lowering == "triton":
+        br = max(16, pl.next_power_of_2(min(bs.block_rows, R)))
+    else:
+        br = min(bs.block_rows, round_up(R, 8))
+    Rp = round_up(R, br)
     num_blocks = -(-page_table_BM.shape[1] // J)
     table_BM = jnp.pad(page_table_BM.astype(jnp.int32), [(0, 0), (0, num_blocks * J - page_table_BM.shape[1])])
-    num_splits = bs.num_splits or -(-_TARGET_PROGRAMS // (B * K * (Rp // br)))
+    num_splits = bs.num_splits or -(-_TARGET_PROGRAMS[lowering] // (B * K * (Rp // br)))
     num_splits = max(1, min(num_splits, num_blocks))
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
-    cfg = _Config(scale=float(D ** -0.5 if scale is None else scale), pages_per_block=J,
+    cfg = _Config(scale=float(D ** -0.5 if scale is None else scale), pages_per_block=J, block_rows=br,
                   blocks_per_split=blocks_per_split, num_blocks=num_blocks, num_warps=bs.num_warps,
                   num_stages=bs.num_stages, interpret=interpret)
 
@@ -143,10 +124,10 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
     pos_BR = jnp.repeat(q_positions_BT.astype(jnp.int32), G, axis=1)
     pos_BR = jnp.pad(pos_BR, [(0, 0), (0, Rp - R)], constant_values=-1)
 
-    acc, m, l = _partials(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR, br, num_splits, cfg)
+    acc, m, l = _LOWERINGS[lowering].partials(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR, num_splits, cfg)
     o_BKRD = combine_splits(acc, m, l)[:, :, :R]
     o_BTHD = o_BKRD.reshape(B, K, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
     return o_BTHD.astype(q_BTHD.dtype)
 
 
-__all__ = ["paged_attention", "PagedBlockSizes"]
+__all__ = ["paged_attention", "PagedBlockSizes", "DEFAULT_PAGED_BLOCK_SIZES", "combine_splits"]

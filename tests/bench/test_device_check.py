@@ -20,6 +20,9 @@ def test_quick_run_passes_every_correctness_check_and_reports_every_section(tmp_
     assert not [r for r in results if r.status == "ERROR"]
     flash_f32 = next(r for r in correctness if r.check.startswith("flash_attention") and "float32" in r.shape)
     assert flash_f32.value.startswith("max ")
+    assert {"paged_attention (triton, ours)", "paged_attention(impl=pallas)"} <= {r.check for r in correctness}
+    paged_decode = next(r for r in results if r.check == "paged decode pallas (ours)")
+    assert paged_decode.status == "INFO" and paged_decode.value.endswith("GB/s")
 
     table = results_md.read_text()
     assert device_check.SECTION in table
