@@ -29,7 +29,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.kernels.reference import positional_attention_reference
+from llama_jax.kernels.flash_attention import flash_attention
+from llama_jax.kernels.flash_xla import flash_attention_xla
 from llama_jax.kernels.sharded import mesh_axes_of
 from llama_jax.sharding import axes
 
@@ -42,8 +43,14 @@ def sequence_axes(seq_len: int):
     return mesh_axes_of(axes.ACTIVATION_LENGTH, seq_len, mesh)
 
 
-def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None):
-    """Causal attention of a row split over the active mesh's sequence axes -> [B, T, H, E]."""
+def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None, *, impl: str = "xla",
+              interpret: bool = False):
+    """Causal attention of a row split over the active mesh's sequence axes -> [B, T, H, E].
+
+    impl: "pallas" (flash_attention, the backend's kernel or, with `interpret`, the interpreter)
+    or "xla" (flash_attention_xla)."""
+    if impl not in ("pallas", "xla"):
+        raise ValueError(f"context-parallel attention runs 'pallas' or 'xla', not {impl!r}")
     mesh = jax.sharding.get_abstract_mesh()
     B, T, H, _ = q_BTHE.shape
     K = k_BTKE.shape[2]
@@ -57,11 +64,15 @@ def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None):
     def attend(q, k, v, positions, segment_ids):
         gather = lambda x: jax.lax.all_gather(x, seq, axis=1, tiled=True)  # noqa: E731
         all_segments = None if segment_ids is None else gather(segment_ids)
-        return positional_attention_reference(q, gather(k), gather(v), positions, gather(positions), segment_ids,
-                                              all_segments)
+        if impl == "pallas":
+            return flash_attention(q, gather(k), gather(v), segment_ids, kv_segment_ids_BS=all_segments,
+                                   q_positions_BT=positions, kv_positions_BS=gather(positions), interpret=interpret)
+        return flash_attention_xla(q, gather(k), gather(v), positions, gather(positions), segment_ids, all_segments)
 
     in_specs = (q_spec, kv_spec, kv_spec, row_spec, None if segment_ids_BT is None else row_spec)
-    return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec)(
+    # check_vma off: pallas_call does not state how its outputs vary over the mesh axes, and the
+    # XLA path's loop carries start as constants that do not vary.
+    return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT)
 
 
