@@ -8,8 +8,10 @@ Sections (issue #14), each check in its own try/except so one lowering error nev
 each section with a time budget past which its remaining checks are skipped:
 - env: jax / jaxlib versions, device kind, backend.
 - correctness: our flash kernel (forward and dq/dk/dv, GQA, packed segments, head_dim 64 / 128,
-  float32 / bfloat16, a length that is no multiple of the block), our decode kernel on ragged
-  positions, cuDNN's fused attention, and the model's `kernels.attention` dispatch for every impl,
+  float32 / bfloat16, a length that is no multiple of the block), the same kernel as one device of
+  cp4 runs it (its load-balanced query chunks against all keys, masked by positions), our decode
+  kernel on ragged positions, the paged kernel (Triton; and the XLA paged path) on a shuffled page
+  pool, cuDNN's fused attention, and the model's `kernels.attention` dispatch for every impl,
   all against `kernels/reference.py` in float32 at HIGHEST matmul precision on the same device.
   Error = max |got - want| / max |want| (and the mean over max |want|), so one tolerance per dtype.
 - timing: causal attention fwd and fwd+bwd TFLOP/s at 4k / 8k / 16k (constant tokens), ours vs
@@ -40,9 +42,11 @@ import jax.numpy as jnp
 
 from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, timeit
 from bench.results import RESULTS, append_results, git_commit, machine, median_seconds
-from llama_jax.kernels import _is_cuda, attention, cached_attention, decode_attention, flash_attention
+from llama_jax.kernels import _is_cuda, attention, cached_attention, decode_attention, flash_attention, \
+    paged_attention_pallas, paged_attention_reference, paged_attention_xla
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference
+from llama_jax.sharding.context import balanced_order
 
 SECTION = "## Device check (bench/device_check.py)"
 SECTIONS = ("env", "correctness", "timing", "decode", "train")
@@ -246,8 +250,64 @@ def check_correctness(phase: Phase, ctx) -> None:
             continue
         fn = lambda q, k, v, p, impl=impl: cached_attention(q, k, v, p, impl=impl, interpret=ctx.interpret)
         phase.run(f"cached_attention(impl={impl})", shape, decode_check(fn, jnp.bfloat16, 1))
+    check_context_parallel_shard(phase, ctx, B, H, K, D, T)
+    check_paged(phase, ctx, H, K, D)
     for case in flash_cases[1:]:
         flash_check(*case)
+
+
+def check_context_parallel_shard(phase: Phase, ctx, B, H, K, D, T, cp=4, device=1) -> None:
+    """The flash kernel as device `device` of a cp mesh runs it under `kernels.attention`: its
+    query chunks (one early, one late) against every key in gathered order, causal by position."""
+    T -= T % (2 * cp)
+    order = balanced_order(T, cp)
+    mine = order.reshape(cp, T // cp)[device]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    reference = with_grads(in_float32(lambda q, k, v, s: attention_reference(q, k, v, s)[:, mine]))
+
+    def shard(q, k, v, s):
+        return flash_attention(q[:, mine], k[:, order], v[:, order], s[:, mine], kv_segment_ids_BS=s[:, order],
+                               q_positions_BT=positions[:, mine], kv_positions_BS=positions[:, order],
+                               lowering=ctx.lowering, interpret=ctx.interpret)
+
+    for dtype in (jnp.float32,) if ctx.quick else (jnp.bfloat16, jnp.float32):
+        def run(dtype=dtype):
+            q, k, v, do = attention_inputs(B, T, H, K, D, dtype)
+            s, do = packed_segments(B, T), do[:, :T // cp]
+            got, want = with_grads(shard)(q, k, v, s, do), reference(q, k, v, s, do)
+            return compare(list(zip(("out", "dq", "dk", "dv"), got, want)), dtype)
+        shape = f"B{B} T{T}/cp{cp} H{H} K{K} D{D} {jnp.dtype(dtype).name} packed"
+        phase.run("flash_attention by positions, cp shard (ours)", shape, run)
+
+
+def check_paged(phase: Phase, ctx, H, K, D) -> None:
+    """Paged attention on ragged rows whose pages lie shuffled in a larger pool: our Triton
+    kernel and the XLA path against the gather reference."""
+    B, P, M = 4, 16, (8 if ctx.quick else 128)  # up to M * P positions per row
+
+    def paged_inputs(dtype, Tq):
+        q, _, _, _ = attention_inputs(B, Tq, H, K, D, dtype, seed=3)
+        N = B * M + 7
+        keys = jax.random.split(jax.random.key(4), 3)
+        k_pages, v_pages = (jax.random.normal(kk, (N, P, K, D), jnp.float32).astype(dtype) for kk in keys[:2])
+        table = jax.random.permutation(keys[2], N)[:B * M].reshape(B, M).astype(jnp.int32)
+        last = jnp.array([Tq - 1, M * P // 3, 20, M * P - 1])  # first page, middle, early, the last slot
+        return q, k_pages, v_pages, table, last[:, None] - (Tq - 1) + jnp.arange(Tq)[None, :]
+
+    reference = in_float32(lambda q, k, v, t, p: paged_attention_reference(q, k, v, t, p))
+    paths = {"paged_attention (ours)": lambda *a: paged_attention_pallas(*a, interpret=ctx.interpret),
+             "paged_attention_xla": paged_attention_xla}
+    for name, fn in paths.items():
+        for dtype, Tq in ((jnp.bfloat16, 1), (jnp.float32, 4)):
+            shape = f"B{B} T{Tq} pages {M}x{P} H{H} K{K} D{D} {jnp.dtype(dtype).name} ragged"
+            if name.endswith("(ours)") and ctx.lowering != "triton":
+                phase.results.append(Result(phase.name, name, shape, "SKIP", "Triton (GPU) kernel only"))
+                continue
+
+            def run(fn=fn, dtype=dtype, Tq=Tq):
+                args = paged_inputs(dtype, Tq)
+                return compare([("out", jax.jit(fn)(*args), reference(*args))], dtype)
+            phase.run(name, shape, run)
 
 
 def check_timing(phase: Phase, ctx) -> None:
