@@ -8,20 +8,29 @@ position is <= the query's and it is in the same document), never by index, sinc
 permuted. The backward pass needs nothing written by hand: the transpose of the all-gather is a
 reduce-scatter, so each device gets back dK and dV of exactly its own tokens.
 
-All-gather rather than a ring of ppermutes (ring attention): this is what Meta describes for
-Llama 3's long-context training, and grouped-query attention makes it cheap. Llama 3.1-8B has 8
-kv heads for 32 query heads, so one layer's gathered K and V of a 128K-token row are
-2 x 128K x 8 x 128 x 2 bytes = 0.5 GiB in bf16, half the size of that row's queries or hidden
-states (1 GiB each at D=4096), and a device already holds 1/cp of it. A ring would hide the
-transfer behind compute, but in cp steps, each with its own partially masked block and its own
-load-balance bookkeeping; the gather is one collective that XLA schedules, and what each device
-then solves (its query chunks against all keys) is one ordinary attention call. Not measured
-against a ring here: the argument is the kv-head count above.
+Each device then runs one ordinary attention call, its queries against all T keys, masked by
+positions: with impl "pallas" (GPU / TPU, what "auto" picks there) the flash kernel
+(flash_attention.py, q_positions_BT / kv_positions_BS), which skips the key blocks that come after
+a query block; with "xla" (CPU) its plain-XLA twin flash_xla.py, blocked the same way, so a
+device's temporaries are blocks, never the [T/cp, T] scores. cuDNN masks by index only and is
+refused (kernels.attention).
 
-On CPU (and with impl 'xla' anywhere) the attention itself is positional_attention_reference in
-plain XLA, whose [T/cp, T] scores per head bound the row length; on GPU/TPU the flash kernels
-would need the same positional masks, which they do not take yet (they mask by index), so
-impl 'pallas' or 'cudnn' with cp > 1 is an error rather than a silently wrong mask.
+All-gather rather than a ring of ppermutes (ring attention), for three reasons:
+- It is what Meta describes for Llama 3's long-context training (all-gather based CP, 2 x cp
+  load-balanced chunks), and grouped-query attention makes it cheap: Llama 3.1-8B has 8 kv heads
+  for 32 query heads, so one layer's gathered K and V of a 128K-token row are
+  2 x 131072 x 8 x 128 x 2 bytes = 0.5 GiB in bf16, half the size of that row's queries or
+  hidden states (1 GiB each at D = 4096), and only the live layer's are held.
+- It is not what bounds memory. bench/RESULTS.md (long_context_memory.py, 8B, one 131,072-token
+  row per fsdp2 group on fsdp2,cp4, full remat): 11.2 GiB of arguments and 57.7 GiB of step
+  temporaries per device with attention itself O(T) (the gather included), against 2,081 GiB
+  with dense scores; the CPU sweep (train.py --seq-len) halves per-device memory with each
+  doubling of cp (2K tokens: 498 MiB on one device, 63.7 MiB per device on cp8).
+- What a ring buys is overlap of the transfer with compute, at the price of cp partial attention
+  calls per layer, each with its own mask and a softmax merge, and a ring order that must agree
+  with the load balance. The gather is one collective XLA can schedule early, and the attention
+  stays one kernel call whose backward needs nothing by hand (the reduce-scatter above).
+No ring was built to time against it (no GPU time here): the argument is the kv-head count.
 """
 
 from __future__ import annotations

@@ -19,16 +19,14 @@ No Mosaic (TPU) kernel yet: on TPU, jax's own `ragged_paged_attention` is the mo
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.decode_attention import combine_splits
-from llama_jax.kernels.common import M_FLOOR, NT, default_lowering, dot, online_softmax_step
+from llama_jax.kernels.decode_triton import fold_split, split_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,50 +57,20 @@ def _paged_kernel(q_ref, k_ref, v_ref, table_ref, pos_ref, acc_ref, m_ref, l_ref
     J = cfg.pages_per_block
     P, D = k_ref.shape[1], k_ref.shape[2]
     bk = J * P
-    q, pos = q_ref[...], pos_ref[...]
-    lo = pl.program_id(0) * cfg.blocks_per_split
-    # Blocks past the rows' last position are never read: the ragged batch.
-    hi = jnp.minimum(jnp.minimum(lo + cfg.blocks_per_split, cfg.num_blocks), lax.div(jnp.max(pos) + bk, bk))
 
-    def body(j, carry):
-        acc, m, l = carry
+    def load_kv(j):
         pages = table_ref[pl.ds(pl.multiple_of(j * J, J), J)]
-        k, v = k_ref[pages].reshape(bk, D), v_ref[pages].reshape(bk, D)
-        s = dot(q, k, NT) * cfg.scale
-        k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
-        return online_softmax_step(acc, m, l, s, v)
+        return k_ref[pages].reshape(bk, D), v_ref[pages].reshape(bk, D)
 
-    br = q.shape[0]
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((br,), M_FLOOR, jnp.float32), jnp.zeros((br,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, carry)
-    acc_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    fold_split(q_ref[...], pos_ref[...], bk, load_kv, cfg, (acc_ref, m_ref, l_ref))
 
 
 def _partials(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR, br, num_splits, cfg):
-    B, K, Rp, D = q_BKRD.shape
-    N, P = k_pages_NPKD.shape[:2]
-    M = table_BM.shape[1]
+    N, P, _, D = k_pages_NPKD.shape
     pages = pl.BlockSpec((N, P, None, D), lambda s, r, b, k: (0, 0, k, 0))
-    out_map = lambda s, r, b, k: (s, b, k, r)  # noqa: E731
-    return pl.pallas_call(
-        functools.partial(_paged_kernel, cfg=cfg),
-        grid=(num_splits, Rp // br, B, K),
-        in_specs=[pl.BlockSpec((None, None, br, D), lambda s, r, b, k: (b, k, r, 0)), pages, pages,
-                  pl.BlockSpec((None, M), lambda s, r, b, k: (b, 0)),
-                  pl.BlockSpec((None, br), lambda s, r, b, k: (b, r))],
-        out_specs=[pl.BlockSpec((None, None, None, br, D), lambda s, r, b, k: (s, b, k, r, 0)),
-                   pl.BlockSpec((None, None, None, br), out_map),
-                   pl.BlockSpec((None, None, None, br), out_map)],
-        out_shape=[jax.ShapeDtypeStruct((num_splits, B, K, Rp, D), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, B, K, Rp), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, B, K, Rp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=cfg.interpret,
-        name="paged_attention",
-    )(q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR)
+    table = pl.BlockSpec((None, table_BM.shape[1]), lambda s, r, b, k: (b, 0))
+    return split_call(_paged_kernel, [pages, pages, table], num_splits, q_BKRD, br, cfg, "paged_attention")(
+        q_BKRD, k_pages_NPKD, v_pages_NPKD, table_BM, pos_BR)
 
 
 def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positions_BT, *, scale: float | None = None,

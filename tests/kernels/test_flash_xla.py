@@ -10,19 +10,9 @@ import pytest
 from llama_jax.kernels.flash_xla import flash_attention_xla
 from llama_jax.kernels.reference import positional_attention_reference
 
-B, T, H, K, E = 2, 50, 4, 2, 16
-BLOCKS = dict(block_q=8, block_k=16)  # T a multiple of neither
+from tests.kernels.test_context_parallel import B, H, K, T, E, packed_rows
 
-
-def packed(rng):
-    q = rng.standard_normal((B, T, H, E), np.float32)
-    k, v = (rng.standard_normal((B, T, K, E), np.float32) for _ in range(2))
-    segment_ids = np.stack([np.repeat([1, 2, 3], [5, 20, 25]), np.repeat([1, 2], [33, 17])]).astype(np.int32)
-    positions = np.zeros((B, T), np.int32)
-    for b in range(B):
-        for s in np.unique(segment_ids[b]):
-            positions[b, segment_ids[b] == s] = np.arange((segment_ids[b] == s).sum())
-    return q, k, v, positions, segment_ids
+BLOCKS = dict(block_q=6, block_k=12)  # T = 32 a multiple of neither
 
 
 def out_and_grads(f, q, k, v, do):
@@ -35,9 +25,9 @@ def out_and_grads(f, q, k, v, do):
 
 @pytest.mark.parametrize("segments", [True, False])
 def test_equals_the_positional_reference_on_shuffled_tokens(segments):
-    """20 queries in shuffled order against all 50 keys in another order: output, dQ, dK, dV."""
+    """20 queries in shuffled order against all 32 keys in another order: output, dQ, dK, dV."""
     rng = np.random.default_rng(0)
-    q, k, v, positions, segment_ids = packed(rng)
+    q, k, v, positions, segment_ids = packed_rows()
     if not segments:
         positions, segment_ids = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), None
     q_idx, k_idx = rng.permutation(T)[:20], rng.permutation(T)
@@ -55,6 +45,7 @@ def test_equals_the_positional_reference_on_shuffled_tokens(segments):
 def test_key_blocks_after_every_query_are_never_computed_on():
     """Queries at positions 0..31, keys 0..63 in blocks of 16: the last two key blocks hold NaN,
     which any visit would spread (0 * NaN), forward or backward."""
+    blocks = dict(block_q=8, block_k=16)
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, 32, H, E), np.float32)
     k, v = (rng.standard_normal((1, 64, K, E), np.float32) for _ in range(2))
@@ -62,7 +53,7 @@ def test_key_blocks_after_every_query_are_never_computed_on():
     positions = np.arange(64, dtype=np.int32)[None]
     do = rng.standard_normal(q.shape).astype(np.float32)
     out, dq, dk, dv = out_and_grads(
-        lambda q, k, v: flash_attention_xla(q, k, v, positions[:, :32], positions, **BLOCKS), q, k, v, do)
+        lambda q, k, v: flash_attention_xla(q, k, v, positions[:, :32], positions, **blocks), q, k, v, do)
     want = out_and_grads(lambda q, k, v: positional_attention_reference(q, k, v, positions[:, :32], positions[:, :32]),
                          q, k[:, :32], v[:, :32], do)
     for g, w in zip((out, dq, dk[:, :32], dv[:, :32]), want):
