@@ -57,6 +57,15 @@ def _unseen(k_first, q_last):
     return jnp.all(k_first > q_last)
 
 
+def _opaque(loop):
+    """loop(body, ...) under jax.checkpoint, which saves nothing when partially evaluated. An
+    enclosing scan (the model's scan over layers) partially evaluates this function to hoist
+    loop-invariant work: the masks and block choices depend only on positions, which are
+    invariant across layers, and would be stacked for every (query block, key block) pair,
+    [T/cp, T] per device again. Under checkpoint they are recomputed where they are used."""
+    return lambda body, *args: jax.checkpoint(lambda *a: loop(body, *a))(*args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, rows, scale):
     return _forward(q, k, v, rows, scale)[0]
@@ -91,7 +100,7 @@ def _forward(q, k, v, rows, scale):
         out, lse = jax.vmap(jax.vmap(finish_softmax))(acc, m, l)
         return out.astype(q_i.dtype), lse
 
-    out, lse = lax.map(query_block, (q, q_rows, q_last))
+    out, lse = _opaque(lax.map)(query_block, (q, q_rows, q_last))
     return out, (q, k, v, rows, out, lse)
 
 
@@ -122,7 +131,7 @@ def _backward(scale, residuals, do):
         return (dkv[0] + dk, dkv[1] + dv), dq_i.astype(q.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), dq = lax.scan(query_block, (zeros, zeros), (q, do, lse, delta, q_rows, q_last))
+    (dk, dv), dq = _opaque(lax.scan)(query_block, (zeros, zeros), (q, do, lse, delta, q_rows, q_last))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -61,16 +61,25 @@ def test_key_blocks_after_every_query_are_never_computed_on():
     assert np.all(np.asarray(dk[:, 32:]) == 0) and np.all(np.asarray(dv[:, 32:]) == 0)
 
 
-def test_temporaries_stay_blocks_not_scores():
+@pytest.mark.parametrize("in_scan", [False, True])
+def test_temporaries_stay_blocks_not_scores(in_scan):
     """Forward and backward at 4K tokens: the compiled temporaries are a small fraction of the
-    reference's [T, T] scores per head (compiled only, nothing run)."""
+    reference's [T, T] scores per head (compiled only, nothing run). in_scan: inside a scan over
+    layers, whose loop-invariant hoisting would otherwise stack every block's mask (the positions
+    are the same in every layer)."""
     T = 4096
     q = jax.ShapeDtypeStruct((1, T, H, E), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, T, K, E), jnp.float32)
     positions = jnp.arange(T, dtype=jnp.int32)[None]
 
     def temp_bytes(attend):
-        loss = lambda q, k, v: attend(q, k, v, positions, positions).sum()  # noqa: E731
+        def layers(q, k, v):
+            if not in_scan:
+                return attend(q, k, v, positions, positions)
+            layer = lambda x, _: (attend(x, k, v, positions, positions), None)  # noqa: E731
+            return jax.lax.scan(layer, q, None, length=2)[0]
+
+        loss = lambda q, k, v: layers(q, k, v).sum()  # noqa: E731
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
