@@ -34,6 +34,7 @@ from llama_jax.kernels import context_parallel
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.decode_attention import decode_attention
 from llama_jax.kernels.flash_attention import flash_attention
+from llama_jax.kernels.flash_xla import flash_attention_xla
 from llama_jax.kernels.paged_attention import paged_attention as paged_attention_pallas
 from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
@@ -139,4 +140,4 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
 
 __all__ = ["IMPLS", "attention", "cached_attention", "paged_attention", "resolve_impl", "attention_reference",
            "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
-           "positional_attention_reference", "flash_attention", "decode_attention"]
+           "positional_attention_reference", "flash_attention", "flash_attention_xla", "decode_attention"]
