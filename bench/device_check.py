@@ -9,7 +9,8 @@ each section with a time budget past which its remaining checks are skipped:
 - env: jax / jaxlib versions, device kind, backend.
 - correctness: our flash kernel (forward and dq/dk/dv, GQA, packed segments, head_dim 64 / 128,
   float32 / bfloat16, a length that is no multiple of the block), our paged kernel on the device's
-  lowering (ragged rows, a shuffled page pool), cuDNN's fused attention, the model's
+  lowering (ragged rows, a shuffled page pool), the flash kernel as one device of cp4 runs it (its
+  load-balanced query chunks against all keys, masked by positions), cuDNN's fused attention, the model's
   `kernels.attention` dispatch for every impl and `kernels.paged_attention`'s for pallas and xla,
   all against `kernels/reference.py` in float32 at HIGHEST matmul precision on the same device.
   Error = max |got - want| / max |want| (and the mean over max |want|), so one tolerance per dtype.
@@ -46,6 +47,7 @@ from bench.results import RESULTS, append_results, git_commit, machine, median_s
 from llama_jax.kernels import _is_cuda, attention, flash_attention, paged_attention, paged_attention_pallas
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import attention_reference, paged_attention_reference
+from llama_jax.sharding.context import balanced_order
 
 SECTION = "## Device check (bench/device_check.py)"
 SECTIONS = ("env", "correctness", "timing", "decode", "train")
@@ -223,9 +225,34 @@ def check_correctness(phase: Phase, ctx) -> None:
             fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl, interpret=ctx.interpret)
             phase.run(f"attention(impl={impl})", shape, against_reference(fn, dtype, T, D))
 
+    check_context_parallel_shard(phase, ctx, B, H, K, D, T)
     check_paged(phase, ctx, H, K, D)
     for case in flash_cases[1:]:
         flash_check(*case)
+
+
+def check_context_parallel_shard(phase: Phase, ctx, B, H, K, D, T, cp=4, device=1) -> None:
+    """The flash kernel as device `device` of a cp mesh runs it under `kernels.attention`: its
+    query chunks (one early, one late) against every key in gathered order, causal by position."""
+    T -= T % (2 * cp)
+    order = balanced_order(T, cp)
+    mine = order.reshape(cp, T // cp)[device]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    reference = with_grads(in_float32(lambda q, k, v, s: attention_reference(q, k, v, s)[:, mine]))
+
+    def shard(q, k, v, s):
+        return flash_attention(q[:, mine], k[:, order], v[:, order], s[:, mine], kv_segment_ids_BS=s[:, order],
+                               q_positions_BT=positions[:, mine], kv_positions_BS=positions[:, order],
+                               lowering=ctx.lowering, interpret=ctx.interpret)
+
+    for dtype in (jnp.float32,) if ctx.quick else (jnp.bfloat16, jnp.float32):
+        def run(dtype=dtype):
+            q, k, v, do = attention_inputs(B, T, H, K, D, dtype)
+            s, do = packed_segments(B, T), do[:, :T // cp]
+            got, want = with_grads(shard)(q, k, v, s, do), reference(q, k, v, s, do)
+            return compare(list(zip(("out", "dq", "dk", "dv"), got, want)), dtype)
+        shape = f"B{B} T{T}/cp{cp} H{H} K{K} D{D} {jnp.dtype(dtype).name} packed"
+        phase.run("flash_attention by positions, cp shard (ours)", shape, run)
 
 
 def check_paged(phase: Phase, ctx, H, K, D) -> None:

@@ -9,11 +9,11 @@ CPU devices shaped like the target mesh, and reads XLA's memory_analysis: argume
 and batch's shards), temporaries, and outputs not aliased to donated inputs. bf16 compute, float32
 master weights and AdamW moments, remat 'full'. Two attention variants per mesh:
 
-    xla       the context-parallel XLA attention as it is: per head a [T/cp, T] score block.
+    xla       the XLA attention as it is: under cp the blocked flash_xla (O(T) memory, like the
+              kernels); without cp the dense reference, per head a [T, T] score block.
     O(T)      the same shard_map and K/V all-gather, but the attention itself replaced by a stand-in
-              whose memory is linear in T, as a flash kernel's is (its output plus a logsumexp per
-              query; the blocks it works on are on-chip). An estimate of what the step needs once a
-              positions-aware flash kernel runs under cp; the stand-in's numbers are not attention.
+              whose memory is linear in T and nothing else (its output only): the floor the rest of
+              the step sets; the stand-in's numbers are not attention.
 
 CPU buffer assignment is not a GPU's, so treat the numbers as estimates to a few GiB. Prints a
 markdown table and appends it, with machine, date and commit, to bench/RESULTS.md.
@@ -85,7 +85,7 @@ def main(argv=None) -> str:
             if patch is None:
                 m = step_memory(cfg, mesh, shape)
             else:
-                with mock.patch("llama_jax.kernels.context_parallel.positional_attention_reference", patch), \
+                with mock.patch("llama_jax.kernels.context_parallel.flash_attention_xla", patch), \
                         mock.patch("llama_jax.kernels.attention_reference", patch):
                     m = step_memory(cfg, mesh, shape)
             lines.append(f"| {spec} | {name} | {m['args']:.1f} | {m['temp']:.1f} | {m['total']:.1f} |")

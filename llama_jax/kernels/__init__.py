@@ -16,7 +16,9 @@ implementations ignore it.
 Under a multi-device mesh (the model's activation_sharding context) the Pallas kernels run per
 shard of batch rows and heads (sharded.py); XLA and cuDNN attention are partitioned by XLA. When
 the mesh splits the sequence (context parallelism), `attention` gathers keys and values over it
-and masks by positions (context_parallel.py): XLA only for now, so "auto" means "xla" there.
+and masks by positions (context_parallel.py): "pallas" runs the flash kernel on each device's
+queries against the gathered keys, "xla" its plain-XLA twin flash_xla.py (never the dense
+reference: its [T/cp, T] scores bound the row); "auto" picks as above; "cudnn" is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 from llama_jax.kernels import context_parallel
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.flash_attention import flash_attention
+from llama_jax.kernels.flash_xla import flash_attention_xla
 from llama_jax.kernels.paged_attention import paged_attention as paged_attention_pallas
 from llama_jax.kernels.paged_attention_xla import paged_attention_xla
 from llama_jax.kernels.reference import attention_reference, cached_attention_reference, \
@@ -84,12 +87,14 @@ def attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, positions_BT=None, *,
               interpret: bool = False):
     """positions_BT: each token's position, needed when the active mesh splits the sequence."""
     if context_parallel.sequence_axes(q_BTHD.shape[1]) is not None:
-        if impl not in ("xla", "auto"):
-            raise ValueError(f"attention impl {impl!r} cannot run with the sequence split over a context-parallel "
-                             "mesh axis: the flash kernels mask by index, not by positions; use 'xla'")
+        if impl == "cudnn":
+            raise ValueError("attention impl 'cudnn' cannot run with the sequence split over a context-parallel mesh "
+                             "axis: cuDNN masks by index, a shard's tokens need a mask by position; use 'pallas' "
+                             "or 'auto'")
         if positions_BT is None:
             raise ValueError("context-parallel attention needs the tokens' positions (its mask is by position)")
-        return context_parallel.attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
+        return context_parallel.attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
+                                          impl=resolve_impl(impl, interpret=interpret), interpret=interpret)
     impl = resolve_impl(impl, interpret=interpret)
     return _IMPLS[impl](q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, interpret)
 
@@ -108,4 +113,4 @@ def paged_attention(q_BTHD, k_pages_NPKD, v_pages_NPKD, page_table_BM, q_positio
 
 __all__ = ["IMPLS", "attention", "paged_attention", "resolve_impl", "attention_reference",
            "cached_attention_reference", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
-           "positional_attention_reference", "flash_attention"]
+           "positional_attention_reference", "flash_attention", "flash_attention_xla"]

@@ -8,20 +8,29 @@ position is <= the query's and it is in the same document), never by index, sinc
 permuted. The backward pass needs nothing written by hand: the transpose of the all-gather is a
 reduce-scatter, so each device gets back dK and dV of exactly its own tokens.
 
-All-gather rather than a ring of ppermutes (ring attention): this is what Meta describes for
-Llama 3's long-context training, and grouped-query attention makes it cheap. Llama 3.1-8B has 8
-kv heads for 32 query heads, so one layer's gathered K and V of a 128K-token row are
-2 x 128K x 8 x 128 x 2 bytes = 0.5 GiB in bf16, half the size of that row's queries or hidden
-states (1 GiB each at D=4096), and a device already holds 1/cp of it. A ring would hide the
-transfer behind compute, but in cp steps, each with its own partially masked block and its own
-load-balance bookkeeping; the gather is one collective that XLA schedules, and what each device
-then solves (its query chunks against all keys) is one ordinary attention call. Not measured
-against a ring here: the argument is the kv-head count above.
+Each device then runs one ordinary attention call, its queries against all T keys, masked by
+positions: with impl "pallas" (GPU / TPU, what "auto" picks there) the flash kernel
+(flash_attention.py, q_positions_BT / kv_positions_BS), which skips the key blocks that come after
+a query block; with "xla" (CPU) its plain-XLA twin flash_xla.py, blocked the same way, so a
+device's temporaries are blocks, never the [T/cp, T] scores. cuDNN masks by index only and is
+refused (kernels.attention).
 
-On CPU (and with impl 'xla' anywhere) the attention itself is positional_attention_reference in
-plain XLA, whose [T/cp, T] scores per head bound the row length; on GPU/TPU the flash kernels
-would need the same positional masks, which they do not take yet (they mask by index), so
-impl 'pallas' or 'cudnn' with cp > 1 is an error rather than a silently wrong mask.
+All-gather rather than a ring of ppermutes (ring attention), for three reasons:
+- It is what Meta describes for Llama 3's long-context training (all-gather based CP, 2 x cp
+  load-balanced chunks), and grouped-query attention makes it cheap: Llama 3.1-8B has 8 kv heads
+  for 32 query heads, so one layer's gathered K and V of a 128K-token row are
+  2 x 131072 x 8 x 128 x 2 bytes = 0.5 GiB in bf16, half the size of that row's queries or
+  hidden states (1 GiB each at D = 4096), and only the live layer's are held.
+- It is not what bounds memory. bench/RESULTS.md, long_context_memory.py (8B, one 131,072-token
+  row per fsdp2 group on fsdp2,cp4, full remat): 11.2 GiB of arguments and 57.7 GiB of step
+  temporaries per device with this module's XLA path, gather included, exactly what a stand-in
+  attention with no temporaries of its own gives (dense scores: 2,081 GiB); the CPU sweep
+  (train.py --seq-len, tiny) needs 227 MiB per device for a 64K row on cp8, 712 MiB on cp2.
+- What a ring buys is overlap of the transfer with compute, at the price of cp partial attention
+  calls per layer, each with its own mask and a softmax merge, and a ring order that must agree
+  with the load balance. The gather is one collective XLA can schedule early, and the attention
+  stays one kernel call whose backward needs nothing by hand (the reduce-scatter above).
+No ring was built to time against it (no GPU time here): the argument is the kv-head count.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.kernels.reference import positional_attention_reference
+from llama_jax.kernels.flash_attention import flash_attention
+from llama_jax.kernels.flash_xla import flash_attention_xla
 from llama_jax.kernels.sharded import mesh_axes_of
 from llama_jax.sharding import axes
 
@@ -42,8 +52,14 @@ def sequence_axes(seq_len: int):
     return mesh_axes_of(axes.ACTIVATION_LENGTH, seq_len, mesh)
 
 
-def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None):
-    """Causal attention of a row split over the active mesh's sequence axes -> [B, T, H, E]."""
+def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None, *, impl: str = "xla",
+              interpret: bool = False):
+    """Causal attention of a row split over the active mesh's sequence axes -> [B, T, H, E].
+
+    impl: "pallas" (flash_attention, the backend's kernel or, with `interpret`, the interpreter)
+    or "xla" (flash_attention_xla)."""
+    if impl not in ("pallas", "xla"):
+        raise ValueError(f"context-parallel attention runs 'pallas' or 'xla', not {impl!r}")
     mesh = jax.sharding.get_abstract_mesh()
     B, T, H, _ = q_BTHE.shape
     K = k_BTKE.shape[2]
@@ -57,11 +73,15 @@ def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None):
     def attend(q, k, v, positions, segment_ids):
         gather = lambda x: jax.lax.all_gather(x, seq, axis=1, tiled=True)  # noqa: E731
         all_segments = None if segment_ids is None else gather(segment_ids)
-        return positional_attention_reference(q, gather(k), gather(v), positions, gather(positions), segment_ids,
-                                              all_segments)
+        if impl == "pallas":
+            return flash_attention(q, gather(k), gather(v), segment_ids, kv_segment_ids_BS=all_segments,
+                                   q_positions_BT=positions, kv_positions_BS=gather(positions), interpret=interpret)
+        return flash_attention_xla(q, gather(k), gather(v), positions, gather(positions), segment_ids, all_segments)
 
     in_specs = (q_spec, kv_spec, kv_spec, row_spec, None if segment_ids_BT is None else row_spec)
-    return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec)(
+    # check_vma off: pallas_call does not state how its outputs vary over the mesh axes, and the
+    # XLA path's loop carries start as constants that do not vary.
+    return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT)
 
 
