@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llama_jax.kernels.decode_attention import combine_splits
-from llama_jax.kernels.flash_attention import M_FLOOR, _NT, _dot, default_lowering, online_softmax_step
+from llama_jax.kernels.common import M_FLOOR, NT as _NT, default_lowering, dot as _dot, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
