@@ -6,8 +6,9 @@ a manifest that says what they were made from.
     DATA/rows-00000.array_record ...    one record per row (pack.encode_row), SHARD_BYTES each at most
 
 `PreparedData(DATA)` opens it for reading rows by index, after checking that every shard the
-manifest lists is there with its size; a damaged shard is caught on read by ArrayRecord's own
-chunk hashes. Either way the error is one ValueError line.
+manifest lists is there with its size; `damaged_shards` compares their sha256 (a training run
+checks them all before its first step, each process a share), and a damaged row is caught on read
+by ArrayRecord's own chunk hashes besides. Either way the error is one ValueError line.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ class PreparedData:
         if len(self._source) != self.rows:
             raise ValueError(f"{self.path}: the shards hold {len(self._source)} rows, the manifest says {self.rows}")
         self.rows_read = 0  # counted here, where rows leave the disk
+
+    def damaged_shards(self, which: Sequence[int]) -> list[int]:
+        """Those of the shards numbered `which` whose sha256 is not the manifest's (reads them whole)."""
+        shards = self.manifest["shards"]
+        return [i for i in which if file_sha256(self.path / shards[i]["file"]) != shards[i]["sha256"]]
 
     @property
     def fingerprint(self) -> str:

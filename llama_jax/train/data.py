@@ -82,12 +82,28 @@ class TrainData:
         tokenizer = tokenizer_identity(tokenizer_path)
         if manifest["tokenizer"]["sha256"] != tokenizer["sha256"]:
             raise ValueError(f"{path} was tokenized by {manifest['tokenizer']['path']}, not by this run's tokenizer "
-                             f"{tokenizer_path}: prepare it with --tokenizer {tokenizer_path}, or train with its")
+                             f"{tokenizer_path}: prepare it again with this one, or train with --tokenizer "
+                             f"{manifest['tokenizer']['path']}")
+        self._check_shards()
         self.batch_shape = (batch_size, seq_len)
         self.mesh, self.seed = mesh, seed
         self.rows = process_rows(mesh, self.batch_shape)
         self.batches = GlobalBatches(self.data, batch_size, seed, self.rows)
         self.step = 0
+
+    def _check_shards(self) -> None:
+        """Every shard's sha256, each process hashing its share, before anything trains: a damaged
+        shard would otherwise show only when one of its rows is drawn, steps into the run."""
+        count, index = jax.process_count(), jax.process_index()
+        damaged = self.data.damaged_shards(range(index, len(self.data.manifest["shards"]), count))
+        if count > 1:
+            from jax.experimental import multihost_utils
+
+            found = multihost_utils.process_allgather(np.array([damaged[0] if damaged else -1]))
+            damaged = sorted(int(i) for i in np.ravel(found) if i >= 0)
+        if damaged:
+            shard = self.data.path / self.data.manifest["shards"][damaged[0]]["file"]
+            raise ValueError(f"{shard}: its sha256 is not the manifest's: the dataset is damaged; prepare it again")
 
     def __iter__(self):
         return self

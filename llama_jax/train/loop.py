@@ -38,7 +38,7 @@ from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import check_batch_shape, init_state, make_train_step, put_batch, sharded_abstract_state
+from llama_jax.train.step import check_batch_shape, init_state, make_train_step, sharded_abstract_state
 
 log = logging.getLogger("llama_jax.train")
 
@@ -241,7 +241,7 @@ class _Setup:
     tokenizer_path: str
     optimizer: Any
     step_fn: Any
-    data: data_lib.BatchIterator
+    data: data_lib.TrainData
 
 
 def _prepare(tc: TrainConfig) -> _Setup:
@@ -259,13 +259,14 @@ def _prepare(tc: TrainConfig) -> _Setup:
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
+    data_path = data_lib.data_dir(tuple(tc.data), tokenizer_path, tc.seq_len, out, tc.progress)
+    data = data_lib.TrainData(data_path, tokenizer_path, tc.seq_len, tc.batch_size, tc.seed, mesh)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         checkpoint.copy_tokenizer(tokenizer_path, out)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)
-    data = data_lib.BatchIterator(data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
     return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data)
 
 
@@ -335,6 +336,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             if peak:
                 values["mfu"] = tps / (B * T) * flops_per_step / peak
             timing.update(last_t=now, last_step=step)
+        if data.batches.rows_per_s:
+            values["read_rows_per_s"] = data.batches.rows_per_s  # this process's rate, idle time excluded
         if primary:
             if bar is not None:
                 postfix = {"loss": f"{values['loss']:.3f}"}
@@ -362,7 +365,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             host_batch = next(data)
             data_state = data.state()
         for step in range(start, tc.steps):
-            state, metrics = step_fn(state, put_batch(host_batch, mesh))  # dispatched, not waited for
+            state, metrics = step_fn(state, host_batch)  # dispatched, not waited for
             done = step + 1
             if fault == ("sigterm", done):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -385,6 +388,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         if pending is not None:
             report(*pending)
         manager.wait_until_finished()
+        log.info("data: %s", data.throughput_line())  # every process: an input-bound host shows here
     except NonFiniteLoss as e:
         manager.wait_until_finished()
         bad_step = e.args[0]

@@ -7,6 +7,7 @@ import pytest
 
 from llama_jax.data.tokens import write_byte_tokenizer
 
+SEQ = 32  # tokens per row of the prepared corpus
 DIALOG = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Capital of France?"},
@@ -36,3 +37,14 @@ def corpus(tmp_path_factory) -> str:
     """Plain-text and chat records in one JSONL file."""
     records = [{"text": t} for t in texts()] + [{"messages": DIALOG}] * 3 + [{"text": t} for t in texts(20, 1)]
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", records)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus, byte_tokenizer):
+    """`corpus` prepared through the CLI, with one worker."""
+    from llama_jax.data.__main__ import main
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    assert main(["prepare", "--data", corpus, "--tokenizer", byte_tokenizer, "--seq-len", str(SEQ), "--out", str(out),
+                 "--workers", "1", "--no-progress"]) == 0
+    return out

@@ -14,10 +14,8 @@ from llama_jax.data.prepare import tokenize_document
 from llama_jax.data.sources import documents, find_sources
 from llama_jax.data.tokens import write_byte_tokenizer
 from llama_jax.tokenizer import Llama3Tokenizer
-from tests.data.conftest import texts, write_jsonl
+from tests.data.conftest import SEQ, texts, write_jsonl
 from tests.data.test_sources import write_datasets_dir
-
-SEQ = 32
 
 
 def shard_bytes(path) -> list[bytes]:
@@ -28,14 +26,6 @@ def shard_bytes(path) -> list[bytes]:
 def all_rows(path) -> dict[str, np.ndarray]:
     data = PreparedData(path)
     return data.read(range(data.rows))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, corpus, byte_tokenizer):
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    assert main(["prepare", "--data", corpus, "--tokenizer", byte_tokenizer, "--seq-len", str(SEQ), "--out", str(out),
-                 "--workers", "1", "--no-progress"]) == 0
-    return out
 
 
 def test_rows_are_the_documents_packed_in_order(prepared, corpus, byte_tokenizer):
