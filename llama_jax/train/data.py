@@ -36,12 +36,20 @@ def data_dir(paths: tuple[str, ...], tokenizer_path: str, seq_len: int, out: Pat
     if len(paths) == 1 and is_prepared(paths[0]):
         return Path(paths[0])
     target = out / PREPARED_DIR
+    error = None
     if jax.process_index() == 0:
-        prepare(paths, tokenizer_path, seq_len, target, progress=progress)
-    if jax.process_count() > 1:
+        try:
+            prepare(paths, tokenizer_path, seq_len, target, progress=progress)
+        except ValueError as e:
+            error = e
+    if jax.process_count() > 1:  # the others wait here, and hear whether it failed
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("llama_jax: training data prepared")
+        failed = multihost_utils.process_allgather(np.array([error is not None]))
+        if error is None and np.any(failed):
+            raise ValueError("process 0 could not prepare the training data (its error says why)")
+    if error is not None:
+        raise error
     return target
 
 

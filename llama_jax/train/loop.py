@@ -3,7 +3,8 @@
     OUT/config.json          the model's LlamaConfig (a resumed run reads it back)
     OUT/tokenizer.model      the tokenizer the data was encoded with (or another model's tokenizer.json
                              and its sibling files, as an --init-from checkpoint carries them)
-    OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
+    OUT/data/                raw --data files (or the built-in corpus) prepared on first use (train/data.py)
+    OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator (its step)
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
 
