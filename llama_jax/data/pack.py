@@ -4,62 +4,77 @@ Examples fill a row one after another; one that does not fit in the room left co
 next row, so no token is dropped and only the very last row has padding. In a row, each example
 (or piece of one) is a segment: segment_ids 1, 2, ... (0 marks padding) keep attention inside a
 document, and positions restart at 0 in each segment (rotary attention sees only distances).
+
+Concatenate-then-split is a reshape of the token stream, so rows are made in blocks with numpy:
+segments start where an example starts or a row does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
 INT_FIELDS = ("inputs", "targets", "positions", "segment_ids")
 ROW_FIELDS = (*INT_FIELDS, "weights")
+STREAM_FIELDS = ("inputs", "targets", "weights")
+
+
+def concatenate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples -> one stream: their inputs, targets and weights end to end, and `starts` (True at each
+    example's first token). What a worker sends back: a few arrays, not one per document."""
+    stream = {k: np.concatenate([e[k] for e in examples]) if examples else np.zeros(0, np.float32 if k == "weights"
+                                                                                     else np.int32)
+              for k in STREAM_FIELDS}
+    starts = np.zeros(len(stream["inputs"]), bool)
+    offsets = np.cumsum([0] + [len(e["inputs"]) for e in examples[:-1]])
+    starts[offsets[[len(e["inputs"]) > 0 for e in examples]]] = True
+    return stream | {"starts": starts}
 
 
 class Packer:
+    """Streams in, blocks of full rows out; the tail that does not fill a row waits for the next stream."""
+
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
-        self._new_row()
+        self._tail = concatenate([])
 
-    def _new_row(self) -> None:
-        T = self.seq_len
-        self._ints = np.zeros((len(INT_FIELDS), T), np.int32)  # inputs, targets, positions, segment_ids
-        self._weights = np.zeros(T, np.float32)
-        self._fill = 0
-        self._segments = 0
+    def add(self, stream: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The full rows that `stream` completes, as a block of [n, seq_len] arrays (None if none)."""
+        joined = {k: np.concatenate([self._tail[k], stream[k]]) for k in self._tail}
+        n = len(joined["inputs"]) // self.seq_len
+        cut = n * self.seq_len
+        self._tail = {k: v[cut:] for k, v in joined.items()}
+        return self._rows({k: v[:cut] for k, v in joined.items()}, n) if n else None
 
-    def _take_row(self) -> dict[str, np.ndarray]:
-        row = dict(zip(INT_FIELDS, self._ints)) | {"weights": self._weights}
-        self._new_row()
+    def finish(self) -> dict[str, np.ndarray] | None:
+        """The last, partly filled row (padding: zeros, segment 0), if any."""
+        fill = len(self._tail["inputs"])
+        if not fill:
+            return None
+        row = self._rows({k: np.pad(v, (0, self.seq_len - fill)) for k, v in self._tail.items()}, 1)
+        row["segment_ids"][0, fill:] = 0
+        row["positions"][0, fill:] = 0
+        self._tail = concatenate([])
         return row
 
-    def add(self, example: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Pack one example; yields the rows it completes."""
-        n, done = len(example["inputs"]), 0
-        while done < n:
-            take = min(n - done, self.seq_len - self._fill)
-            span = slice(self._fill, self._fill + take)
-            self._segments += 1
-            self._ints[0, span] = example["inputs"][done:done + take]
-            self._ints[1, span] = example["targets"][done:done + take]
-            self._ints[2, span] = np.arange(take, dtype=np.int32)
-            self._ints[3, span] = self._segments
-            self._weights[span] = example["weights"][done:done + take]
-            self._fill += take
-            done += take
-            if self._fill == self.seq_len:
-                yield self._take_row()
-
-    def finish(self) -> Iterator[dict[str, np.ndarray]]:
-        """The last, partly filled row (padding: segment 0, weight 0), if any."""
-        if self._fill:
-            yield self._take_row()
+    def _rows(self, stream: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        T = self.seq_len
+        starts = stream["starts"].reshape(n, T).copy()
+        starts[:, 0] = True  # a row starts a segment, even mid-document
+        index = np.broadcast_to(np.arange(T, dtype=np.int32), (n, T))
+        segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+        rows = {k: stream[k].reshape(n, T) for k in STREAM_FIELDS}
+        return rows | {"positions": (index - segment_start).astype(np.int32),
+                       "segment_ids": np.cumsum(starts, axis=1, dtype=np.int32)}
 
 
-def encode_row(row: dict[str, np.ndarray]) -> bytes:
-    """One record: the four int32 fields, then the float32 weights, each [seq_len], little-endian."""
-    ints = np.stack([row[k] for k in INT_FIELDS]).astype("<i4", copy=False)
-    return ints.tobytes() + row["weights"].astype("<f4", copy=False).tobytes()
+def encode_rows(rows: dict[str, np.ndarray]) -> list[bytes]:
+    """One record per row: the four int32 fields, then the float32 weights, each [seq_len], little-endian."""
+    n, T = rows["inputs"].shape
+    ints = np.stack([rows[k] for k in INT_FIELDS], axis=1).astype("<i4", copy=False).reshape(n, -1)
+    raw = np.concatenate([ints.view(np.uint8), rows["weights"].astype("<f4", copy=False).view(np.uint8)], axis=1)
+    return [r.tobytes() for r in raw]
 
 
 def decode_rows(records: list[bytes], seq_len: int) -> dict[str, np.ndarray]:

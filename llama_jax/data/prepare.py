@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.data import store
-from llama_jax.data.pack import Packer
+from llama_jax.data.pack import Packer, concatenate
 from llama_jax.data.sources import Source, builtin_corpus_paths, documents, find_sources
 from llama_jax.data.tokens import parse_json_record, tokenize_record, tokenizer_identity
 
@@ -55,8 +55,8 @@ def tokenize_document(tokenizer, document: dict[str, Any]):
         raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
-def _tokenize_chunk(chunk: list[dict[str, Any]]):
-    return [tokenize_document(_tokenizer, d) for d in chunk]
+def _tokenize_chunk(chunk: list[dict[str, Any]]) -> dict:
+    return concatenate([tokenize_document(_tokenizer, d) for d in chunk])
 
 
 def _chunks(sources: Sequence[Source], column: str, text_bytes: int,
@@ -74,7 +74,7 @@ def _chunks(sources: Sequence[Source], column: str, text_bytes: int,
 
 
 def _tokenized(chunks, tokenizer_path: str, workers: int):
-    """(examples, bytes) per chunk, in order: here for one worker, else over `workers` processes with
+    """(token stream, bytes) per chunk, in order: here for one worker, else over `workers` processes with
     a bounded number of chunks in flight (memory stays flat however large the input)."""
     if workers == 1:
         _load_worker_tokenizer(tokenizer_path)
@@ -182,13 +182,14 @@ def _write(tmp: Path, sources, wanted: dict[str, Any], workers: int, progress: b
     chunks = _chunks(sources, wanted["column"], text_chunk_bytes(seq_len), chunk_bytes)
     with tqdm(total=total, desc=f"prepare ({workers} worker{'s' * (workers > 1)})", unit="B", unit_scale=True,
               disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for examples, size in _tokenized(chunks, wanted["tokenizer"]["path"], workers):
-            for example in examples:
-                for row in packer.add(example):
-                    writer.write(row)
+        for stream, size in _tokenized(chunks, wanted["tokenizer"]["path"], workers):
+            rows = packer.add(stream)
+            if rows is not None:
+                writer.write(rows)
             bar.update(size)
-        for row in packer.finish():
-            writer.write(row)
+        last = packer.finish()
+        if last is not None:
+            writer.write(last)
     shards = writer.close()
     if not shards:
         raise ValueError(f"no documents in {', '.join(s['path'] for s in wanted['sources'])}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.data.pack import INT_FIELDS, decode_rows, encode_row
+from llama_jax.data.pack import INT_FIELDS, decode_rows, encode_rows
 
 FORMAT = "llama_jax packed rows 1"
 MANIFEST = "manifest.json"
@@ -72,19 +72,21 @@ class ShardWriter:
         self.tokens = self.loss_tokens = 0
         self._writer, self._rows = None, 0
 
-    def write(self, row: dict[str, np.ndarray]) -> None:
+    def write(self, rows: dict[str, np.ndarray]) -> None:
+        """A block of rows: dict of [n, seq_len] arrays."""
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        if self._writer is None:
-            name = f"rows-{len(self.shards):05d}.array_record"
-            self.shards.append({"file": name})
-            self._writer, self._rows = ArrayRecordWriter(str(self.directory / name), ARRAY_RECORD_OPTIONS), 0
-        self._writer.write(encode_row(row))
-        self._rows += 1
-        self.tokens += int(np.count_nonzero(row["segment_ids"]))
-        self.loss_tokens += int(np.count_nonzero(row["weights"]))
-        if self._rows == self.rows_per_shard:
-            self._close()
+        self.tokens += int(np.count_nonzero(rows["segment_ids"]))
+        self.loss_tokens += int(np.count_nonzero(rows["weights"]))
+        for record in encode_rows(rows):
+            if self._writer is None:
+                name = f"rows-{len(self.shards):05d}.array_record"
+                self.shards.append({"file": name})
+                self._writer, self._rows = ArrayRecordWriter(str(self.directory / name), ARRAY_RECORD_OPTIONS), 0
+            self._writer.write(record)
+            self._rows += 1
+            if self._rows == self.rows_per_shard:
+                self._close()
 
     def _close(self) -> None:
         if self._writer is not None:
