@@ -111,7 +111,6 @@ class PreparedData:
         self.rows: int = self.manifest["rows"]
         if self.rows < 1:
             raise ValueError(f"{self.path} holds no rows")
-        paths = []
         for shard in self.manifest["shards"]:
             p = self.path / shard["file"]
             size = p.stat().st_size if p.is_file() else None
@@ -119,16 +118,27 @@ class PreparedData:
                 found = "missing" if size is None else f"{size} bytes"
                 raise ValueError(f"{p}: {found}, the manifest says {shard['bytes']} bytes: the dataset is damaged; "
                                  "prepare it again")
-            paths.append(str(p))
-        try:
-            from grain.sources import ArrayRecordDataSource
-
-            self._source = ArrayRecordDataSource(paths)
-        except Exception as e:  # noqa: BLE001 - the reader's errors are not typed; any means a bad shard
-            raise ValueError(f"{self.path}: a shard cannot be opened ({_one_line(e)}); prepare it again") from None
-        if len(self._source) != self.rows:
-            raise ValueError(f"{self.path}: the shards hold {len(self._source)} rows, the manifest says {self.rows}")
+        if sum(s["rows"] for s in self.manifest["shards"]) != self.rows:
+            raise ValueError(f"{self.path / MANIFEST}: its shards' rows do not add up to its {self.rows} rows")
+        self._first_rows = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
+        self._readers: dict[int, Any] = {}  # opened on first use: a host may never touch most shards
         self.rows_read = 0  # counted here, where rows leave the disk
+
+    def _reader(self, shard: int):
+        if shard not in self._readers:
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            info = self.manifest["shards"][shard]
+            try:  # no readahead: rows are read at random (grain's ArrayRecordDataSource opens them alike)
+                reader = ArrayRecordReader(str(self.path / info["file"]), "readahead_buffer_size:0")
+            except Exception as e:  # noqa: BLE001 - the reader's errors are not typed; any means a bad shard
+                raise ValueError(f"{self.path / info['file']}: cannot be opened ({_one_line(e)}); prepare it again") \
+                    from None
+            if reader.num_records() != info["rows"]:
+                raise ValueError(f"{self.path / info['file']}: holds {reader.num_records()} rows, the manifest says "
+                                 f"{info['rows']}; prepare it again")
+            self._readers[shard] = reader
+        return self._readers[shard]
 
     def damaged_shards(self, which: Sequence[int]) -> list[int]:
         """Those of the shards numbered `which` whose sha256 is not the manifest's (reads them whole)."""
@@ -141,11 +151,23 @@ class PreparedData:
         return hashlib.sha256(json.dumps([s["sha256"] for s in self.manifest["shards"]]).encode()).hexdigest()
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        indices = [int(i) for i in indices]
-        try:
-            records = self._source.__getitems__(indices)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{self.path}: a shard is corrupted ({_one_line(e)}); prepare it again") from None
+        """Rows by global index, each shard's in one call (ArrayRecord reads them in parallel)."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and not (0 <= indices.min() and indices.max() < self.rows):
+            raise IndexError(f"row indices must be in [0, {self.rows})")
+        shards = np.searchsorted(self._first_rows, indices, side="right") - 1
+        records: list[bytes] = [b""] * len(indices)
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            try:
+                got = self._reader(int(shard)).read((indices[where] - self._first_rows[shard]).tolist())
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{self.path / self.manifest['shards'][shard]['file']}: corrupted "
+                                 f"({_one_line(e)}); prepare it again") from None
+            for i, record in zip(where, got):
+                records[i] = record
         self.rows_read += len(indices)
         return decode_rows(records, self.seq_len)
 

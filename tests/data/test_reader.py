@@ -47,7 +47,7 @@ def test_damaged_shards_fail_in_one_line(prepared, tmp_path):
     raw[middle] ^= 0xFF  # same size, one byte flipped: ArrayRecord's chunk hashes catch it on read
     shard.write_bytes(bytes(raw))
     data = PreparedData(copy)
-    with pytest.raises(ValueError, match=r"data: a shard is corrupted \(.*\); prepare it again"):
+    with pytest.raises(ValueError, match=r"rows-00000.array_record: corrupted \(.*\); prepare it again"):
         data.read(range(data.rows))
     shard.write_bytes(bytes(raw[:-100]))
     with pytest.raises(ValueError, match=r"rows-00000.array_record: \d+ bytes, the manifest says \d+ bytes: the "
