@@ -10,8 +10,6 @@ resume (the rows' fingerprint, batch size, seed); the mesh and process count are
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +18,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.data import GlobalBatches, PreparedData, is_prepared, prepare
-from llama_jax.data.sources import builtin_corpus_paths  # noqa: F401 - re-exported for callers
-from llama_jax.data.tokens import tokenizer_identity, write_byte_tokenizer  # noqa: F401 - re-exported
+from llama_jax.data.tokens import tokenizer_identity, write_byte_tokenizer  # noqa: F401 - loop.py writes it
 from llama_jax.sharding.context import context_size, load_balance
 from llama_jax.train.step import batch_sharding
-
-log = logging.getLogger("llama_jax.train")
 
 PREPARED_DIR = "data"  # OUT/data: raw --data files, prepared on first use
 _STATE_KEYS = ("dataset", "batch_size", "seed")
