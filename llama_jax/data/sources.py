@@ -99,6 +99,12 @@ def _walk(d: Path) -> Iterator[Source]:
             yield _file_source(entry)
 
 
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named, plus every non-hidden file under named directories, in sorted order (preference
+    data, train/preferences.py, is read as plain files)."""
+    return [f for s in find_sources(paths) for f in (s.files if s.kind != "datasets" else (s.path,))]
+
+
 def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
     """Files named, plus every non-hidden file under named directories, in sorted order; a `datasets`
     directory (anywhere) is one source."""

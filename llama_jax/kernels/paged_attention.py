@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llama_jax.kernels.decode_attention import combine_splits
-from llama_jax.kernels.common import M_FLOOR, NT as _NT, default_lowering, dot as _dot, online_softmax_step
+from llama_jax.kernels.common import M_FLOOR, NT, default_lowering, dot, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _paged_kernel(q_ref, k_ref, v_ref, table_ref, pos_ref, acc_ref, m_ref, l_ref
         acc, m, l = carry
         pages = table_ref[pl.ds(pl.multiple_of(j * J, J), J)]
         k, v = k_ref[pages].reshape(bk, D), v_ref[pages].reshape(bk, D)
-        s = _dot(q, k, _NT) * cfg.scale
+        s = dot(q, k, NT) * cfg.scale
         k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
         s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
         return online_softmax_step(acc, m, l, s, v)

@@ -23,6 +23,7 @@ import jax
 import uvicorn
 
 from llama_jax import checkpoint
+from llama_jax.config import compute_dtype
 from llama_jax.infer.__main__ import check_host_memory, load_tokenizer_for
 from llama_jax.infer.batching import BatchingEngine
 from llama_jax.infer.engine import batch_multiple
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """One-line ValueError for any flag that cannot work, before the model loads (the engine checks
     its settings again, but only once the weights are in memory)."""
-    cfg = checkpoint.load_config(args.checkpoint)  # raises for a path that is not a checkpoint
+    cfg = checkpoint.load_config(checkpoint.find(args.checkpoint))  # raises for a path that is not a checkpoint
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size"):
@@ -96,20 +97,21 @@ def listen(host: str, port: int) -> socket.socket:
 
 def load_engine(args):
     """(BatchingEngine, tokenizer) for the flags."""
-    cfg = checkpoint.load_config(args.checkpoint)
-    tokenizer = load_tokenizer_for(args)
+    path = checkpoint.find(args.checkpoint)  # a training run's --out directory names its final model
+    cfg = checkpoint.load_config(path)
+    tokenizer = load_tokenizer_for(args, path)
     check_tokenizer(cfg, tokenizer)
-    # CPU keeps float32 compute (XLA's bfloat16 CPU matmuls are several times slower); weights are
-    # stored in the compute dtype, or quantized from the stored ones.
-    dtype = "float32" if jax.default_backend() == "cpu" else cfg.dtype
+    # Weights are stored in the compute dtype (the one rule: float32 on CPU), or quantized from the
+    # stored ones.
+    dtype = compute_dtype(None, cfg.dtype)
     param_dtype = cfg.param_dtype if args.quantize else dtype
     check_host_memory(cfg, param_dtype, args.quantize)
     mesh = make_mesh(args.mesh) if args.mesh else None
     overrides = {"dtype": dtype, "param_dtype": param_dtype}
     if mesh is None:
-        cfg, params = checkpoint.load(args.checkpoint, **overrides)
+        cfg, params = checkpoint.load(path, **overrides)
     else:
-        cfg, params = load_params(args.checkpoint, mesh, **overrides)
+        cfg, params = load_params(path, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,

@@ -24,18 +24,22 @@ examples:
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --data chats.jsonl --lr 1e-5 --steps 500
   python -m llama_jax.train --init-from ckpt/llama3.1-8b --data books/ --seq-len 131072 --batch-size 2 \
       --mesh fsdp2,cp4 --remat full --lr 1e-5 --steps 200     # long context: each row split over 4 devices
+  python -m llama_jax.train --init-from ckpt/1b-instruct --objective dpo --dpo-beta 0.1 --data prefs.jsonl \
+      --lr 1e-6 --steps 200 --out runs/dpo
   (rerun the same command to resume; send SIGTERM to save and stop cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
 (chat: loss on assistant turns only); .parquet files and `datasets` directories (save_to_disk) give one
 document per row of their 'text' (or 'messages') column; any other file is plain text; directories are read
 recursively. For big corpora and multi-host runs, prepare once: python -m llama_jax.data prepare --help.
+--objective dpo reads JSONL preference pairs, {"prompt": ..., "chosen": ..., "rejected": ...} (plain text) or
+{"messages": [...], "chosen": {assistant message}, "rejected": {...}} (the checkpoint's chat format).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_jax.kernels import IMPLS
-    from llama_jax.train.loop import DEFAULT_MODEL, TrainConfig
+    from llama_jax.train.loop import DEFAULT_MODEL, OBJECTIVES, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m llama_jax.train", description=DESCRIPTION, epilog=EPILOG,
@@ -79,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--z-loss", type=float, default=d.z_loss,
                    help="weight of the log(Z)^2 auxiliary loss, e.g. 1e-4 (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed (default %(default)s)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="lm: next-token loss (pre-training, SFT); dpo: Direct Preference Optimization on preference "
+                        "pairs, the initial weights as the reference (default %(default)s)")
+    g.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
+                   help="DPO's beta: how far the policy may move from the reference (default %(default)s)")
 
     g = p.add_argument_group("mesh and processes")
     g.add_argument("--mesh", default=d.mesh,

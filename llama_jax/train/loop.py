@@ -6,6 +6,7 @@
     OUT/data/                raw --data files (or the built-in corpus) prepared on first use (train/data.py)
     OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator (its step)
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
+    OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
 
 Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -37,9 +39,12 @@ from llama_jax.config import PRESETS, LlamaConfig, compute_dtype
 from llama_jax.sharding import make_mesh, mesh_str
 from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
+from llama_jax.train.dpo import DPO, prepare_reference
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from llama_jax.train.step import check_batch_shape, init_state, make_train_step, sharded_abstract_state
+from llama_jax.train.preferences import PreferenceBatches, PreferenceDataConfig
+from llama_jax.train.step import LanguageModeling, Objective, check_batch_shape, init_state, make_train_step, \
+    put_batch, sharded_abstract_state
 
 log = logging.getLogger("llama_jax.train")
 
@@ -56,6 +61,9 @@ class NonFiniteLoss(RuntimeError):
 
     def __str__(self) -> str:
         return self.args[1]
+
+
+OBJECTIVES = ("lm", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,8 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     z_loss: float = 0.0
+    objective: str = "lm"  # "lm": next-token loss (pre-training, SFT); "dpo": preference pairs (see dpo.py)
+    dpo_beta: float = 0.1
     dtype: str | None = None  # compute dtype; default bfloat16 on accelerators, float32 on CPU
     remat: str | None = None
     attention_impl: str | None = None
@@ -91,6 +101,13 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "dpo" and not self.data:
+            raise ValueError("--objective dpo needs --data: JSONL preference records (prompt or messages, chosen, "
+                             "rejected)")
+        if self.objective == "dpo" and self.z_loss:
+            raise ValueError("--z-loss belongs to the next-token objective, not to --objective dpo")
 
 
 # Setting up ------------------------------------------------------------------------------------
@@ -213,12 +230,12 @@ class _StopFlag:
 
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(cfg: LlamaConfig, optim: OptimConfig, mesh, batch_shape: tuple[int, int], grad_accum: int,
-                        z_loss: float):
+                        objective: Objective):
     """One optimizer and jitted step per setting, so a process that calls `train` again (a resumed
     run in a notebook, the tests) reuses the compiled step instead of tracing it anew."""
     optimizer = make_optimizer(optim)
     return optimizer, make_train_step(cfg, optimizer, mesh, batch_shape=batch_shape, grad_accum=grad_accum,
-                                      z_loss=z_loss, schedule=lr_schedule(optim))
+                                      objective=objective, schedule=lr_schedule(optim))
 
 
 def _test_fault() -> tuple[str, int] | None:
@@ -242,7 +259,7 @@ class _Setup:
     tokenizer_path: str
     optimizer: Any
     step_fn: Any
-    data: data_lib.TrainData
+    data: data_lib.TrainData | PreferenceBatches
 
 
 def _prepare(tc: TrainConfig) -> _Setup:
@@ -260,20 +277,32 @@ def _prepare(tc: TrainConfig) -> _Setup:
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
-    data_path = data_lib.data_dir(tuple(tc.data), tokenizer_path, tc.seq_len, out, tc.progress)
-    data = data_lib.TrainData(data_path, tokenizer_path, tc.seq_len, tc.batch_size, tc.seed, mesh)
+    if tc.objective != "dpo":  # checked before anything is written: bad data trains nothing
+        data_path = data_lib.data_dir(tuple(tc.data), tokenizer_path, tc.seq_len, out, tc.progress)
+        data = data_lib.TrainData(data_path, tokenizer_path, tc.seq_len, tc.batch_size, tc.seed, mesh)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         checkpoint.copy_tokenizer(tokenizer_path, out)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, tc.z_loss)
+    if tc.objective == "dpo":
+        objective = DPO(tc.dpo_beta)
+        data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    else:
+        objective = LanguageModeling(tc.z_loss)
+    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective)
     return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data)
 
 
 def train(tc: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
-    setup = _prepare(tc)
+    created = not Path(tc.out).exists()
+    try:
+        setup = _prepare(tc)
+    except Exception:
+        if created and _is_primary():  # bad input never leaves a half-made run directory behind
+            shutil.rmtree(tc.out, ignore_errors=True)
+        raise
     manager = checkpoint_manager(setup.out / checkpoint.TRAIN_STATES_DIR, tc.keep)
     try:
         return _run(tc, setup, manager)
@@ -286,6 +315,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
 
     out, mesh, cfg, optimizer, step_fn, data = (setup.out, setup.mesh, setup.cfg, setup.optimizer, setup.step_fn,
                                                setup.data)
+    reads_rows = isinstance(data, data_lib.TrainData)  # else DPO's preference pairs, global numpy batches
     primary = _is_primary()
     latest = manager.latest_step()
     if latest is not None:
@@ -299,6 +329,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         if tc.init_from:
             _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc))
         state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
+    if isinstance(data, PreferenceBatches):  # the reference log-probs: of the initial weights, once
+        prepare_reference(data, out, cfg, state.params, mesh, resumed=latest is not None, primary=primary)
     start = int(state.step)
 
     T, B = tc.seq_len, tc.batch_size
@@ -337,7 +369,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             if peak:
                 values["mfu"] = tps / (B * T) * flops_per_step / peak
             timing.update(last_t=now, last_step=step)
-        if data.batches.rows_per_s:
+        if reads_rows and data.batches.rows_per_s:
             values["read_rows_per_s"] = data.batches.rows_per_s  # this process's rate, idle time excluded
         if primary:
             if bar is not None:
@@ -366,7 +398,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             host_batch = next(data)
             data_state = data.state()
         for step in range(start, tc.steps):
-            state, metrics = step_fn(state, host_batch)  # dispatched, not waited for
+            # dispatched, not waited for; TrainData's batches are on the mesh already (each process put its rows)
+            state, metrics = step_fn(state, host_batch if reads_rows else put_batch(host_batch, mesh))
             done = step + 1
             if fault == ("sigterm", done):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -389,7 +422,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         if pending is not None:
             report(*pending)
         manager.wait_until_finished()
-        log.info("data: %s", data.throughput_line())  # every process: an input-bound host shows here
+        if reads_rows:
+            log.info("data: %s", data.throughput_line())  # every process: an input-bound host shows here
     except NonFiniteLoss as e:
         manager.wait_until_finished()
         bad_step = e.args[0]

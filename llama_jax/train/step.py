@@ -15,8 +15,9 @@ same update as one big batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import flax.struct
 import jax
@@ -115,6 +116,34 @@ def loss_sums(cfg: LlamaConfig, params, batch: Batch, z_loss: float = 0.0):
     return nll + z_loss * z, {"nll": nll, "z": z, "correct": correct, "weight": jnp.sum(w_BT)}
 
 
+class Objective(Protocol):
+    """What a train step minimises: what a batch holds (`batch_dtypes`), the sums its loss is made of
+    (`loss_sums` -> (value to differentiate, sums); the summed gradient is divided by sums["weight"],
+    so microbatches add up exactly) and the logged metrics those sums give."""
+
+    batch_dtypes: ClassVar[dict[str, Any]]
+
+    def loss_sums(self, cfg: LlamaConfig, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def metrics(self, sums: dict[str, jax.Array]) -> dict[str, jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModeling:
+    """Pre-training and SFT: next-token NLL (+ z_loss * log(Z)^2) per weighted target."""
+
+    z_loss: float = 0.0
+    batch_dtypes: ClassVar[dict[str, Any]] = BATCH_DTYPES
+
+    def loss_sums(self, cfg: LlamaConfig, params, batch: Batch):
+        return loss_sums(cfg, params, batch, self.z_loss)
+
+    def metrics(self, sums):
+        weight = jnp.maximum(sums["weight"], 1.0)
+        return {"loss": sums["nll"] / weight, "z_loss": sums["z"] / weight, "accuracy": sums["correct"] / weight,
+                "tokens": sums["weight"]}
+
+
 def _microbatches(batch: Batch, grad_accum: int, mesh: Mesh) -> Batch:
     """[B, T] -> [A, B/A, T] with microbatch i = rows i, A+i, 2A+i, ...: each device's block of rows
     splits into A equal parts locally, so no row moves between devices."""
@@ -127,9 +156,10 @@ def _microbatches(batch: Batch, grad_accum: int, mesh: Mesh) -> Batch:
 
 
 def grads_and_sums(cfg: LlamaConfig, params, batch: Batch, mesh: Mesh, *, grad_accum: int = 1,
-                   z_loss: float = 0.0):
+                   z_loss: float = 0.0, objective: Objective | None = None):
     """Gradients of the summed objective and the loss sums, over `grad_accum` sequential microbatches."""
-    grad_fn = jax.grad(lambda p, b: loss_sums(cfg, p, b, z_loss), has_aux=True)
+    objective = objective or LanguageModeling(z_loss)
+    grad_fn = jax.grad(lambda p, b: objective.loss_sums(cfg, p, b), has_aux=True)
     with activation_sharding(mesh):
         if grad_accum == 1:
             return grad_fn(params, batch)
@@ -137,35 +167,32 @@ def grads_and_sums(cfg: LlamaConfig, params, batch: Batch, mesh: Mesh, *, grad_a
         def accumulate(carry, microbatch):
             return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z", "correct", "weight")}
-        zero_grads = jax.tree.map(jnp.zeros_like, params)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), _microbatches(batch, grad_accum, mesh))
+        microbatches = _microbatches(batch, grad_accum, mesh)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches)))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, microbatches)
         return grads, sums
 
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                     batch_shape: tuple[int, int], grad_accum: int = 1, z_loss: float = 0.0,
-                    schedule: Callable | None = None):
-    """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape."""
+                    schedule: Callable | None = None, objective: Objective | None = None):
+    """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape;
+    the objective is next-token prediction unless given (`z_loss` is its auxiliary loss's weight)."""
+    objective = objective or LanguageModeling(z_loss)
     check_batch_shape(mesh, batch_shape, grad_accum)
     state_sh = state_shardings(cfg, optimizer, mesh)
-    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in BATCH_DTYPES}
+    batch_sh = {k: batch_sharding(mesh, batch_shape) for k in objective.batch_dtypes}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(state: TrainState, batch: Batch):
-        grads, sums = grads_and_sums(cfg, state.params, batch, mesh, grad_accum=grad_accum, z_loss=z_loss)
+        grads, sums = grads_and_sums(cfg, state.params, batch, mesh, grad_accum=grad_accum, objective=objective)
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": sums["nll"] / weight,
-            "z_loss": sums["z"] / weight,
-            "accuracy": sums["correct"] / weight,
-            "tokens": sums["weight"],
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-        }
+        metrics = {**objective.metrics(sums), "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params)}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics

@@ -139,7 +139,7 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     assert engine.stats()["pages_total"] == int(option.get("--kv-pages", 4 * -(-engine.max_seq_len // engine.page_size)))
     assert (engine.mesh is None) == ("--mesh" not in option)
     if engine.mesh is not None:
-        assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "tp": 2}
+        assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "cp": 1, "tp": 2}
     quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
                  if isinstance(leaf, QuantizedArray)]
     assert bool(quantized) == ("--quantize" in option)

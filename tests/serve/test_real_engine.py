@@ -22,6 +22,7 @@ MODEL = "tiny-llama3"
 def served(checkpoint_dir):
     args = build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--max-batch", "4", "--page-size", "8"])
     engine, tokenizer = load_engine(args)
+    engine.warm_up()  # as main does: no test's timing includes a compile
     cfg, params = checkpoint.load(checkpoint_dir)
     with live_server(create_app(engine, tokenizer, MODEL)) as url:
         yield url, tokenizer, lambda prompt, **kw: generate(cfg, params, tokenizer, [prompt], **kw), engine

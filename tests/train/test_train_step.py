@@ -83,9 +83,10 @@ def test_train_step_keeps_params_and_adam_moments_sharded_by_the_rules():
     state = init_state(CFG, optimizer, mesh, seed=0)
     step = make_train_step(CFG, optimizer, mesh, batch_shape=(B, T), schedule=lr_schedule(optim))
     batch = put_batch(packed_batch(), mesh)
-    # The model's block-boundary constraints are in the compiled step: activations split over dp x fsdp.
+    # The model's block-boundary constraints are in the compiled step: activations split over
+    # dp x fsdp (rows) and cp (tokens).
     hlo = step.lower(state, batch).as_text()
-    assert hlo.count('sharding_constraint') >= 2 and '[{"dp", "fsdp"}, {}, {}]' in hlo
+    assert hlo.count('sharding_constraint') >= 2 and '[{"dp", "fsdp"}, {"cp"}, {}]' in hlo
     state, metrics = step(state, batch)
     want = {jax.tree_util.keystr(k): s.spec for k, s in jax.tree_util.tree_leaves_with_path(param_shardings(CFG, mesh))}
     adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
