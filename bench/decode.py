@@ -7,18 +7,19 @@ the same weights in the same run.
     python -m bench.decode --quick      # 4 layers of dim 512 and a 32k vocabulary, ~1 min
     python -m bench.decode --dtype bfloat16 --no-hf
 
-llama_jax: params in the engine's decoding layout (`engine.prepare`: per-layer buffers); prefill is
-one call of the engine's jitted prefill (prompt bucket = prompt length); decode is `steps` calls of
-the jitted decode step, dispatched back to back and synced at the end. Both are compiled and warmed
-first; times are medians over repeats.
+llama_jax: the batching engine (infer/batching.py) on its own layout (`prepare`: per-layer
+buffers), the batch's prompts added at once and prefilled in one chunk (as few steps as its chunk
+shapes allow: at most 8 rows a step); decode is `steps` engine steps, each a decode step of every
+row and its host work (scheduling, reading the sampled tokens back). All shapes are compiled first
+(`warm_up`); times are medians over repeats.
 
 HF: `model.generate(..., cache_implementation="static")`, greedy, with min_new_tokens so no row
 stops early, without torch.compile; a streamer notes when the prompt goes in and when each token
 comes out, so prefill = until the first new token, decode = the `steps` tokens after it.
 
 Roofline: a decode step must read every weight it multiplies by (an untied embedding table only
-gathers B rows) and the KV cache slots its attention reads (both engines attend over the whole
-preallocated cache, masked), so tokens/s <= batch * bandwidth / those bytes. Bandwidth is a large
+gathers B rows) and the KV cache slots its attention reads (ours: its rows' pages, in blocks of
+PAGES_PER_BLOCK pages; HF: its whole static cache), so tokens/s <= batch * bandwidth / those bytes. Bandwidth is a large
 copy's bytes read + written per second: numpy on CPU, a jitted elementwise pass on an accelerator.
 Random weights: the speed of a step does not depend on their values. Prints one markdown table and
 appends it, with machine, date and commit, to bench/RESULTS.md.
@@ -39,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params, kernels
-from llama_jax.infer import engine
+from llama_jax.infer.batching import BatchingEngine, DecodeParams, RequestParams, prepare
+from llama_jax.infer.engine import PAGE_SIZE, paged_attention_impl
 from llama_jax.infer.quantize import param_bytes, quantize_params
-from llama_jax.infer.sampling import SamplingParams
+from llama_jax.kernels.paged_attention_xla import PAGES_PER_BLOCK
 from bench.results import append_results, git_commit, machine, median_seconds
 
 SECTION = "## Decode throughput (bench/decode.py)"
-GREEDY = SamplingParams(temperature=0.0)
 
 
 def model_config(quick: bool, preset: str, dtype: str) -> LlamaConfig:
@@ -72,43 +73,45 @@ def host_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return 2 * nbytes / median_seconds(lambda: np.copyto(dst, src), reps, warmup=1)
 
 
-def decode_bytes(cfg: LlamaConfig, params, batch: int, cache_len: int) -> int:
-    """Bytes one decode step must read: weights it multiplies by, and the KV cache it attends over."""
+def decode_bytes(cfg: LlamaConfig, params: DecodeParams, batch: int, kv_slots: int) -> int:
+    """Bytes one decode step must read: weights it multiplies by, and the KV slots it attends over."""
     weights = param_bytes(params)
     if not cfg.tie_embeddings:
-        weights -= param_bytes(params["tok_embeddings"])
-    cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        weights -= param_bytes(params.tok_embeddings)
+    cache = 2 * cfg.n_layers * batch * kv_slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     return weights + cache
 
 
 def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
-    """(prefill tokens/s, decode tokens/s, cache length) of the engine's jitted functions."""
-    # Room for the warm-up step and every timed repeat: each continues the same sequences.
-    cache_len = engine.bucket_length(prompt_len + (reps + 1) * steps + 2, cfg.max_seq_len)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    lengths = np.full(batch, prompt_len, np.int32)
-    last = np.full(batch, cache_len - 1, np.int32)
-    keys = jax.random.split(jax.random.key(0), batch)
-    stop_ids = np.full(8, -1, np.int32)
-    static = dict(cfg=cfg, sampling=GREEDY, mesh=None)
+    """(prefill tokens/s, decode tokens/s, KV slots a decode step reads) of the batching engine:
+    prefill = the steps until every row has its first token, decode = `steps` engine steps."""
+    context = prompt_len + (reps + 1) * steps + 2  # each repeat decodes on from the last
+    engine = BatchingEngine(cfg, params, max_batch=batch, max_seq_len=context, page_size=PAGE_SIZE,
+                            prefill_chunk=batch * prompt_len, prefix_caching=False,
+                            attention_impl=paged_attention_impl(cfg))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
+    greedy = RequestParams(context - prompt_len, temperature=0.0)
 
     def prefill():
-        return engine.prefill_jit(params, tokens, lengths, last, keys, stop_ids, cache_len=cache_len, **static)
-
-    state, report = jax.block_until_ready(prefill())  # compile
-    prefill_s = median_seconds(lambda: jax.block_until_ready(prefill()), reps)
-
-    state, report = jax.block_until_ready(engine.decode_step_jit(params, state, **static))  # compile
+        for request_id in list(engine.requests):
+            engine.abort(request_id)
+        for b in range(batch):
+            engine.add(str(b), tokens[b].tolist(), greedy)
+        while any(r.prefilling for r in engine.requests.values()):
+            engine.step()
 
     def decode():
-        nonlocal state, report
         for _ in range(steps):
-            state, report = engine.decode_step_jit(params, state, **static)
-        jax.block_until_ready(report)
+            engine.step()
 
+    engine.warm_up()
+    prefill_s = median_seconds(prefill, reps)
+    decode()  # the decode step is compiled by warm_up; this settles the first timed steps
     decode_s = median_seconds(decode, reps)
-    del state
-    return batch * prompt_len / prefill_s, batch * steps / decode_s, cache_len
+    # The XLA paged attention reads blocks of PAGES_PER_BLOCK pages up to the furthest position.
+    block = PAGES_PER_BLOCK * PAGE_SIZE
+    kv_slots = -(-max(r.written for r in engine.requests.values()) // block) * block
+    return batch * prompt_len / prefill_s, batch * steps / decode_s, kv_slots
 
 
 def hf_model(cfg, params):
@@ -201,12 +204,11 @@ def main():
 
     rows = []
     for name, make in variants:
-        # The engine's layout for decoding: per-layer buffers (what infer's prepare() gives).
-        decode_cfg, tree = engine.prepare(cfg, make())
+        decode_cfg, tree = prepare(cfg, make())  # the engine's layout: per-layer buffers
         for batch in args.batches:
-            prefill, decode, cache_len = bench_llama_jax(decode_cfg, tree, batch, args.prompt_len, args.steps,
-                                                         args.reps)
-            roof = batch * bandwidth / decode_bytes(decode_cfg, tree, batch, cache_len)
+            prefill, decode, kv_slots = bench_llama_jax(decode_cfg, tree, batch, args.prompt_len, args.steps,
+                                                        args.reps)
+            roof = batch * bandwidth / decode_bytes(decode_cfg, tree, batch, kv_slots)
             rows.append((f"{name} (JAX {jax.__version__})", batch, prefill, decode, roof))
             print(rows[-1])
         del tree

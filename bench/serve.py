@@ -1,5 +1,5 @@
-"""Serving under load: the OpenAI server (continuous batching) against today's static batching
-(`engine.stream_tokens`, batches of the concurrency size) on one request trace.
+"""Serving under load: the OpenAI server (continuous batching) against static batching (a batch of
+the concurrency size admitted only when the previous one is done) on one request trace.
 
     python -m bench.serve              # Llama-3.2-1B shapes, float32 on CPU (long: tens of minutes)
     python -m bench.serve --quick      # a small model with the real vocabulary, a few minutes
@@ -16,10 +16,12 @@ tokens per request. Both systems replay it:
   a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, runs them as one
-  `stream_tokens` batch with max_new_tokens = the longest of them (the batch ends when its longest
-  request does: the head-of-line blocking continuous batching removes), and waits for the next
-  arrival when none is there. It compiles a program per batch shape, so the trace is replayed once
-  untimed first; the server's engine compiles all of its shapes at start (`warm_up`).
+  `stream_tokens` call with max_new_tokens = the longest of them, and waits for the next arrival
+  when none is there. The call decodes on the same engine as the server, but every request of the
+  batch starts at once and runs to the longest's length, and the next batch waits for the call to
+  end: the head-of-line blocking continuous batching removes. Its engine is sized per call
+  (context and prefill chunk buckets), so the trace is replayed once untimed first to compile
+  those shapes; the server's engine compiles all of its shapes at start (`warm_up`).
 
 Times count from each request's arrival: time to first token (TTFT) includes waiting for a slot or
 a batch; inter-token latency (ITL) is every gap between consecutive tokens of a request; output
@@ -245,7 +247,7 @@ def main():
             # A server with as many batch slots as the static batch has rows: the same capacity.
             engine = BatchingEngine(cfg, params, max_batch=concurrency)
             engine.warm_up()
-            # Static batching decodes from the engine's own prepared weights (the same per-layer layout).
+            # Static batching decodes from the server engine's own per-layer weights (DecodeParams).
             static_cfg, static_params = engine.cfg, engine.params
             with Server(engine, tokenizer) as server:
                 client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)

@@ -7,7 +7,7 @@
 
 from llama_jax.checkpoint import load, save
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling
-from llama_jax.model import KVCache, Llama, init_params, param_logical_axes, param_shapes
+from llama_jax.model import Llama, init_params, param_logical_axes, param_shapes
 
-__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "Llama", "KVCache", "init_params", "param_logical_axes",
-           "param_shapes", "load", "save"]
+__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "Llama", "init_params", "param_logical_axes", "param_shapes",
+           "load", "save"]

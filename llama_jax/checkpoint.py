@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import LlamaConfig, compute_dtype
-from llama_jax.model import param_shapes, split_layers, stack_layers
+from llama_jax.model import param_shapes
 from llama_jax.tokenizer import TOKENIZER_MODEL, find_tokenizer, tokenizer_files
 
 CONFIG_FILE = "config.json"
@@ -125,11 +125,9 @@ def copy_tokenizer(tokenizer_path: str | os.PathLike, directory: str | os.PathLi
 
 def save(path: str | os.PathLike, cfg: LlamaConfig, params, tokenizer_path: str | os.PathLike | None = None,
          *, overwrite: bool = False) -> Path:
-    """Write a checkpoint directory at `path`; returns its absolute path. Checkpoints always hold the
-    stacked layer layout (per-layer params are stacked first). With several JAX processes, call it
-    in every process: each writes its own shards."""
+    """Write a checkpoint directory at `path`; returns its absolute path. With several JAX
+    processes, call it in every process: each writes its own shards."""
     path = Path(path).absolute()
-    cfg, params = stack_layers(cfg, params)
     check_params(cfg, params)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise ValueError(f"tokenizer file {tokenizer_path} does not exist")
@@ -179,15 +177,12 @@ def load(path: str | os.PathLike, *, mesh=None, shardings=None, dtype: str | Non
     mesh: restore straight into the shards the rules table gives on this jax.sharding.Mesh,
     whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
     matching the params (or one Sharding for every leaf). Neither: the default device.
-    `config_overrides` replace other config fields that do not change shapes (e.g. attention_impl);
-    per_layer_params=True splits the layers after reading (shardings, if given, are the stacked ones)."""
+    `config_overrides` replace other config fields that do not change shapes (e.g. attention_impl)."""
     path = find(path).absolute()
     stored_cfg = load_config(path)
     named = dtype is not None or param_dtype is not None
     dtype = compute_dtype(dtype, stored_cfg.dtype)
     config_overrides.update(dtype=dtype, param_dtype=param_dtype or (stored_cfg.param_dtype if named else dtype))
-    if config_overrides.pop("per_layer_params", False):  # read the stored stacked layout, then split it
-        return split_layers(*load(path, mesh=mesh, shardings=shardings, **config_overrides), donate=True)
     cfg = dataclasses.replace(stored_cfg, **config_overrides)
     shapes = param_shapes(cfg)
     if mesh is not None:

@@ -75,6 +75,12 @@ class RopeScaling:
             raise ValueError("rope_scaling.original_max_position_embeddings must be > 0")
 
 
+# Fields that config.json files written by earlier versions hold, with the only value they could
+# hold there, read as absent. per_layer_params (always false in a checkpoint) was decoding's
+# layer layout, now the inference engine's own (infer/batching.py).
+_RETIRED_FIELDS = {"per_layer_params": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 128256
@@ -97,12 +103,6 @@ class LlamaConfig:
     attention_impl: str = "xla"  # one of kernels.IMPLS
     attention_interpret: bool = False  # run the Pallas kernels in the interpreter (any backend: tests)
     scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls the same params
-    # False (training, checkpoints): one `layers` subtree whose leaves are stacked on a leading layer
-    # axis. True (decoding): subtrees `layers_0` .. `layers_{L-1}` and a per-layer KV cache, so each
-    # layer's weights are their own buffers; slicing a layer out of a stacked weight inside the loop
-    # copies it on XLA's CPU backend, which made each decode step read its weights three times.
-    # model.split_layers / model.stack_layers convert between the two layouts.
-    per_layer_params: bool = False
     remat: str = "none"  # rematerialisation policy of each block under jax.grad
     # Token ids of the tokenizer this model was trained with.
     bos_id: int = 128000
@@ -190,6 +190,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if not (k in _RETIRED_FIELDS and v == _RETIRED_FIELDS[k])}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown LlamaConfig field(s): {', '.join(unknown)}")

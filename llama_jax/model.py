@@ -1,22 +1,20 @@
 """The Llama 3 transformer in Flax Linen, read top to bottom: norm, rotary, attention, MLP, block, model.
 
     logits = Llama(cfg).apply({"params": params}, tokens)                         # [B, T, V] float32
-    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions=p, cache=cache)
 
-Shape letters: B batch, T tokens in this call, S KV-cache length, D model dim, H query heads,
-K kv heads, E head dim, F MLP hidden dim, V vocab, L layers.
+Shape letters: B batch, T tokens in this call, D model dim, H query heads, K kv heads, E head dim,
+F MLP hidden dim, V vocab, L layers, N KV pages, P slots per page, M page-table entries per row.
 
 Parameter names follow Meta's checkpoints (tok_embeddings, wq wk wv wo, w1 w2 w3, attention_norm,
 ffn_norm, norm, output) so converters are thin key maps. Layer parameters are stacked on a leading
-`layers` axis (training, checkpoints); `cfg.scan_layers` only decides whether the layer loop is a
-lax.scan or unrolled, so one checkpoint layout serves both. Decoding uses `cfg.per_layer_params`:
-one subtree per layer (`layers_0`, ...), made by `split_layers`, so each layer's weights and cache
-are their own buffers (see LlamaConfig.per_layer_params).
+`layers` axis; `cfg.scan_layers` only decides whether the layer loop is a lax.scan or unrolled, so
+one layout serves both. Decoding is the engine's (infer/batching.py): it holds its own per-layer
+weights and KV pages and applies `Block` layer by layer, each attention writing to and reading
+from its layer's pages (`PagedKV`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -73,48 +71,6 @@ def apply_rope(x_BTNE, positions_BT, inv_freq):
     return rotated.reshape(x_BTNE.shape).astype(x_BTNE.dtype)
 
 
-class KVCache(NamedTuple):
-    """Preallocated keys and values of every layer; slot s of a sequence holds its position s.
-
-    Stacked: k and v are arrays [L, B, S, K, E]. With cfg.per_layer_params: tuples of L arrays
-    [B, S, K, E], one buffer per layer, which a donated decode step updates in place."""
-
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
-
-    LOGICAL_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
-
-    @classmethod
-    def init(cls, cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        layer_shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
-        dtype = cfg.compute_dtype if dtype is None else dtype
-        if cfg.per_layer_params:
-            zeros = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(cfg.n_layers))  # noqa: E731
-            return cls(zeros(), zeros())
-        shape = (cfg.n_layers,) + layer_shape
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def per_layer(self) -> bool:
-        return isinstance(self.k, (tuple, list))
-
-    @property
-    def layer_shape(self) -> tuple[int, ...]:
-        """(B, S, K, E)"""
-        return tuple(self.k[0].shape if self.per_layer else self.k.shape[1:])
-
-    @property
-    def logical_axes(self) -> tuple[str, ...]:
-        """The logical axes of each array: without the layer axis when per layer."""
-        return self.LOGICAL_AXES[1:] if self.per_layer else self.LOGICAL_AXES
-
-    @property
-    def max_len(self) -> int:
-        return self.layer_shape[1]
-
-
 class PagedKV(NamedTuple):
     """One layer's keys and values in fixed-size pages shared by every sequence of a batch (the
     continuous-batching engine's layout, infer/batching.py): page_table[b, i] names the pool page
@@ -134,10 +90,13 @@ class PagedKV(NamedTuple):
         return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
 
 
-def _write_cache(cache_BSKE, new_BTKE, start_B):
-    """Write each sequence's new entries at its own start slot (prompts of unequal lengths)."""
-    write = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0))  # noqa: E731
-    return jax.vmap(write)(cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), start_B)
+def contract(subscripts: str, x, w, dtype):
+    """jnp.einsum(subscripts, x, w) in `dtype`. A weight that is not an array may bring its own
+    contraction (`w.contract`: a LoRA-adapted weight, llama_jax/lora.py); any other converts itself
+    (`w.astype`: int8 weights, infer/quantize.py)."""
+    if hasattr(w, "contract"):
+        return w.contract(subscripts, x, dtype)
+    return jnp.einsum(subscripts, x, w.astype(dtype))
 
 
 # Modules -----------------------------------------------------------------------------------
@@ -161,7 +120,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv: PagedKV | None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs scaled down by depth
@@ -171,9 +130,9 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (H, E, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg, out_std)
 
         x_BTD = x_BTD.astype(dt)
-        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq.astype(dt))
-        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk.astype(dt))
-        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv.astype(dt))
+        q_BTHE = contract("btd,dhe->bthe", x_BTD, wq, dt)
+        k_BTKE = contract("btd,dke->btke", x_BTD, wk, dt)
+        v_BTKE = contract("btd,dke->btke", x_BTD, wv, dt)
         inv_freq = rope_frequencies(cfg)
         q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
         k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
@@ -181,20 +140,11 @@ class Attention(nn.Module):
         which = dict(impl=cfg.attention_impl, interpret=cfg.attention_interpret)
         if cache_kv is None:
             out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, **which)
-            new_cache_kv = None
-        elif isinstance(cache_kv, PagedKV):
-            new_cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
-            out_BTHE = kernels.paged_attention(q_BTHE, new_cache_kv.k_pages, new_cache_kv.v_pages,
-                                               new_cache_kv.page_table, positions_BT, **which)
         else:
-            # The chunk's tokens occupy consecutive slots starting at each sequence's first position.
-            k_BSKE, v_BSKE = cache_kv
-            start_B = positions_BT[:, 0]
-            k_BSKE = _write_cache(k_BSKE, k_BTKE, start_B)
-            v_BSKE = _write_cache(v_BSKE, v_BTKE, start_B)
-            out_BTHE = kernels.cached_attention(q_BTHE, k_BSKE.astype(dt), v_BSKE.astype(dt), positions_BT, **which)
-            new_cache_kv = (k_BSKE, v_BSKE)
-        return jnp.einsum("bthe,hed->btd", out_BTHE.astype(dt), wo.astype(dt)), new_cache_kv
+            cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
+            out_BTHE = kernels.paged_attention(q_BTHE, cache_kv.k_pages, cache_kv.v_pages, cache_kv.page_table,
+                                               positions_BT, **which)
+        return contract("bthe,hed->btd", out_BTHE.astype(dt), wo, dt), cache_kv
 
 
 class Mlp(nn.Module):
@@ -208,16 +158,17 @@ class Mlp(nn.Module):
         w3 = _param(self, "w3", (D, F), (axes.EMBED, axes.MLP), cfg)
         w2 = _param(self, "w2", (F, D), (axes.MLP, axes.EMBED), cfg, 0.02 / math.sqrt(2 * cfg.n_layers))
         x_BTD = x_BTD.astype(dt)
-        gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, w1.astype(dt)))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3.astype(dt))
-        return jnp.einsum("btf,fd->btd", gate_BTF * up_BTF, w2.astype(dt))
+        gate_BTF = jax.nn.silu(contract("btd,df->btf", x_BTD, w1, dt))
+        up_BTF = contract("btd,df->btf", x_BTD, w3, dt)
+        return contract("btf,fd->btd", gate_BTF * up_BTF, w2, dt)
 
 
 _ACTIVATION_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_EMBED)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; the scan carries x, and each layer's cache slice is scanned over."""
+    """Pre-norm residual block. With `cache_kv` (a PagedKV: the engine's, one layer at a time), the
+    block's keys and values are written to its pages and attention reads them; also returns it."""
 
     cfg: LlamaConfig
 
@@ -252,7 +203,7 @@ def _layer_stack(cfg: LlamaConfig):
         _block_class(cfg, in_scan=cfg.scan_layers),
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.n_layers,
         unroll=1 if cfg.scan_layers else cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: axes.LAYERS},
@@ -263,17 +214,14 @@ class Llama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, logits_at=None):
-        """Logits [B, T, V] in float32; with `cache`, also the updated cache.
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Logits [B, T, V] in float32.
 
-        positions: absolute positions (default 0..T-1); with a cache, each row's tokens are written
-        at slots positions[b, 0] onward. segment_ids: packed documents (no cache), attention never
-        crosses a document boundary; positions should then restart at 0 for each document.
-        logits_at: [B] int, an index into each row's T tokens: only that token's logits are made,
-        [B, 1, V] (a prefill needs one position per row, not a [B, T, V] block).
+        positions: absolute positions (default 0..T-1). segment_ids: packed documents, attention
+        never crosses a document boundary; positions should then restart at 0 for each document.
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        B, T = _check_inputs(cfg, tokens, positions, segment_ids, cache, logits_at)
+        B, T = _check_inputs(cfg, tokens, positions, segment_ids)
         tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids  # [B, T] each
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -284,14 +232,7 @@ class Llama(nn.Module):
         table_VD = nn.with_logical_constraint(embedding_VD, (axes.VOCAB, None))
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dt)
 
-        if cfg.per_layer_params:
-            x_BTD, cache = _per_layer_loop(cfg, x_BTD, positions_BT, segment_ids_BT, cache)
-        else:
-            cache_kv = None if cache is None else (cache.k, cache.v)
-            x_BTD, cache_kv = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, cache_kv)
-            cache = None if cache is None else KVCache(*cache_kv)
-        if logits_at is not None:
-            x_BTD = jnp.take_along_axis(x_BTD, logits_at.astype(jnp.int32)[:, None, None], axis=1)
+        x_BTD, _ = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, None)
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
         if cfg.tie_embeddings:
@@ -300,29 +241,11 @@ class Llama(nn.Module):
         else:
             output_DV = _param(self, "output", (cfg.dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg)
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output_DV.astype(dt), preferred_element_type=jnp.float32)
-        logits_BTV = nn.with_logical_constraint(
+        return nn.with_logical_constraint(
             logits_BTV, (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
-        if cache is None:
-            return logits_BTV
-        return logits_BTV, cache
 
 
-def _per_layer_loop(cfg: LlamaConfig, x_BTD, positions_BT, segment_ids_BT, cache: KVCache | None):
-    """The unrolled layer loop over per-layer parameters `layers_i` and per-layer cache buffers."""
-    if cache is not None and not cache.per_layer:
-        raise ValueError("per_layer_params needs a per-layer KVCache (KVCache.init with the same config)")
-    block = _block_class(cfg, in_scan=False)
-    new_k, new_v = [], []
-    for i in range(cfg.n_layers):
-        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-        x_BTD, layer_kv = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv)
-        if cache is not None:
-            new_k.append(layer_kv[0])
-            new_v.append(layer_kv[1])
-    return x_BTD, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
-
-
-def _check_inputs(cfg, tokens, positions, segment_ids, cache, logits_at):
+def _check_inputs(cfg, tokens, positions, segment_ids):
     """Shape checks always; value checks when the tokens are concrete (not under jit)."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
@@ -330,27 +253,13 @@ def _check_inputs(cfg, tokens, positions, segment_ids, cache, logits_at):
     for name, value in (("positions", positions), ("segment_ids", segment_ids)):
         if value is not None and tuple(value.shape) != (B, T):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected tokens' shape {(B, T)}")
-    if logits_at is not None and tuple(logits_at.shape) != (B,):
-        raise ValueError(f"logits_at has shape {tuple(logits_at.shape)}, expected ({B},): one index per row")
-    if cache is None and T > cfg.max_seq_len:
+    if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}")
-    if cache is not None:
-        if segment_ids is not None:
-            raise ValueError("segment_ids are for packed training sequences; they cannot be used with a KV cache")
-        if positions is None:
-            raise ValueError("positions are required with a KV cache (they say which cache slots to write)")
-        if cache.layer_shape[0] != B or T > cache.max_len:
-            raise ValueError(f"cache of batch {cache.layer_shape[0]} and length {cache.max_len} cannot hold tokens "
-                             f"of shape {(B, T)}")
     if not isinstance(tokens, jax.core.Tracer):
         values = np.asarray(tokens)
         if values.size and (values.min() < 0 or values.max() >= cfg.vocab_size):
             bad = values[(values < 0) | (values >= cfg.vocab_size)].flat[0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size})")
-    if cache is not None and positions is not None and not isinstance(positions, jax.core.Tracer):
-        end = int(np.max(np.asarray(positions))) + 1
-        if end > cache.max_len:
-            raise ValueError(f"position {end - 1} does not fit in a KV cache of length {cache.max_len}")
     return B, T
 
 
@@ -377,48 +286,3 @@ def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0):
     tokens = jnp.zeros((1, 1), jnp.int32)
     init = jax.jit(lambda r: nn.meta.unbox(Llama(cfg).init(r, tokens)["params"]))
     return init(rng)
-
-
-# Layer layouts ------------------------------------------------------------------------------
-
-def split_layers(cfg: LlamaConfig, params, *, donate: bool = False) -> tuple[LlamaConfig, dict]:
-    """(cfg, params) with the stacked `layers` subtree split into `layers_0` .. `layers_{L-1}`.
-
-    The split copies the layer weights. With `donate`, each stacked leaf is deleted once split (the
-    tree passed in is unusable afterwards), so the peak is the model plus one stacked leaf instead
-    of twice the layers. A leaf sharded over a mesh keeps its sharding on the remaining dims (the
-    layer axis is never split)."""
-    if cfg.per_layer_params:
-        return cfg, params
-    params = dict(params)
-    leaves, treedef = jax.tree_util.tree_flatten(params.pop("layers"))
-    per_layer = [[] for _ in range(cfg.n_layers)]
-    for leaf in leaves:
-        for i, piece in enumerate(_unstack(leaf)):
-            per_layer[i].append(piece)
-        if donate and isinstance(leaf, jax.Array):
-            leaf.delete()
-    for i, leaves in enumerate(per_layer):
-        params[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, leaves)
-    return dataclasses.replace(cfg, per_layer_params=True), params
-
-
-def stack_layers(cfg: LlamaConfig, params) -> tuple[LlamaConfig, dict]:
-    """The inverse of split_layers: one stacked `layers` subtree (the checkpoint layout)."""
-    if not cfg.per_layer_params:
-        return cfg, params
-    params = dict(params)
-    layers = [params.pop(f"layers_{i}") for i in range(cfg.n_layers)]
-    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    return dataclasses.replace(cfg, per_layer_params=False), params
-
-
-def _unstack(leaf) -> list:
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
-        if spec[0] is not None:
-            raise ValueError("split_layers: the stacked layer axis is sharded; it must be replicated")
-        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-        return list(jax.jit(lambda a: tuple(a), out_shardings=(out,) * leaf.shape[0])(leaf))
-    return list(jax.jit(lambda a: tuple(a))(leaf)) if isinstance(leaf, jax.Array) else list(leaf)

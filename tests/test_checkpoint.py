@@ -158,21 +158,6 @@ def test_load_into_a_mesh_places_each_param_by_the_rules(tmp_path):
         checkpoint.load(out, mesh=mesh, shardings=expected)
 
 
-def test_per_layer_params_are_saved_stacked_and_can_be_loaded_split(tmp_path):
-    from llama_jax.model import split_layers
-
-    cfg = PRESETS["tiny"]
-    params = random_params(cfg)
-    split_cfg, split = split_layers(cfg, params)
-    out = checkpoint.save(tmp_path / "ckpt", split_cfg, split)
-    loaded_cfg, loaded = checkpoint.load(out)
-    assert loaded_cfg == cfg and json.loads((out / "config.json").read_text())["per_layer_params"] is False
-    assert_trees_equal(params, loaded)
-    loaded_cfg, loaded = checkpoint.load(out, per_layer_params=True)
-    assert loaded_cfg == split_cfg
-    assert_trees_equal(split, loaded)
-
-
 _SAVE_IN_TWO_PROCESSES = """
 import sys
 import jax

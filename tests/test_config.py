@@ -169,6 +169,10 @@ def test_json_round_trip_and_unknown_fields():
         assert LlamaConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown LlamaConfig field"):
         LlamaConfig.from_dict(dict(PRESETS["tiny"].to_dict(), n_experts=8))
+    # Checkpoints written before the engine owned its layout say per_layer_params: false.
+    assert LlamaConfig.from_dict(dict(PRESETS["tiny"].to_dict(), per_layer_params=False)) == PRESETS["tiny"]
+    with pytest.raises(ValueError, match="unknown LlamaConfig field.*per_layer_params"):
+        LlamaConfig.from_dict(dict(PRESETS["tiny"].to_dict(), per_layer_params=True))
 
 
 def test_matching_preset_tells_3_0_from_3_1():

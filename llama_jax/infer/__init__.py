@@ -1,16 +1,18 @@
 """Generation: `generate(cfg, params, tokenizer, prompts, ...)`, and `python -m llama_jax.infer`.
 
-engine.py   bucketed prefill and the jitted decode step over a donated KV cache (token ids);
-            Conversation keeps a cache between chat turns
 batching.py continuous batching over a paged KV cache (BatchingEngine: requests join and leave the
-            running batch at every step; the server's engine)
+            running batch at every step), the one decode path, with its own per-layer weights
+            (`prepare`); the server's engine
+engine.py   token ids in and out on BatchingEngine: stream_tokens over a list of prompts, and
+            Conversation, which keeps its engine's pages between chat turns
 pages.py    the KV page allocator and prefix cache of batching.py
 sampling.py greedy / temperature / top-k / top-p as small pure functions
 quantize.py weight-only int8 / fp8 with per-output-channel scales
 text.py     the text API: generate, streaming detokenizer, chat dialog, reply (one chat turn)
 """
 
-from llama_jax.infer.engine import Conversation, PromptTooLongError, prepare, stream_tokens
+from llama_jax.infer.batching import prepare
+from llama_jax.infer.engine import Conversation, PromptTooLongError, stream_tokens
 from llama_jax.infer.quantize import quantize_params
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, Completion, GenerationResult, TextStream, generate, iter_completions, reply

@@ -20,9 +20,9 @@ import psutil
 
 from llama_jax import checkpoint, kernels
 from llama_jax.config import compute_dtype
-from llama_jax.infer.engine import Conversation, PromptTooLongError, batch_multiple, prepare
+from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
+from llama_jax.infer.engine import Conversation, PromptTooLongError
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
-from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.context import context_size
@@ -45,15 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off; at most 256")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
                         "float32 on CPU, where XLA's bfloat16 matmuls are slow: a Llama-3.2-1B decode step "
                         "measured 6x slower; bfloat16 there halves the memory at that cost)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (--prompts-file)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    p.add_argument("--lora", metavar="DIR", help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), "
+                   "merged into the weights as they load (then quantized, with --quantize)")
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
@@ -90,9 +93,15 @@ def load_model(args):
         cfg, params = checkpoint.load(path, **overrides)
     else:
         cfg, params = load_params(path, mesh, **overrides)
+    if args.lora:
+        from llama_jax.lora import merge_from
+
+        params = merge_from(args.lora, params, cfg, base_path=path, base_config=checkpoint.load_config(path),
+                            mesh=mesh, donate=True)
     if args.quantize:
         params = quantize_params(params, args.quantize)
-    cfg, params = prepare(cfg, params, mesh, donate=True)  # never two copies of the weights at once
+    # The engine's per-layer layout, once for every generation; never two copies of the weights.
+    cfg, params = prepare(cfg, params, mesh, donate=True)
     return cfg, params, tokenizer, mesh
 
 
@@ -154,7 +163,8 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    SamplingParams(args.temperature, args.top_p, args.top_k)  # bad values fail before the model loads
+    # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
+    RequestParams(1, args.temperature, args.top_p, args.top_k)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     cfg, params, tokenizer, mesh = load_model(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -189,7 +199,7 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
 
 
 def write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout):
-    """One JSON line per prompt, in the file's order, each written as soon as its batch allows."""
+    """One JSON line per prompt, in the file's order, each written once it and those before it are done."""
     out = open(args.output, "w", encoding="utf-8") if args.output else stdout
     finished, next_index = {}, 0
     try:

@@ -50,6 +50,12 @@ class PageAllocator:
     def available(self) -> int:
         return len(self._free) + len(self._evictable)
 
+    def grow(self, extra: int) -> None:
+        """Add `extra` free pages, numbered after the existing ones."""
+        self.refs = np.concatenate([self.refs, np.zeros(extra, np.int32)])
+        self._free[:0] = range(self.num_pages + extra - 1, self.num_pages - 1, -1)  # handed out after the free ones
+        self.num_pages += extra
+
     def allocate(self) -> int | None:
         """A page held once by the caller, or None when every page is held."""
         if self._free:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from llama_jax.config import LlamaConfig
 from llama_jax.infer import engine
+from llama_jax.infer.batching import prepare
 from llama_jax.infer.sampling import SamplingParams
 
 # A token that ends inside a multi-byte UTF-8 character decodes to this replacement character.
@@ -85,7 +86,7 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     """(prompt index, Completion) as each prompt finishes; `on_text(index, piece)` streams the text."""
     check_tokenizer(cfg, tokenizer)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    cfg, params = engine.prepare(cfg, params, mesh)
+    cfg, params = prepare(cfg, params, mesh)
     events = engine.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
                                   batch_size=batch_size, mesh=mesh, truncate=truncate)

@@ -25,8 +25,7 @@ import uvicorn
 from llama_jax import checkpoint
 from llama_jax.config import compute_dtype
 from llama_jax.infer.__main__ import check_host_memory, load_tokenizer_for
-from llama_jax.infer.batching import BatchingEngine
-from llama_jax.infer.engine import batch_multiple
+from llama_jax.infer.batching import BatchingEngine, batch_multiple, prepare
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.text import check_tokenizer
 from llama_jax.serve.app import create_app
@@ -114,6 +113,7 @@ def load_engine(args):
         cfg, params = load_params(path, mesh, **overrides)
     if args.quantize:
         params = quantize_params(params, args.quantize)
+    cfg, params = prepare(cfg, params, mesh, donate=True)  # the engine's layout, without a second copy
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages)
     return engine, tokenizer

@@ -12,6 +12,7 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 LAYERS = "layers"
+LORA_RANK = "lora_rank"  # the rank r of a LoRA adapter (llama_jax/lora.py)
 
 # Activations, constrained at block boundaries.
 ACTIVATION_BATCH = "activation_batch"

@@ -46,6 +46,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (axes.HEAD_DIM, None),
     (axes.MLP, TENSOR),
     (axes.LAYERS, None),
+    (axes.LORA_RANK, None),  # r is small: every shard of an adapter holds all of it
     # Activations at block boundaries, and the batches fed to the step.
     (axes.ACTIVATION_BATCH, (DATA, FSDP)),
     (axes.ACTIVATION_LENGTH, CONTEXT),

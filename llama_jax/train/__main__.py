@@ -22,10 +22,12 @@ examples:
   python -m llama_jax.train --mesh dp4,tp8 --config llama3.2-1b --data corpus/ --seq-len 2048 \\
       --batch-size 256 --steps 10000 --lr 3e-4 --out runs/1b
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --data chats.jsonl --lr 1e-5 --steps 500
-  python -m llama_jax.train --init-from ckpt/llama3.1-8b --data books/ --seq-len 131072 --batch-size 2 \
+  python -m llama_jax.train --init-from ckpt/llama3.1-8b --data books/ --seq-len 131072 --batch-size 2 \\
       --mesh fsdp2,cp4 --remat full --lr 1e-5 --steps 200     # long context: each row split over 4 devices
-  python -m llama_jax.train --init-from ckpt/1b-instruct --objective dpo --dpo-beta 0.1 --data prefs.jsonl \
+  python -m llama_jax.train --init-from ckpt/1b-instruct --objective dpo --dpo-beta 0.1 --data prefs.jsonl \\
       --lr 1e-6 --steps 200 --out runs/dpo
+  python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \\
+      --lr 2e-4 --steps 500 --out runs/lora     # QLoRA: OUT/adapters + the merged OUT/model
   (rerun the same command to resume; send SIGTERM to save and stop cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
@@ -55,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="recompute activations "
                    "in the backward pass to save memory (default: the config's, 'none' for presets)")
     g.add_argument("--attention-impl", choices=IMPLS, help="attention kernel")
+
+    from llama_jax.lora import TARGETS
+
+    g = p.add_argument_group("LoRA / QLoRA (train adapters on a frozen --init-from base)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R adapters A [in, R], B [R, out] on the "
+                   "targeted weights instead of the weights themselves; writes OUT/adapters and the merged OUT/model")
+    g.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="the update is scaled by alpha / rank (default alpha = 2 x rank)")
+    g.add_argument("--lora-targets", metavar="W,W", help=f"weights to adapt (default all: {','.join(TARGETS)})")
+    g.add_argument("--quantize-base", choices=("int8",), help="hold the frozen base as int8 weights (QLoRA), as "
+                   "`infer --quantize int8` does")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=list(d.data), metavar="PATH",
@@ -130,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         values = {k: v for k, v in vars(args).items() if k in fields}
         values["data"] = tuple(args.data)
         values["progress"] = not args.no_progress
+        if args.lora_targets is not None:
+            values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         summary = train(TrainConfig(**values))
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
     OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
+    OUT/lora.json, OUT/adapters/   LoRA runs only (--lora-rank): see train/lora.py
 
 Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
 batches in the same order, so losses continue as if never stopped, on any mesh. Orbax writes each
@@ -39,6 +40,7 @@ from llama_jax.config import PRESETS, LlamaConfig, compute_dtype
 from llama_jax.sharding import make_mesh, mesh_str
 from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
+from llama_jax.train import lora as lora_lib
 from llama_jax.train.dpo import DPO, prepare_reference
 from llama_jax.train.metrics import MetricsLog, peak_flops
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
@@ -96,6 +98,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    # LoRA / QLoRA (train/lora.py): adapters of this rank on a frozen --init-from base; None: full fine-tuning.
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default 2 * rank
+    lora_targets: tuple[str, ...] | None = None  # default all of lora.TARGETS
+    quantize_base: str | None = None  # 'int8': hold the frozen base quantized (QLoRA)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every"):
@@ -108,6 +115,14 @@ class TrainConfig:
                              "rejected)")
         if self.objective == "dpo" and self.z_loss:
             raise ValueError("--z-loss belongs to the next-token objective, not to --objective dpo")
+        if self.lora_rank is not None:  # bad LoRA flags fail here, before OUT is touched
+            from llama_jax.lora import TARGETS, LoraConfig
+
+            LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets if self.lora_targets is not None else TARGETS)
+            if self.quantize_base not in (None, *lora_lib.QUANTIZE_BASE):
+                raise ValueError(f"--quantize-base {self.quantize_base!r}: choose one of {lora_lib.QUANTIZE_BASE}")
+            if not self.init_from and not (Path(self.out) / lora_lib.RUN_FILE).is_file():
+                raise ValueError("--lora-rank needs --init-from CHECKPOINT: the base model the adapters are trained on")
 
 
 # Setting up ------------------------------------------------------------------------------------
@@ -230,12 +245,22 @@ class _StopFlag:
 
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(cfg: LlamaConfig, optim: OptimConfig, mesh, batch_shape: tuple[int, int], grad_accum: int,
-                        objective: Objective):
+                        objective: Objective, lora_spec=None):
     """One optimizer and jitted step per setting, so a process that calls `train` again (a resumed
-    run in a notebook, the tests) reuses the compiled step instead of tracing it anew."""
+    run in a notebook, the tests) reuses the compiled step instead of tracing it anew. With a LoRA
+    spec the step trains adapters and takes the frozen base: step(state, batch, base)."""
     optimizer = make_optimizer(optim)
+    lora_args = {} if lora_spec is None else dict(trained=_trained(cfg, lora_spec, mesh),
+                                                  adapt=lora_lib.adapted(lora_spec))
     return optimizer, make_train_step(cfg, optimizer, mesh, batch_shape=batch_shape, grad_accum=grad_accum,
-                                      objective=objective, schedule=lr_schedule(optim))
+                                      objective=objective, schedule=lr_schedule(optim), **lora_args)
+
+
+def _trained(cfg: LlamaConfig, lora_spec, mesh):
+    """What the state's params are: the model's own (None), or LoRA adapters on `mesh`."""
+    from llama_jax.lora import sharded_adapter_shapes
+
+    return None if lora_spec is None else sharded_adapter_shapes(cfg, lora_spec, mesh)
 
 
 def _test_fault() -> tuple[str, int] | None:
@@ -260,6 +285,7 @@ class _Setup:
     optimizer: Any
     step_fn: Any
     data: data_lib.TrainData | PreferenceBatches
+    lora: lora_lib.LoraRun | None = None
 
 
 def _prepare(tc: TrainConfig) -> _Setup:
@@ -268,6 +294,8 @@ def _prepare(tc: TrainConfig) -> _Setup:
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(tc.mesh)
+    lora_run = lora_lib.resolve(out, rank=tc.lora_rank, alpha=tc.lora_alpha, targets=tc.lora_targets,
+                                quantize_base=tc.quantize_base, init_from=tc.init_from)
     cfg, source = _model_config(tc, out)
     fresh = not (out / "config.json").is_file() and not tc.init_from  # written before any checkpoint
     tokenizer_path = resolve_tokenizer(tc, cfg, out)
@@ -283,6 +311,8 @@ def _prepare(tc: TrainConfig) -> _Setup:
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         checkpoint.copy_tokenizer(tokenizer_path, out)
+        if lora_run is not None:
+            lora_lib.write_run_file(out, lora_run)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     if tc.objective == "dpo":
@@ -290,8 +320,9 @@ def _prepare(tc: TrainConfig) -> _Setup:
         data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
     else:
         objective = LanguageModeling(tc.z_loss)
-    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective)
-    return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data)
+    optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective,
+                                             lora_run and lora_run.spec)
+    return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data, lora_run)
 
 
 def train(tc: TrainConfig) -> dict[str, Any]:
@@ -318,19 +349,33 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
     reads_rows = isinstance(data, data_lib.TrainData)  # else DPO's preference pairs, global numpy batches
     primary = _is_primary()
     latest = manager.latest_step()
+    lora_run = setup.lora
+    trained = _trained(cfg, lora_run and lora_run.spec, mesh)
+    if lora_run is not None:  # the frozen base, at every start: the step reads it, checkpoints do not hold it
+        from llama_jax.lora import init_adapters
+
+        base = lora_lib.load_base(lora_run, cfg, mesh)
+        lora_step = step_fn
+
+        def step_fn(state, batch):
+            return lora_step(state, batch, base)
     if latest is not None:
         restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(sharded_abstract_state(cfg, optimizer, mesh)), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(sharded_abstract_state(cfg, optimizer, mesh, trained)),
+            data=ocp.args.JsonRestore()))
         state = restored["state"]
         data.restore(restored["data"])
         log.info("resumed from %s at step %d", out / checkpoint.TRAIN_STATES_DIR, latest)
     else:
         params = None
-        if tc.init_from:
+        if lora_run is not None:
+            params = init_adapters(cfg, lora_run.spec, tc.seed, mesh)
+        elif tc.init_from:
             _, params = load_params(tc.init_from, mesh, **_runtime_overrides(tc))
-        state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params)
-    if isinstance(data, PreferenceBatches):  # the reference log-probs: of the initial weights, once
-        prepare_reference(data, out, cfg, state.params, mesh, resumed=latest is not None, primary=primary)
+        state = init_state(cfg, optimizer, mesh, seed=tc.seed, params=params, trained=trained)
+    if isinstance(data, PreferenceBatches):  # the reference log-probs: of the initial model, once
+        reference = state.params if lora_run is None else base  # with LoRA: the base without adapters
+        prepare_reference(data, out, cfg, reference, mesh, resumed=latest is not None, primary=primary)
     start = int(state.step)
 
     T, B = tc.seq_len, tc.batch_size
@@ -341,6 +386,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
                  setup.source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
                  setup.tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
 
+    if lora_run is not None:
+        peak = None  # a LoRA step does fewer FLOPs than the model's 6N per token: no MFU to report
     metrics_log = MetricsLog(out) if primary else None
     bar = None
     if primary and tc.progress:
@@ -445,7 +492,9 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
 
     final_step = int(jax.device_get(state.step))
     model_path = None
-    if final_step >= tc.steps:
+    if final_step >= tc.steps and lora_run is not None:
+        model_path = lora_lib.export(out, lora_run, cfg, base, state.params, setup.tokenizer_path)
+    elif final_step >= tc.steps:
         model_path = export_model(out / checkpoint.TRAINED_MODEL_DIR, cfg, state.params, setup.tokenizer_path)
     summary = {
         "status": status,
@@ -458,6 +507,9 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         "params": cfg.num_params(),
         "model": str(model_path) if model_path else None,
     }
+    if lora_run is not None:
+        summary["trained_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+        summary["adapters"] = str((out / lora_lib.ADAPTERS_DIR).absolute()) if model_path else None
     if timing["t0"] is not None and timing["last_step"] > timing["step0"]:
         elapsed = timing["last_t"] - timing["t0"]
         summary["tokens_per_s"] = (timing["last_step"] - timing["step0"]) * B * T / elapsed

@@ -45,15 +45,21 @@ class TrainState(flax.struct.PyTreeNode):
 
 # Shardings -----------------------------------------------------------------------------------
 
-def abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation) -> TrainState:
-    return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), param_shapes(cfg))
+# `trained`, where these functions take it: the trained parameters when they are not the model's own
+# (LoRA's adapters, llama_jax/lora.py), as a tree of jax.ShapeDtypeStruct carrying their shardings.
+
+def abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, trained=None) -> TrainState:
+    shapes = param_shapes(cfg) if trained is None else trained
+    return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), shapes)
 
 
-def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def state_shardings(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    trained=None) -> TrainState:
     """Params as the rules say; every per-parameter optimizer buffer exactly like its parameter."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = param_shardings(cfg, mesh)
-    opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state(cfg, optimizer).opt_state,
+    params = param_shardings(cfg, mesh) if trained is None else jax.tree.map(lambda s: s.sharding, trained)
+    opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding,
+                                abstract_state(cfg, optimizer, trained).opt_state,
                                 params, transform_non_params=lambda _: replicated,
                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     return TrainState(replicated, params, opt)
@@ -63,10 +69,11 @@ def batch_sharding(mesh: Mesh, batch_shape: tuple[int, int]) -> NamedSharding:
     return logical_to_sharding(BATCH_AXES, mesh, batch_shape)
 
 
-def sharded_abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def sharded_abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                           trained=None) -> TrainState:
     """The state's shapes, dtypes and shardings on `mesh`: a restore target, or AOT compile input."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract_state(cfg, optimizer), state_shardings(cfg, optimizer, mesh))
+                        abstract_state(cfg, optimizer, trained), state_shardings(cfg, optimizer, mesh, trained))
 
 
 def abstract_batch(mesh: Mesh, batch_shape: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -88,11 +95,11 @@ def check_batch_shape(mesh: Mesh, batch_shape: tuple[int, int], grad_accum: int 
 # Init ----------------------------------------------------------------------------------------
 
 def init_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
-               params=None) -> TrainState:
+               params=None, trained=None) -> TrainState:
     """A fresh state, created shard by shard; `params` (already on `mesh`) replace the random init."""
     if params is None:
         params = init_params(cfg, mesh, seed)
-    shardings = state_shardings(cfg, optimizer, mesh)
+    shardings = state_shardings(cfg, optimizer, mesh, trained)
     make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                    in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)
     return make(params)
@@ -156,10 +163,12 @@ def _microbatches(batch: Batch, grad_accum: int, mesh: Mesh) -> Batch:
 
 
 def grads_and_sums(cfg: LlamaConfig, params, batch: Batch, mesh: Mesh, *, grad_accum: int = 1,
-                   z_loss: float = 0.0, objective: Objective | None = None):
-    """Gradients of the summed objective and the loss sums, over `grad_accum` sequential microbatches."""
+                   z_loss: float = 0.0, objective: Objective | None = None, model_params: Callable | None = None):
+    """Gradients of the summed objective and the loss sums, over `grad_accum` sequential microbatches.
+    model_params(params) -> what the model applies (LoRA: the frozen base adapted by `params`)."""
     objective = objective or LanguageModeling(z_loss)
-    grad_fn = jax.grad(lambda p, b: objective.loss_sums(cfg, p, b), has_aux=True)
+    model_params = model_params or (lambda p: p)
+    grad_fn = jax.grad(lambda p, b: objective.loss_sums(cfg, model_params(p), b), has_aux=True)
     with activation_sharding(mesh):
         if grad_accum == 1:
             return grad_fn(params, batch)
@@ -176,17 +185,25 @@ def grads_and_sums(cfg: LlamaConfig, params, batch: Batch, mesh: Mesh, *, grad_a
 
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                     batch_shape: tuple[int, int], grad_accum: int = 1, z_loss: float = 0.0,
-                    schedule: Callable | None = None, objective: Objective | None = None):
+                    schedule: Callable | None = None, objective: Objective | None = None, trained=None,
+                    adapt: Callable | None = None):
     """The jitted `train_step(state, batch) -> (state, metrics)` for this mesh and batch shape;
-    the objective is next-token prediction unless given (`z_loss` is its auxiliary loss's weight)."""
+    the objective is next-token prediction unless given (`z_loss` is its auxiliary loss's weight).
+
+    Parameter-efficient training (LoRA): `trained` describes state.params (see abstract_state), and
+    `adapt(params, frozen)` gives the weights the model applies: the step is then
+    `train_step(state, batch, frozen)`, where `frozen` (the base model) is read in place, never
+    donated, gets no gradient and no optimizer state."""
     objective = objective or LanguageModeling(z_loss)
     check_batch_shape(mesh, batch_shape, grad_accum)
-    state_sh = state_shardings(cfg, optimizer, mesh)
+    state_sh = state_shardings(cfg, optimizer, mesh, trained)
     batch_sh = {k: batch_sharding(mesh, batch_shape) for k in objective.batch_dtypes}
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def train_step(state: TrainState, batch: Batch):
-        grads, sums = grads_and_sums(cfg, state.params, batch, mesh, grad_accum=grad_accum, objective=objective)
+    def train_step(state: TrainState, batch: Batch, frozen=None):
+        model_params = None if adapt is None else (lambda p: adapt(p, frozen))
+        grads, sums = grads_and_sums(cfg, state.params, batch, mesh, grad_accum=grad_accum, objective=objective,
+                                     model_params=model_params)
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -197,6 +214,9 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation, m
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    if adapt is not None:  # the frozen tree keeps the shardings it was loaded with
+        return jax.jit(train_step, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, replicated),
+                       donate_argnums=0)
     return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0)
 

@@ -1,4 +1,5 @@
-"""The continuous-batching engine against the static engine (`stream_tokens`, each prompt alone):
+"""The continuous-batching engine under load against each prompt alone (`stream_tokens`, whose tokens
+tests/infer/test_engine.py checks against the model's full forward pass):
 greedy and seeded tokens of requests arriving over time, finish reasons, logprobs, aborts, page
 accounting, the prefix cache, preemption under a tiny page budget, compile counts and meshes."""
 
@@ -34,7 +35,7 @@ def prompt(n, start):
 
 
 def alone(cfg, params, ids, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=()):
-    """The static engine's tokens and finish reason for one prompt."""
+    """The tokens and finish reason of one prompt generated alone (`stream_tokens`)."""
     sampling = SamplingParams(temperature, top_p, top_k)
     events = stream_tokens(cfg, params, [ids], max_new_tokens=max_tokens, sampling=sampling, seed=seed,
                            stop_ids=stop)
@@ -63,7 +64,7 @@ def tokens_and_reason(outs):
 
 
 def without_stop_token(outs):
-    """The engine reports a stop token as the last output; the static engine does not return it."""
+    """The engine reports a stop token as the last output; `stream_tokens` does not return it."""
     tokens, reason = tokens_and_reason(outs)
     return (tokens[:-1] if reason == "stop" else tokens), reason
 
@@ -283,7 +284,7 @@ def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
     assert {k: tokens_and_reason(v) for k, v in pallas.items()} == {k: tokens_and_reason(v) for k, v in xla.items()}
 
 
-def test_int8_weights_and_tied_embeddings_give_the_static_engines_tokens():
+def test_int8_weights_and_tied_embeddings_give_each_prompt_alones_tokens():
     cfg = LlamaConfig.preset("tiny-3.2")  # tied embeddings, 4 kv heads, scaled rope
     params = quantize_params(random_params(cfg), "int8")
     engine = BatchingEngine(cfg, params, **SETTINGS)

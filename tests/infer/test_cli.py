@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import save
 from llama_jax.infer import Chat, generate
 from llama_jax.infer import __main__ as cli
+from llama_jax.infer.batching import DecodeParams
 from llama_jax.infer.quantize import quantize_params
 from llama_jax.tokenizer import default_tokenizer_path
 
@@ -123,13 +124,13 @@ def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama
     load = lambda *flags: cli.load_model(cli.build_parser().parse_args(  # noqa: E731
         ["--checkpoint", str(bf16), "--prompt", "hi", *flags]))[:2]
     cfg32, params32 = load()
-    assert (cfg32.dtype, params32["layers_0"]["attention"]["wq"].dtype) == ("float32", jnp.float32)
+    assert (cfg32.dtype, params32.layers[0]["attention"]["wq"].dtype) == ("float32", jnp.float32)
     cfg16, params16 = load("--dtype", "bfloat16")
-    assert (cfg16.dtype, params16["layers_0"]["attention"]["wq"].dtype) == ("bfloat16", jnp.bfloat16)
+    assert (cfg16.dtype, params16.layers[0]["attention"]["wq"].dtype) == ("bfloat16", jnp.bfloat16)
     # Quantizing reads the stored weights without a float32 copy first; compute stays float32.
     cfg8, params8 = load("--quantize", "int8")
-    assert (cfg8.dtype, params8["layers_0"]["attention"]["wq"].values.dtype) == ("float32", jnp.int8)
-    assert params8["layers_0"]["attention_norm"]["scale"].dtype == jnp.bfloat16
+    assert (cfg8.dtype, params8.layers[0]["attention"]["wq"].values.dtype) == ("float32", jnp.int8)
+    assert params8.layers[0]["attention_norm"]["scale"].dtype == jnp.bfloat16
 
 
 def test_a_training_runs_directory_runs_its_final_model(capsys, tmp_path, checkpoint_dir, llama3_tiny, tokenizer):
@@ -162,13 +163,13 @@ def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
     # Quantized: the unquantized norms keep the stored float32; the matmuls run in bfloat16.
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
     assert dict(mesh.shape) == {"dp": 2, "fsdp": 1, "cp": 1, "tp": 4}
-    assert cfg.per_layer_params  # split for decoding (engine.prepare)
-    wq = params["layers_1"]["attention"]["wq"]
+    assert isinstance(params, DecodeParams)  # split for decoding (infer.prepare)
+    wq = params.layers[1]["attention"]["wq"]
     assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, "tp", None)
-    assert params["layers_1"]["attention_norm"]["scale"].dtype == jnp.float32
+    assert params.layers[1]["attention_norm"]["scale"].dtype == jnp.float32
     args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16"])
     cfg, params, _, _ = cli.load_model(args)
-    assert (cfg.param_dtype, params["layers_1"]["attention_norm"]["scale"].dtype) == ("bfloat16", jnp.bfloat16)
+    assert (cfg.param_dtype, params.layers[1]["attention_norm"]["scale"].dtype) == ("bfloat16", jnp.bfloat16)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The engine against a cache-free reference: greedy tokens, batching of unequal prompts, seeds,
-stop tokens and limits, compile counts and buffer donation."""
+"""stream_tokens (on the continuous-batching engine) against a cache-free reference: greedy tokens,
+batching of unequal prompts, seeds, stop tokens and limits, compile counts, buffer donation and the
+engine's per-layer layout."""
 
 import collections
 import dataclasses
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_jax import LlamaConfig
-from llama_jax.infer import engine
+from llama_jax.infer.batching import BatchingEngine, DecodeParams, RequestParams, prepare
 from llama_jax.infer.engine import PromptTooLongError, SamplingParams, check_prompts, stream_tokens
 from tests.infer.common import collect, greedy_reference, random_params
 
@@ -107,49 +108,50 @@ def test_prompt_checks(tiny):
         run(cfg, params, prefill_chunk=48)
 
 
-def test_one_decode_compile_and_prefill_per_bucket_only():
+def test_no_prompt_length_budget_seed_or_stop_set_compiles_anything_new():
     # A config of its own, so nothing compiled by other tests is reused.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=2e-5)
     params = random_params(cfg)
     _compiles.clear()
-    run(cfg, params, [[1, 2, 3, 4, 5], [1] * 9], max_new_tokens=80)  # cache: 9 + 80 -> 128 slots
-    assert _compiles["jit(decode_step)"] == 1 and _compiles["jit(prefill)"] == 1
+    # 2 rows, a 128-token context, prompts in the 32 bucket: one decode step, and prefill chunks of
+    # 32 or 64 tokens as 1 or 2 rows: 5 programs at most, however many lengths, budgets, seeds and
+    # stop sets the calls bring.
+    run(cfg, params, [[1, 2, 3, 4, 5], [1] * 9], max_new_tokens=80)
+    first = _compiles["jit(model_step)"]
+    assert first >= 2, _compiles  # the decode step and a prefill chunk
     _compiles.clear()
-    # Other lengths in the same bucket, another token budget in the same cache bucket, other seed
-    # and stop tokens, and a last batch with a padding row.
-    run(cfg, params, [[1, 2, 3], [1] * 30, [1] * 7], max_new_tokens=60, seed=3, stop_ids=(5, 6))
-    assert sum(_compiles.values()) == 0, _compiles
-    # A longer prompt needs the 64-token prefill; the decode step is reused.
-    run(cfg, params, [[1] * 40, [1, 2]], max_new_tokens=50)
-    assert _compiles == {"jit(prefill)": 1}, _compiles
+    lengths = [3, 30, 7, 12, 20, 31, 2, 16, 25, 4]
+    for call, budget in enumerate([60, 70, 90, 65]):
+        prompts = [[1] + [7 + call] * (n - 1) for n in lengths[call * 2:call * 2 + 4]]
+        run(cfg, params, prompts, max_new_tokens=budget, seed=call, stop_ids=(5, 6 + call), sampling=SAMPLED)
+    assert set(_compiles) <= {"jit(model_step)"} and first + _compiles["jit(model_step)"] <= 5, _compiles
 
 
-def test_decode_step_donates_its_state(tiny):
+def test_steps_update_the_pages_in_place(tiny):
+    """The engine's step donates each layer's pages: the old buffers are gone, not copied."""
     cfg, params = tiny
-    static = dict(cfg=cfg, sampling=GREEDY, mesh=None)
-    # The shapes `run` uses (2 rows, 32-token bucket, 32 cache slots): no new compile.
-    tokens = np.ones((2, 32), np.int32)
-    keys = jax.random.split(jax.random.key(0), 2)
-    state, _ = engine.prefill_jit(params, tokens, np.array([3, 5], np.int32), np.full(2, 20, np.int32), keys,
-                                  np.full(8, -1, np.int32), cache_len=32, **static)
-    new_state, report = engine.decode_step_jit(params, state, **static)
-    assert state.cache.k.is_deleted() and state.cache.v.is_deleted()
-    assert np.asarray(report).shape == (4, 2) and not new_state.cache.k.is_deleted()
+    engine = BatchingEngine(cfg, params, max_batch=2, max_seq_len=32, page_size=16, prefill_chunk=32)
+    engine.add("a", PROMPTS[1], RequestParams(4, temperature=0.0))
+    for _ in range(2):  # the prefill, then a decode step
+        before = engine.pages
+        assert engine.step()
+        assert all(a.is_deleted() for layer in before for a in layer)
+        assert not any(a.is_deleted() for layer in engine.pages for a in layer)
 
 
-def test_prepared_per_layer_params_decode_the_same_tokens_in_place(tiny):
-    """engine.prepare's layout (a buffer per layer, the cache too) generates what the stacked one
-    does, and the decode step updates every layer's cache buffer in place (donated)."""
+def test_prepared_per_layer_params_decode_the_same_tokens(tiny):
+    """prepare: the engine's layout (a buffer per layer) holds each layer's slice of the stacked
+    weights, generates what the model's params do, and with donate frees the stacked weights."""
     cfg, params = tiny
-    split_cfg, split = engine.prepare(cfg, params)
-    assert split_cfg.per_layer_params and "layers_0" in split
-    assert run(split_cfg, split, sampling=SAMPLED, seed=2) == run(cfg, params, sampling=SAMPLED, seed=2)
+    _, split = prepare(cfg, params)
+    assert isinstance(split, DecodeParams) and len(split.layers) == cfg.n_layers
+    np.testing.assert_array_equal(split.layers[1]["feed_forward"]["w2"], params["layers"]["feed_forward"]["w2"][1])
+    assert split.output is params["output"] and split.norm is params["norm"]
+    assert prepare(cfg, split)[1] is split
+    assert run(cfg, split, sampling=SAMPLED, seed=2) == run(cfg, params, sampling=SAMPLED, seed=2)
 
-    static = dict(cfg=split_cfg, sampling=GREEDY, mesh=None)
-    keys = jax.random.split(jax.random.key(0), 2)
-    state, _ = engine.prefill_jit(split, np.ones((2, 32), np.int32), np.array([3, 5], np.int32),
-                                  np.full(2, 20, np.int32), keys, np.full(8, -1, np.int32), cache_len=32, **static)
-    assert isinstance(state.cache.k, tuple) and len(state.cache.k) == cfg.n_layers
-    new_state, _ = engine.decode_step_jit(split, state, **static)
-    assert all(k.is_deleted() for k in state.cache.k + state.cache.v)
-    assert not any(k.is_deleted() for k in new_state.cache.k)
+    copy = jax.tree.map(lambda x: x.copy(), params)
+    _, donated = prepare(cfg, copy, donate=True)
+    jax.tree.map(np.testing.assert_array_equal, donated, split)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(copy["layers"]))
+    assert not copy["norm"]["scale"].is_deleted()

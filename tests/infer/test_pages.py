@@ -41,3 +41,16 @@ def test_eviction_takes_the_free_pages_first_then_the_oldest_released_tail_first
     assert pages.allocate() == b[1]
     assert pages.lookup(b_keys) == [b[0]]
     assert pages.allocate() is None  # every page is held
+
+
+def test_grow_adds_free_pages_after_the_existing_ones_and_keeps_the_cache():
+    pages = PageAllocator(3)
+    held = [pages.allocate() for _ in range(2)]
+    key, = page_keys([7, 7], 2)
+    pages.register(held[0], key)
+    pages.release(held[:1])  # cached, evictable
+    pages.grow(2)
+    assert (pages.num_pages, pages.available(), pages.used) == (5, 4, 1)
+    assert [pages.allocate() for _ in range(3)] == [2, 3, 4]  # the old free page, then the new ones
+    assert pages.lookup([key]) == [held[0]]
+    assert pages.allocate() is None

@@ -3,15 +3,14 @@
 import dataclasses
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import LlamaConfig
-from llama_jax.infer import engine
-from llama_jax.infer.engine import SamplingParams, param_shardings, stream_tokens
+from llama_jax.infer.batching import BatchingEngine, RequestParams, param_shardings, prepare
+from llama_jax.infer.engine import SamplingParams, stream_tokens
 from llama_jax.infer.quantize import quantize_params
-from llama_jax.sharding import axes, logical_to_sharding, make_mesh
+from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
 
 # 8 kv heads and 16 query heads, so tp8 really splits the cache's kv heads.
@@ -38,28 +37,24 @@ def generate(cfg, params, mesh=None, sampling=SAMPLED):
     return collect(stream_tokens(cfg, params, PROMPTS, max_new_tokens=8, sampling=sampling, seed=1, mesh=mesh))
 
 
-def sharded_prefill(cfg, placed, mesh):
-    """The DecodeState after a prefill of 4 rows, inputs placed as the engine places them (the
-    shapes `generate` used, so the compiled prefill is reused)."""
-    rows = logical_to_sharding((axes.CACHE_BATCH,), mesh, (4,))
-    tokens = jax.device_put(np.ones((4, 32), np.int32), logical_to_sharding((axes.CACHE_BATCH, None), mesh, (4, 32)))
-    lengths = jax.device_put(np.full(4, 3, np.int32), rows)
-    keys = jax.device_put(jax.random.split(jax.random.key(0), 4), rows)
-    state, _ = engine.prefill_jit(placed, tokens, lengths, lengths + 4, keys, np.full(8, -1, np.int32),
-                                  cfg=cfg, sampling=SAMPLED, cache_len=32, mesh=mesh)
-    return state
+def sharded_pages(cfg, params, mesh):
+    """The page pools of a batching engine on `mesh` after one step."""
+    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=4, max_seq_len=32, page_size=16, prefill_chunk=32)
+    engine.add("a", PROMPTS[1], RequestParams(2, temperature=0.0))
+    engine.step()
+    return engine.pages
 
 
-@pytest.mark.parametrize("spec, cache_spec", [
-    ("tp8", P(None, None, None, "tp")),
-    ("dp2,tp4", P(None, "dp", None, "tp")),
+@pytest.mark.parametrize("spec, page_spec", [
+    ("tp8", P(None, None, "tp")),
+    ("dp2,tp4", P(None, None, "tp")),
 ])
-def test_sharded_decode_equals_single_device(params, spec, cache_spec):
+def test_sharded_decode_equals_single_device(params, spec, page_spec):
     mesh = make_mesh(spec)
     assert generate(CFG, params, mesh) == generate(CFG, params)
-    # The cache really is split as the rules say: batch over dp, kv heads over tp.
+    # The pages really are split as the rules say: kv heads over tp (the pool is shared by all rows).
     placed = place(CFG, params, mesh)
-    assert sharded_prefill(CFG, placed, mesh).cache.k.sharding.spec == cache_spec
+    assert all(kv.sharding.spec == page_spec for layer in sharded_pages(CFG, placed, mesh) for kv in layer)
     assert placed["layers"]["attention"]["wk"].sharding.spec == P(None, None, "tp")
 
 
@@ -75,12 +70,11 @@ def test_quantized_on_a_mesh_that_does_not_divide_the_kv_heads(tiny):
 
 
 def test_prepare_keeps_each_layer_on_the_mesh(params):
-    """engine.prepare on a mesh: per-layer weights keep the rules' split (without the layer axis),
-    the per-layer cache is split like the stacked one, and the tokens are the single-device ones."""
+    """prepare on a mesh: per-layer weights keep the rules' split (without the layer axis), and the
+    tokens are the single-device ones."""
     mesh = make_mesh("dp2,tp4")
-    split_cfg, split = engine.prepare(CFG, jax.device_get(params), mesh)
-    assert split["layers_0"]["attention"]["wk"].sharding.spec == P(None, "tp", None)
-    assert split["layers_1"]["feed_forward"]["w1"].sharding.spec == P(None, "tp")
+    split_cfg, split = prepare(CFG, jax.device_get(params), mesh)
+    assert split.layers[0]["attention"]["wk"].sharding.spec == P(None, "tp", None)
+    assert split.layers[1]["feed_forward"]["w1"].sharding.spec == P(None, "tp")
     out = collect(stream_tokens(split_cfg, split, PROMPTS, max_new_tokens=8, sampling=SAMPLED, seed=1, mesh=mesh))
     assert out == generate(CFG, params)
-    assert all(k.sharding.spec == P("dp", None, "tp") for k in sharded_prefill(split_cfg, split, mesh).cache.k)

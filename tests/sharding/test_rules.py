@@ -7,9 +7,11 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import KVCache
 from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
 from llama_jax.sharding.params import param_shardings
+
+# A KV cache laid out [layers, batch, length, kv heads, head dim] (the cache axes of the rules table).
+CACHE_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
 
 
 def abstract_mesh(dp, fsdp, tp, cp=1):
@@ -91,14 +93,14 @@ def test_dims_a_mesh_axis_does_not_divide_are_replicated_over_it():
 
 def test_a_replicated_dim_is_reported_once_per_logical_and_mesh_axis(caplog, monkeypatch):
     monkeypatch.setattr(rules, "_reported_replications", set())  # earlier tests in this process reported it
-    cfg = LlamaConfig.preset("tiny", per_layer_params=True)  # 2 kv heads in wk and wv of each of 2 layers
+    cfg = LlamaConfig.preset("tiny")  # 2 kv heads in wk and wv
     mesh = make_mesh("dp2,tp4")
     with caplog.at_level(logging.INFO, logger=rules.__name__):
         shardings = param_shardings(cfg, mesh)
-        cache = logical_to_spec(KVCache.LOGICAL_AXES, (2, 8, 64, 2, 16), mesh)
+        cache = logical_to_spec(CACHE_AXES, (2, 8, 64, 2, 16), mesh)
     notices = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
     assert notices == ["kv_heads (size 2) is not divisible over mesh axis tp=4: replicated over it in every array"]
-    assert shardings["layers_1"]["attention"]["wv"].spec == P() and cache == P(None, "dp")
+    assert shardings["layers"]["attention"]["wv"].spec == P() and cache == P(None, "dp")
 
 
 def test_two_dims_on_one_mesh_axis_raise():
@@ -115,5 +117,5 @@ def test_two_dims_on_one_mesh_axis_raise():
 def test_batch_and_cache_specs():
     mesh = abstract_mesh(2, 4, 1)
     assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH), (64, 128), mesh) == P(("dp", "fsdp"))
-    assert logical_to_spec(KVCache.LOGICAL_AXES, (16, 8, 64, 8, 128), abstract_mesh(1, 2, 4)) == P(None, "fsdp", None, "tp")
-    assert logical_to_spec(KVCache.LOGICAL_AXES) == P(None, ("dp", "fsdp"), None, "tp")
+    assert logical_to_spec(CACHE_AXES, (16, 8, 64, 8, 128), abstract_mesh(1, 2, 4)) == P(None, "fsdp", None, "tp")
+    assert logical_to_spec(CACHE_AXES) == P(None, ("dp", "fsdp"), None, "tp")

@@ -169,6 +169,26 @@ def test_dpo_from_a_converted_hf_chat_checkpoint(tmp_path, hf_chat_model):
     assert checkpoint.tokenizer_path(summary["model"]).name == "tokenizer.json"
 
 
+def test_dpo_with_lora_takes_the_base_without_adapters_as_its_reference(tmp_path, hf_chat_model):
+    """--lora-rank with --objective dpo: adapters are trained, and the reference log-probs are the
+    frozen base's (B starts at zero, so policy == reference and the loss is log 2 at step 0)."""
+    from llama_jax.convert.hf import convert_hf
+
+    ckpt = convert_hf(hf_chat_model, tmp_path / "ckpt")
+    records = [{"prompt": f"Question {i}:", "chosen": " yes, indeed.", "rejected": " no way at all."}
+               for i in range(8)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    out = tmp_path / "run"
+    summary = train(TrainConfig(out=str(out), init_from=str(ckpt), data=(data,), seq_len=128, batch_size=8, steps=4,
+                                lr=1e-2, warmup_steps=0, mesh="fsdp2,tp2", objective="dpo", lora_rank=4,
+                                log_every=1, progress=False))
+    assert summary["status"] == "completed"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["reward_margin"] > 0 and rows[-1]["loss"] < math.log(2)
+    assert (out / "adapters").is_dir() and (out / "reference_logprobs.npz").is_file()
+
+
 def test_batches_hold_whole_pairs_and_resume_exactly(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "p.jsonl", some_records())
     make = lambda: PreferenceBatches(PreferenceDataConfig((data,), SEQ_LEN, 2, seed=3), tokenizer)  # noqa: E731
