@@ -31,7 +31,9 @@ examples:
   (rerun the same command to resume; send SIGTERM to save and stop cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
-(chat: loss on assistant turns only); any other file is plain text; directories are read recursively.
+(chat: loss on assistant turns only); .parquet files and `datasets` directories (save_to_disk) give one
+document per row of their 'text' (or 'messages') column; any other file is plain text; directories are read
+recursively. For big corpora and multi-host runs, prepare once: python -m llama_jax.data prepare --help.
 --objective dpo reads JSONL preference pairs, {"prompt": ..., "chosen": ..., "rejected": ...} (plain text) or
 {"messages": [...], "chosen": {assistant message}, "rejected": {...}} (the checkpoint's chat format).
 """
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=list(d.data), metavar="PATH",
-                   help="text / JSONL files or directories (default: a fixed list of Python stdlib sources)")
+                   help="a dataset made by `python -m llama_jax.data prepare`, or text / JSONL / Parquet files and "
+                        "directories, prepared into OUT/data on first use (default: a fixed list of Python stdlib "
+                        "sources)")
     g.add_argument("--tokenizer", help="'bytes', 'llama3' or a tokenizer.model path (default: the resumed run's, "
                                        "the --init-from checkpoint's, llama3 for 128k-vocab models, else bytes)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (default %(default)s)")

@@ -3,7 +3,8 @@
     OUT/config.json          the model's LlamaConfig (a resumed run reads it back)
     OUT/tokenizer.model      the tokenizer the data was encoded with (or another model's tokenizer.json
                              and its sibling files, as an --init-from checkpoint carries them)
-    OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator
+    OUT/data/                raw --data files (or the built-in corpus) prepared on first use (train/data.py)
+    OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator (its step)
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
     OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
     OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
@@ -283,7 +284,7 @@ class _Setup:
     tokenizer_path: str
     optimizer: Any
     step_fn: Any
-    data: data_lib.BatchIterator | PreferenceBatches
+    data: data_lib.TrainData | PreferenceBatches
     lora: lora_lib.LoraRun | None = None
 
 
@@ -304,6 +305,9 @@ def _prepare(tc: TrainConfig) -> _Setup:
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
+    if tc.objective != "dpo":  # checked before anything is written: bad data trains nothing
+        data_path = data_lib.data_dir(tuple(tc.data), tokenizer_path, tc.seq_len, out, tc.progress)
+        data = data_lib.TrainData(data_path, tokenizer_path, tc.seq_len, tc.batch_size, tc.seed, mesh)
     if _is_primary():
         (out / "config.json").write_text(cfg.to_json() + "\n")
         checkpoint.copy_tokenizer(tokenizer_path, out)
@@ -316,8 +320,6 @@ def _prepare(tc: TrainConfig) -> _Setup:
         data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
     else:
         objective = LanguageModeling(tc.z_loss)
-        data = data_lib.BatchIterator(data_lib.DataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed),
-                                      tokenizer)
     optimizer, step_fn = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective,
                                              lora_run and lora_run.spec)
     return _Setup(out, mesh, cfg, source, tokenizer_path, optimizer, step_fn, data, lora_run)
@@ -344,6 +346,7 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
 
     out, mesh, cfg, optimizer, step_fn, data = (setup.out, setup.mesh, setup.cfg, setup.optimizer, setup.step_fn,
                                                setup.data)
+    reads_rows = isinstance(data, data_lib.TrainData)  # else DPO's preference pairs, global numpy batches
     primary = _is_primary()
     latest = manager.latest_step()
     lora_run = setup.lora
@@ -413,6 +416,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             if peak:
                 values["mfu"] = tps / (B * T) * flops_per_step / peak
             timing.update(last_t=now, last_step=step)
+        if reads_rows and data.batches.rows_per_s:
+            values["read_rows_per_s"] = data.batches.rows_per_s  # this process's rate, idle time excluded
         if primary:
             if bar is not None:
                 postfix = {"loss": f"{values['loss']:.3f}"}
@@ -440,7 +445,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
             host_batch = next(data)
             data_state = data.state()
         for step in range(start, tc.steps):
-            state, metrics = step_fn(state, put_batch(host_batch, mesh))  # dispatched, not waited for
+            # dispatched, not waited for; TrainData's batches are on the mesh already (each process put its rows)
+            state, metrics = step_fn(state, host_batch if reads_rows else put_batch(host_batch, mesh))
             done = step + 1
             if fault == ("sigterm", done):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -463,6 +469,8 @@ def _run(tc: TrainConfig, setup: _Setup, manager) -> dict[str, Any]:
         if pending is not None:
             report(*pending)
         manager.wait_until_finished()
+        if reads_rows:
+            log.info("data: %s", data.throughput_line())  # every process: an input-bound host shows here
     except NonFiniteLoss as e:
         manager.wait_until_finished()
         bad_step = e.args[0]

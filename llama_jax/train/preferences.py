@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.data.sources import JSONL_SUFFIXES, expand_paths
 from llama_jax.hf_tokenizer import HFTokenizer
-from llama_jax.train.data import JSONL_SUFFIXES, expand_paths
 
 PREFERENCE_BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "reference")
 

@@ -45,10 +45,12 @@ def lora_run(converted, tmp_path_factory):
 
 
 def first_batch(base, data):
-    from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.train.data import BatchIterator, DataConfig
+    """Step 0's global batch as a run reads it: `data` prepared with the base's tokenizer (once, then reused)."""
+    from llama_jax.data import GlobalBatches, PreparedData, prepare
 
-    return next(BatchIterator(DataConfig((str(data),), RUN["seq_len"], RUN["batch_size"], 0), load_tokenizer(base)))
+    prepared = data.parent / "prepared"
+    prepare([data], checkpoint.tokenizer_path(base), RUN["seq_len"], prepared, progress=False)
+    return GlobalBatches(PreparedData(prepared), RUN["batch_size"], seed=0).read(0)
 
 
 def batch_loss(cfg, params, batch):

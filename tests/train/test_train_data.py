@@ -1,148 +1,144 @@
-"""Training data: documents, chat loss weights, packing, determinism and exact iterator resume."""
+"""A run's data read by global index: two processes read disjoint rows that make up the global batch,
+each only its own; a run stopped on dp4 resumes on dp2, in one process or two, to the same weights;
+data prepared for another seq_len or tokenizer, or damaged, stops the run before it trains."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
-from llama_jax.train.data import (
-    BatchIterator, DataConfig, Documents, builtin_corpus_paths, chat_ids_and_weights, tokenize_record,
-    write_byte_tokenizer,
-)
+from llama_jax import checkpoint
+from llama_jax.data import GlobalBatches, PreparedData
+from llama_jax.data.tokens import write_byte_tokenizer
+from llama_jax.train.__main__ import main
+from llama_jax.train.loop import TrainConfig, train
+from tests.train.conftest import BASE, STEPS, cli_args, losses, saved_steps
+from tests.train.test_multiprocess import free_port
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return Llama3Tokenizer(write_byte_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+def prepared(uninterrupted_run):
+    """The built-in corpus as the uninterrupted run prepared it into OUT/data (byte tokenizer, rows of 32)."""
+    assert (uninterrupted_run / "data" / "manifest.json").is_file()
+    return uninterrupted_run / "data"
 
 
-@pytest.fixture(scope="module")
-def llama3():
-    return Llama3Tokenizer(default_tokenizer_path())
+def test_two_processes_read_disjoint_rows_that_make_up_the_global_batch(prepared, uninterrupted_run, tmp_path):
+    tokenizer = str(uninterrupted_run / "tokenizer.model")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.read_rows", str(prepared), tokenizer,
+                               str(tmp_path / f"{i}.npz"), port, str(i)], stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    held = [dict(np.load(tmp_path / f"{i}.npz")) for i in range(2)]
+    # dp2 x fsdp2 rows: each process's devices hold one half of every batch, the halves disjoint.
+    assert held[0]["rows"].tolist() == [0, 1, 2, 3] and held[1]["rows"].tolist() == [4, 5, 6, 7]
+    assert [int(h["rows_read"]) for h in held] == [3 * 4, 3 * 4]  # each read only its own rows, once per step
+    everything = GlobalBatches(PreparedData(prepared), 8, seed=0)
+    for step in range(3):
+        want = everything.read(step)["inputs"]
+        covered = np.zeros(8, bool)
+        for h in held:
+            for key, got in h.items():
+                if key.startswith(f"{step}_"):
+                    _, start, stop = map(int, key.split("_"))
+                    np.testing.assert_array_equal(got, want[start:stop])
+                    covered[start:stop] = True
+        assert covered.all()
 
 
-DIALOG = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And of Italy?"},
-    {"role": "assistant", "content": "Rome."},
-]
+def params_of(out):
+    return checkpoint.load(out / "model")[1]
 
 
-def test_byte_tokenizer_is_a_512_token_llama3_tokenizer(tok):
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (512, 256, 257, 265)
-    text = "héllo, wörld ✓"
-    assert tok.encode(text, bos=False, eos=False) == list(text.encode())
-    assert tok.decode(tok.encode(text, bos=True, eos=True)) == "<|begin_of_text|>" + text + "<|end_of_text|>"
+def assert_same_weights(got, want):
+    for (path, g), w in zip(jax_leaves(got), [leaf for _, leaf in jax_leaves(want)]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=path)
 
 
-def test_documents_from_text_jsonl_and_directories(tmp_path):
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "a.txt").write_text("plain text")
-    (tmp_path / "d" / ".hidden").write_text("skipped")
-    (tmp_path / "d" / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n"
-                                            + json.dumps({"messages": DIALOG, "id": 7}) + "\n")
-    docs = Documents([tmp_path / "d"])
-    assert [docs[i] for i in range(len(docs))] == [{"text": "plain text", "bos": True, "eos": True}, {"text": "one"},
-                                                   {"messages": DIALOG}]
+def jax_leaves(tree):
+    import jax
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def test_long_text_files_are_cut_at_newlines(tmp_path, tok):
-    text = "line one\nline two\nline three\nfour\n"
-    (tmp_path / "a.txt").write_text(text)
-    docs = Documents([tmp_path / "a.txt"], text_chunk_bytes=20)
-    chunks = [docs[i] for i in range(len(docs))]
-    assert "".join(c["text"] for c in chunks) == text
-    assert len(chunks) > 1 and all(c["text"].endswith("\n") for c in chunks)
-    # The file is one document cut in pieces: bos opens only the first, eos closes only the last.
-    ids = [tokenize_record(tok, c) for c in chunks]
-    assert [c["bos"] for c in chunks] == [True] + [False] * (len(chunks) - 1)
-    assert [c["eos"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
-    assert ids[0]["inputs"][0] == tok.bos_id and ids[1]["inputs"][0] != tok.bos_id
-    assert ids[-1]["targets"][-1] == tok.eos_id and ids[0]["targets"][-1] != tok.eos_id
+def test_a_dp4_run_resumes_on_dp2_in_one_or_two_processes_to_the_same_weights(prepared, uninterrupted_run,
+                                                                              uninterrupted, tmp_path, monkeypatch):
+    stopped = tmp_path / "stopped"
+    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
+    summary = train(TrainConfig(out=str(stopped), mesh="dp4,tp2", data=(str(prepared),), **BASE))
+    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+    assert summary["steps"] == 3 and saved_steps(stopped) == [2, 3]
+    shutil.copytree(stopped, tmp_path / "two_processes")
+    want = params_of(uninterrupted_run)
+
+    resumed = train(TrainConfig(out=str(stopped), mesh="dp2,tp4", data=(str(prepared),), **BASE))
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == STEPS
+    got = losses(stopped)
+    for step in range(STEPS):
+        assert got[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+    assert_same_weights(params_of(stopped), want)
+
+    # 2 processes x dp2: each process's 4 devices hold one half of each batch, and read only that half.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env.pop("LLAMA_JAX_TEST_FAULT", None)
+    out = tmp_path / "two_processes"
+    args = [sys.executable, "-m", "llama_jax.train", *cli_args(out, mesh="dp2,tp4", data=str(prepared)),
+            "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+    procs = [subprocess.Popen(args + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+        assert f"read {(STEPS - 3) * 4} rows (4 of each batch of 8)" in stderr
+    assert f"completed: step {STEPS}" in results[0][0]
+    assert_same_weights(params_of(out), want)
 
 
-def test_document_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        Documents([tmp_path / "missing.txt"])
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl, line starting at byte 15: not valid JSON"):
-        Documents([tmp_path / "bad.jsonl"])[1]
-    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(ValueError, match="needs a 'text' or a 'messages' field"):
-        Documents([tmp_path / "nofield.jsonl"])[0]
+def _other_tokenizer(path):
+    """A 512-token byte tokenizer whose ids for 'a' and 'b' are swapped: same shape, other token ids."""
+    write_byte_tokenizer(path)
+    lines = path.read_text().splitlines()
+    lines[97], lines[98] = lines[97].replace(" 97", " 98"), lines[98].replace(" 98", " 97")
+    path.write_text("\n".join(lines[:97] + [lines[98], lines[97]] + lines[99:]) + "\n")
+    return str(path)
 
 
-def test_builtin_corpus_is_python_source():
-    paths = builtin_corpus_paths()
-    assert len(paths) >= 30 and all(p.endswith(".py") for p in paths)
+def _corrupted(prepared, copy):
+    shutil.copytree(prepared, copy)
+    for shard in json.loads((copy / "manifest.json").read_text())["shards"]:
+        raw = bytearray((copy / shard["file"]).read_bytes())
+        for i in range(1000, len(raw) // 2, 4096):  # through the rows of the whole first half of each shard
+            raw[i] ^= 0xFF
+        (copy / shard["file"]).write_bytes(bytes(raw))
+    return copy
 
 
-@pytest.mark.parametrize("tokenizer", ["tok", "llama3"])
-def test_chat_loss_weights_only_assistant_turns(request, tokenizer):
-    tok = request.getfixturevalue(tokenizer)
-    ids, weights = chat_ids_and_weights(tok, DIALOG)
-    # The ids are exactly the prompt encode_dialog builds for the same turns.
-    assert ids == tok.encode_dialog(DIALOG)[: len(ids)]
-    assert len(ids) == len(tok.encode_dialog(DIALOG)) - len(tok.encode_header("assistant"))
-    trained = [i for i, w in zip(ids, weights) if w]
-    assert tok.decode(trained) == "Paris.<|eot_id|>Rome.<|eot_id|>"
-    example = tokenize_record(tok, {"messages": DIALOG})
-    np.testing.assert_array_equal(example["targets"], ids[1:])
-    np.testing.assert_array_equal(example["weights"], weights[1:])
-    assert tok.decode(example["targets"][example["weights"] > 0].tolist()) == "Paris.<|eot_id|>Rome.<|eot_id|>"
+@pytest.mark.parametrize("bad, message", [
+    ("seq_len", "was prepared with seq_len 32, this run asks for --seq-len 16"),
+    ("tokenizer", "was tokenized by .*tokenizer.model, not by this run's tokenizer"),
+    ("corrupted", "rows-00000.array_record: its sha256 is not the manifest.s: the dataset is damaged"),
+])
+def test_bad_data_stops_the_run_in_one_line_before_it_trains(prepared, tmp_path, capsys, bad, message):
+    import re
 
-
-def test_text_targets_are_the_next_token(tok):
-    ex = tokenize_record(tok, {"text": "abc"})
-    np.testing.assert_array_equal(ex["inputs"], [256, 97, 98, 99])
-    np.testing.assert_array_equal(ex["targets"], [97, 98, 99, 257])
-    np.testing.assert_array_equal(ex["weights"], [1, 1, 1, 1])
-
-
-def _write_docs(tmp_path, n=40):
-    rng = np.random.default_rng(0)
-    lines = [json.dumps({"text": "".join(rng.choice(list("abcdefgh"), rng.integers(3, 30)))}) for _ in range(n)]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    return (str(tmp_path / "docs.jsonl"),)
-
-
-def test_packed_batches_keep_documents_apart(tmp_path, tok):
-    batch = next(BatchIterator(DataConfig(_write_docs(tmp_path), seq_len=32, batch_size=4), tok))
-    assert set(batch) == {"inputs", "targets", "weights", "positions", "segment_ids"}
-    assert all(v.shape == (4, 32) for v in batch.values())
-    for row in range(4):
-        seg, pos, inp, tgt = (batch[k][row] for k in ("segment_ids", "positions", "inputs", "targets"))
-        assert seg.max() >= 2  # several documents share the row
-        for s in set(seg.tolist()) - {0}:
-            idx = np.flatnonzero(seg == s)
-            np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))  # positions restart per document
-            np.testing.assert_array_equal(inp[idx][1:], tgt[idx][:-1])  # targets: the same document, shifted
-        assert (batch["weights"][row][seg == 0] == 0).all()
-
-
-@pytest.mark.parametrize("window", [0, 3, 256])
-def test_iterator_is_deterministic_and_resumes_exactly(tmp_path, tok, window):
-    cfg = DataConfig(_write_docs(tmp_path), seq_len=16, batch_size=2, seed=3, shuffle_window=window)
-    first = BatchIterator(cfg, tok)
-    batches = [next(first) for _ in range(30)]  # a few epochs: reshuffled each time
-    again = BatchIterator(cfg, tok)
-    for b in batches:
-        assert all((b[k] == v).all() for k, v in next(again).items())
-
-    for k in (0, 1, 5, 6, 13):  # the start, mid-window and window edges (window 3 rows = 1.5 batches)
-        it = BatchIterator(cfg, tok)
-        for _ in range(k):
-            next(it)
-        state = json.loads(json.dumps(it.state()))  # what a checkpoint stores
-        resumed = BatchIterator(cfg, tok)
-        resumed.restore(state)
-        for i, b in enumerate(batches[k:k + 8]):
-            assert all((b[key] == v).all() for key, v in next(resumed).items()), (k, i)
-
-    other_seed = next(BatchIterator(DataConfig(cfg.paths, 16, 2, seed=4, shuffle_window=window), tok))
-    assert not (other_seed["inputs"] == batches[0]["inputs"]).all()
-    with pytest.raises(ValueError, match="resume with the same --seq-len, --batch-size and --seed"):
-        BatchIterator(DataConfig(cfg.paths, 16, 4, seed=3, shuffle_window=window), tok).restore(state)
+    data = _corrupted(prepared, tmp_path / "damaged") if bad == "corrupted" else prepared
+    out = tmp_path / "run"
+    flags = {"data": str(data)}
+    if bad == "seq_len":
+        flags["seq_len"] = 16
+    if bad == "tokenizer":
+        flags["tokenizer"] = _other_tokenizer(tmp_path / "other.model")
+    rc = main(cli_args(out, **flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and re.search(message, err[-1]), err[-3:]
+    assert "Traceback" not in "\n".join(err)
+    # Nothing trained: no step logged, no checkpoint, no model (a damaged row shows when it is first read,
+    # here the first batch, before the first step).
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+    assert not (out / "model").exists() and (not (out / "checkpoints").exists() or saved_steps(out) == [])

@@ -82,15 +82,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_pa
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, uninterrupted_run):
-    from llama_jax.tokenizer import Llama3Tokenizer
-    from llama_jax.train.data import BatchIterator, DataConfig
+    from llama_jax.data import GlobalBatches, PreparedData
     from llama_jax.train.step import loss_sums
 
     model = uninterrupted_run / "model"
     summary = train(TrainConfig(out=str(tmp_path), mesh="dp2,tp4", init_from=str(model),
                                 **{**BASE, "config": None, "steps": 1}))
     cfg, params = checkpoint.load(model)
-    first = next(BatchIterator(DataConfig((), 32, 8, 0), Llama3Tokenizer(checkpoint.tokenizer_path(model))))
+    first = GlobalBatches(PreparedData(tmp_path / "data"), 8, seed=0).read(0)
     _, sums = loss_sums(cfg, params, first)
     assert summary["first_loss"] == pytest.approx(float(sums["nll"] / sums["weight"]), rel=1e-5)
     assert summary["first_loss"] < losses(uninterrupted_run)[0] - 0.5  # trained weights, not a fresh init
@@ -101,8 +100,8 @@ def test_init_from_a_model_with_its_own_tokenizer(tmp_path, hf_chat_model):
     chat template, and the final model carries the tokenizer files on."""
     from llama_jax.convert.hf import convert_hf
     from llama_jax.hf_tokenizer import HFTokenizer
+    from llama_jax.data import GlobalBatches, PreparedData
     from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.train.data import BatchIterator, DataConfig
     from llama_jax.train.step import loss_sums
 
     model = convert_hf(hf_chat_model, tmp_path / "converted")
@@ -114,9 +113,8 @@ def test_init_from_a_model_with_its_own_tokenizer(tmp_path, hf_chat_model):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = train(TrainConfig(out=str(tmp_path / "out"), mesh="fsdp8", init_from=str(model), data=(str(data),),
                                 **{**BASE, "config": None, "steps": 2}))
-    tokenizer = load_tokenizer(model)
     cfg, params = checkpoint.load(model, dtype="float32")
-    first = next(BatchIterator(DataConfig((str(data),), BASE["seq_len"], BASE["batch_size"], 0), tokenizer))
+    first = GlobalBatches(PreparedData(tmp_path / "out" / "data"), BASE["batch_size"], seed=0).read(0)
     _, sums = loss_sums(cfg, params, first)
     assert summary["first_loss"] == pytest.approx(float(sums["nll"] / sums["weight"]), rel=1e-5)
     assert 0 < first["weights"].sum() < first["weights"].size  # chat rows weigh only the assistant turns
