@@ -16,7 +16,7 @@ tokens per request. Both systems replay it:
   a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, runs them as one
-  `stream_tokens` call with max_new_tokens = the longest of them, and waits for the next arrival
+  `stream_tokens` call (a batch of as many rows as requests) with max_new_tokens = the longest of them, and waits for the next arrival
   when none is there. The call decodes on the same engine as the server, but every request of the
   batch starts at once and runs to the longest's length, and the next batch waits for the call to
   end: the head-of-line blocking continuous batching removes. Its engine is sized per call
@@ -193,8 +193,7 @@ def replay_static(cfg, params, trace: list[Request], concurrency: int) -> list[T
     for batch in static_batches(trace, concurrency, clock):
         prompts = [trace[i].prompt for i in batch]
         longest = max(trace[i].output_len for i in batch)
-        for event in static_engine.stream_tokens(cfg, params, prompts, max_new_tokens=longest, sampling=greedy,
-                                                 batch_size=concurrency):
+        for event in static_engine.stream_tokens(cfg, params, prompts, max_new_tokens=longest, sampling=greedy):
             request = batch[event.index]
             times = timings[request].token_times
             if event.finish_reason is None and len(times) < trace[request].output_len:
@@ -245,7 +244,7 @@ def main():
     with Client() as client:
         for concurrency in args.concurrency:
             # A server with as many batch slots as the static batch has rows: the same capacity.
-            engine = BatchingEngine(cfg, params, max_batch=concurrency)
+            engine = BatchingEngine(cfg, params, max_batch=concurrency, min_prefill_chunk=32, min_decode_batch=1)
             engine.warm_up()
             # Static batching decodes from the server engine's own per-layer weights (DecodeParams).
             static_cfg, static_params = engine.cfg, engine.params
@@ -272,7 +271,7 @@ def main():
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
              f"prompts {prompt_lens[0]}-{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens, "
-             f"greedy; server: max batch = concurrency, pages of 16; load average "
+             f"greedy; server: max batch = concurrency, decode batches of 1, 2, 4, .. rows, prefill chunks of 32-256 tokens, pages of 16; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
     table = ["| rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
              "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
