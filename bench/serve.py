@@ -15,13 +15,12 @@ tokens per request. Both systems replay it:
   are busy waits for one). Each request is
   a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
-- static: one loop takes up to `concurrency` requests that have arrived, runs them as one
-  `stream_tokens` call (a batch of as many rows as requests) with max_new_tokens = the longest of them, and waits for the next arrival
-  when none is there. The call decodes on the same engine as the server, but every request of the
-  batch starts at once and runs to the longest's length, and the next batch waits for the call to
-  end: the head-of-line blocking continuous batching removes. Its engine is sized per call
-  (context and prefill chunk buckets), so the trace is replayed once untimed first to compile
-  those shapes; the server's engine compiles all of its shapes at start (`warm_up`).
+- static: one loop takes up to `concurrency` requests that have arrived, adds them at once to a
+  BatchingEngine like the server's (same params, slots, decode batches and prefill chunks, so the
+  same compiled programs; prefix caching off) with max_tokens = the longest of them, steps it until
+  all are done, and waits for the next arrival when none is there: every request of the batch runs
+  to the longest's length, and the next batch waits for the whole batch to end, the head-of-line
+  blocking continuous batching removes. It runs in this process without HTTP, which favours it.
 
 Times count from each request's arrival: time to first token (TTFT) includes waiting for a slot or
 a batch; inter-token latency (ITL) is every gap between consecutive tokens of a request; output
@@ -50,9 +49,7 @@ import numpy as np
 import uvicorn
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.infer import engine as static_engine
-from llama_jax.infer.batching import BatchingEngine
-from llama_jax.infer.sampling import SamplingParams
+from llama_jax.infer.batching import BatchingEngine, RequestParams
 from llama_jax.serve.app import create_app
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from bench.results import append_results, git_commit, machine
@@ -185,19 +182,19 @@ def static_batches(trace: list[Request], concurrency: int, clock):
         i = j
 
 
-def replay_static(cfg, params, trace: list[Request], concurrency: int) -> list[Timing]:
-    greedy = SamplingParams(temperature=0.0)
+def replay_static(engine: BatchingEngine, trace: list[Request], concurrency: int) -> list[Timing]:
     timings = [Timing(r.arrival) for r in trace]
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start  # noqa: E731
     for batch in static_batches(trace, concurrency, clock):
-        prompts = [trace[i].prompt for i in batch]
-        longest = max(trace[i].output_len for i in batch)
-        for event in static_engine.stream_tokens(cfg, params, prompts, max_new_tokens=longest, sampling=greedy):
-            request = batch[event.index]
-            times = timings[request].token_times
-            if event.finish_reason is None and len(times) < trace[request].output_len:
-                times.append(clock())
+        longest = RequestParams(max(trace[i].output_len for i in batch), temperature=0.0)
+        for i in batch:
+            engine.add(str(i), trace[i].prompt, longest, stream=i)
+        while engine.has_work():
+            for out in engine.step():
+                times = timings[int(out.request_id)].token_times
+                if len(times) < trace[int(out.request_id)].output_len:  # the rest is the batch's padding
+                    times.append(clock())
     return timings
 
 
@@ -246,22 +243,21 @@ def main():
             # A server with as many batch slots as the static batch has rows: the same capacity.
             engine = BatchingEngine(cfg, params, max_batch=concurrency, min_prefill_chunk=32, min_decode_batch=1)
             engine.warm_up()
-            # Static batching decodes from the server engine's own per-layer weights (DecodeParams).
-            static_cfg, static_params = engine.cfg, engine.params
+            # Static batching on an engine of the same shapes (compiled once for both), from the
+            # same per-layer weights; without the prefix cache, which would serve its repeats.
+            static_engine = BatchingEngine(engine.cfg, engine.params, max_batch=concurrency, min_prefill_chunk=32,
+                                           min_decode_batch=1, prefix_caching=False)
             with Server(engine, tokenizer) as server:
                 client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
                 for rate in rates:
                     n = args.requests or max(8, 2 * concurrency)
                     trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
                     served = summarize(client.replay(server.url, trace, concurrency))
-                    # Static batching compiles a program per batch shape (prompt and cache length
-                    # buckets): an untimed replay first compiles what the timed one will meet.
-                    replay_static(static_cfg, static_params, trace, concurrency)
-                    static = summarize(replay_static(static_cfg, static_params, trace, concurrency))
-                    for name, result in (("server (continuous)", served), ("static generate", static)):
+                    static = summarize(replay_static(static_engine, trace, concurrency))
+                    for name, result in (("server (continuous)", served), ("static batches", static)):
                         rows.append((rate, concurrency, n, name, result))
                         print(rows[-1], flush=True)
-            del engine, static_params
+            del engine, static_engine
             gc.collect()
 
     commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
