@@ -267,7 +267,9 @@ def main():
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
              f"prompts {prompt_lens[0]}-{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens, "
-             f"greedy; server: max batch = concurrency, decode batches of 1, 2, 4, .. rows, prefill chunks of 32-256 tokens, pages of 16; load average "
+             f"greedy; server: max batch = concurrency, decode batches of 1, 2, 4, .. rows, prefill chunks of "
+             f"32-256 tokens, pages of 16; static: the same engine shapes without HTTP, prefix cache off, every "
+             f"request of a batch run to the batch's longest; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
     table = ["| rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
              "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
