@@ -75,11 +75,12 @@ class Timing:
     token_times: list[float] = dataclasses.field(default_factory=list)
 
 
-def model_config(quick: bool, preset: str) -> LlamaConfig:
+def model_config(quick: bool, preset: str, layers: int | None = None) -> LlamaConfig:
     if quick:  # the real vocabulary, so the real tokenizer detokenizes in the server
         return LlamaConfig(vocab_size=128256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256,
                            max_seq_len=256, tie_embeddings=True, dtype="float32", param_dtype="float32")
-    return LlamaConfig.preset(preset, dtype="float32", param_dtype="float32", max_seq_len=1024)
+    cfg = LlamaConfig.preset(preset, dtype="float32", param_dtype="float32", max_seq_len=1024)
+    return cfg if layers is None else dataclasses.replace(cfg, n_layers=layers)
 
 
 def make_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens: tuple[int, int],
@@ -218,6 +219,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small model with Llama 3's vocabulary, short requests")
     p.add_argument("--preset", default="llama3.2-1b", help="model shapes without --quick (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the preset's shapes with fewer layers (a shorter run; the table says how many)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="clients at most in flight")
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help="Poisson arrival rates in requests/s; inf: all at once (default: 4 inf, --quick: 8 inf)")
@@ -232,7 +235,9 @@ def main():
     prompt_lens = tuple(args.prompt_lens or ((8, 64) if args.quick else (32, 256)))
     output_lens = tuple(args.output_lens or ((8, 48) if args.quick else (32, 128)))
 
-    cfg = model_config(args.quick, args.preset)
+    if args.layers is not None and (args.quick or args.layers < 1):
+        p.error("--layers takes a positive count, without --quick")
+    cfg = model_config(args.quick, args.preset, args.layers)
     tokenizer = Llama3Tokenizer(default_tokenizer_path())
     load_before = os.getloadavg()[0]
     print(f"{cfg.num_params() / 1e9:.3f}B params", flush=True)
