@@ -189,6 +189,9 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="decode steps timed")
     p.add_argument("--reps", type=int, default=1, help="timed repeats (after one untimed compile / warm-up run)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers (always skipped off CPU)")
+    p.add_argument("--hf-threads", type=int, nargs="+", default=None,
+                   help="torch intra-op threads for HF, one row each (default: torch's, the core count). On a "
+                        "loaded host 1 thread can be far faster: OpenMP workers spin waiting for descheduled peers")
     p.add_argument("--no-int8", action="store_true", help="skip llama_jax with int8 weights")
     args = p.parse_args()
 
@@ -221,7 +224,8 @@ def main():
         model = hf_model(cfg, params)
         del params
         gc.collect()
-        for batch in args.batches:
+        for threads, batch in [(t, b) for t in args.hf_threads or [torch.get_num_threads()] for b in args.batches]:
+            torch.set_num_threads(threads)
             prefill, decode = bench_hf(model, cfg, batch, args.prompt_len, args.steps, args.reps)
             cache_len = args.prompt_len + 1 + args.steps  # static cache: max_length
             weights = sum(t.numel() * t.element_size() for t in model.parameters())

@@ -15,13 +15,12 @@ tokens per request. Both systems replay it:
   are busy waits for one). Each request is
   a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
-- static: one loop takes up to `concurrency` requests that have arrived, runs them as one
-  `stream_tokens` call with max_new_tokens = the longest of them, and waits for the next arrival
-  when none is there. The call decodes on the same engine as the server, but every request of the
-  batch starts at once and runs to the longest's length, and the next batch waits for the call to
-  end: the head-of-line blocking continuous batching removes. Its engine is sized per call
-  (context and prefill chunk buckets), so the trace is replayed once untimed first to compile
-  those shapes; the server's engine compiles all of its shapes at start (`warm_up`).
+- static: one loop takes up to `concurrency` requests that have arrived, adds them at once to a
+  BatchingEngine like the server's (same params, slots, decode batches and prefill chunks, so the
+  same compiled programs; prefix caching off) with max_tokens = the longest of them, steps it until
+  all are done, and waits for the next arrival when none is there: every request of the batch runs
+  to the longest's length, and the next batch waits for the whole batch to end, the head-of-line
+  blocking continuous batching removes. It runs in this process without HTTP, which favours it.
 
 Times count from each request's arrival: time to first token (TTFT) includes waiting for a slot or
 a batch; inter-token latency (ITL) is every gap between consecutive tokens of a request; output
@@ -50,9 +49,7 @@ import numpy as np
 import uvicorn
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.infer import engine as static_engine
-from llama_jax.infer.batching import BatchingEngine
-from llama_jax.infer.sampling import SamplingParams
+from llama_jax.infer.batching import BatchingEngine, RequestParams
 from llama_jax.serve.app import create_app
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from bench.results import append_results, git_commit, machine
@@ -78,11 +75,12 @@ class Timing:
     token_times: list[float] = dataclasses.field(default_factory=list)
 
 
-def model_config(quick: bool, preset: str) -> LlamaConfig:
+def model_config(quick: bool, preset: str, layers: int | None = None) -> LlamaConfig:
     if quick:  # the real vocabulary, so the real tokenizer detokenizes in the server
         return LlamaConfig(vocab_size=128256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256,
                            max_seq_len=256, tie_embeddings=True, dtype="float32", param_dtype="float32")
-    return LlamaConfig.preset(preset, dtype="float32", param_dtype="float32", max_seq_len=1024)
+    cfg = LlamaConfig.preset(preset, dtype="float32", param_dtype="float32", max_seq_len=1024)
+    return cfg if layers is None else dataclasses.replace(cfg, n_layers=layers)
 
 
 def make_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens: tuple[int, int],
@@ -185,20 +183,19 @@ def static_batches(trace: list[Request], concurrency: int, clock):
         i = j
 
 
-def replay_static(cfg, params, trace: list[Request], concurrency: int) -> list[Timing]:
-    greedy = SamplingParams(temperature=0.0)
+def replay_static(engine: BatchingEngine, trace: list[Request], concurrency: int) -> list[Timing]:
     timings = [Timing(r.arrival) for r in trace]
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start  # noqa: E731
     for batch in static_batches(trace, concurrency, clock):
-        prompts = [trace[i].prompt for i in batch]
-        longest = max(trace[i].output_len for i in batch)
-        for event in static_engine.stream_tokens(cfg, params, prompts, max_new_tokens=longest, sampling=greedy,
-                                                 batch_size=concurrency):
-            request = batch[event.index]
-            times = timings[request].token_times
-            if event.finish_reason is None and len(times) < trace[request].output_len:
-                times.append(clock())
+        longest = RequestParams(max(trace[i].output_len for i in batch), temperature=0.0)
+        for i in batch:
+            engine.add(str(i), trace[i].prompt, longest, stream=i)
+        while engine.has_work():
+            for out in engine.step():
+                times = timings[int(out.request_id)].token_times
+                if len(times) < trace[int(out.request_id)].output_len:  # the rest is the batch's padding
+                    times.append(clock())
     return timings
 
 
@@ -222,6 +219,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small model with Llama 3's vocabulary, short requests")
     p.add_argument("--preset", default="llama3.2-1b", help="model shapes without --quick (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the preset's shapes with fewer layers (a shorter run; the table says how many)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="clients at most in flight")
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help="Poisson arrival rates in requests/s; inf: all at once (default: 4 inf, --quick: 8 inf)")
@@ -236,7 +235,9 @@ def main():
     prompt_lens = tuple(args.prompt_lens or ((8, 64) if args.quick else (32, 256)))
     output_lens = tuple(args.output_lens or ((8, 48) if args.quick else (32, 128)))
 
-    cfg = model_config(args.quick, args.preset)
+    if args.layers is not None and (args.quick or args.layers < 1):
+        p.error("--layers takes a positive count, without --quick")
+    cfg = model_config(args.quick, args.preset, args.layers)
     tokenizer = Llama3Tokenizer(default_tokenizer_path())
     load_before = os.getloadavg()[0]
     print(f"{cfg.num_params() / 1e9:.3f}B params", flush=True)
@@ -245,24 +246,23 @@ def main():
     with Client() as client:
         for concurrency in args.concurrency:
             # A server with as many batch slots as the static batch has rows: the same capacity.
-            engine = BatchingEngine(cfg, params, max_batch=concurrency)
+            engine = BatchingEngine(cfg, params, max_batch=concurrency, min_prefill_chunk=32, min_decode_batch=1)
             engine.warm_up()
-            # Static batching decodes from the server engine's own per-layer weights (DecodeParams).
-            static_cfg, static_params = engine.cfg, engine.params
+            # Static batching on an engine of the same shapes (compiled once for both), from the
+            # same per-layer weights; without the prefix cache, which would serve its repeats.
+            static_engine = BatchingEngine(engine.cfg, engine.params, max_batch=concurrency, min_prefill_chunk=32,
+                                           min_decode_batch=1, prefix_caching=False)
             with Server(engine, tokenizer) as server:
                 client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
                 for rate in rates:
                     n = args.requests or max(8, 2 * concurrency)
                     trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
                     served = summarize(client.replay(server.url, trace, concurrency))
-                    # Static batching compiles a program per batch shape (prompt and cache length
-                    # buckets): an untimed replay first compiles what the timed one will meet.
-                    replay_static(static_cfg, static_params, trace, concurrency)
-                    static = summarize(replay_static(static_cfg, static_params, trace, concurrency))
-                    for name, result in (("server (continuous)", served), ("static generate", static)):
+                    static = summarize(replay_static(static_engine, trace, concurrency))
+                    for name, result in (("server (continuous)", served), ("static batches", static)):
                         rows.append((rate, concurrency, n, name, result))
                         print(rows[-1], flush=True)
-            del engine, static_params
+            del engine, static_engine
             gc.collect()
 
     commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
@@ -272,7 +272,9 @@ def main():
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
              f"prompts {prompt_lens[0]}-{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens, "
-             f"greedy; server: max batch = concurrency, pages of 16; load average "
+             f"greedy; server: max batch = concurrency, decode batches of 1, 2, 4, .. rows, prefill chunks of "
+             f"32-256 tokens, pages of 16; static: the same engine shapes without HTTP, prefix cache off, every "
+             f"request of a batch run to the batch's longest; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
     table = ["| rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
              "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,8 @@ Each `step` admits waiting requests into free batch slots, runs one prefill chun
 running requests by one chunk at a time), then one decode step for every request past its prompt.
 Both run one jitted function, `model_step`, over per-layer page pools [N, P, K, E] (donated, so
 updated in place) and the rows' page tables [B, M]: the decode step is compiled once for
-[max_batch, 1] and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
+[max_batch, 1] (with `min_decode_batch`, also for each power-of-two multiple of it below, the
+running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
 chunk). Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
@@ -265,9 +266,12 @@ class BatchingEngine:
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
-                 min_prefill_chunk: int | None = None, max_waiting: int = 1024, prefix_caching: bool = True,
-                 attention_impl: str = "auto"):
-        """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`."""
+                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None, max_waiting: int = 1024,
+                 prefix_caching: bool = True, attention_impl: str = "auto"):
+        """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
+        min_decode_batch: also compile the decode step for every power-of-two multiple of it below
+        max_batch, and decode the running requests in the smallest that holds them (None: always
+        max_batch rows, one program)."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -288,6 +292,12 @@ class BatchingEngine:
         smallest = prefill_chunk if min_prefill_chunk is None else min_prefill_chunk
         if not 1 <= smallest <= prefill_chunk:
             raise ValueError(f"min_prefill_chunk must be in [1, prefill_chunk={prefill_chunk}], got {smallest}")
+        smallest_decode = max_batch if min_decode_batch is None else min_decode_batch
+        if not 1 <= smallest_decode <= max_batch or smallest_decode % multiple:
+            raise ValueError(f"min_decode_batch must be a multiple of {multiple} in [1, max_batch={max_batch}], "
+                             f"got {smallest_decode}")
+        self.decode_batches = [smallest_decode << i for i in range(max_batch.bit_length())
+                               if smallest_decode << i < max_batch] + [max_batch]
         self.page_size = page_size
         self.pages_per_seq = -(-self.max_seq_len // page_size)
         num_pages = max_batch * self.pages_per_seq if num_pages is None else num_pages
@@ -385,7 +395,7 @@ class BatchingEngine:
     def warm_up(self) -> None:
         """Compile the decode step and every prefill chunk shape now, before requests wait on them
         (rows of padding only: the pages are left as they are)."""
-        for rows, width in [(self.max_batch, 1)] + self.chunk_shapes:
+        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:
             jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
                                             np.zeros(rows, np.int32)))
 
@@ -403,7 +413,7 @@ class BatchingEngine:
         if chunk:
             pending.append(([(r, n, row) for row, (r, n) in enumerate(chunk)], self._run_prefill(shape, chunk)))
         if decoding:
-            pending.append(([(r, 1, r.slot) for r in decoding], self._run_decode(decoding)))
+            pending.append(([(r, 1, row) for row, r in enumerate(decoding)], self._run_decode(decoding)))
         outputs = []
         for rows, result in pending:
             outputs += self._advance(rows, jax.device_get(result))
@@ -489,15 +499,14 @@ class BatchingEngine:
         return self._run([r for r, _ in chunk], tokens, positions, logits_at)
 
     def _run_decode(self, decoding):
-        B = self.max_batch
+        """One decode step of the requests as rows 0.. of the smallest decode batch that holds them:
+        on CPU a padding row costs as much as a real one (the vocabulary projection above all)."""
+        B = next(b for b in self.decode_batches if b >= len(decoding))
         tokens, positions = np.zeros((B, 1), np.int32), np.full((B, 1), -1, np.int32)
-        for request in decoding:
-            tokens[request.slot, 0] = request.tokens[-1]
-            positions[request.slot, 0] = request.written
-        rows = [None] * B
-        for request in decoding:
-            rows[request.slot] = request
-        return self._run(rows, tokens, positions, np.zeros(B, np.int32))
+        for row, request in enumerate(decoding):
+            tokens[row, 0] = request.tokens[-1]
+            positions[row, 0] = request.written
+        return self._run(decoding, tokens, positions, np.zeros(B, np.int32))
 
     def _run(self, rows, tokens, positions, logits_at):
         """model_step on rows (requests, or None for padding) and their inputs; returns the

@@ -115,7 +115,10 @@ def load_engine(args):
         params = quantize_params(params, args.quantize)
     cfg, params = prepare(cfg, params, mesh, donate=True)  # the engine's layout, without a second copy
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                            page_size=args.page_size, num_pages=args.kv_pages)
+                            page_size=args.page_size, num_pages=args.kv_pages,
+                            # A lone short prompt or a few running requests do not pay for a full
+                            # prefill chunk or decode batch of padding (more shapes, compiled at start).
+                            min_prefill_chunk=32, min_decode_batch=batch_multiple(mesh))
     return engine, tokenizer
 
 

@@ -216,6 +216,27 @@ def test_no_request_compiles_anything_after_warm_up():
     assert sum(_compiles.values()) == 0, _compiles
 
 
+def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
+    # A config of its own, so nothing compiled by other tests is reused.
+    cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=4e-5)
+    params = random_params(cfg)
+    engine = BatchingEngine(cfg, params, **SETTINGS, min_decode_batch=1)
+    assert engine.decode_batches == [1, 2, 4]
+    _compiles.clear()
+    engine.warm_up()
+    assert _compiles["jit(model_step)"] == 3 + 3  # decode of 1, 2, 4 rows; prefill chunks of 1x32, 2x16, 4x8
+    _compiles.clear()
+    arrivals = collections.defaultdict(list)
+    for request_id, ids, max_tokens, step in REQUESTS:
+        arrivals[step].append((request_id, ids, RequestParams(max_tokens, **GREEDY)))
+    outputs, _ = drain(engine, arrivals)
+    assert sum(_compiles.values()) == 0, _compiles
+    for request_id, ids, max_tokens, _ in REQUESTS:
+        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+    with pytest.raises(ValueError, match="min_decode_batch must be a multiple of 1 in \\[1, max_batch=4\\], got 5"):
+        BatchingEngine(cfg, params, **SETTINGS, min_decode_batch=5)
+
+
 # Prefix cache and preemption ------------------------------------------------------------------
 
 def test_a_shared_prefix_is_prefilled_once(tiny):
