@@ -29,7 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import psutil  # noqa: E402
 
-from bench.results import append_results, git_commit, machine  # noqa: E402
+from bench.results import git_commit, machine, publish  # noqa: E402
 
 SECTION = "## Data throughput (bench/data.py)"
 
@@ -141,11 +141,7 @@ def main(argv=None) -> str:
               f"Tokenizer {args.tokenizer}, rows of {T} tokens, global batch {B}; corpus: JSONL of Python stdlib "
               f"sources ({args.mib} MiB); reads from the page cache; load average {load_before:.1f} before / "
               f"{psutil.getloadavg()[0]:.1f} after (a shared host).")
-    entry = header + "\n\n" + "\n".join(lines)
-    print(entry)
-    if not args.no_append:
-        append_results(SECTION, entry)
-    return entry
+    return publish(SECTION, header, lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

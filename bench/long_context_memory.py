@@ -35,7 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.results import append_results, git_commit, machine  # noqa: E402
+from bench.results import git_commit, machine, publish  # noqa: E402
 
 SECTION = "## Long-context step memory (bench/long_context_memory.py)"
 GiB = 2**30
@@ -96,11 +96,7 @@ def main(argv=None) -> str:
               f"per dp x fsdp group (each device holds seq-len / cp of a row), bf16 compute, float32 weights + AdamW, "
               f"remat full; compiled ahead of time "
               f"for 8 fake CPU devices (JAX {jax.__version__}), XLA memory_analysis per device.")
-    entry = header + "\n\n" + "\n".join(lines)
-    print(entry)
-    if not args.no_append:
-        append_results(SECTION, entry)
-    return entry
+    return publish(SECTION, header, lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,17 @@ def append_results(section: str, entry: str, path: pathlib.Path = RESULTS) -> No
     path.write_text(text[:start] + body + ("\n" + text[end:] if end < len(text) else ""))
 
 
+def publish(section: str, header: str, lines: list[str], *, append: bool = True,
+            path: pathlib.Path = RESULTS) -> str:
+    """Print one run's entry (`header`, a blank line, its table `lines`) and, unless told not to,
+    append it to `section` of bench/RESULTS.md; returns the entry."""
+    entry = header + "\n\n" + "\n".join(lines)
+    print(entry)
+    if append:
+        append_results(section, entry, path)
+    return entry
+
+
 def git_commit(*paths: str) -> str:
     """HEAD's short hash, with '-dirty' when `paths` (relative to the repository root) have changes."""
     root = pathlib.Path(__file__).resolve().parent.parent

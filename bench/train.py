@@ -43,7 +43,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.results import append_results, git_commit, machine, median_seconds  # noqa: E402
+from bench.results import git_commit, machine, median_seconds, publish  # noqa: E402
 
 SECTION = "## Training step throughput (bench/train.py)"
 
@@ -269,11 +269,7 @@ def main(argv=None) -> str:
               + (f" LoRA: rank {args.lora} on {','.join(lora_spec.targets)}, float32 adapters + AdamW, frozen base "
                  f"{args.base_dtype} (QLoRA: int8 + per-channel scales), scale {lora_spec.alpha:g}/{lora_spec.rank}."
                  if args.lora else ""))
-    entry = header + "\n\n" + "\n".join(lines)
-    print(entry)
-    if not args.no_append:
-        append_results(SECTION, entry)
-    return entry
+    return publish(SECTION, header, lines, append=not args.no_append)
 
 
 if __name__ == "__main__":
