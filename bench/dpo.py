@@ -34,27 +34,6 @@ WORDS = ("the quick brown fox jumps over the lazy dog it was nobody noticed hell
          "I am fine thank you numbers").split()
 
 
-def build_hf_model(directory: Path, dim: int, layers: int, heads: int, kv_heads: int, ffn: int) -> Path:
-    import torch
-    import transformers
-
-    from tests.hf_chat_model import CHATML_TEMPLATE, train_tokenizer
-
-    tokenizer = train_tokenizer()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
-                                                eos_token="<|im_end|>", unk_token="<|endoftext|>",
-                                                pad_token="<|im_end|>")
-    fast.chat_template = CHATML_TEMPLATE
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return directory
-
-
 def write_data(directory: Path, n: int, seed: int = 0) -> tuple[str, str]:
     """(preference pairs, the same chats with the chosen answer) as chat-form JSONL."""
     import random
@@ -104,7 +83,10 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_hf_model(tmp / "hf", args.dim, args.layers, args.heads, args.kv_heads, args.ffn)
+        from tests.hf_chat_model import build  # the tests' SmolLM2-style model, at the bench's shapes
+
+        build(tmp / "hf", dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn,
+              max_positions=1024)
         subprocess.run([sys.executable, "-m", "llama_jax.convert", "hf", str(tmp / "hf"), str(tmp / "ckpt")],
                        check=True, capture_output=True)
         prefs, chats = write_data(tmp, args.records)

@@ -40,8 +40,10 @@ def train_tokenizer():
     return tokenizer
 
 
-def build(directory: Path, *, seed: int = 0) -> Path:
-    """save_pretrained of the model and its tokenizer into `directory`; returns it."""
+def build(directory: Path, *, seed: int = 0, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          ffn: int = 192, max_positions: int = 256) -> Path:
+    """save_pretrained of the model and its tokenizer into `directory`; returns it. The defaults are
+    the tests' tiny shapes; bench/dpo.py asks for larger ones."""
     import torch
     import transformers
 
@@ -51,9 +53,9 @@ def build(directory: Path, *, seed: int = 0) -> Path:
                                                 pad_token="<|im_end|>")
     fast.chat_template = CHATML_TEMPLATE
     config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # ~N(0, 0.1), norms ~1 +- 0.2: logits O(1-10), so layout errors show
