@@ -27,11 +27,10 @@ def mesh_axes_of(logical: str, size: int, mesh):
     return spec[0] if len(spec) else None
 
 
-def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str = axes.ACTIVATION_BATCH):
+def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None):
     """kernel(q, k, v[, rows]) -> [B, T, H, E], per shard when a multi-device mesh is active.
 
     rows_BT: a per-row [B, T] operand (segment ids, or query positions), split like the batch.
-    batch_axis: the logical name of the batch dim (ACTIVATION_BATCH, or CACHE_BATCH for a cache).
     """
     operands = (q_BTHE, k_BSKE, v_BSKE) + (() if rows_BT is None else (rows_BT,))
     mesh = jax.sharding.get_abstract_mesh()
@@ -39,7 +38,7 @@ def on_shards(kernel, q_BTHE, k_BSKE, v_BSKE, rows_BT=None, *, batch_axis: str =
         return kernel(*operands)
     B, _, H, _ = q_BTHE.shape
     K = k_BSKE.shape[2]
-    batch = mesh_axes_of(batch_axis, B, mesh)
+    batch = mesh_axes_of(axes.ACTIVATION_BATCH, B, mesh)
     heads, kv_heads = mesh_axes_of(axes.HEADS, H, mesh), mesh_axes_of(axes.KV_HEADS, K, mesh)
     if heads != kv_heads:
         heads = kv_heads = None
