@@ -28,8 +28,9 @@ import os
 import sys
 from unittest import mock
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from llama_jax.sharding.mesh import use_cpu_devices  # noqa: E402
+
+use_cpu_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -37,8 +37,9 @@ import datetime
 import os
 import sys
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from llama_jax.sharding.mesh import use_cpu_devices  # noqa: E402
+
+use_cpu_devices(8)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,8 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from llama_jax.sharding.mesh import use_cpu_devices  # noqa: E402 (imports jax; devices come later)
+
+use_cpu_devices(8)
 
 import pytest  # noqa: E402
 
