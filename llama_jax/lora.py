@@ -4,7 +4,8 @@
     adapters = init_adapters(cfg, spec, rng, mesh)        # {"layers": {"attention": {"wq": {"a", "b"}}}}
     logits = apply(cfg, base, adapters, spec, tokens)     # Llama(cfg).apply with W + alpha/r * A @ B
     logits = apply(cfg, base, None, spec, tokens)         # the base alone, the same arrays (DPO's reference)
-    merged = merge(base, adapters, spec)                  # plain params, for infer / convert / export
+    merged = merge(base, adapters, spec)                  # plain params, for convert / export / --merge-lora
+    served = adapt_from(DIR, base, cfg, base_path=BASE, base_config=stored)  # infer/serve --lora, unmerged
 
 A targeted weight W with input dims I and output dims O (a stacked layer axis in front) gets
 A [L, *I, r] and B [L, r, *O], their own parameter subtree with logical axes: A is split like W's
@@ -22,6 +23,10 @@ jax.checkpoint, so a converted or dequantized W is never kept), and never forms 
 bench/train.py's memory_analysis: the step holds the base once, the adapters and their Adam
 moments, and activations. The base gets no gradient: callers differentiate with respect to the
 adapters only. `LoraWeight.astype` is the merge, for anything that reads a weight whole.
+
+Serving: the decode engine (infer/batching.py) splits the adapted tree per layer like any other
+(a LoraWeight is a pytree: each layer gets its slice of W, A and B) and runs the same hook, so an
+adapter is served unmerged, on the base as loaded or int8 (as a --quantize-base int8 run trained it).
 
 QLoRA: the base may hold `QuantizedArray`s (infer/quantize.py, int8 with per-channel scales): each
 layer's W is dequantized as it is read, in the forward pass and again in the backward pass, so the
