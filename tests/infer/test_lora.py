@@ -41,8 +41,9 @@ def random_adapters(cfg, spec=SPEC, seed=1):
 
 
 def engine_run(cfg, params):
-    """(greedy tokens, [(top ids, top log-probs)] per step) of one request through the engine."""
-    engine = BatchingEngine(cfg, params, max_batch=1, max_seq_len=32, page_size=8, prefill_chunk=16)
+    """(greedy tokens, [(top ids, top log-probs)] per step) of one request through the engine. One
+    prompt token a step, so prefill and decode are one program [1, 1]: one compile."""
+    engine = BatchingEngine(cfg, params, max_batch=1, max_seq_len=32, page_size=8, prefill_chunk=1)
     engine.add("0", PROMPT, RequestParams(NEW, temperature=0.0, logprobs=MAX_LOGPROBS))
     outputs = []
     while engine.has_work():
