@@ -4,7 +4,8 @@
     adapters = init_adapters(cfg, spec, rng, mesh)        # {"layers": {"attention": {"wq": {"a", "b"}}}}
     logits = apply(cfg, base, adapters, spec, tokens)     # Llama(cfg).apply with W + alpha/r * A @ B
     logits = apply(cfg, base, None, spec, tokens)         # the base alone, the same arrays (DPO's reference)
-    merged = merge(base, adapters, spec)                  # plain params, for infer / convert / export
+    merged = merge(base, adapters, spec)                  # plain params, for convert / export / --merge-lora
+    served = adapt_from(DIR, base, cfg, base_path=BASE, base_config=stored)  # infer/serve --lora, unmerged
 
 A targeted weight W with input dims I and output dims O (a stacked layer axis in front) gets
 A [L, *I, r] and B [L, r, *O], their own parameter subtree with logical axes: A is split like W's
@@ -22,6 +23,10 @@ jax.checkpoint, so a converted or dequantized W is never kept), and never forms 
 bench/train.py's memory_analysis: the step holds the base once, the adapters and their Adam
 moments, and activations. The base gets no gradient: callers differentiate with respect to the
 adapters only. `LoraWeight.astype` is the merge, for anything that reads a weight whole.
+
+Serving: the decode engine (infer/batching.py) splits the adapted tree per layer like any other
+(a LoraWeight is a pytree: each layer gets its slice of W, A and B) and runs the same hook, so an
+adapter is served unmerged, on the base as loaded or int8 (as a --quantize-base int8 run trained it).
 
 QLoRA: the base may hold `QuantizedArray`s (infer/quantize.py, int8 with per-channel scales): each
 layer's W is dequantized as it is read, in the forward pass and again in the backward pass, so the
@@ -151,6 +156,12 @@ class LoraWeight:
         delta = jnp.einsum(f"{xa_subs},{r}{outs}->{out_subs}", xa, self.b.astype(dtype))
         return base_out + (self.scale * delta).astype(dtype)
 
+    def map_with_axes(self, fn, logical) -> "LoraWeight":
+        """A LoraWeight of fn(logical axes, array) for its base, A and B, given the weight's logical
+        axes (A's and B's follow from them: `adapter_axes`); e.g. their shardings."""
+        a_axes, b_axes = adapter_axes(logical, self.n_in, n_lead=len(self.a.shape) - self.n_in - 1)
+        return LoraWeight(fn(logical, self.base), fn(a_axes, self.a), fn(b_axes, self.b), self.scale, self.n_in)
+
     def astype(self, dtype):
         """The merged weight (anything that reads the weight whole rather than through contract)."""
         return _merge(self.base, self.a, self.b, scale=self.scale, n_in=self.n_in, dtype=dtype)
@@ -193,14 +204,21 @@ def adapter_shapes(cfg: LlamaConfig, spec: LoraConfig, dtype=jnp.float32):
     return _nest(items)
 
 
+def adapter_axes(logical, n_in: int, n_lead: int = 1) -> tuple[PartitionSpec, PartitionSpec]:
+    """(A's, B's) logical axes, for a weight whose axes are `logical` = (*lead, *inputs, *outputs) with
+    n_lead leading (stacked layer) dims and n_in input dims: A split like W's inputs, B like its
+    outputs, r replicated."""
+    lead, ins, outs = tuple(logical[:n_lead]), tuple(logical[n_lead:n_lead + n_in]), tuple(logical[n_lead + n_in:])
+    return PartitionSpec(*lead, *ins, axes.LORA_RANK), PartitionSpec(*lead, axes.LORA_RANK, *outs)
+
+
 def adapter_logical_axes(cfg: LlamaConfig, spec: LoraConfig):
     """Tree of logical PartitionSpecs: A split like its weight's input dims, B like its output dims."""
     items = []
     for path, _, logical in _targets(cfg, spec):
-        n_in = INPUT_DIMS[path[-1]]
-        layers, ins, outs = logical[0], logical[1:1 + n_in], logical[1 + n_in:]
-        items.append((path + ("a",), PartitionSpec(layers, *ins, axes.LORA_RANK)))
-        items.append((path + ("b",), PartitionSpec(layers, axes.LORA_RANK, *outs)))
+        a_axes, b_axes = adapter_axes(logical, INPUT_DIMS[path[-1]])
+        items.append((path + ("a",), a_axes))
+        items.append((path + ("b",), b_axes))
     return _nest(items)
 
 
@@ -313,6 +331,10 @@ def save_adapters(path: str | os.PathLike, spec: LoraConfig, adapters, *, base: 
 def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     """(spec, the whole adapter_config.json); ValueError with one line if DIR is not an adapter directory."""
     file = Path(path) / ADAPTER_CONFIG
+    if not Path(path).is_dir():
+        raise ValueError(f"{path}: no such directory (a LoRA run writes its adapters to OUT/adapters)")
+    if (Path(path) / "adapters" / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{path} is a LoRA run's directory: pass its adapters, {Path(path) / 'adapters'}")
     if not file.is_file() or not (Path(path) / PARAMS_DIR).is_dir():
         raise ValueError(f"{path} is not a LoRA adapter directory (expected {ADAPTER_CONFIG} and {PARAMS_DIR}/ "
                          f"inside, as a LoRA run writes to OUT/adapters)")
@@ -327,13 +349,20 @@ def check_base(meta: dict, base_config: LlamaConfig, base_path: str | os.PathLik
                          f"{config_sha256(base_config)[:12]}: not the same model")
 
 
+def check_adapters(path: str | os.PathLike, *, base_config: LlamaConfig, base_path: str | os.PathLike) -> LoraConfig:
+    """The spec of adapter directory `path`, checked against the base it is to be applied to (its
+    config as stored: the hash the adapters recorded); reads no arrays, so a CLI fails before loading."""
+    spec, meta = read_adapter_config(path)
+    check_base(meta, base_config, base_path, f"--lora {path}")
+    return spec
+
+
 def load_adapters(path: str | os.PathLike, cfg: LlamaConfig, *, base_config: LlamaConfig,
                   base_path: str | os.PathLike, mesh: Mesh | None = None):
     """(spec, adapters) of an adapter directory, checked against the base it is to be applied to."""
     import orbax.checkpoint as ocp
 
-    spec, meta = read_adapter_config(path)
-    check_base(meta, base_config, base_path, f"--lora {path}")
+    spec = check_adapters(path, base_config=base_config, base_path=base_path)
     if mesh is not None:
         target = sharded_adapter_shapes(cfg, spec, mesh)
     else:
@@ -341,6 +370,14 @@ def load_adapters(path: str | os.PathLike, cfg: LlamaConfig, *, base_config: Lla
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                               adapter_shapes(cfg, spec))
     return spec, ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+
+
+def adapt_from(path: str | os.PathLike, params, cfg: LlamaConfig, *, base_path: str | os.PathLike,
+               base_config: LlamaConfig, mesh: Mesh | None = None):
+    """The base `params` (as loaded, or int8 from quantize_params) with the adapters of directory
+    `path` applied unmerged (`adapt`): what the inference engine serves with `--lora`."""
+    spec, adapters = load_adapters(path, cfg, base_config=base_config, base_path=base_path, mesh=mesh)
+    return adapt(params, adapters, spec)
 
 
 def merge_from(path: str | os.PathLike, params, cfg: LlamaConfig, *, base_path: str | os.PathLike,

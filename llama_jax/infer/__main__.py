@@ -3,6 +3,7 @@
     python -m llama_jax.infer --checkpoint DIR --prompt "The capital of France is" --temperature 0
     python -m llama_jax.infer --checkpoint DIR --chat [--system "You are terse."]
     python -m llama_jax.infer --checkpoint DIR --prompts-file prompts.txt --batch-size 16 > out.jsonl
+    python -m llama_jax.infer --checkpoint BASE --lora RUN/adapters --chat   # a LoRA adapter, unmerged
 
 Errors are one line on stderr with exit status 1 (2 for bad flags), never a traceback.
 """
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import psutil
 
-from llama_jax import checkpoint, kernels
+from llama_jax import checkpoint, kernels, lora
 from llama_jax.config import compute_dtype
 from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
 from llama_jax.infer.engine import Conversation, PromptTooLongError
@@ -55,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
-    p.add_argument("--lora", metavar="DIR", help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), "
-                   "merged into the weights as they load (then quantized, with --quantize)")
+    add_lora_flags(p)
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
@@ -67,6 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
     p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
     return p
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", metavar="DIR",
+                   help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), served unmerged: the base "
+                        "weights as loaded (int8 with --quantize, as a --quantize-base int8 run trained them) "
+                        "plus alpha/r (x A) B in each adapted projection")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge --lora into the weights as they load instead (W + alpha/r A B, then quantized "
+                        "with --quantize): no adapter matmuls per token, but a quantized merge rounds the update")
+
+
+def check_lora(args, path: Path) -> None:
+    """--lora against the base checkpoint at `path` (its stored config's hash), before any weight loads."""
+    if args.merge_lora and not args.lora:
+        raise ValueError("--merge-lora needs --lora DIR")
+    if args.lora:
+        lora.check_adapters(args.lora, base_config=checkpoint.load_config(path), base_path=path)
+
+
+def adapt_and_quantize(args, cfg, params, path: Path, mesh):
+    """The loaded base `params` with --lora and --quantize applied: merged then quantized with
+    --merge-lora; otherwise quantized, then the adapters put beside the (int8) weights, unmerged."""
+    base = dict(base_config=checkpoint.load_config(path), base_path=path, mesh=mesh)
+    if args.lora and args.merge_lora:
+        params = lora.merge_from(args.lora, params, cfg, donate=True, **base)
+    if args.quantize:
+        params = quantize_params(params, args.quantize)
+    if args.lora and not args.merge_lora:
+        params = lora.adapt_from(args.lora, params, cfg, **base)
+    return params
 
 
 def load_model(args):
@@ -89,17 +120,12 @@ def load_model(args):
     if mesh is not None and context_size(mesh) > 1:
         raise ValueError(f"--mesh {args.mesh}: context parallelism (cp) is for training; decoding splits over dp, "
                          "fsdp and tp")
+    check_lora(args, path)
     if mesh is None:
         cfg, params = checkpoint.load(path, **overrides)
     else:
         cfg, params = load_params(path, mesh, **overrides)
-    if args.lora:
-        from llama_jax.lora import merge_from
-
-        params = merge_from(args.lora, params, cfg, base_path=path, base_config=checkpoint.load_config(path),
-                            mesh=mesh, donate=True)
-    if args.quantize:
-        params = quantize_params(params, args.quantize)
+    params = adapt_and_quantize(args, cfg, params, path, mesh)
     # The engine's per-layer layout, once for every generation; never two copies of the weights.
     cfg, params = prepare(cfg, params, mesh, donate=True)
     return cfg, params, tokenizer, mesh

@@ -127,8 +127,10 @@ class DecodeParams(NamedTuple):
 def param_shardings(cfg: LlamaConfig, mesh, params):
     """Shardings matching the model's `params` as the rules table says, QuantizedArrays included (a
     scale's size-1 contracted dims are replicated, as the rules do for any dim a mesh axis does not
-    divide)."""
+    divide), and LoRA-adapted weights (lora.adapt: A split like the weight's inputs, B like its outputs)."""
     def shard(logical, leaf):
+        if hasattr(leaf, "map_with_axes"):  # a lora.LoraWeight (not imported: lora.py imports infer/)
+            return leaf.map_with_axes(shard, logical)
         if isinstance(leaf, QuantizedArray):
             return QuantizedArray(logical_to_sharding(logical, mesh, leaf.values.shape),
                                   logical_to_sharding(logical, mesh, leaf.scale.shape))

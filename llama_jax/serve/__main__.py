@@ -1,6 +1,6 @@
 """Serve a llama_jax checkpoint over the OpenAI API (completions, chat completions, streaming).
 
-    python -m llama_jax.serve --checkpoint DIR [--port 8000] [--mesh tp8] [--api-key KEY]
+    python -m llama_jax.serve --checkpoint DIR [--port 8000] [--mesh tp8] [--api-key KEY] [--lora RUN/adapters]
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -24,9 +24,10 @@ import uvicorn
 
 from llama_jax import checkpoint
 from llama_jax.config import compute_dtype
-from llama_jax.infer.__main__ import check_host_memory, load_tokenizer_for
+from llama_jax.infer.__main__ import (adapt_and_quantize, add_lora_flags, check_host_memory, check_lora,
+                                      load_tokenizer_for)
 from llama_jax.infer.batching import BatchingEngine, batch_multiple, prepare
-from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
+from llama_jax.infer.quantize import QUANTIZED_DTYPES
 from llama_jax.infer.text import check_tokenizer
 from llama_jax.serve.app import create_app
 from llama_jax.sharding import make_mesh
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache pages in all (default: enough for --max-batch requests of --max-seq-len)")
     p.add_argument("--page-size", type=int, default=16, metavar="T", help="tokens per KV cache page (default: %(default)s)")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
+    add_lora_flags(p)
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file (default: the checkpoint's)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the name clients pass as 'model' (default: the checkpoint directory's name)")
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """One-line ValueError for any flag that cannot work, before the model loads (the engine checks
     its settings again, but only once the weights are in memory)."""
-    cfg = checkpoint.load_config(checkpoint.find(args.checkpoint))  # raises for a path that is not a checkpoint
+    path = checkpoint.find(args.checkpoint)  # raises for a path that is not a checkpoint
+    cfg = checkpoint.load_config(path)
+    check_lora(args, path)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size"):
@@ -111,8 +115,7 @@ def load_engine(args):
         cfg, params = checkpoint.load(path, **overrides)
     else:
         cfg, params = load_params(path, mesh, **overrides)
-    if args.quantize:
-        params = quantize_params(params, args.quantize)
+    params = adapt_and_quantize(args, cfg, params, path, mesh)
     cfg, params = prepare(cfg, params, mesh, donate=True)  # the engine's layout, without a second copy
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages,

@@ -55,6 +55,8 @@ def fake_checkpoint(tmp_path):
     (["--max-seq-len", "100000"], ["--max-seq-len 100000", "context of 256"]),
     (["--grace-period", "-1"], ["--grace-period"]),
     (["--api-key", " "], ["--api-key is empty"]),
+    (["--lora", "/no/such/adapters"], ["/no/such/adapters: no such directory"]),
+    (["--merge-lora"], ["--merge-lora needs --lora DIR"]),
 ])
 def test_bad_flags_are_one_line_before_loading(flags, words, tmp_path, capsys):
     checkpoint = fake_checkpoint(tmp_path)
@@ -145,3 +147,22 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
                  if isinstance(leaf, QuantizedArray)]
     assert bool(quantized) == ("--quantize" in option)
+
+
+def test_load_engine_serves_a_lora_adapter_unmerged(checkpoint_dir, tmp_path):
+    """--lora: each layer's A and B beside its (here int8, tp-split) weight, placed like it; the tokens
+    this decodes are tests/infer/test_lora.py's."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llama_jax import checkpoint, lora
+    from tests.infer.test_lora import SPEC, random_adapters
+
+    cfg = checkpoint.load_config(checkpoint_dir)
+    adapters = lora.save_adapters(tmp_path / "adapters", SPEC, random_adapters(cfg), base=checkpoint_dir,
+                                  base_config=cfg)
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--max-batch", "4", "--mesh", "dp4,tp2",
+                                      "--quantize", "int8", "--lora", str(adapters)])
+    engine, _ = load_engine(args)
+    wq = engine.params.layers[1]["attention"]["wq"]
+    assert isinstance(wq, lora.LoraWeight) and isinstance(wq.base, QuantizedArray)
+    assert wq.b.sharding.is_equivalent_to(NamedSharding(engine.mesh, PartitionSpec(None, "tp")), 3)

@@ -1,6 +1,6 @@
 """LoRA and QLoRA runs end to end, from a converted Hugging Face checkpoint: step 0 is the base model,
 the loss falls on a small chat set, checkpoints hold adapters only, resume is exact, OUT/model is the
-merged model and equals what `infer --lora OUT/adapters` serves, bad flags are one line."""
+merged model and decodes as `infer --lora OUT/adapters` serves the adapters unmerged, bad flags are one line."""
 
 import json
 import shutil
@@ -76,7 +76,7 @@ def test_lora_run_starts_at_the_base_loss_falls_and_exports(converted, lora_run)
     run = json.loads((out / "lora.json").read_text())
     assert run["base"] == str(base) and run["base_config_sha256"] == lora.config_sha256(checkpoint.load_config(base))
 
-    # OUT/model is W + alpha/r A @ B in the base's dtype; `infer --lora` merges the same at load.
+    # OUT/model is W + alpha/r A @ B in the base's dtype; `infer --lora --merge-lora` merges the same at load.
     merged_cfg, merged = checkpoint.load(out / "model", dtype="float32")
     assert merged_cfg.param_dtype == checkpoint.load_config(base).param_dtype
     served = lora.merge_from(out / "adapters", params, cfg, base_path=base, base_config=checkpoint.load_config(base))
@@ -167,7 +167,7 @@ def test_infer_serves_adapters_and_refuses_another_base(converted, lora_run, tmp
     with_adapters = capsys.readouterr().out
     assert main(["--checkpoint", str(out / "model"), *prompt]) == 0
     assert capsys.readouterr().out == with_adapters
-    # Another base (a changed config): refused before anything is merged.
+    # Another base (a changed config): refused before the weights load.
     other = tmp_path / "other"
     shutil.copytree(base, other)
     config = json.loads((other / "config.json").read_text())
