@@ -51,7 +51,8 @@ class Hooks:
     """Calls the loop makes at fixed points, with the step number; for callers that watch a run or,
     as the tests do, disturb it (a signal once a step is dispatched, a kill while a save is written)."""
 
-    step_dispatched: Callable[[int], None] = _nothing  # step n's update is dispatched: the state is at step n
+    # step n's update is dispatched (the state is at step n), before the loop asks whether to stop after it
+    step_dispatched: Callable[[int], None] = _nothing
     checkpoint_started: Callable[[int], None] = _nothing  # checkpoint n's write has started, not finished
 
 

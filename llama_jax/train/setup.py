@@ -33,6 +33,7 @@ def is_primary() -> bool:
 
 
 def default_model_config() -> LlamaConfig:
+    """The model a run without --config trains (bench/train.py times it)."""
     return PRESETS[DEFAULT_MODEL]
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llama_jax.train.loop import TrainConfig, train
-from tests.train.conftest import BASE, MESH, STEPS, cli_args, losses
+from tests.train.conftest import BASE, MESH, STEPS, cli_args, losses, saved_steps
 
 
 def free_port() -> int:
@@ -31,6 +31,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, uninterrupted):
     # One fsdp8 mesh over both processes; process 0 got the signal and both stopped after the same step.
     assert "stopped by SIGTERM after step 2: step 3" in results[0][0] and "mesh fsdp8" in results[0][0]
     assert "stopped by SIGTERM" not in results[1][0]  # only process 0 reports
+    assert saved_steps(tmp_path) == [2, 3]  # the regular save, and the one at the step jax had them agree on
 
     got = losses(tmp_path)
     assert sorted(got) == [0, 1, 2]

@@ -2,6 +2,7 @@
 losses of an uninterrupted run, on the same or another mesh; divergence stops at the step; the
 CLI writes a model checkpoint that loads; metric files are readable."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from llama_jax import checkpoint
-from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
+from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.train.loop import Hooks, NonFiniteLoss, TrainConfig, train
 from tests.train.conftest import BASE, STEPS, cli_args, losses, saved_steps
 from tests.train.faults import sigterm_at
 
@@ -22,9 +24,13 @@ def assert_same_losses(got, want, steps, rtol=1e-6):
 
 
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path, uninterrupted):
-    summary = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE), sigterm_at(3))
+    dispatched, started = [], []  # what the loop tells its hooks: each step, each save as it starts
+    fault = sigterm_at(3).step_dispatched
+    hooks = Hooks(step_dispatched=lambda n: (dispatched.append(n), fault(n)), checkpoint_started=started.append)
+    summary = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE), hooks)
     assert summary["status"].startswith("stopped by SIGTERM") and summary["steps"] == 3
-    assert saved_steps(tmp_path) == [2, 3]  # the regular save at 2, and one at the stop
+    assert saved_steps(tmp_path) == [2, 3] == started  # the regular save at 2, and one at the stop
+    assert dispatched == [1, 2, 3]
     assert summary["model"] is None
     resumed = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
@@ -125,6 +131,8 @@ def test_default_model_metrics_files_and_tensorboard_events(tmp_path):
     out = tmp_path / "run"
     summary = train(TrainConfig(out=str(out), **{**BASE, "config": None, "steps": 2, "seq_len": 64}))
     assert summary["params"] == 869504 and summary["mesh"] == "fsdp8"  # the default model and mesh
+    trained = LlamaConfig.from_json(out / "config.json")  # the tiny-bytes preset, at the run's dtypes
+    assert dataclasses.replace(trained, dtype="float32") == PRESETS["tiny-bytes"]
     events = EventAccumulator(str(out))  # TensorBoard's own reader
     events.Reload()
     assert set(events.Tags()["scalars"]) >= {"train/loss", "train/grad_norm", "train/lr", "train/accuracy"}
