@@ -28,7 +28,7 @@ examples:
       --lr 1e-6 --steps 200 --out runs/dpo
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \\
       --lr 2e-4 --steps 500 --out runs/lora     # QLoRA: OUT/adapters + the merged OUT/model
-  (rerun the same command to resume; send SIGTERM to save and stop cleanly)
+  (rerun the same command to resume; SIGTERM, to any one process of a run, saves and stops them all cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
 (chat: loss on assistant turns only); .parquet files and `datasets` directories (save_to_disk) give one
