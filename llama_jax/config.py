@@ -446,6 +446,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "tiny-3.1": LlamaConfig(**_TINY | dict(rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=64))),
     "tiny-3.2": LlamaConfig(**_TINY | dict(n_kv_heads=4, tie_embeddings=True,
                                           rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=64))),
+    # The trainer's default demo model: `tiny` widened to 0.87M parameters over a byte-level vocabulary
+    # (256 bytes + Meta's 256 special tokens = 512; bos/eos are the first two specials), so it learns
+    # visible structure on a laptop CPU in minutes. With Llama 3's 128k-token vocabulary, 98% of a model
+    # this size would be embeddings and each step would cost ~18x the FLOPs.
+    "tiny-bytes": LlamaConfig(**_TINY | dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=1024,
+                                            bos_id=256, eos_id=257)),
 }
 
 

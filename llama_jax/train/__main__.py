@@ -27,7 +27,7 @@ examples:
       --lr 1e-6 --steps 200 --out runs/dpo
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \\
       --lr 2e-4 --steps 500 --out runs/lora     # QLoRA: OUT/adapters + the merged OUT/model
-  (rerun the same command to resume; send SIGTERM to save and stop cleanly)
+  (rerun the same command to resume; SIGTERM, to any one process of a run, saves and stops them all cleanly)
 
 data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages": [{"role", "content"}, ...]}
 (chat: loss on assistant turns only); .parquet files and `datasets` directories (save_to_disk) give one
@@ -40,7 +40,7 @@ recursively. For big corpora and multi-host runs, prepare once: python -m llama_
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_jax.kernels import IMPLS
-    from llama_jax.train.loop import DEFAULT_MODEL, OBJECTIVES, TrainConfig
+    from llama_jax.train.run_config import DEFAULT_MODEL, OBJECTIVES, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m llama_jax.train", description=DESCRIPTION, epilog=EPILOG,
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=None) -> int:
+    """The CLI; `hooks` (loop.Hooks) are for callers that drive it in-process, as the tests do."""
     args = build_parser().parse_args(argv)
     if args.cpu_devices > 1:
         from llama_jax.sharding.mesh import use_cpu_devices
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from llama_jax.sharding import initialize_distributed
-    from llama_jax.train.loop import NonFiniteLoss, TrainConfig, summary_line, train
+    from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
+    from llama_jax.train.report import summary_line
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         values["progress"] = not args.no_progress
         if args.lora_targets is not None:
             values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        summary = train(TrainConfig(**values))
+        summary = train(TrainConfig(**values), hooks)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from llama_jax.train.preferences import PreferenceBatches, PreferenceDataConfig,
     read_preferences
 from llama_jax.train.step import init_state, make_train_step, put_batch
 from tests.train.conftest import losses
+from tests.train.faults import sigterm_at
 
 CFG = LlamaConfig.preset("tiny")  # float32, V=512: the byte tokenizer's 256 bytes + 256 specials
 SEQ_LEN = 96
@@ -137,12 +138,10 @@ def test_starts_at_log_2_and_learns_a_toy_preference_set(toy_run):
     assert np.load(out / "reference_logprobs.npz")["logprobs"].shape == (48, 2)
 
 
-def test_sigterm_and_resume_continue_exactly(tmp_path, toy_run, monkeypatch):
+def test_sigterm_and_resume_continue_exactly(tmp_path, toy_run):
     data, _, rows = toy_run
     config = TrainConfig(out=str(tmp_path), data=(data,), steps=TOY_STEPS, **TOY)
-    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
-    assert train(config)["steps"] == 3
-    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+    assert train(config, sigterm_at(3))["steps"] == 3
     resumed = train(config)  # reads the reference log-probs back from the run directory
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
     got = losses(tmp_path)

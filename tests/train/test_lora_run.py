@@ -15,6 +15,7 @@ from llama_jax import checkpoint, lora
 from llama_jax.model import Llama
 from llama_jax.train.loop import TrainConfig, train
 from tests.train.conftest import losses, saved_steps
+from tests.train.faults import sigterm_at
 
 STEPS = 6
 RUN = dict(seq_len=32, batch_size=8, steps=STEPS, lr=1e-2, warmup_steps=0, save_every=2, keep=10, log_every=1,
@@ -105,12 +106,10 @@ def test_merged_model_exports_to_hugging_face(converted, lora_run, tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_resume_is_exact(converted, lora_run, tmp_path, monkeypatch):
+def test_lora_resume_is_exact(converted, lora_run, tmp_path):
     base, data = converted
-    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
-    stopped = train(TrainConfig(out=str(tmp_path), init_from=str(base), data=(str(data),), **RUN))
+    stopped = train(TrainConfig(out=str(tmp_path), init_from=str(base), data=(str(data),), **RUN), sigterm_at(3))
     assert stopped["steps"] == 3 and saved_steps(tmp_path) == [2, 3]
-    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
     resumed = train(TrainConfig(out=str(tmp_path), data=(str(data),), **RUN))  # the base comes from OUT/lora.json
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
     want = losses(lora_run[0])

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llama_jax.train.loop import TrainConfig, train
-from tests.train.conftest import BASE, MESH, STEPS, cli_args, losses
+from tests.train.conftest import BASE, MESH, STEPS, cli_args, losses, saved_steps
 
 
 def free_port() -> int:
@@ -19,18 +19,19 @@ def free_port() -> int:
 
 
 def test_two_processes_match_one_and_resume_in_one(tmp_path, uninterrupted):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               LLAMA_JAX_TEST_FAULT="sigterm:3")
-    args = [sys.executable, "-m", "llama_jax.train", *cli_args(tmp_path), "--coordinator", f"localhost:{free_port()}",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    # Process 0 alone gets SIGTERM after step 3 is dispatched (tests/train/faults.py).
+    args = [sys.executable, "-m", "tests.train.faults", "sigterm:3", *cli_args(tmp_path), "--coordinator", f"localhost:{free_port()}",
             "--num-processes", "2"]
     procs = [subprocess.Popen(args + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
-    # One fsdp8 mesh over both processes; both got the signal and stopped after the same step.
+    # One fsdp8 mesh over both processes; process 0 got the signal and both stopped after the same step.
     assert "stopped by SIGTERM after step 2: step 3" in results[0][0] and "mesh fsdp8" in results[0][0]
     assert "stopped by SIGTERM" not in results[1][0]  # only process 0 reports
+    assert saved_steps(tmp_path) == [2, 3]  # the regular save, and the one at the step jax had them agree on
 
     got = losses(tmp_path)
     assert sorted(got) == [0, 1, 2]

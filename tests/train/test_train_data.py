@@ -17,6 +17,7 @@ from llama_jax.data.tokens import write_byte_tokenizer
 from llama_jax.train.__main__ import main
 from llama_jax.train.loop import TrainConfig, train
 from tests.train.conftest import BASE, STEPS, cli_args, losses, saved_steps
+from tests.train.faults import sigterm_at
 from tests.train.test_multiprocess import free_port
 
 
@@ -68,11 +69,9 @@ def jax_leaves(tree):
 
 
 def test_a_dp4_run_resumes_on_dp2_in_one_or_two_processes_to_the_same_weights(prepared, uninterrupted_run,
-                                                                              uninterrupted, tmp_path, monkeypatch):
+                                                                              uninterrupted, tmp_path):
     stopped = tmp_path / "stopped"
-    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
-    summary = train(TrainConfig(out=str(stopped), mesh="dp4,tp2", data=(str(prepared),), **BASE))
-    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+    summary = train(TrainConfig(out=str(stopped), mesh="dp4,tp2", data=(str(prepared),), **BASE), sigterm_at(3))
     assert summary["steps"] == 3 and saved_steps(stopped) == [2, 3]
     shutil.copytree(stopped, tmp_path / "two_processes")
     want = params_of(uninterrupted_run)
@@ -86,7 +85,6 @@ def test_a_dp4_run_resumes_on_dp2_in_one_or_two_processes_to_the_same_weights(pr
 
     # 2 processes x dp2: each process's 4 devices hold one half of each batch, and read only that half.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env.pop("LLAMA_JAX_TEST_FAULT", None)
     out = tmp_path / "two_processes"
     args = [sys.executable, "-m", "llama_jax.train", *cli_args(out, mesh="dp2,tp4", data=str(prepared)),
             "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]

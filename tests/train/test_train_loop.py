@@ -2,8 +2,8 @@
 losses of an uninterrupted run, on the same or another mesh; divergence stops at the step; the
 CLI writes a model checkpoint that loads; metric files are readable."""
 
+import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from llama_jax import checkpoint
-from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
+from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.train.loop import Hooks, NonFiniteLoss, TrainConfig, train
 from tests.train.conftest import BASE, STEPS, cli_args, losses, saved_steps
+from tests.train.faults import sigterm_at
 
 
 def assert_same_losses(got, want, steps, rtol=1e-6):
@@ -21,23 +23,23 @@ def assert_same_losses(got, want, steps, rtol=1e-6):
         assert got[step] == pytest.approx(want[step], rel=rtol), (step, got[step], want[step])
 
 
-def test_sigterm_saves_and_resume_continues_exactly(tmp_path, uninterrupted, monkeypatch):
-    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:3")
-    summary = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, uninterrupted):
+    dispatched, started = [], []  # what the loop tells its hooks: each step, each save as it starts
+    fault = sigterm_at(3).step_dispatched
+    hooks = Hooks(step_dispatched=lambda n: (dispatched.append(n), fault(n)), checkpoint_started=started.append)
+    summary = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE), hooks)
     assert summary["status"].startswith("stopped by SIGTERM") and summary["steps"] == 3
-    assert saved_steps(tmp_path) == [2, 3]  # the regular save at 2, and one at the stop
+    assert saved_steps(tmp_path) == [2, 3] == started  # the regular save at 2, and one at the stop
+    assert dispatched == [1, 2, 3]
     assert summary["model"] is None
-    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
     resumed = train(TrainConfig(out=str(tmp_path), mesh="fsdp8", **BASE))
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
     assert_same_losses(losses(tmp_path), uninterrupted, range(STEPS))
 
 
 @pytest.mark.parametrize("first, second", [("fsdp8", "dp2,fsdp2,tp2"), ("fsdp2,cp4", "dp2,cp2,tp2")])
-def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch, first, second):
-    monkeypatch.setenv("LLAMA_JAX_TEST_FAULT", "sigterm:4")
-    train(TrainConfig(out=str(tmp_path), mesh=first, **BASE))
-    monkeypatch.delenv("LLAMA_JAX_TEST_FAULT")
+def test_resume_on_a_different_mesh(tmp_path, uninterrupted, first, second):
+    train(TrainConfig(out=str(tmp_path), mesh=first, **BASE), sigterm_at(4))
     # Another data-parallel, context-parallel and tensor-parallel split: the same global batches, re-split.
     resumed = train(TrainConfig(out=str(tmp_path), mesh=second, **BASE))
     assert resumed["resumed_from"] == 4 and resumed["mesh"] == second
@@ -45,8 +47,7 @@ def test_resume_on_a_different_mesh(tmp_path, uninterrupted, monkeypatch, first,
 
 
 def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, uninterrupted):
-    env = dict(os.environ, LLAMA_JAX_TEST_FAULT="sigkill-after-save:6")
-    killed = subprocess.run([sys.executable, "-m", "llama_jax.train", *cli_args(tmp_path)], env=env,
+    killed = subprocess.run([sys.executable, "-m", "tests.train.faults", "sigkill-after-save:6", *cli_args(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     complete = saved_steps(tmp_path)
@@ -130,6 +131,8 @@ def test_default_model_metrics_files_and_tensorboard_events(tmp_path):
     out = tmp_path / "run"
     summary = train(TrainConfig(out=str(out), **{**BASE, "config": None, "steps": 2, "seq_len": 64}))
     assert summary["params"] == 869504 and summary["mesh"] == "fsdp8"  # the default model and mesh
+    trained = LlamaConfig.from_json(out / "config.json")  # the tiny-bytes preset, at the run's dtypes
+    assert dataclasses.replace(trained, dtype="float32") == PRESETS["tiny-bytes"]
     events = EventAccumulator(str(out))  # TensorBoard's own reader
     events.Reload()
     assert set(events.Tags()["scalars"]) >= {"train/loss", "train/grad_norm", "train/lr", "train/accuracy"}
