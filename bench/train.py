@@ -51,9 +51,7 @@ SECTION = "## Training step throughput (bench/train.py)"
 
 def model_config(name: str, dtype: str, seq_len: int):
     from llama_jax.config import PRESETS
-    from llama_jax.train.loop import DEFAULT_MODEL, default_model_config
-
-    cfg = default_model_config() if name == DEFAULT_MODEL else PRESETS[name]
+    cfg = PRESETS[name]
     return dataclasses.replace(cfg, dtype=dtype, param_dtype="float32", max_seq_len=max(cfg.max_seq_len, seq_len))
 
 
@@ -180,7 +178,7 @@ def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> floa
 
 
 def main(argv=None) -> str:
-    from llama_jax.train.loop import DEFAULT_MODEL
+    from llama_jax.train.run_config import DEFAULT_MODEL
     from llama_jax.train.metrics import peak_flops
 
     on_cpu = jax.devices()[0].platform == "cpu"

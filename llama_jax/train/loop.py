@@ -35,9 +35,9 @@ from llama_jax.train import lora as lora_lib
 from llama_jax.train.metrics import peak_flops
 from llama_jax.train.preemption import Preemption
 from llama_jax.train.report import NonFiniteLoss, Reporter
-from llama_jax.train.run_config import DEFAULT_MODEL, TrainConfig  # noqa: F401 - DEFAULT_MODEL: bench/train.py's
-from llama_jax.train.setup import Run, checkpoint_args, checkpoint_manager, default_model_config, \
-    export_model, is_primary, prepare, start_state  # noqa: F401 - default_model_config: bench/train.py's
+from llama_jax.train.run_config import TrainConfig
+from llama_jax.train.setup import Run, checkpoint_args, checkpoint_manager, export_model, is_primary, prepare, \
+    start_state
 
 log = logging.getLogger("llama_jax.train")
 

@@ -32,10 +32,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def default_model_config() -> LlamaConfig:
-    """The model a run without --config trains (bench/train.py times it)."""
-    return PRESETS[DEFAULT_MODEL]
-
 
 def model_config(tc: TrainConfig, out: Path) -> tuple[LlamaConfig, str]:
     """The config and where it came from: the run being resumed, --init-from, or --config."""
