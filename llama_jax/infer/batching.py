@@ -14,7 +14,9 @@ updated in place) and the rows' page tables [B, M]: the decode step is compiled 
 running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
-chunk). Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+chunk). Each of those shapes is one compiled program; `serving_shapes` gives a server a handful
+(decode batches a factor of 4 apart, three chunk shapes), where the powers of two above give ~23 at a
+max batch of 64. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
 setting compiles anything after those shapes.
 
@@ -187,6 +189,26 @@ def batch_multiple(mesh) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
+def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) -> dict:
+    """BatchingEngine arguments for a server: a handful of compiled programs, whatever max_batch.
+
+    Decode batches max_batch, max_batch / 4, .. down to `multiple` (the mesh's batch split): the
+    running requests are padded to at most 4x their count, and on CPU a decode step's cost is mostly
+    its weights at small batches (measured on the quick model: 1 row 7.6 ms, 16 rows 15.6 ms).
+    Prefill chunks (multiple, prefill_chunk) for long prompts, (multiple, prefill_chunk / 4) so a
+    short prompt alone is not padded to a whole chunk, and (4 x multiple, prefill_chunk / 4) so
+    prompts arriving together are prefilled together. At max_batch 64: 4 + 3 = 7 programs."""
+    decode, b = [], max_batch
+    while b not in decode:
+        decode.append(b)
+        b = max(multiple, b // 4 // multiple * multiple)
+    quarter = max(1, prefill_chunk // 4)
+    prefill = {(multiple, prefill_chunk), (multiple, quarter)}
+    if 4 * multiple <= max_batch:
+        prefill.add((4 * multiple, quarter))
+    return dict(decode_batches=sorted(decode), prefill_shapes=sorted(prefill), prefill_chunk=prefill_chunk)
+
+
 def _sharding_context(mesh):
     return contextlib.nullcontext() if mesh is None else activation_sharding(mesh)
 
@@ -266,12 +288,15 @@ class BatchingEngine:
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
-                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None, max_waiting: int = 1024,
-                 prefix_caching: bool = True, attention_impl: str = "auto"):
+                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
+                 decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
+                 max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
         min_decode_batch: also compile the decode step for every power-of-two multiple of it below
         max_batch, and decode the running requests in the smallest that holds them (None: always
-        max_batch rows, one program)."""
+        max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
+        sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
+        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`)."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -298,6 +323,14 @@ class BatchingEngine:
                              f"got {smallest_decode}")
         self.decode_batches = [smallest_decode << i for i in range(max_batch.bit_length())
                                if smallest_decode << i < max_batch] + [max_batch]
+        if decode_batches is not None:
+            if min_decode_batch is not None:
+                raise ValueError("give decode_batches or min_decode_batch, not both")
+            bad = [b for b in decode_batches if not 1 <= b <= max_batch or b % multiple]
+            if bad:
+                raise ValueError(f"decode_batches must be multiples of {multiple} in [1, max_batch={max_batch}], "
+                                 f"got {bad}")
+            self.decode_batches = sorted(set(decode_batches) | {max_batch})
         self.page_size = page_size
         self.pages_per_seq = -(-self.max_seq_len // page_size)
         num_pages = max_batch * self.pages_per_seq if num_pages is None else num_pages
@@ -311,6 +344,15 @@ class BatchingEngine:
         totals = [smallest << i for i in range(prefill_chunk.bit_length()) if smallest << i < prefill_chunk]
         self.chunk_shapes = [(k * multiple, total // k) for total in totals + [prefill_chunk] for k in _ROW_SPLITS
                              if total % k == 0 and k * multiple <= max_batch]
+        if prefill_shapes is not None:
+            if min_prefill_chunk is not None:
+                raise ValueError("give prefill_shapes or min_prefill_chunk, not both")
+            bad = [s for s in prefill_shapes if len(s) != 2 or not 1 <= s[0] <= max_batch or s[0] % multiple
+                   or s[1] < 1]
+            if bad or not prefill_shapes:
+                raise ValueError(f"prefill_shapes must be (rows, tokens) pairs, rows a multiple of {multiple} in "
+                                 f"[1, max_batch={max_batch}] and tokens >= 1, at least one; got {list(prefill_shapes)}")
+            self.chunk_shapes = sorted({(int(r), int(c)) for r, c in prefill_shapes})
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
         self.slots: list[_Request | None] = [None] * max_batch
@@ -580,4 +622,4 @@ class BatchingEngine:
 
 
 __all__ = ["BatchingEngine", "RequestParams", "TokenOutput", "EngineFullError", "DecodeParams", "prepare",
-           "param_shardings", "batch_multiple", "model_step", "model_step_jit", "MAX_LOGPROBS"]
+           "param_shardings", "batch_multiple", "serving_shapes", "model_step", "model_step_jit", "MAX_LOGPROBS"]
