@@ -118,7 +118,7 @@ def load_engine(args):
                             page_size=args.page_size, num_pages=args.kv_pages,
                             # A lone short prompt or a few running requests do not pay for a full
                             # prefill chunk or decode batch of padding, in a handful of programs
-                            # compiled at start (7 at --max-batch 64).
+                            # compiled at start (9 at --max-batch 64).
                             **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
     return engine, tokenizer
 

@@ -198,16 +198,16 @@ def test_bad_requests_are_refused(tiny):
         engine.add("c", [1], RequestParams(2))
 
 
-def test_serving_shapes_are_a_handful_at_any_max_batch():
-    assert serving_shapes(64) == dict(decode_batches=[1, 4, 16, 64], prefill_shapes=[(1, 64), (1, 256), (4, 64)],
+def test_serving_shapes_are_few_at_any_max_batch():
+    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], prefill_shapes=[(1, 64), (1, 256), (4, 64)],
                                       prefill_chunk=256)
-    assert serving_shapes(64, multiple=8)["decode_batches"] == [8, 16, 64]
+    assert serving_shapes(64, multiple=8)["decode_batches"] == [8, 32, 64]
     assert serving_shapes(4, 32, multiple=4) == dict(decode_batches=[4], prefill_shapes=[(4, 8), (4, 32)],
                                                      prefill_chunk=32)
-    for max_batch in (1, 3, 64, 256, 1024):
+    for max_batch in (1, 3, 5, 64, 100, 1024):
         shapes = serving_shapes(max_batch)
-        assert max(shapes["decode_batches"]) == max_batch
-        assert len(shapes["decode_batches"]) + len(shapes["prefill_shapes"]) <= 9
+        assert shapes["decode_batches"][0] == 1 and shapes["decode_batches"][-1] == max_batch
+        assert len(shapes["decode_batches"]) + len(shapes["prefill_shapes"]) <= max_batch.bit_length() + 3
 
 
 def test_no_request_compiles_anything_after_warm_up():
