@@ -15,7 +15,8 @@ running requests taking the smallest that holds them) and the prefill once per c
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
 chunk). Each of those shapes is one compiled program; `serving_shapes` gives a server fewer (9 at a
-max batch of 64, where the powers of two above give 23). Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+max batch of 64, where the powers of two above give 23), or `decode_batches` and `prefill_shapes`
+name them. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
 setting compiles anything after those shapes.
 
@@ -350,7 +351,8 @@ class BatchingEngine:
                    or s[1] < 1]
             if bad or not prefill_shapes:
                 raise ValueError(f"prefill_shapes must be (rows, tokens) pairs, rows a multiple of {multiple} in "
-                                 f"[1, max_batch={max_batch}] and tokens >= 1, at least one; got {list(prefill_shapes)}")
+                                 f"[1, max_batch={max_batch}] and tokens >= 1, at least one; "
+                                 f"got {list(prefill_shapes)}")
             self.chunk_shapes = sorted({(int(r), int(c)) for r, c in prefill_shapes})
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
