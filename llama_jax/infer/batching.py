@@ -245,13 +245,18 @@ def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_
     keys_B = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_B, streams_B, sampled_at_B)
     tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
-    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+    # The sampled token's log-probability as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
+    # max))), without writing the [B, V] log-softmax (a pass over the vocabulary per row), which only
+    # the top log-probabilities need.
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    logsumexp_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+    chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - logsumexp_B1)[:, 0]
     # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
     top_logprobs_BN, top_ids_BN = jax.lax.cond(
-        jnp.any(top_logprobs_B > 0), lambda: tuple(jax.lax.top_k(logprobs_BV, MAX_LOGPROBS)),
-        lambda: (jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
+        jnp.any(top_logprobs_B > 0),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_BV, axis=-1), MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
     return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
 
 
