@@ -82,36 +82,42 @@ def decode_bytes(cfg: LlamaConfig, params: DecodeParams, batch: int, kv_slots: i
     return weights + cache
 
 
-def bench_llama_jax(cfg, params, batch, prompt_len, steps, reps):
-    """(prefill tokens/s, decode tokens/s, KV slots a decode step reads) of the batching engine:
-    prefill = the steps until every row has its first token, decode = `steps` engine steps."""
-    context = prompt_len + (reps + 1) * steps + 2  # each repeat decodes on from the last
-    engine = BatchingEngine(cfg, params, max_batch=batch, max_seq_len=context, page_size=PAGE_SIZE,
-                            prefill_chunk=batch * prompt_len, prefix_caching=False,
-                            attention_impl=paged_attention_impl(cfg))
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
-    greedy = RequestParams(context - prompt_len, temperature=0.0)
+class LlamaJaxRun:
+    """The batching engine on `batch` rows: `rep()` -> (prefill seconds: the steps until every row
+    has its first token, decode seconds: `steps` engine steps after one untimed one)."""
 
-    def prefill():
+    def __init__(self, cfg, params, batch, prompt_len, steps):
+        context = prompt_len + steps + 3
+        self.engine = BatchingEngine(cfg, params, max_batch=batch, max_seq_len=context, page_size=PAGE_SIZE,
+                                     prefill_chunk=batch * prompt_len, prefix_caching=False,
+                                     attention_impl=paged_attention_impl(cfg))
+        self.tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
+        self.greedy = RequestParams(context - prompt_len, temperature=0.0)
+        self.steps = steps
+        self.engine.warm_up()
+        self.rep()  # untimed: the first call of each compiled program
+
+    def rep(self) -> tuple[float, float]:
+        engine = self.engine
         for request_id in list(engine.requests):
             engine.abort(request_id)
-        for b in range(batch):
-            engine.add(str(b), tokens[b].tolist(), greedy)
+        start = time.perf_counter()
+        for b, row in enumerate(self.tokens):
+            engine.add(str(b), row.tolist(), self.greedy)
         while any(r.prefilling for r in engine.requests.values()):
             engine.step()
-
-    def decode():
-        for _ in range(steps):
+        prefilled = time.perf_counter()
+        engine.step()  # settles the first decode step after a prefill
+        decode_start = time.perf_counter()
+        for _ in range(self.steps):
             engine.step()
+        return prefilled - start, time.perf_counter() - decode_start
 
-    engine.warm_up()
-    prefill_s = median_seconds(prefill, reps)
-    decode()  # the decode step is compiled by warm_up; this settles the first timed steps
-    decode_s = median_seconds(decode, reps)
-    # The XLA paged attention reads blocks of PAGES_PER_BLOCK pages up to the furthest position.
-    block = PAGES_PER_BLOCK * PAGE_SIZE
-    kv_slots = -(-max(r.written for r in engine.requests.values()) // block) * block
-    return batch * prompt_len / prefill_s, batch * steps / decode_s, kv_slots
+    def kv_slots(self) -> int:
+        """KV slots a decode step read: the XLA paged attention reads blocks of PAGES_PER_BLOCK
+        pages up to the furthest position."""
+        block = PAGES_PER_BLOCK * PAGE_SIZE
+        return -(-max(r.written for r in self.engine.requests.values()) // block) * block
 
 
 def hf_model(cfg, params):
@@ -147,27 +153,33 @@ class _Clock:
         pass
 
 
-def bench_hf(model, cfg, batch, prompt_len, steps, reps):
-    """(prefill tokens/s, decode tokens/s) of one generate call per repeat, split at its first token."""
-    import torch
+class HFRun:
+    """One generate call of 1 + steps tokens per `rep()`, split at its first token, on `threads`
+    torch threads: -> (prefill seconds, decode seconds)."""
 
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
-    input_ids = torch.from_numpy(tokens).long()
-    mask = torch.ones_like(input_ids)
+    def __init__(self, model, cfg, batch, prompt_len, steps, threads):
+        import torch
 
-    def generate(n):
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
+        self.input_ids = torch.from_numpy(tokens).long()
+        self.model, self.batch, self.prompt_len, self.steps, self.threads = model, batch, prompt_len, steps, threads
+        self.generate(2)  # warm-up
+
+    def generate(self, n):
+        import torch
+
+        torch.set_num_threads(self.threads)
         clock = _Clock()
         with torch.inference_mode():
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, cache_implementation="static", pad_token_id=0, streamer=clock)
-        assert out.shape == (batch, prompt_len + n) and len(clock.times) == n + 1
+            out = self.model.generate(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      cache_implementation="static", pad_token_id=0, streamer=clock)
+        assert out.shape == (self.batch, self.prompt_len + n) and len(clock.times) == n + 1
         return clock.times
 
-    generate(2)  # warm-up
-    runs = [generate(1 + steps) for _ in range(reps)]
-    prefill_s = statistics.median(t[1] - t[0] for t in runs)
-    decode_s = statistics.median(t[-1] - t[1] for t in runs)
-    return batch * prompt_len / prefill_s, batch * steps / decode_s
+    def rep(self) -> tuple[float, float]:
+        times = self.generate(1 + self.steps)
+        return times[1] - times[0], times[-1] - times[1]
 
 
 def fmt(x: float) -> str:
@@ -187,7 +199,8 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="decode steps timed")
-    p.add_argument("--reps", type=int, default=1, help="timed repeats (after one untimed compile / warm-up run)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed repeats of every system, interleaved (after one untimed warm-up run each)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers (always skipped off CPU)")
     p.add_argument("--hf-threads", type=int, nargs="+", default=None,
                    help="torch intra-op threads for HF, one row each (default: torch's, the core count). On a "
@@ -205,37 +218,43 @@ def main():
     if not args.no_int8:
         variants.append(("llama_jax int8", lambda: quantize_params(params, "int8")))
 
-    rows = []
+    # Every system's repeats interleave (rep 1 of each, then rep 2 of each, ..), so a change in the
+    # shared host's load lands on all of them alike; times are medians over the repeats.
+    runs = []  # (name, batch, run, roofline bytes per step, or a function of the run for the KV cache read)
     for name, make in variants:
         decode_cfg, tree = prepare(cfg, make())  # the engine's layout: per-layer buffers
         for batch in args.batches:
-            prefill, decode, kv_slots = bench_llama_jax(decode_cfg, tree, batch, args.prompt_len, args.steps,
-                                                        args.reps)
-            roof = batch * bandwidth / decode_bytes(decode_cfg, tree, batch, kv_slots)
-            rows.append((f"{name} (JAX {jax.__version__})", batch, prefill, decode, roof))
-            print(rows[-1])
-        del tree
-        gc.collect()
-
+            run = LlamaJaxRun(decode_cfg, tree, batch, args.prompt_len, args.steps)
+            runs.append((f"{name} (JAX {jax.__version__})", batch, run,
+                         lambda run, c=decode_cfg, tree=tree, batch=batch:
+                         decode_bytes(c, tree, batch, run.kv_slots())))
     if not args.no_hf:
         import torch
         import transformers
 
         model = hf_model(cfg, params)
-        del params
+        del params, variants  # each system holds its own copy now
         gc.collect()
+        weights = sum(t.numel() * t.element_size() for t in model.parameters())
+        if not cfg.tie_embeddings:
+            weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+        cache_len = args.prompt_len + 1 + args.steps  # static cache: max_length
         for threads, batch in [(t, b) for t in args.hf_threads or [torch.get_num_threads()] for b in args.batches]:
-            torch.set_num_threads(threads)
-            prefill, decode = bench_hf(model, cfg, batch, args.prompt_len, args.steps, args.reps)
-            cache_len = args.prompt_len + 1 + args.steps  # static cache: max_length
-            weights = sum(t.numel() * t.element_size() for t in model.parameters())
-            if not cfg.tie_embeddings:
-                weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
             cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-            roof = batch * bandwidth / (weights + cache)
-            rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads)", batch, prefill, decode, roof))
-            print(rows[-1])
+            runs.append((f"HF transformers {transformers.__version__} (torch {torch.__version__}, {threads} threads)",
+                         batch, HFRun(model, cfg, batch, args.prompt_len, args.steps, threads),
+                         lambda run, nbytes=weights + cache: nbytes))
+    times = [[] for _ in runs]
+    for _ in range(args.reps):
+        for (_, _, run, _), rep_times in zip(runs, times):
+            rep_times.append(run.rep())
+    rows = []
+    for (name, batch, run, nbytes), rep_times in zip(runs, times):
+        prefill_s = statistics.median(p for p, _ in rep_times)
+        decode_s = statistics.median(d for _, d in rep_times)
+        rows.append((name, batch, batch * args.prompt_len / prefill_s, batch * args.steps / decode_s,
+                     batch * bandwidth / nbytes(run)))
+        print(rows[-1])
 
     shape = "quick model" if args.quick else f"{args.preset} shapes"
     commit = git_commit("llama_jax/infer", "llama_jax/model.py", "llama_jax/kernels", "bench/decode.py")
@@ -244,7 +263,8 @@ def main():
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, {args.dtype} weights and compute, attention "
              f"{args.attention_impl}; prompt {args.prompt_len} "
-             f"tokens, {args.steps} decode steps timed, greedy; {bandwidth_what} {bandwidth / 1e9:.1f} GB/s; "
+             f"tokens, {args.steps} decode steps timed, greedy; medians of {args.reps} repeats, the systems' "
+             f"interleaved; {bandwidth_what} {bandwidth / 1e9:.1f} GB/s; "
              f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). "
              f"Roofline = batch x bandwidth / (weight bytes + KV-cache bytes a decode step reads).")
     table = ["| engine | batch | prefill tok/s | decode tok/s | decode roofline tok/s | % of roofline |",

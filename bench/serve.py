@@ -5,9 +5,10 @@ the concurrency size admitted only when the previous one is done) on one request
     python -m bench.serve --quick      # a small model with the real vocabulary, a few minutes
     python -m bench.serve --concurrency 16 --rates inf --requests 64
 
-For each arrival rate and concurrency a trace is drawn (seeded): Poisson arrivals at `rate`
-requests/s (inf: all at t=0), prompts of random token ids and lengths, and a number of output
-tokens per request. Both systems replay it:
+For each output length distribution, arrival rate and concurrency a trace is drawn (seeded):
+Poisson arrivals at `rate` requests/s (inf: all at t=0), prompts of random token ids and uniform
+lengths, and a number of output tokens per request, uniform or heavy-tailed (lognormal, like chat
+traffic; see OUTPUT_DISTS). Both systems replay it:
 
 - server: `python -m llama_jax.serve`'s app over a BatchingEngine (max batch = the concurrency,
   the static batch's size) in this process, driven over HTTP by an asyncio + httpx client in a
@@ -49,7 +50,7 @@ import numpy as np
 import uvicorn
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.infer.batching import BatchingEngine, RequestParams
+from llama_jax.infer.batching import BatchingEngine, RequestParams, serving_shapes
 from llama_jax.serve.app import create_app
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from bench.results import append_results, git_commit, machine
@@ -83,13 +84,40 @@ def model_config(quick: bool, preset: str, layers: int | None = None) -> LlamaCo
     return cfg if layers is None else dataclasses.replace(cfg, n_layers=layers)
 
 
+# Output lengths. Chat traffic is heavy-tailed (ShareGPT, which vLLM's serving benchmarks replay:
+# most replies are short, a few are many times longer), and that tail is what static batching pays
+# for: every row of a batch runs as long as its longest. "uniform": MIN-MAX uniformly (the old
+# trace); "lognormal": exp(N(mu, 1)) with the uniform trace's mean (so the same work on average),
+# rounded and clipped to MIN-MAX x LOGNORMAL_SPAN.
+OUTPUT_DISTS = ("uniform", "lognormal")
+LOGNORMAL_SIGMA = 1.0
+LOGNORMAL_SPAN = 4  # the lognormal trace's longest output: 4x the uniform's MAX
+
+
+def output_range(dist: str, output_lens: tuple[int, int]) -> tuple[int, int]:
+    return output_lens if dist == "uniform" else (output_lens[0], LOGNORMAL_SPAN * output_lens[1])
+
+
+def describe_outputs(dist: str, output_lens: tuple[int, int]) -> str:
+    low, high = output_range(dist, output_lens)
+    if dist == "uniform":
+        return f"uniform {low}-{high}"
+    mean = (output_lens[0] + output_lens[1]) / 2
+    return f"lognormal (sigma {LOGNORMAL_SIGMA:g}, mean {mean:g}) {low}-{high}"
+
+
 def make_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens: tuple[int, int],
-               seed: int) -> list[Request]:
+               seed: int, dist: str = "uniform") -> list[Request]:
     rng = np.random.default_rng(seed)
     gaps = np.zeros(n) if rate == float("inf") else rng.exponential(1 / rate, n)
     arrivals = np.cumsum(gaps) - gaps[0]
-    return [Request(float(t), rng.integers(0, PROMPT_ID_LIMIT, rng.integers(*prompt_lens, endpoint=True)).tolist(),
-                    int(rng.integers(*output_lens, endpoint=True))) for t in arrivals]
+    if dist == "uniform":  # drawn in the old trace's order, so a seed gives the same trace as before
+        return [Request(float(t), rng.integers(0, PROMPT_ID_LIMIT, rng.integers(*prompt_lens, endpoint=True)).tolist(),
+                        int(rng.integers(*output_lens, endpoint=True))) for t in arrivals]
+    prompts = [rng.integers(0, PROMPT_ID_LIMIT, rng.integers(*prompt_lens, endpoint=True)).tolist() for _ in arrivals]
+    mu = np.log((output_lens[0] + output_lens[1]) / 2) - LOGNORMAL_SIGMA ** 2 / 2  # that mean
+    outputs = np.clip(np.rint(rng.lognormal(mu, LOGNORMAL_SIGMA, n)), *output_range(dist, output_lens))
+    return [Request(float(t), prompt, int(m)) for t, prompt, m in zip(arrivals, prompts, outputs)]
 
 
 # The server ------------------------------------------------------------------------------------
@@ -229,6 +257,8 @@ def main():
                    help="prompt tokens (default: 32 256, --quick: 8 64)")
     p.add_argument("--output-lens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="output tokens (default: 32 128, --quick: 8 48)")
+    p.add_argument("--output-dists", nargs="+", choices=OUTPUT_DISTS, default=list(OUTPUT_DISTS),
+                   help="output length distributions, a trace each (default: both; see OUTPUT_DISTS)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rates = args.rates or ([8.0, float("inf")] if args.quick else [4.0, float("inf")])
@@ -246,22 +276,26 @@ def main():
     with Client() as client:
         for concurrency in args.concurrency:
             # A server with as many batch slots as the static batch has rows: the same capacity.
-            engine = BatchingEngine(cfg, params, max_batch=concurrency, min_prefill_chunk=32, min_decode_batch=1)
+            # The shapes `python -m llama_jax.serve` compiles.
+            engine = BatchingEngine(cfg, params, max_batch=concurrency, **serving_shapes(concurrency))
             engine.warm_up()
             # Static batching on an engine of the same shapes (compiled once for both), from the
             # same per-layer weights; without the prefix cache, which would serve its repeats.
-            static_engine = BatchingEngine(engine.cfg, engine.params, max_batch=concurrency, min_prefill_chunk=32,
-                                           min_decode_batch=1, prefix_caching=False)
+            static_engine = BatchingEngine(engine.cfg, engine.params, max_batch=concurrency,
+                                           **serving_shapes(concurrency), prefix_caching=False)
             with Server(engine, tokenizer) as server:
                 client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
-                for rate in rates:
-                    n = args.requests or max(8, 2 * concurrency)
-                    trace = make_trace(n, rate, prompt_lens, output_lens, args.seed)
-                    served = summarize(client.replay(server.url, trace, concurrency))
-                    static = summarize(replay_static(static_engine, trace, concurrency))
-                    for name, result in (("server (continuous)", served), ("static batches", static)):
-                        rows.append((rate, concurrency, n, name, result))
-                        print(rows[-1], flush=True)
+                for dist in args.output_dists:
+                    for rate in rates:
+                        n = args.requests or max(8, 2 * concurrency)
+                        trace = make_trace(n, rate, prompt_lens, output_lens, args.seed, dist)
+                        served = summarize(client.replay(server.url, trace, concurrency))
+                        static = summarize(replay_static(static_engine, trace, concurrency))
+                        for name, result in (("server (continuous)", served), ("static batches", static)):
+                            rows.append((dist, rate, concurrency, n, name, result))
+                            print(rows[-1], flush=True)
+                        print(f"{dist} rate {rate:g}: server / static throughput "
+                              f"{served['tok_s'] / static['tok_s']:.2f}x", flush=True)
             del engine, static_engine
             gc.collect()
 
@@ -271,15 +305,17 @@ def main():
     shape = "quick model" if args.quick else f"{args.preset} shapes"
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
-             f"prompts {prompt_lens[0]}-{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens, "
-             f"greedy; server: max batch = concurrency, decode batches of 1, 2, 4, .. rows, prefill chunks of "
-             f"32-256 tokens, pages of 16; static: the same engine shapes without HTTP, prefix cache off, every "
-             f"request of a batch run to the batch's longest; load average "
+             f"prompts uniform {prompt_lens[0]}-{prompt_lens[1]} tokens; outputs (tokens): "
+             f"{'; '.join(describe_outputs(d, output_lens) for d in args.output_dists)}; "
+             f"greedy; server: max batch = concurrency, the server's shapes (serving_shapes: decode batches of "
+             f"1, 4, 8, 16, .. rows, prefill chunks 1x256, 1x64, 4x64), pages of 16; static: the same engine "
+             f"shapes without HTTP, prefix cache off, a batch of the requests waiting (at most concurrency), every "
+             f"request of it run to its longest, arrivals meanwhile waiting; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
-    table = ["| rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
-             "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for rate, concurrency, n, name, r in rows:
-        table.append(f"| {rate:g} | {concurrency} | {n} | {name} | {r['tok_s']:.1f} | {ms(r['ttft50'])} "
+    table = ["| outputs | rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
+             "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for dist, rate, concurrency, n, name, r in rows:
+        table.append(f"| {dist} | {rate:g} | {concurrency} | {n} | {name} | {r['tok_s']:.1f} | {ms(r['ttft50'])} "
                      f"| {ms(r['ttft99'])} | {ms(r['itl50'])} | {ms(r['itl99'])} |")
     text = "\n".join([header, "", notes, "", *table])
     print("\n" + text)

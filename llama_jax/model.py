@@ -144,7 +144,7 @@ class Attention(nn.Module):
             cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
             out_BTHE = kernels.paged_attention(q_BTHE, cache_kv.k_pages, cache_kv.v_pages, cache_kv.page_table,
                                                positions_BT, **which)
-        return contract("bthe,hed->btd", out_BTHE.astype(dt), wo, dt), cache_kv
+        return contract("bthz,hzd->btd", out_BTHE.astype(dt), wo, dt), cache_kv
 
 
 class Mlp(nn.Module):

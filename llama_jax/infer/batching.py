@@ -14,7 +14,9 @@ updated in place) and the rows' page tables [B, M]: the decode step is compiled 
 running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
-chunk). Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+chunk). Each of those shapes is one compiled program; `serving_shapes` gives a server fewer (9 at a
+max batch of 64, where the powers of two above give 23), or `decode_batches` and `prefill_shapes`
+name them. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
 setting compiles anything after those shapes.
 
@@ -189,6 +191,26 @@ def batch_multiple(mesh) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
+def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) -> dict:
+    """BatchingEngine arguments for a server: few compiled programs (9 at max_batch 64, where the
+    powers of two of min_decode_batch=1 and min_prefill_chunk=32 are 23), none after warm-up.
+
+    Decode batches `multiple` (the mesh's batch split: one request), then 4, 8, 16, .. times it up
+    to max_batch: on CPU a few rows cost about one (the weights' reads), more cost about their
+    count, so beyond 4 the running requests are padded to at most twice their count (the quick
+    serving model, dim 256 and a 128k vocabulary, measured: 1 row 17 ms, 4 rows 28, 8 rows 34, 16
+    rows 59, 64 rows 148). Prefill chunks (multiple, prefill_chunk) for long prompts,
+    (multiple, prefill_chunk / 4) so a short prompt alone is not padded to a whole chunk, and
+    (4 x multiple, prefill_chunk / 4) so prompts arriving together are prefilled together."""
+    decode = {multiple, max_batch} | {multiple << i for i in range(2, max_batch.bit_length())
+                                      if multiple << i < max_batch}
+    quarter = max(1, prefill_chunk // 4)
+    prefill = {(multiple, prefill_chunk), (multiple, quarter)}
+    if 4 * multiple <= max_batch:
+        prefill.add((4 * multiple, quarter))
+    return dict(decode_batches=sorted(decode), prefill_shapes=sorted(prefill), prefill_chunk=prefill_chunk)
+
+
 def _sharding_context(mesh):
     return contextlib.nullcontext() if mesh is None else activation_sharding(mesh)
 
@@ -225,13 +247,18 @@ def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_
     keys_B = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_B, streams_B, sampled_at_B)
     tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
-    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+    # The sampled token's log-probability as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
+    # max))), without writing the [B, V] log-softmax (a pass over the vocabulary per row), which only
+    # the top log-probabilities need.
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    logsumexp_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+    chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - logsumexp_B1)[:, 0]
     # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
     top_logprobs_BN, top_ids_BN = jax.lax.cond(
-        jnp.any(top_logprobs_B > 0), lambda: tuple(jax.lax.top_k(logprobs_BV, MAX_LOGPROBS)),
-        lambda: (jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logprobs_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
+        jnp.any(top_logprobs_B > 0),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_BV, axis=-1), MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
     return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
 
 
@@ -268,12 +295,15 @@ class BatchingEngine:
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
-                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None, max_waiting: int = 1024,
-                 prefix_caching: bool = True, attention_impl: str = "auto"):
+                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
+                 decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
+                 max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
         min_decode_batch: also compile the decode step for every power-of-two multiple of it below
         max_batch, and decode the running requests in the smallest that holds them (None: always
-        max_batch rows, one program)."""
+        max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
+        sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
+        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`)."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -300,6 +330,14 @@ class BatchingEngine:
                              f"got {smallest_decode}")
         self.decode_batches = [smallest_decode << i for i in range(max_batch.bit_length())
                                if smallest_decode << i < max_batch] + [max_batch]
+        if decode_batches is not None:
+            if min_decode_batch is not None:
+                raise ValueError("give decode_batches or min_decode_batch, not both")
+            bad = [b for b in decode_batches if not 1 <= b <= max_batch or b % multiple]
+            if bad:
+                raise ValueError(f"decode_batches must be multiples of {multiple} in [1, max_batch={max_batch}], "
+                                 f"got {bad}")
+            self.decode_batches = sorted(set(decode_batches) | {max_batch})
         self.page_size = page_size
         self.pages_per_seq = -(-self.max_seq_len // page_size)
         num_pages = max_batch * self.pages_per_seq if num_pages is None else num_pages
@@ -313,6 +351,16 @@ class BatchingEngine:
         totals = [smallest << i for i in range(prefill_chunk.bit_length()) if smallest << i < prefill_chunk]
         self.chunk_shapes = [(k * multiple, total // k) for total in totals + [prefill_chunk] for k in _ROW_SPLITS
                              if total % k == 0 and k * multiple <= max_batch]
+        if prefill_shapes is not None:
+            if min_prefill_chunk is not None:
+                raise ValueError("give prefill_shapes or min_prefill_chunk, not both")
+            bad = [s for s in prefill_shapes if len(s) != 2 or not 1 <= s[0] <= max_batch or s[0] % multiple
+                   or s[1] < 1]
+            if bad or not prefill_shapes:
+                raise ValueError(f"prefill_shapes must be (rows, tokens) pairs, rows a multiple of {multiple} in "
+                                 f"[1, max_batch={max_batch}] and tokens >= 1, at least one; "
+                                 f"got {list(prefill_shapes)}")
+            self.chunk_shapes = sorted({(int(r), int(c)) for r, c in prefill_shapes})
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
         self.slots: list[_Request | None] = [None] * max_batch
@@ -582,4 +630,4 @@ class BatchingEngine:
 
 
 __all__ = ["BatchingEngine", "RequestParams", "TokenOutput", "EngineFullError", "DecodeParams", "prepare",
-           "param_shardings", "batch_multiple", "model_step", "model_step_jit", "MAX_LOGPROBS"]
+           "param_shardings", "batch_multiple", "serving_shapes", "model_step", "model_step_jit", "MAX_LOGPROBS"]

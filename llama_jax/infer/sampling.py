@@ -64,10 +64,36 @@ def keep_mask(logits_BV, top_k: int = 0, top_p: float = 1.0):
     return jnp.zeros(logits_BV.shape, bool).at[rows_B1, ids_BC].set(keep_BC)
 
 
+ARGMAX_SLABS = 64  # argmax_rows splits a row into this many slabs
+
+
+def argmax_rows(logits_BV):
+    """jnp.argmax(logits_BV, axis=-1) as int32 (the lowest id among equal maxima), faster on CPU.
+
+    XLA:CPU reduces a (value, index) pair along a row's minor axis without vectorising it: 8 ms for
+    16 rows of a 128k vocabulary, measured on this project's CPU. Here the row is viewed as S slabs
+    of V / S ids: the max and its lowest slab across the slabs (the major axis: vectorised), then
+    the lowest id among the slab maxima equal to the row's (2.9 ms there; 0.19 -> 0.06 ms for one
+    row of 32k). The same ids, ties included (the lowest id of a row's maxima is the lowest over
+    the columns of each column's lowest); a vocabulary S does not divide takes jnp.argmax."""
+    B, V = logits_BV.shape
+    S = ARGMAX_SLABS
+    if V % S:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    slabs_BSW = logits_BV.reshape(B, S, V // S)
+    column_max_BW = slabs_BSW.max(axis=1)
+    slab_BW = jnp.min(jnp.where(slabs_BSW == column_max_BW[:, None, :], jnp.arange(S, dtype=jnp.int32)[:, None], S),
+                      axis=1)
+    ids_BW = slab_BW * (V // S) + jnp.arange(V // S, dtype=jnp.int32)
+    row_max_B1 = column_max_BW.max(axis=-1, keepdims=True)
+    # A row with a NaN (no maximum equal to itself) gets an id in range, not V.
+    return jnp.minimum(jnp.min(jnp.where(column_max_BW == row_max_B1, ids_BW, V), axis=-1), V - 1)
+
+
 def sample(logits_BV, keys_B, params: SamplingParams):
     """Token ids [B] int32; keys_B holds one PRNG key per row (unused when greedy)."""
     if params.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax_rows(logits_BV)
     logits_BV = logits_BV.astype(jnp.float32) / params.temperature
     if params.top_k == 0 and params.top_p == 1:
         return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
@@ -84,7 +110,7 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """Token ids [B] int32, each row with its own settings (temperature 0: greedy; top_k 0 and top_p
     1: no filter). A nucleus is taken among the row's MAX_TOP_K most likely tokens."""
     logits_BV = logits_BV.astype(jnp.float32)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = argmax_rows(logits_BV)
 
     def draw():
         scaled_BV = logits_BV / jnp.where(temperature_B == 0, 1.0, temperature_B)[:, None]
@@ -112,4 +138,4 @@ def _filtered(scaled_BV, keys_B, top_k_B, top_p_B):
     return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "MAX_TOP_K"]
+__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "argmax_rows", "MAX_TOP_K"]

@@ -26,7 +26,7 @@ from llama_jax import checkpoint
 from llama_jax.config import compute_dtype
 from llama_jax.infer.__main__ import (adapt_and_quantize, add_lora_flags, check_host_memory, check_lora,
                                       load_tokenizer_for)
-from llama_jax.infer.batching import BatchingEngine, batch_multiple, prepare
+from llama_jax.infer.batching import BatchingEngine, batch_multiple, prepare, serving_shapes
 from llama_jax.infer.quantize import QUANTIZED_DTYPES
 from llama_jax.infer.text import check_tokenizer
 from llama_jax.serve.app import create_app
@@ -120,8 +120,9 @@ def load_engine(args):
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages,
                             # A lone short prompt or a few running requests do not pay for a full
-                            # prefill chunk or decode batch of padding (more shapes, compiled at start).
-                            min_prefill_chunk=32, min_decode_batch=batch_multiple(mesh))
+                            # prefill chunk or decode batch of padding, in a handful of programs
+                            # compiled at start (9 at --max-batch 64).
+                            **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
     return engine, tokenizer
 
 

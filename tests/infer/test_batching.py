@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
-from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams
+from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams, serving_shapes
 from llama_jax.infer.engine import SamplingParams, stream_tokens
 from llama_jax.infer.quantize import quantize_params
 from llama_jax.sharding import make_mesh
@@ -198,13 +198,27 @@ def test_bad_requests_are_refused(tiny):
         engine.add("c", [1], RequestParams(2))
 
 
+def test_serving_shapes_are_few_at_any_max_batch():
+    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], prefill_shapes=[(1, 64), (1, 256), (4, 64)],
+                                      prefill_chunk=256)
+    assert serving_shapes(64, multiple=8)["decode_batches"] == [8, 32, 64]
+    assert serving_shapes(4, 32, multiple=4) == dict(decode_batches=[4], prefill_shapes=[(4, 8), (4, 32)],
+                                                     prefill_chunk=32)
+    for max_batch in (1, 3, 5, 64, 100, 1024):
+        shapes = serving_shapes(max_batch)
+        assert shapes["decode_batches"][0] == 1 and shapes["decode_batches"][-1] == max_batch
+        assert len(shapes["decode_batches"]) + len(shapes["prefill_shapes"]) <= max_batch.bit_length() + 3
+
+
 def test_no_request_compiles_anything_after_warm_up():
-    # A config of its own, so nothing compiled by other tests is reused.
+    # A config of its own, so nothing compiled by other tests is reused; the server's shapes.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=3e-5)
-    engine = BatchingEngine(cfg, random_params(cfg), **SETTINGS)
+    shapes = serving_shapes(SETTINGS["max_batch"], SETTINGS["prefill_chunk"])
+    engine = BatchingEngine(cfg, random_params(cfg), **dict(SETTINGS, **shapes))
+    assert engine.decode_batches == [1, 4] and engine.chunk_shapes == [(1, 8), (1, 32), (4, 8)]
     _compiles.clear()
     engine.warm_up()
-    assert _compiles["jit(model_step)"] == 1 + 3  # decode, and prefill chunks of 1x32, 2x16, 4x8
+    assert _compiles["jit(model_step)"] == 2 + 3  # decode of 1 and 4 rows, and prefill chunks of 1x8, 1x32, 4x8
     _compiles.clear()
     arrivals = {0: [("a", prompt(3, 0), RequestParams(5, **GREEDY)),
                     ("b", prompt(45, 1), RequestParams(9, temperature=0.7, top_p=0.9, seed=1, logprobs=3))],

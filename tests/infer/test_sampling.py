@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.infer.sampling import MAX_TOP_K, SamplingParams, keep_mask, sample, sample_rows
+from llama_jax.infer.sampling import MAX_TOP_K, SamplingParams, argmax_rows, keep_mask, sample, sample_rows
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 (ids shuffled so order is not the id order).
 PROBS = {3: 0.5, 0: 0.25, 4: 0.125, 1: 0.0625, 2: 0.0625}
@@ -75,6 +75,20 @@ def test_greedy_is_argmax_with_lower_id_on_ties():
     logits = jnp.asarray([[0.0, 2.0, 7.0, 7.0], [9.0, 1.0, 1.0, 9.0]])
     keys = jax.random.split(jax.random.key(0), 2)
     assert sample(logits, keys, SamplingParams(temperature=0.0)).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("vocab", [64 * 8, 64 * 8 + 3])  # slabs of 8 ids; a vocabulary the slabs do not divide
+def test_argmax_rows_is_argmax_with_ties_and_nans(vocab):
+    logits = np.round(np.random.default_rng(0).standard_normal((6, vocab)), 1).astype(np.float32)  # many ties
+    logits[1, [5, 300]] = logits[1].max() + 1  # maxima in different slabs, the later one in an earlier column
+    logits[2, [9, 17]] = logits[2].max() + 1  # in one column: slab 1 and slab 2
+    logits[3] = 0.0  # all equal
+    logits[4, -1] = np.inf
+    logits[5, 7] = np.nan
+    ids = argmax_rows(jnp.asarray(logits))
+    assert ids.dtype == jnp.int32
+    assert ids[:5].tolist() == np.argmax(logits[:5], axis=-1).tolist()
+    assert 0 <= int(ids[5]) < vocab  # a NaN row: some id in range
 
 
 def test_same_key_same_token_and_rows_are_independent():
