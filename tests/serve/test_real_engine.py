@@ -114,13 +114,15 @@ def test_too_long_is_400_naming_both_numbers(served):
 def test_disconnect_frees_the_pages(served, monkeypatch):
     url, _, _, engine = served
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step())[1])  # slow enough to leave mid-way
+    # Slow enough to leave mid-way: 50 tokens take at least 5 s. The waits below are generous, as a
+    # loaded CI host can stall the server's thread for seconds (it once missed a 10 s one).
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.1), step())[1])
     generated = metric(url, "llama_jax_generation_tokens_total")
     body = {"model": MODEL, "prompt": "Count to a hundred:", "max_tokens": 50, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         assert next(response.iter_lines()).startswith("data: ")
-        wait_for(lambda: metric(url, "llama_jax_kv_pages_used") > 0)  # the gauge follows each step
-    wait_for(lambda: metric(url, "llama_jax_kv_pages_used") == 0)
+        wait_for(lambda: metric(url, "llama_jax_kv_pages_used") > 0, timeout=30)  # the gauge follows each step
+    wait_for(lambda: metric(url, "llama_jax_kv_pages_used") == 0, timeout=30)
     assert metric(url, "llama_jax_generation_tokens_total") - generated < 50  # aborted, not run to its end
 
 
