@@ -375,6 +375,9 @@ def check_train(phase: Phase, ctx) -> None:
         if impl == "cudnn" and not ctx.cudnn:
             phase.results.append(Result(phase.name, f"train step attention={impl}", shape, "SKIP", "no cuDNN"))
             continue
+        if impl == "xla" and ctx.quick:  # --quick keeps this code alive; the pallas step runs all of it
+            phase.results.append(Result(phase.name, f"train step attention={impl}", shape, "SKIP", "--quick"))
+            continue
 
         def run(impl=impl):
             cfg = dataclasses.replace(base, attention_impl=impl, attention_interpret=ctx.interpret)
