@@ -217,13 +217,15 @@ def _sharding_context(mesh):
 
 # Device side -----------------------------------------------------------------------------------
 
-def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_BM, logits_at_B, seeds_B, streams_B,
-               temperature_B, top_k_B, top_p_B, top_logprobs_B, *, cfg: LlamaConfig, mesh=None):
+def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_BM, logits_at_L, seeds_L, streams_L,
+               temperature_L, top_k_L, top_p_L, top_logprobs_L, *, cfg: LlamaConfig, mesh=None):
     """Run each row's tokens (at positions_BT; negative: padding) through the model, writing their
-    keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated), and sample
-    a token per row from the logits at its token logits_at_B. Returns (pages, (tokens [B], logprob
-    [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS])); the top ones are computed
-    only when a row asks for them (top_logprobs_B > 0), zeros otherwise."""
+    keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated) before any
+    row attends (so a row sees what the rows before it in its sequence write in the same call),
+    and sample L tokens, one from the logits at each of the tokens logits_at_L (indices into the B
+    * T tokens, row-major), with the settings in row l of the [L] arrays. Returns (pages, (tokens
+    [L], logprob [L], top ids [L, MAX_LOGPROBS], top logprobs [L, MAX_LOGPROBS])); the top ones are
+    computed only when a row asks for them (top_logprobs_L > 0), zeros otherwise."""
     dt = cfg.compute_dtype
     with _sharding_context(mesh):
         embedding_VD = params.tok_embeddings
@@ -233,33 +235,36 @@ def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_
             x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, positions_BT, None,
                                          PagedKV(k_pages, v_pages, page_table_BM))
             new_pages.append((kv.k_pages, kv.v_pages))
-        x_B1D = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
-        x_B1D = RMSNorm(cfg).apply({"params": params.norm}, x_B1D)
+        # Only the L rows that sample a token go through the vocabulary projection (on CPU ~2 ms a
+        # row at a 128k vocabulary, where a token row through the layers of a small model is ~0.1).
+        B, T, D = x_BTD.shape
+        x_L1D = jnp.take(x_BTD.reshape(B * T, 1, D), logits_at_L, axis=0)
+        x_L1D = RMSNorm(cfg).apply({"params": params.norm}, x_L1D)
         if cfg.tie_embeddings:
-            logits_BV = jnp.einsum("btd,vd->bv", x_B1D, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+            logits_LV = jnp.einsum("btd,vd->bv", x_L1D, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
         else:
-            logits_BV = jnp.einsum("btd,dv->bv", x_B1D, params.output.astype(dt), preferred_element_type=jnp.float32)
+            logits_LV = jnp.einsum("btd,dv->bv", x_L1D, params.output.astype(dt), preferred_element_type=jnp.float32)
     if mesh is not None:
         sharding = logical_to_sharding(PAGE_AXES, mesh, pages[0][0].shape)
         new_pages = jax.lax.with_sharding_constraint(new_pages, jax.tree.map(lambda _: sharding, new_pages))
     # The sampled token's position: one past the token whose logits it comes from.
-    sampled_at_B = jnp.take_along_axis(positions_BT, logits_at_B[:, None], axis=1)[:, 0] + 1
-    keys_B = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_B, streams_B, sampled_at_B)
-    tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+    sampled_at_L = jnp.take(positions_BT.reshape(-1), logits_at_L) + 1
+    keys_L = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_L, streams_L, sampled_at_L)
+    tokens_L = sample_rows(logits_LV, keys_L, temperature_L, top_k_L, top_p_L)
     # The sampled token's log-probability as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
-    # max))), without writing the [B, V] log-softmax (a pass over the vocabulary per row), which only
+    # max))), without writing the [L, V] log-softmax (a pass over the vocabulary per row), which only
     # the top log-probabilities need.
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    logsumexp_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
-    chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - logsumexp_B1)[:, 0]
+    max_L1 = jnp.max(logits_LV, axis=-1, keepdims=True)
+    logsumexp_L1 = jnp.log(jnp.sum(jnp.exp(logits_LV - max_L1), axis=-1, keepdims=True))
+    chosen_L = (jnp.take_along_axis(logits_LV, tokens_L[:, None], axis=-1) - max_L1 - logsumexp_L1)[:, 0]
     # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
-    top_logprobs_BN, top_ids_BN = jax.lax.cond(
-        jnp.any(top_logprobs_B > 0),
-        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_BV, axis=-1), MAX_LOGPROBS)),
-        lambda: (jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
-    return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
+    top_logprobs_LN, top_ids_LN = jax.lax.cond(
+        jnp.any(top_logprobs_L > 0),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_LV, axis=-1), MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logits_LV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits_LV.shape[0], MAX_LOGPROBS), jnp.int32)))
+    return tuple(new_pages), (tokens_L, chosen_L, top_ids_LN, top_logprobs_LN)
 
 
 model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
@@ -290,6 +295,11 @@ class _Request:
         return len(self.tokens) - self.prompt_len
 
 
+def _completes(request: _Request, n: int) -> bool:
+    """Whether feeding n more tokens completes the request's context (its last token is sampled)."""
+    return request.written + n >= len(request.tokens)
+
+
 class BatchingEngine:
     """Not thread-safe: one thread calls add, abort and step."""
 
@@ -297,13 +307,16 @@ class BatchingEngine:
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
                  decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
-                 max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
+                 mixed_prefill: int | None = None, max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
         min_decode_batch: also compile the decode step for every power-of-two multiple of it below
         max_batch, and decode the running requests in the smallest that holds them (None: always
         max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
         sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
-        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`)."""
+        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: each step
+        is one call, carrying up to this many prompt tokens as extra rows beside its decode rows
+        (see `step`); the programs are then a decode batch of b rows and b + mixed_prefill token rows
+        sampling b tokens, per decode batch size b, and no prefill chunk shapes."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -361,6 +374,14 @@ class BatchingEngine:
                                  f"[1, max_batch={max_batch}] and tokens >= 1, at least one; "
                                  f"got {list(prefill_shapes)}")
             self.chunk_shapes = sorted({(int(r), int(c)) for r, c in prefill_shapes})
+        self.mixed_prefill = mixed_prefill
+        if mixed_prefill is not None:
+            if prefill_shapes is not None or min_prefill_chunk is not None:
+                raise ValueError("give mixed_prefill or prefill_shapes / min_prefill_chunk, not both")
+            if mixed_prefill < 1 or mixed_prefill % multiple:
+                raise ValueError(f"mixed_prefill must be a positive multiple of {multiple} (the mesh's batch "
+                                 f"split), got {mixed_prefill}")
+            self.chunk_shapes = []
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
         self.slots: list[_Request | None] = [None] * max_batch
@@ -445,19 +466,26 @@ class BatchingEngine:
     def warm_up(self) -> None:
         """Compile the decode step and every prefill chunk shape now, before requests wait on them
         (rows of padding only: the pages are left as they are)."""
-        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:
+        shapes = [(b, 1, b) for b in self.decode_batches] + [(r, c, r) for r, c in self.chunk_shapes]
+        if self.mixed_prefill is not None:
+            shapes += [(b + self.mixed_prefill, 1, b) for b in self.decode_batches]
+        for rows, width, samples in shapes:
             jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
-                                            np.zeros(rows, np.int32)))
+                                            [], np.zeros(samples, np.int32)))
 
     # Scheduling --------------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
-        """Admit, prefill one chunk, decode one token for every request past its prompt."""
+        """Admit, prefill one chunk, decode one token for every request past its prompt; with
+        mixed_prefill, all in one call (`_run_mixed`), else a prefill call and a decode call."""
         self._admit()
         decoding = [r for r in self._by_admission() if not r.prefilling]
         for request in decoding:
             self._reserve_next_page(request)
         decoding = [r for r in decoding if r.slot is not None]  # preempted for older requests' pages
+        if self.mixed_prefill is not None:
+            rows, result = self._run_mixed(decoding)
+            return self._advance(rows, jax.device_get(result)) if rows else []
         shape, chunk = self._plan_prefill()
         pending = []
         if chunk:
@@ -546,7 +574,9 @@ class BatchingEngine:
             tokens[row, :n] = request.tokens[request.written:request.written + n]
             positions[row, :n] = np.arange(request.written, request.written + n)
             logits_at[row] = n - 1
-        return self._run([r for r, _ in chunk], tokens, positions, logits_at)
+        logits_at += np.arange(rows, dtype=np.int32) * width
+        requests = [r for r, _ in chunk]
+        return self._run(requests, tokens, positions, requests, logits_at)
 
     def _run_decode(self, decoding):
         """One decode step of the requests as rows 0.. of the smallest decode batch that holds them:
@@ -556,19 +586,62 @@ class BatchingEngine:
         for row, request in enumerate(decoding):
             tokens[row, 0] = request.tokens[-1]
             positions[row, 0] = request.written
-        return self._run(decoding, tokens, positions, np.zeros(B, np.int32))
+        return self._run(decoding, tokens, positions, decoding, np.arange(B, dtype=np.int32))
 
-    def _run(self, rows, tokens, positions, logits_at):
-        """model_step on rows (requests, or None for padding) and their inputs; returns the
-        (device) sample of each row."""
-        R = tokens.shape[0]
-        rows = list(rows) + [None] * (R - len(rows))
+    def _run_mixed(self, decoding):
+        """One call for the whole step, a decode batch of b rows widened to b + mixed_prefill:
+        every decoding request a row, then the prompt tokens of the oldest prefilling requests,
+        one per row (up to mixed_prefill of them), each row with its request's page table. model_step
+        writes every row's keys and values before any row attends, so a prompt token sees the ones
+        before it in the same call, as in a prefill chunk. Only b rows are sampled: the decoding
+        ones and each prompt's last token (b is the smallest decode batch that holds them), since
+        the vocabulary projection is most of a row's cost here. Without prompt tokens, the plain
+        decode batch of b rows. Returns ((request, tokens fed, sample row) per request, result)."""
+        budget = self.mixed_prefill
+        chunk = []
+        for request in (r for r in self._by_admission() if r.prefilling):
+            if not budget:
+                break
+            n = min(len(request.tokens) - request.written, budget)
+            chunk.append((request, n))
+            budget -= n
+        finishing = [r for r, n in chunk if _completes(r, n)]
+        if not decoding and not chunk:
+            return [], None
+        b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
+        width = b + self.mixed_prefill if chunk else b
+        tokens, positions = np.zeros((width, 1), np.int32), np.full((width, 1), -1, np.int32)
+        token_rows, sampled, logits_at, rows = list(decoding), list(decoding), list(range(len(decoding))), []
+        for row, request in enumerate(decoding):
+            tokens[row, 0], positions[row, 0] = request.tokens[-1], request.written
+            rows.append((request, 1, row))
+        for request, n in chunk:
+            start = len(token_rows)
+            tokens[start:start + n, 0] = request.tokens[request.written:request.written + n]
+            positions[start:start + n, 0] = np.arange(request.written, request.written + n)
+            token_rows += [request] * n
+            if _completes(request, n):
+                rows.append((request, n, len(sampled)))
+                sampled.append(request)
+                logits_at.append(start + n - 1)
+            else:
+                rows.append((request, n, 0))
+        logits_at = np.array(logits_at + [0] * (b - len(logits_at)), np.int32)
+        return rows, self._run(token_rows, tokens, positions, sampled, logits_at)
+
+    def _run(self, token_rows, tokens, positions, sampled, logits_at):
+        """model_step on rows of tokens (token_rows: the request of each, for its page table; None
+        or missing for padding), sampling at logits_at with the settings of the requests `sampled`
+        (missing: padding); returns the (device) sample of each."""
+        R, L = tokens.shape[0], logits_at.shape[0]
         page_table = np.zeros((R, self.pages_per_seq), np.int32)
-        seeds, streams, temperature = np.zeros(R, np.uint32), np.zeros(R, np.uint32), np.zeros(R, np.float32)
-        top_k, top_p, top_logprobs = np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, np.int32)
-        for row, request in enumerate(rows):
+        for row, request in enumerate(token_rows):
             if request is not None:
                 page_table[row] = self.page_table[request.slot]
+        seeds, streams, temperature = np.zeros(L, np.uint32), np.zeros(L, np.uint32), np.zeros(L, np.float32)
+        top_k, top_p, top_logprobs = np.zeros(L, np.int32), np.ones(L, np.float32), np.zeros(L, np.int32)
+        for row, request in enumerate(sampled):
+            if request is not None:
                 p = request.params
                 seeds[row], streams[row] = request.seed, request.stream
                 temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
