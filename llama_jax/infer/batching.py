@@ -217,23 +217,53 @@ def _sharding_context(mesh):
 
 # Device side -----------------------------------------------------------------------------------
 
+class MixedPagedKV(NamedTuple):
+    """One layer's pages for a call whose B = b + R * C rows of one token are b decode rows (page
+    table rows decode_table_bM) then a prefill chunk of R rows of C tokens (chunk_table_RM), several
+    rows possibly holding consecutive pieces of one prompt. Every row's keys and values are written
+    before any row attends, so a piece sees the pieces before it (as PagedKV.attend)."""
+
+    k_pages: jax.Array  # [N, P, K, E]
+    v_pages: jax.Array  # [N, P, K, E]
+    decode_table_bM: jax.Array  # [b, M] int32
+    chunk_table_RM: jax.Array  # [R, M] int32
+
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which):
+        b, R = self.decode_table_bM.shape[0], self.chunk_table_RM.shape[0]
+        C = (q_BTHE.shape[0] - b) // R
+
+        def split(x_B1Z):
+            return x_B1Z[:b], x_B1Z[b:].reshape(R, C, *x_B1Z.shape[2:])
+
+        (q_b, q_R), (k_b, k_R), (v_b, v_R), (pos_b, pos_R) = map(split, (q_BTHE, k_BTKE, v_BTKE, positions_BT))
+        kv = PagedKV(self.k_pages, self.v_pages, self.decode_table_bM).write(k_b, v_b, pos_b)
+        kv = kv._replace(page_table=self.chunk_table_RM).write(k_R, v_R, pos_R)
+        out_b = kernels.paged_attention(q_b, kv.k_pages, kv.v_pages, self.decode_table_bM, pos_b, **which)
+        out_R = kernels.paged_attention(q_R, kv.k_pages, kv.v_pages, self.chunk_table_RM, pos_R, **which)
+        out_BTHE = jnp.concatenate([out_b, out_R.reshape(R * C, 1, *out_R.shape[2:])])
+        return out_BTHE, self._replace(k_pages=kv.k_pages, v_pages=kv.v_pages)
+
+
 def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_BM, logits_at_L, seeds_L, streams_L,
-               temperature_L, top_k_L, top_p_L, top_logprobs_L, *, cfg: LlamaConfig, mesh=None):
+               temperature_L, top_k_L, top_p_L, top_logprobs_L, chunk_table_RM=None, *, cfg: LlamaConfig, mesh=None):
     """Run each row's tokens (at positions_BT; negative: padding) through the model, writing their
     keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated) before any
     row attends (so a row sees what the rows before it in its sequence write in the same call),
     and sample L tokens, one from the logits at each of the tokens logits_at_L (indices into the B
     * T tokens, row-major), with the settings in row l of the [L] arrays. Returns (pages, (tokens
     [L], logprob [L], top ids [L, MAX_LOGPROBS], top logprobs [L, MAX_LOGPROBS])); the top ones are
-    computed only when a row asks for them (top_logprobs_L > 0), zeros otherwise."""
+    computed only when a row asks for them (top_logprobs_L > 0), zeros otherwise. With
+    chunk_table_RM, the B rows (of T = 1 token) are decode rows and a prefill chunk (MixedPagedKV)
+    and page_table_BM is the decode rows' only."""
     dt = cfg.compute_dtype
     with _sharding_context(mesh):
         embedding_VD = params.tok_embeddings
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
         new_pages = []
         for layer, (k_pages, v_pages) in zip(params.layers, pages):
-            x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, positions_BT, None,
-                                         PagedKV(k_pages, v_pages, page_table_BM))
+            kv = (PagedKV(k_pages, v_pages, page_table_BM) if chunk_table_RM is None
+                  else MixedPagedKV(k_pages, v_pages, page_table_BM, chunk_table_RM))
+            x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, positions_BT, None, kv)
             new_pages.append((kv.k_pages, kv.v_pages))
         # Only the L rows that sample a token go through the vocabulary projection (on CPU ~2 ms a
         # row at a 128k vocabulary, where a token row through the layers of a small model is ~0.1).
@@ -307,16 +337,16 @@ class BatchingEngine:
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
                  decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
-                 mixed_prefill: int | None = None, max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
+                 mixed_prefill: tuple[int, int] | None = None, max_waiting: int = 1024, prefix_caching: bool = True,
+                 attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
         min_decode_batch: also compile the decode step for every power-of-two multiple of it below
         max_batch, and decode the running requests in the smallest that holds them (None: always
         max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
         sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
-        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: each step
-        is one call, carrying up to this many prompt tokens as extra rows beside its decode rows
-        (see `step`); the programs are then a decode batch of b rows and b + mixed_prefill token rows
-        sampling b tokens, per decode batch size b, and no prefill chunk shapes."""
+        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: (R, C):
+        each step is one call, its decode rows and a prefill chunk of R rows of C tokens
+        (`_run_mixed`); the programs are then one per decode batch size, and no prefill chunk shapes."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -378,10 +408,10 @@ class BatchingEngine:
         if mixed_prefill is not None:
             if prefill_shapes is not None or min_prefill_chunk is not None:
                 raise ValueError("give mixed_prefill or prefill_shapes / min_prefill_chunk, not both")
-            if mixed_prefill < 1 or mixed_prefill % multiple:
-                raise ValueError(f"mixed_prefill must be a positive multiple of {multiple} (the mesh's batch "
-                                 f"split), got {mixed_prefill}")
-            self.chunk_shapes = []
+            if len(mixed_prefill) != 2 or min(mixed_prefill) < 1 or mixed_prefill[0] % multiple:
+                raise ValueError(f"mixed_prefill must be (rows, tokens), rows a multiple of {multiple} (the mesh's "
+                                 f"batch split), both >= 1, got {mixed_prefill}")
+            self.mixed_prefill, self.chunk_shapes = (int(mixed_prefill[0]), int(mixed_prefill[1])), []
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
         self.slots: list[_Request | None] = [None] * max_batch
@@ -464,14 +494,18 @@ class BatchingEngine:
                     pages_total=self.allocator.num_pages, **self.counters)
 
     def warm_up(self) -> None:
-        """Compile the decode step and every prefill chunk shape now, before requests wait on them
-        (rows of padding only: the pages are left as they are)."""
-        shapes = [(b, 1, b) for b in self.decode_batches] + [(r, c, r) for r, c in self.chunk_shapes]
+        """Compile the decode step and every prefill chunk shape (with mixed_prefill: every mixed
+        step) now, before requests wait on them (rows of padding only: the pages are left as they are)."""
         if self.mixed_prefill is not None:
-            shapes += [(b + self.mixed_prefill, 1, b) for b in self.decode_batches]
-        for rows, width, samples in shapes:
+            R, C = self.mixed_prefill
+            for b in self.decode_batches:
+                jax.block_until_ready(self._run([], np.zeros((b + R * C, 1), np.int32),
+                                                np.full((b + R * C, 1), -1, np.int32), [], np.zeros(b, np.int32),
+                                                np.zeros((R, self.pages_per_seq), np.int32)))
+            return
+        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:
             jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
-                                            [], np.zeros(samples, np.int32)))
+                                            [], np.zeros(rows, np.int32)))
 
     # Scheduling --------------------------------------------------------------------------------
 
@@ -589,51 +623,51 @@ class BatchingEngine:
         return self._run(decoding, tokens, positions, decoding, np.arange(B, dtype=np.int32))
 
     def _run_mixed(self, decoding):
-        """One call for the whole step, a decode batch of b rows widened to b + mixed_prefill:
-        every decoding request a row, then the prompt tokens of the oldest prefilling requests,
-        one per row (up to mixed_prefill of them), each row with its request's page table. model_step
-        writes every row's keys and values before any row attends, so a prompt token sees the ones
-        before it in the same call, as in a prefill chunk. Only b rows are sampled: the decoding
-        ones and each prompt's last token (b is the smallest decode batch that holds them), since
-        the vocabulary projection is most of a row's cost here. Without prompt tokens, the plain
-        decode batch of b rows. Returns ((request, tokens fed, sample row) per request, result)."""
-        budget = self.mixed_prefill
-        chunk = []
+        """One call for the whole step: every decoding request a row of one token, padded to the
+        smallest decode batch b that also has a sample row for each prompt finishing here, then
+        the mixed_prefill chunk of R rows of C tokens: the next C tokens of the oldest prefilling
+        request per row (a prompt may take several rows), each row with its request's page table.
+        Only b rows go through the vocabulary projection: the decoding ones and each finishing
+        prompt's last token. Returns ((request, tokens fed, sample row) per request, result)."""
+        R, C = self.mixed_prefill
+        pieces = []  # (request, first position, tokens) per chunk row
         for request in (r for r in self._by_admission() if r.prefilling):
-            if not budget:
-                break
-            n = min(len(request.tokens) - request.written, budget)
-            chunk.append((request, n))
-            budget -= n
-        finishing = [r for r, n in chunk if _completes(r, n)]
-        if not decoding and not chunk:
+            start = request.written
+            while start < len(request.tokens) and len(pieces) < R:
+                pieces.append((request, start, min(C, len(request.tokens) - start)))
+                start += pieces[-1][2]
+        fed = collections.Counter()
+        for request, _, n in pieces:
+            fed[request] += n
+        finishing = [r for r in fed if _completes(r, fed[r])]
+        if not decoding and not pieces:
             return [], None
         b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
-        width = b + self.mixed_prefill if chunk else b
-        tokens, positions = np.zeros((width, 1), np.int32), np.full((width, 1), -1, np.int32)
-        token_rows, sampled, logits_at, rows = list(decoding), list(decoding), list(range(len(decoding))), []
+        tokens, positions = np.zeros((b + R * C, 1), np.int32), np.full((b + R * C, 1), -1, np.int32)
+        chunk_table = np.zeros((R, self.pages_per_seq), np.int32)
+        sampled, logits_at, rows = list(decoding), list(range(len(decoding))), []
         for row, request in enumerate(decoding):
             tokens[row, 0], positions[row, 0] = request.tokens[-1], request.written
             rows.append((request, 1, row))
-        for request, n in chunk:
-            start = len(token_rows)
-            tokens[start:start + n, 0] = request.tokens[request.written:request.written + n]
-            positions[start:start + n, 0] = np.arange(request.written, request.written + n)
-            token_rows += [request] * n
-            if _completes(request, n):
-                rows.append((request, n, len(sampled)))
+        for row, (request, start, n) in enumerate(pieces):
+            first = b + row * C
+            tokens[first:first + n, 0] = request.tokens[start:start + n]
+            positions[first:first + n, 0] = np.arange(start, start + n)
+            chunk_table[row] = self.page_table[request.slot]
+            if start + n == len(request.tokens):
                 sampled.append(request)
-                logits_at.append(start + n - 1)
-            else:
-                rows.append((request, n, 0))
+                logits_at.append(first + n - 1)
+        for request in fed:
+            rows.append((request, fed[request], sampled.index(request) if request in finishing else 0))
         logits_at = np.array(logits_at + [0] * (b - len(logits_at)), np.int32)
-        return rows, self._run(token_rows, tokens, positions, sampled, logits_at)
+        return rows, self._run(decoding, tokens, positions, sampled, logits_at, chunk_table)
 
-    def _run(self, token_rows, tokens, positions, sampled, logits_at):
+    def _run(self, token_rows, tokens, positions, sampled, logits_at, chunk_table=None):
         """model_step on rows of tokens (token_rows: the request of each, for its page table; None
-        or missing for padding), sampling at logits_at with the settings of the requests `sampled`
-        (missing: padding); returns the (device) sample of each."""
-        R, L = tokens.shape[0], logits_at.shape[0]
+        or missing for padding; with chunk_table, the decode rows only), sampling at logits_at with
+        the settings of the requests `sampled` (missing: padding); returns the (device) sample of each."""
+        L = logits_at.shape[0]
+        R = tokens.shape[0] if chunk_table is None else L
         page_table = np.zeros((R, self.pages_per_seq), np.int32)
         for row, request in enumerate(token_rows):
             if request is not None:
@@ -647,7 +681,7 @@ class BatchingEngine:
                 temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
                 top_logprobs[row] = p.logprobs or 0
         inputs = self._place((tokens, positions, page_table, logits_at, seeds, streams, temperature, top_k, top_p,
-                              top_logprobs))
+                              top_logprobs) + (() if chunk_table is None else (chunk_table,)))
         self.pages, result = model_step_jit(self.params, self.pages, *inputs, cfg=self.cfg, mesh=self.mesh)
         return result
 
