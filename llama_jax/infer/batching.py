@@ -191,19 +191,29 @@ def batch_multiple(mesh) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) -> dict:
-    """BatchingEngine arguments for a server: few compiled programs (9 at max_batch 64, where the
-    powers of two of min_decode_batch=1 and min_prefill_chunk=32 are 23), none after warm-up.
+def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1, *, mixed: bool = True) -> dict:
+    """BatchingEngine arguments for a server: few compiled programs (6 at max_batch 64), none after
+    warm-up.
 
     Decode batches `multiple` (the mesh's batch split: one request), then 4, 8, 16, .. times it up
     to max_batch: on CPU a few rows cost about one (the weights' reads), more cost about their
     count, so beyond 4 the running requests are padded to at most twice their count (the quick
     serving model, dim 256 and a 128k vocabulary, measured: 1 row 17 ms, 4 rows 28, 8 rows 34, 16
-    rows 59, 64 rows 148). Prefill chunks (multiple, prefill_chunk) for long prompts,
-    (multiple, prefill_chunk / 4) so a short prompt alone is not padded to a whole chunk, and
-    (4 x multiple, prefill_chunk / 4) so prompts arriving together are prefilled together."""
+    rows 59, 64 rows 148).
+
+    mixed (the server's): every step is one call, its decode rows plus a prefill chunk of 4 x
+    multiple rows of prefill_chunk / 16 tokens (`mixed_prefill`; 4 x 16 by default), one program
+    per decode batch. Measured on the quick model (ctx ~100): the chunk adds 4-5 ms to a step of 1
+    to 16 decode rows (13-41 ms), where prefilling those 64 tokens in a call of their own cost
+    ~18 ms, most of it the weights' reads and a row of vocabulary projection again. Not mixed
+    (generate's layout, two calls per step; 9 programs at max_batch 64): prefill chunks
+    (multiple, prefill_chunk) for long prompts, (multiple, prefill_chunk / 4) so a short prompt
+    alone is not padded to a whole chunk, and (4 x multiple, prefill_chunk / 4) so prompts arriving
+    together are prefilled together."""
     decode = {multiple, max_batch} | {multiple << i for i in range(2, max_batch.bit_length())
                                       if multiple << i < max_batch}
+    if mixed:
+        return dict(decode_batches=sorted(decode), mixed_prefill=(4 * multiple, max(1, prefill_chunk // 16)))
     quarter = max(1, prefill_chunk // 4)
     prefill = {(multiple, prefill_chunk), (multiple, quarter)}
     if 4 * multiple <= max_batch:
