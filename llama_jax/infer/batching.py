@@ -14,9 +14,19 @@ updated in place) and the rows' page tables [B, M]: the decode step is compiled 
 running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
-chunk). Each of those shapes is one compiled program; `serving_shapes` gives a server fewer (9 at a
+chunk). Each of those shapes is one compiled program; `serving_shapes(mixed=False)` gives fewer (9 at a
 max batch of 64, where the powers of two above give 23), or `decode_batches` and `prefill_shapes`
-name them. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+name them.
+
+With `mixed_prefill` (R, C) (the server's, via `serving_shapes`), a step is one call instead:
+its decode rows (a decode batch, as above) followed by a prefill chunk of R rows of C tokens,
+filled with the next tokens of the oldest prefilling requests (a prompt may take several rows),
+each row with its own page table. Every row writes its keys and values before any row attends
+(MixedPagedKV), so a piece of a prompt sees the pieces before it, and only the decode rows and
+each finishing prompt's last token go through the vocabulary projection. One program per decode
+batch size, where the two calls read every weight twice: on CPU a prefill call of 64 tokens costs
+~18 ms beside a decode call of 13-41 ms (1-16 rows), the same tokens as a chunk in the decode call
+4-5 ms. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
 setting compiles anything after those shapes.
 
