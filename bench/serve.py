@@ -261,6 +261,9 @@ def main():
     p.add_argument("--output-dists", nargs="+", choices=OUTPUT_DISTS, default=list(OUTPUT_DISTS),
                    help="output length distributions, a trace each (default: both; see OUTPUT_DISTS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--two-call-server", action="store_true",
+                   help="the server in generate's layout (a prefill call beside each decode call), to measure "
+                        "what one mixed call per step gains")
     args = p.parse_args()
     rates = args.rates or ([8.0, float("inf")] if args.quick else [4.0, float("inf")])
     prompt_lens = tuple(args.prompt_lens or ((8, 64) if args.quick else (32, 256)))
@@ -278,7 +281,8 @@ def main():
         for concurrency in args.concurrency:
             # A server with as many batch slots as the static batch has rows: the same capacity.
             # The shapes `python -m llama_jax.serve` compiles.
-            engine = BatchingEngine(cfg, params, max_batch=concurrency, **serving_shapes(concurrency))
+            engine = BatchingEngine(cfg, params, max_batch=concurrency,
+                                    **serving_shapes(concurrency, mixed=not args.two_call_server))
             engine.warm_up()
             # Static batching on an engine of generate's layout (a prefill call and a decode call
             # per step, serving_shapes' unmixed shapes), from the same per-layer weights; without
@@ -305,13 +309,16 @@ def main():
     commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
               f"commit {commit}{', --quick' if args.quick else ''}")
+    server_shapes = ("--two-call-server: generate's engine layout (as static below)" if args.two_call_server else
+                     "the server's shapes (serving_shapes: one call per step, decode batches of 1, 4, 8, 16, .. rows "
+                     "plus a prefill chunk of 4x16 prompt tokens)")
     shape = "quick model" if args.quick else f"{args.preset} shapes"
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
              f"prompts uniform {prompt_lens[0]}-{prompt_lens[1]} tokens; outputs (tokens): "
              f"{'; '.join(describe_outputs(d, output_lens) for d in args.output_dists)}; "
-             f"greedy; server: max batch = concurrency, the server's shapes (serving_shapes: one call per step, "
-             f"decode batches of 1, 4, 8, 16, .. rows plus a prefill chunk of 4x16 prompt tokens), pages of 16; "
+             f"greedy; server: max batch = concurrency, "
+             f"{server_shapes}, pages of 16; "
              f"static: generate's engine layout (a decode call of 1, 4, 8, 16, .. rows and a prefill call of "
              f"1x256, 1x64 or 4x64 per step) without HTTP, prefix cache off, a batch of the requests waiting (at most concurrency), every "
              f"request of it run to its longest, arrivals meanwhile waiting; load average "
