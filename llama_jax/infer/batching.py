@@ -522,8 +522,7 @@ class BatchingEngine:
                 jax.block_until_ready(self._run([], np.zeros((b + R * C, 1), np.int32),
                                                 np.full((b + R * C, 1), -1, np.int32), [], np.zeros(b, np.int32),
                                                 np.zeros((R, self.pages_per_seq), np.int32)))
-            return
-        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:
+        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:  # no chunk shapes when mixed
             jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
                                             [], np.zeros(rows, np.int32)))
 
@@ -663,7 +662,8 @@ class BatchingEngine:
         if not decoding and not pieces:
             return [], None
         b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
-        tokens, positions = np.zeros((b + R * C, 1), np.int32), np.full((b + R * C, 1), -1, np.int32)
+        rows_fed = b + R * C if pieces else b  # no prompt token: the decode batch alone, without the chunk's cost
+        tokens, positions = np.zeros((rows_fed, 1), np.int32), np.full((rows_fed, 1), -1, np.int32)
         chunk_table = np.zeros((R, self.pages_per_seq), np.int32)
         sampled, logits_at, rows = list(decoding), list(range(len(decoding))), []
         for row, request in enumerate(decoding):
@@ -680,7 +680,7 @@ class BatchingEngine:
         for request in fed:
             rows.append((request, fed[request], sampled.index(request) if request in finishing else 0))
         logits_at = np.array(logits_at + [0] * (b - len(logits_at)), np.int32)
-        return rows, self._run(decoding, tokens, positions, sampled, logits_at, chunk_table)
+        return rows, self._run(decoding, tokens, positions, sampled, logits_at, chunk_table if pieces else None)
 
     def _run(self, token_rows, tokens, positions, sampled, logits_at, chunk_table=None):
         """model_step on rows of tokens (token_rows: the request of each, for its page table; None
