@@ -311,7 +311,7 @@ def main():
               f"commit {commit}{', --quick' if args.quick else ''}")
     server_shapes = ("--two-call-server: generate's engine layout (as static below)" if args.two_call_server else
                      "the server's shapes (serving_shapes: one call per step, decode batches of 1, 4, 8, 16, .. rows "
-                     "plus a prefill chunk of 4x16 prompt tokens)")
+                     "plus a prefill chunk of 4x16 prompt tokens when there are any)")
     shape = "quick model" if args.quick else f"{args.preset} shapes"
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
@@ -320,8 +320,8 @@ def main():
              f"greedy; server: max batch = concurrency, "
              f"{server_shapes}, pages of 16; "
              f"static: generate's engine layout (a decode call of 1, 4, 8, 16, .. rows and a prefill call of "
-             f"1x256, 1x64 or 4x64 per step) without HTTP, prefix cache off, a batch of the requests waiting (at most concurrency), every "
-             f"request of it run to its longest, arrivals meanwhile waiting; load average "
+             f"1x256, 1x64 or 4x64 per step) without HTTP, prefix cache off, a batch of the requests waiting "
+             f"(at most concurrency), every request of it run to its longest, arrivals meanwhile waiting; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
     table = ["| outputs | rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
              "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]

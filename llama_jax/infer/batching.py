@@ -23,8 +23,9 @@ its decode rows (a decode batch, as above) followed by a prefill chunk of R rows
 filled with the next tokens of the oldest prefilling requests (a prompt may take several rows),
 each row with its own page table. Every row writes its keys and values before any row attends
 (MixedPagedKV), so a piece of a prompt sees the pieces before it, and only the decode rows and
-each finishing prompt's last token go through the vocabulary projection. One program per decode
-batch size, where the two calls read every weight twice: on CPU a prefill call of 64 tokens costs
+each finishing prompt's last token go through the vocabulary projection; a step with no prompt token
+to feed runs the decode batch alone. Two programs per decode batch size (with and without the
+chunk), where the two calls read every weight twice: on CPU a prefill call of 64 tokens costs
 ~18 ms beside a decode call of 13-41 ms (1-16 rows), the same tokens as a chunk in the decode call
 4-5 ms. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
@@ -202,7 +203,7 @@ def batch_multiple(mesh) -> int:
 
 
 def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1, *, mixed: bool = True) -> dict:
-    """BatchingEngine arguments for a server: few compiled programs (6 at max_batch 64), none after
+    """BatchingEngine arguments for a server: few compiled programs (12 at max_batch 64), none after
     warm-up.
 
     Decode batches `multiple` (the mesh's batch split: one request), then 4, 8, 16, .. times it up
@@ -212,8 +213,8 @@ def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1, 
     rows 59, 64 rows 148).
 
     mixed (the server's): every step is one call, its decode rows plus a prefill chunk of 4 x
-    multiple rows of prefill_chunk / 16 tokens (`mixed_prefill`; 4 x 16 by default), one program
-    per decode batch. Measured on the quick model (ctx ~100): the chunk adds 4-5 ms to a step of 1
+    multiple rows of prefill_chunk / 16 tokens (`mixed_prefill`; 4 x 16 by default), two programs
+    per decode batch (a step with no prompt token to feed skips the chunk). Measured on the quick model (ctx ~100): the chunk adds 4-5 ms to a step of 1
     to 16 decode rows (13-41 ms), where prefilling those 64 tokens in a call of their own cost
     ~18 ms, most of it the weights' reads and a row of vocabulary projection again. Not mixed
     (generate's layout, two calls per step; 9 programs at max_batch 64): prefill chunks
@@ -366,7 +367,8 @@ class BatchingEngine:
         sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
         min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: (R, C):
         each step is one call, its decode rows and a prefill chunk of R rows of C tokens
-        (`_run_mixed`); the programs are then one per decode batch size, and no prefill chunk shapes."""
+        (`_run_mixed`); the programs are then two per decode batch size (with and without the chunk), and no
+        prefill chunk shapes."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.

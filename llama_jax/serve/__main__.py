@@ -121,7 +121,7 @@ def load_engine(args):
                             page_size=args.page_size, num_pages=args.kv_pages,
                             # One call per step, decode rows and a prefill chunk together; a few
                             # running requests do not pay for a full decode batch of padding, in a
-                            # handful of programs compiled at start (6 at --max-batch 64).
+                            # handful of programs compiled at start (12 at --max-batch 64).
                             **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
     return engine, tokenizer
 

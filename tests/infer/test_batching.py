@@ -211,7 +211,7 @@ def test_serving_shapes_are_few_at_any_max_batch():
     for max_batch in (1, 3, 5, 64, 100, 1024):
         shapes, unmixed = serving_shapes(max_batch), serving_shapes(max_batch, mixed=False)
         assert shapes["decode_batches"][0] == 1 and shapes["decode_batches"][-1] == max_batch
-        assert len(shapes["decode_batches"]) <= max_batch.bit_length()  # one program each
+        assert len(shapes["decode_batches"]) <= max_batch.bit_length()  # two programs each
         assert len(unmixed["decode_batches"]) + len(unmixed["prefill_shapes"]) <= max_batch.bit_length() + 3
 
 
@@ -223,7 +223,7 @@ def test_no_request_compiles_anything_after_warm_up():
     assert engine.decode_batches == [1, 4] and engine.mixed_prefill == (4, 2) and engine.chunk_shapes == []
     _compiles.clear()
     engine.warm_up()
-    assert _compiles["jit(model_step)"] == 2  # steps of 1 and 4 decode rows, each with a 4x2 prefill chunk
+    assert _compiles["jit(model_step)"] == 2 * 2  # steps of 1 and 4 decode rows, with and without a 4x2 chunk
     _compiles.clear()
     arrivals = {0: [("a", prompt(3, 0), RequestParams(5, **GREEDY)),
                     ("b", prompt(45, 1), RequestParams(9, temperature=0.7, top_p=0.9, seed=1, logprobs=3))],
