@@ -89,6 +89,11 @@ class PagedKV(NamedTuple):
         put = lambda pages, new: pages.at[page_BT, slot_BT].set(new.astype(pages.dtype), mode="drop")  # noqa: E731
         return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
 
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which) -> tuple[jax.Array, "PagedKV"]:
+        """Write the rows' keys and values, then attend to every position up to each query's."""
+        kv = self.write(k_BTKE, v_BTKE, positions_BT)
+        return kernels.paged_attention(q_BTHE, kv.k_pages, kv.v_pages, kv.page_table, positions_BT, **which), kv
+
 
 def contract(subscripts: str, x, w, dtype):
     """jnp.einsum(subscripts, x, w) in `dtype`. A weight that is not an array may bring its own
@@ -141,9 +146,7 @@ class Attention(nn.Module):
         if cache_kv is None:
             out_BTHE = kernels.attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, positions_BT, **which)
         else:
-            cache_kv = cache_kv.write(k_BTKE, v_BTKE, positions_BT)
-            out_BTHE = kernels.paged_attention(q_BTHE, cache_kv.k_pages, cache_kv.v_pages, cache_kv.page_table,
-                                               positions_BT, **which)
+            out_BTHE, cache_kv = cache_kv.attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, **which)
         return contract("bthz,hzd->btd", out_BTHE.astype(dt), wo, dt), cache_kv
 
 

@@ -14,9 +14,20 @@ updated in place) and the rows' page tables [B, M]: the decode step is compiled 
 running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
-chunk). Each of those shapes is one compiled program; `serving_shapes` gives a server fewer (9 at a
+chunk). Each of those shapes is one compiled program; `serving_shapes(mixed=False)` gives fewer (9 at a
 max batch of 64, where the powers of two above give 23), or `decode_batches` and `prefill_shapes`
-name them. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
+name them.
+
+With `mixed_prefill` (R, C) (the server's, via `serving_shapes`), a step is one call instead:
+its decode rows (a decode batch, as above) followed by a prefill chunk of R rows of C tokens,
+filled with the next tokens of the oldest prefilling requests (a prompt may take several rows),
+each row with its own page table. Every row writes its keys and values before any row attends
+(MixedPagedKV), so a piece of a prompt sees the pieces before it, and only the decode rows and
+each finishing prompt's last token go through the vocabulary projection; a step with no prompt token
+to feed runs the decode batch alone. Two programs per decode batch size (with and without the
+chunk), where the two calls read every weight twice: on CPU a prefill call of 64 tokens costs
+~18 ms beside a decode call of 13-41 ms (1-16 rows), the same tokens as a chunk in the decode call
+4-5 ms. Every per-request setting (temperature, top-k, top-p, seed) is an array with a row per
 request; stop ids and token limits are checked on the host. So no prompt length, output length or
 setting compiles anything after those shapes.
 
@@ -191,19 +202,29 @@ def batch_multiple(mesh) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) -> dict:
-    """BatchingEngine arguments for a server: few compiled programs (9 at max_batch 64, where the
-    powers of two of min_decode_batch=1 and min_prefill_chunk=32 are 23), none after warm-up.
+def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1, *, mixed: bool = True) -> dict:
+    """BatchingEngine arguments for a server: few compiled programs (12 at max_batch 64), none after
+    warm-up.
 
     Decode batches `multiple` (the mesh's batch split: one request), then 4, 8, 16, .. times it up
     to max_batch: on CPU a few rows cost about one (the weights' reads), more cost about their
     count, so beyond 4 the running requests are padded to at most twice their count (the quick
     serving model, dim 256 and a 128k vocabulary, measured: 1 row 17 ms, 4 rows 28, 8 rows 34, 16
-    rows 59, 64 rows 148). Prefill chunks (multiple, prefill_chunk) for long prompts,
-    (multiple, prefill_chunk / 4) so a short prompt alone is not padded to a whole chunk, and
-    (4 x multiple, prefill_chunk / 4) so prompts arriving together are prefilled together."""
+    rows 59, 64 rows 148).
+
+    mixed (the server's): every step is one call, its decode rows plus a prefill chunk of 4 x
+    multiple rows of prefill_chunk / 16 tokens (`mixed_prefill`; 4 x 16 by default), two programs
+    per decode batch (a step with no prompt token to feed skips the chunk). Measured on the quick model (ctx ~100): the chunk adds 4-5 ms to a step of 1
+    to 16 decode rows (13-41 ms), where prefilling those 64 tokens in a call of their own cost
+    ~18 ms, most of it the weights' reads and a row of vocabulary projection again. Not mixed
+    (generate's layout, two calls per step; 9 programs at max_batch 64): prefill chunks
+    (multiple, prefill_chunk) for long prompts, (multiple, prefill_chunk / 4) so a short prompt
+    alone is not padded to a whole chunk, and (4 x multiple, prefill_chunk / 4) so prompts arriving
+    together are prefilled together."""
     decode = {multiple, max_batch} | {multiple << i for i in range(2, max_batch.bit_length())
                                       if multiple << i < max_batch}
+    if mixed:
+        return dict(decode_batches=sorted(decode), mixed_prefill=(4 * multiple, max(1, prefill_chunk // 16)))
     quarter = max(1, prefill_chunk // 4)
     prefill = {(multiple, prefill_chunk), (multiple, quarter)}
     if 4 * multiple <= max_batch:
@@ -217,49 +238,84 @@ def _sharding_context(mesh):
 
 # Device side -----------------------------------------------------------------------------------
 
-def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_BM, logits_at_B, seeds_B, streams_B,
-               temperature_B, top_k_B, top_p_B, top_logprobs_B, *, cfg: LlamaConfig, mesh=None):
+class MixedPagedKV(NamedTuple):
+    """One layer's pages for a call whose B = b + R * C rows of one token are b decode rows (page
+    table rows decode_table_bM) then a prefill chunk of R rows of C tokens (chunk_table_RM), several
+    rows possibly holding consecutive pieces of one prompt. Every row's keys and values are written
+    before any row attends, so a piece sees the pieces before it (as PagedKV.attend)."""
+
+    k_pages: jax.Array  # [N, P, K, E]
+    v_pages: jax.Array  # [N, P, K, E]
+    decode_table_bM: jax.Array  # [b, M] int32
+    chunk_table_RM: jax.Array  # [R, M] int32
+
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which):
+        b, R = self.decode_table_bM.shape[0], self.chunk_table_RM.shape[0]
+        C = (q_BTHE.shape[0] - b) // R
+
+        def split(x_B1Z):
+            return x_B1Z[:b], x_B1Z[b:].reshape(R, C, *x_B1Z.shape[2:])
+
+        (q_b, q_R), (k_b, k_R), (v_b, v_R), (pos_b, pos_R) = map(split, (q_BTHE, k_BTKE, v_BTKE, positions_BT))
+        kv = PagedKV(self.k_pages, self.v_pages, self.decode_table_bM).write(k_b, v_b, pos_b)
+        kv = kv._replace(page_table=self.chunk_table_RM).write(k_R, v_R, pos_R)
+        out_b = kernels.paged_attention(q_b, kv.k_pages, kv.v_pages, self.decode_table_bM, pos_b, **which)
+        out_R = kernels.paged_attention(q_R, kv.k_pages, kv.v_pages, self.chunk_table_RM, pos_R, **which)
+        out_BTHE = jnp.concatenate([out_b, out_R.reshape(R * C, 1, *out_R.shape[2:])])
+        return out_BTHE, self._replace(k_pages=kv.k_pages, v_pages=kv.v_pages)
+
+
+def model_step(params: DecodeParams, pages, tokens_BT, positions_BT, page_table_BM, logits_at_L, seeds_L, streams_L,
+               temperature_L, top_k_L, top_p_L, top_logprobs_L, chunk_table_RM=None, *, cfg: LlamaConfig, mesh=None):
     """Run each row's tokens (at positions_BT; negative: padding) through the model, writing their
-    keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated), and sample
-    a token per row from the logits at its token logits_at_B. Returns (pages, (tokens [B], logprob
-    [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS])); the top ones are computed
-    only when a row asks for them (top_logprobs_B > 0), zeros otherwise."""
+    keys and values into the pages (a tuple per layer of (k, v) [N, P, K, E], donated) before any
+    row attends (so a row sees what the rows before it in its sequence write in the same call),
+    and sample L tokens, one from the logits at each of the tokens logits_at_L (indices into the B
+    * T tokens, row-major), with the settings in row l of the [L] arrays. Returns (pages, (tokens
+    [L], logprob [L], top ids [L, MAX_LOGPROBS], top logprobs [L, MAX_LOGPROBS])); the top ones are
+    computed only when a row asks for them (top_logprobs_L > 0), zeros otherwise. With
+    chunk_table_RM, the B rows (of T = 1 token) are decode rows and a prefill chunk (MixedPagedKV)
+    and page_table_BM is the decode rows' only."""
     dt = cfg.compute_dtype
     with _sharding_context(mesh):
         embedding_VD = params.tok_embeddings
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
         new_pages = []
         for layer, (k_pages, v_pages) in zip(params.layers, pages):
-            x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, positions_BT, None,
-                                         PagedKV(k_pages, v_pages, page_table_BM))
+            kv = (PagedKV(k_pages, v_pages, page_table_BM) if chunk_table_RM is None
+                  else MixedPagedKV(k_pages, v_pages, page_table_BM, chunk_table_RM))
+            x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, positions_BT, None, kv)
             new_pages.append((kv.k_pages, kv.v_pages))
-        x_B1D = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
-        x_B1D = RMSNorm(cfg).apply({"params": params.norm}, x_B1D)
+        # Only the L rows that sample a token go through the vocabulary projection (on CPU ~2 ms a
+        # row at a 128k vocabulary, where a token row through the layers of a small model is ~0.1).
+        B, T, D = x_BTD.shape
+        x_L1D = jnp.take(x_BTD.reshape(B * T, 1, D), logits_at_L, axis=0)
+        x_L1D = RMSNorm(cfg).apply({"params": params.norm}, x_L1D)
         if cfg.tie_embeddings:
-            logits_BV = jnp.einsum("btd,vd->bv", x_B1D, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+            logits_LV = jnp.einsum("btd,vd->bv", x_L1D, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
         else:
-            logits_BV = jnp.einsum("btd,dv->bv", x_B1D, params.output.astype(dt), preferred_element_type=jnp.float32)
+            logits_LV = jnp.einsum("btd,dv->bv", x_L1D, params.output.astype(dt), preferred_element_type=jnp.float32)
     if mesh is not None:
         sharding = logical_to_sharding(PAGE_AXES, mesh, pages[0][0].shape)
         new_pages = jax.lax.with_sharding_constraint(new_pages, jax.tree.map(lambda _: sharding, new_pages))
     # The sampled token's position: one past the token whose logits it comes from.
-    sampled_at_B = jnp.take_along_axis(positions_BT, logits_at_B[:, None], axis=1)[:, 0] + 1
-    keys_B = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_B, streams_B, sampled_at_B)
-    tokens_B = sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+    sampled_at_L = jnp.take(positions_BT.reshape(-1), logits_at_L) + 1
+    keys_L = jax.vmap(lambda seed, stream, position: jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_L, streams_L, sampled_at_L)
+    tokens_L = sample_rows(logits_LV, keys_L, temperature_L, top_k_L, top_p_L)
     # The sampled token's log-probability as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
-    # max))), without writing the [B, V] log-softmax (a pass over the vocabulary per row), which only
+    # max))), without writing the [L, V] log-softmax (a pass over the vocabulary per row), which only
     # the top log-probabilities need.
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    logsumexp_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
-    chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - logsumexp_B1)[:, 0]
+    max_L1 = jnp.max(logits_LV, axis=-1, keepdims=True)
+    logsumexp_L1 = jnp.log(jnp.sum(jnp.exp(logits_LV - max_L1), axis=-1, keepdims=True))
+    chosen_L = (jnp.take_along_axis(logits_LV, tokens_L[:, None], axis=-1) - max_L1 - logsumexp_L1)[:, 0]
     # A top-k over the vocabulary costs about as much as a small model's decode step on CPU.
-    top_logprobs_BN, top_ids_BN = jax.lax.cond(
-        jnp.any(top_logprobs_B > 0),
-        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_BV, axis=-1), MAX_LOGPROBS)),
-        lambda: (jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logits_BV.shape[0], MAX_LOGPROBS), jnp.int32)))
-    return tuple(new_pages), (tokens_B, chosen_B, top_ids_BN, top_logprobs_BN)
+    top_logprobs_LN, top_ids_LN = jax.lax.cond(
+        jnp.any(top_logprobs_L > 0),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_LV, axis=-1), MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logits_LV.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits_LV.shape[0], MAX_LOGPROBS), jnp.int32)))
+    return tuple(new_pages), (tokens_L, chosen_L, top_ids_LN, top_logprobs_LN)
 
 
 model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
@@ -290,6 +346,11 @@ class _Request:
         return len(self.tokens) - self.prompt_len
 
 
+def _completes(request: _Request, n: int) -> bool:
+    """Whether feeding n more tokens completes the request's context (its last token is sampled)."""
+    return request.written + n >= len(request.tokens)
+
+
 class BatchingEngine:
     """Not thread-safe: one thread calls add, abort and step."""
 
@@ -297,13 +358,17 @@ class BatchingEngine:
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
                  min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
                  decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
-                 max_waiting: int = 1024, prefix_caching: bool = True, attention_impl: str = "auto"):
+                 mixed_prefill: tuple[int, int] | None = None, max_waiting: int = 1024, prefix_caching: bool = True,
+                 attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
         min_decode_batch: also compile the decode step for every power-of-two multiple of it below
         max_batch, and decode the running requests in the smallest that holds them (None: always
         max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
         sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
-        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`)."""
+        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: (R, C):
+        each step is one call, its decode rows and a prefill chunk of R rows of C tokens
+        (`_run_mixed`); the programs are then two per decode batch size (with and without the chunk), and no
+        prefill chunk shapes."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels exist, equal the reference in the interpreter and
         # lower for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -361,6 +426,14 @@ class BatchingEngine:
                                  f"[1, max_batch={max_batch}] and tokens >= 1, at least one; "
                                  f"got {list(prefill_shapes)}")
             self.chunk_shapes = sorted({(int(r), int(c)) for r, c in prefill_shapes})
+        self.mixed_prefill = mixed_prefill
+        if mixed_prefill is not None:
+            if prefill_shapes is not None or min_prefill_chunk is not None:
+                raise ValueError("give mixed_prefill or prefill_shapes / min_prefill_chunk, not both")
+            if len(mixed_prefill) != 2 or min(mixed_prefill) < 1 or mixed_prefill[0] % multiple:
+                raise ValueError(f"mixed_prefill must be (rows, tokens), rows a multiple of {multiple} (the mesh's "
+                                 f"batch split), both >= 1, got {mixed_prefill}")
+            self.mixed_prefill, self.chunk_shapes = (int(mixed_prefill[0]), int(mixed_prefill[1])), []
         self.pages = self._empty_pages(num_pages)
         self.page_table = np.zeros((max_batch, self.pages_per_seq), np.int32)
         self.slots: list[_Request | None] = [None] * max_batch
@@ -443,21 +516,31 @@ class BatchingEngine:
                     pages_total=self.allocator.num_pages, **self.counters)
 
     def warm_up(self) -> None:
-        """Compile the decode step and every prefill chunk shape now, before requests wait on them
-        (rows of padding only: the pages are left as they are)."""
-        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:
+        """Compile the decode step and every prefill chunk shape (with mixed_prefill: every mixed
+        step) now, before requests wait on them (rows of padding only: the pages are left as they are)."""
+        if self.mixed_prefill is not None:
+            R, C = self.mixed_prefill
+            for b in self.decode_batches:
+                jax.block_until_ready(self._run([], np.zeros((b + R * C, 1), np.int32),
+                                                np.full((b + R * C, 1), -1, np.int32), [], np.zeros(b, np.int32),
+                                                np.zeros((R, self.pages_per_seq), np.int32)))
+        for rows, width in [(b, 1) for b in self.decode_batches] + self.chunk_shapes:  # no chunk shapes when mixed
             jax.block_until_ready(self._run([], np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
-                                            np.zeros(rows, np.int32)))
+                                            [], np.zeros(rows, np.int32)))
 
     # Scheduling --------------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
-        """Admit, prefill one chunk, decode one token for every request past its prompt."""
+        """Admit, prefill one chunk, decode one token for every request past its prompt; with
+        mixed_prefill, all in one call (`_run_mixed`), else a prefill call and a decode call."""
         self._admit()
         decoding = [r for r in self._by_admission() if not r.prefilling]
         for request in decoding:
             self._reserve_next_page(request)
         decoding = [r for r in decoding if r.slot is not None]  # preempted for older requests' pages
+        if self.mixed_prefill is not None:
+            rows, result = self._run_mixed(decoding)
+            return self._advance(rows, jax.device_get(result)) if rows else []
         shape, chunk = self._plan_prefill()
         pending = []
         if chunk:
@@ -546,7 +629,9 @@ class BatchingEngine:
             tokens[row, :n] = request.tokens[request.written:request.written + n]
             positions[row, :n] = np.arange(request.written, request.written + n)
             logits_at[row] = n - 1
-        return self._run([r for r, _ in chunk], tokens, positions, logits_at)
+        logits_at += np.arange(rows, dtype=np.int32) * width
+        requests = [r for r, _ in chunk]
+        return self._run(requests, tokens, positions, requests, logits_at)
 
     def _run_decode(self, decoding):
         """One decode step of the requests as rows 0.. of the smallest decode batch that holds them:
@@ -556,25 +641,69 @@ class BatchingEngine:
         for row, request in enumerate(decoding):
             tokens[row, 0] = request.tokens[-1]
             positions[row, 0] = request.written
-        return self._run(decoding, tokens, positions, np.zeros(B, np.int32))
+        return self._run(decoding, tokens, positions, decoding, np.arange(B, dtype=np.int32))
 
-    def _run(self, rows, tokens, positions, logits_at):
-        """model_step on rows (requests, or None for padding) and their inputs; returns the
-        (device) sample of each row."""
-        R = tokens.shape[0]
-        rows = list(rows) + [None] * (R - len(rows))
+    def _run_mixed(self, decoding):
+        """One call for the whole step: every decoding request a row of one token, padded to the
+        smallest decode batch b that also has a sample row for each prompt finishing here, then
+        the mixed_prefill chunk of R rows of C tokens: the next C tokens of the oldest prefilling
+        request per row (a prompt may take several rows), each row with its request's page table.
+        Only b rows go through the vocabulary projection: the decoding ones and each finishing
+        prompt's last token. Returns ((request, tokens fed, sample row) per request, result)."""
+        R, C = self.mixed_prefill
+        pieces = []  # (request, first position, tokens) per chunk row
+        for request in (r for r in self._by_admission() if r.prefilling):
+            start = request.written
+            while start < len(request.tokens) and len(pieces) < R:
+                pieces.append((request, start, min(C, len(request.tokens) - start)))
+                start += pieces[-1][2]
+        fed = collections.Counter()
+        for request, _, n in pieces:
+            fed[request] += n
+        finishing = [r for r in fed if _completes(r, fed[r])]
+        if not decoding and not pieces:
+            return [], None
+        b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
+        rows_fed = b + R * C if pieces else b  # no prompt token: the decode batch alone, without the chunk's cost
+        tokens, positions = np.zeros((rows_fed, 1), np.int32), np.full((rows_fed, 1), -1, np.int32)
+        chunk_table = np.zeros((R, self.pages_per_seq), np.int32)
+        sampled, logits_at, rows = list(decoding), list(range(len(decoding))), []
+        for row, request in enumerate(decoding):
+            tokens[row, 0], positions[row, 0] = request.tokens[-1], request.written
+            rows.append((request, 1, row))
+        for row, (request, start, n) in enumerate(pieces):
+            first = b + row * C
+            tokens[first:first + n, 0] = request.tokens[start:start + n]
+            positions[first:first + n, 0] = np.arange(start, start + n)
+            chunk_table[row] = self.page_table[request.slot]
+            if start + n == len(request.tokens):
+                sampled.append(request)
+                logits_at.append(first + n - 1)
+        for request in fed:
+            rows.append((request, fed[request], sampled.index(request) if request in finishing else 0))
+        logits_at = np.array(logits_at + [0] * (b - len(logits_at)), np.int32)
+        return rows, self._run(decoding, tokens, positions, sampled, logits_at, chunk_table if pieces else None)
+
+    def _run(self, token_rows, tokens, positions, sampled, logits_at, chunk_table=None):
+        """model_step on rows of tokens (token_rows: the request of each, for its page table; None
+        or missing for padding; with chunk_table, the decode rows only), sampling at logits_at with
+        the settings of the requests `sampled` (missing: padding); returns the (device) sample of each."""
+        L = logits_at.shape[0]
+        R = tokens.shape[0] if chunk_table is None else L
         page_table = np.zeros((R, self.pages_per_seq), np.int32)
-        seeds, streams, temperature = np.zeros(R, np.uint32), np.zeros(R, np.uint32), np.zeros(R, np.float32)
-        top_k, top_p, top_logprobs = np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, np.int32)
-        for row, request in enumerate(rows):
+        for row, request in enumerate(token_rows):
             if request is not None:
                 page_table[row] = self.page_table[request.slot]
+        seeds, streams, temperature = np.zeros(L, np.uint32), np.zeros(L, np.uint32), np.zeros(L, np.float32)
+        top_k, top_p, top_logprobs = np.zeros(L, np.int32), np.ones(L, np.float32), np.zeros(L, np.int32)
+        for row, request in enumerate(sampled):
+            if request is not None:
                 p = request.params
                 seeds[row], streams[row] = request.seed, request.stream
                 temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
                 top_logprobs[row] = p.logprobs or 0
         inputs = self._place((tokens, positions, page_table, logits_at, seeds, streams, temperature, top_k, top_p,
-                              top_logprobs))
+                              top_logprobs) + (() if chunk_table is None else (chunk_table,)))
         self.pages, result = model_step_jit(self.params, self.pages, *inputs, cfg=self.cfg, mesh=self.mesh)
         return result
 

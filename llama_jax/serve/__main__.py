@@ -119,9 +119,9 @@ def load_engine(args):
     cfg, params = prepare(cfg, params, mesh, donate=True)  # the engine's layout, without a second copy
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages,
-                            # A lone short prompt or a few running requests do not pay for a full
-                            # prefill chunk or decode batch of padding, in a handful of programs
-                            # compiled at start (9 at --max-batch 64).
+                            # One call per step, decode rows and a prefill chunk together; a few
+                            # running requests do not pay for a full decode batch of padding, in a
+                            # handful of programs compiled at start (12 at --max-batch 64).
                             **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
     return engine, tokenizer
 

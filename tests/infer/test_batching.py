@@ -22,6 +22,8 @@ from tests.infer.common import collect, random_params
 # Shared by most tests, so they share compiled programs: 4 slots, pages of 8 tokens, chunks of
 # 32 tokens (as 1x32, 2x16 or 4x8).
 SETTINGS = dict(max_batch=4, page_size=8, prefill_chunk=32)
+# The server's layout: each step one call, its decode rows plus a prefill chunk of 2 rows of 8 tokens.
+MIXED = dict(mixed_prefill=(2, 8))
 GREEDY = dict(temperature=0.0)
 
 _compiles = collections.Counter()
@@ -75,9 +77,10 @@ REQUESTS = [(f"r{i}", prompt(n, 37 * i), m, step) for i, (n, m, step) in
             enumerate([(3, 30, 0), (70, 6, 0), (20, 2, 0), (9, 10, 1), (33, 8, 3), (12, 5, 3), (5, 9, 8)])]
 
 
-def test_greedy_requests_arriving_over_time_equal_each_prompt_alone(tiny):
+@pytest.mark.parametrize("layout", [{}, MIXED], ids=["two calls", "mixed"])
+def test_greedy_requests_arriving_over_time_equal_each_prompt_alone(tiny, layout):
     cfg, params = tiny
-    engine = BatchingEngine(cfg, params, **SETTINGS)
+    engine = BatchingEngine(cfg, params, **SETTINGS, **layout)
     arrivals = collections.defaultdict(list)
     for request_id, ids, max_tokens, step in REQUESTS:
         arrivals[step].append((request_id, ids, RequestParams(max_tokens, **GREEDY)))
@@ -199,15 +202,17 @@ def test_bad_requests_are_refused(tiny):
 
 
 def test_serving_shapes_are_few_at_any_max_batch():
-    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], prefill_shapes=[(1, 64), (1, 256), (4, 64)],
-                                      prefill_chunk=256)
-    assert serving_shapes(64, multiple=8)["decode_batches"] == [8, 32, 64]
-    assert serving_shapes(4, 32, multiple=4) == dict(decode_batches=[4], prefill_shapes=[(4, 8), (4, 32)],
-                                                     prefill_chunk=32)
+    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], mixed_prefill=(4, 16))
+    assert serving_shapes(64, multiple=8) == dict(decode_batches=[8, 32, 64], mixed_prefill=(32, 16))
+    assert serving_shapes(64, mixed=False) == dict(decode_batches=[1, 4, 8, 16, 32, 64],
+                                                   prefill_shapes=[(1, 64), (1, 256), (4, 64)], prefill_chunk=256)
+    assert serving_shapes(4, 32, multiple=4, mixed=False) == dict(decode_batches=[4], prefill_shapes=[(4, 8), (4, 32)],
+                                                                  prefill_chunk=32)
     for max_batch in (1, 3, 5, 64, 100, 1024):
-        shapes = serving_shapes(max_batch)
+        shapes, unmixed = serving_shapes(max_batch), serving_shapes(max_batch, mixed=False)
         assert shapes["decode_batches"][0] == 1 and shapes["decode_batches"][-1] == max_batch
-        assert len(shapes["decode_batches"]) + len(shapes["prefill_shapes"]) <= max_batch.bit_length() + 3
+        assert len(shapes["decode_batches"]) <= max_batch.bit_length()  # two programs each
+        assert len(unmixed["decode_batches"]) + len(unmixed["prefill_shapes"]) <= max_batch.bit_length() + 3
 
 
 def test_no_request_compiles_anything_after_warm_up():
@@ -215,10 +220,10 @@ def test_no_request_compiles_anything_after_warm_up():
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=3e-5)
     shapes = serving_shapes(SETTINGS["max_batch"], SETTINGS["prefill_chunk"])
     engine = BatchingEngine(cfg, random_params(cfg), **dict(SETTINGS, **shapes))
-    assert engine.decode_batches == [1, 4] and engine.chunk_shapes == [(1, 8), (1, 32), (4, 8)]
+    assert engine.decode_batches == [1, 4] and engine.mixed_prefill == (4, 2) and engine.chunk_shapes == []
     _compiles.clear()
     engine.warm_up()
-    assert _compiles["jit(model_step)"] == 2 + 3  # decode of 1 and 4 rows, and prefill chunks of 1x8, 1x32, 4x8
+    assert _compiles["jit(model_step)"] == 2 * 2  # steps of 1 and 4 decode rows, with and without a 4x2 chunk
     _compiles.clear()
     arrivals = {0: [("a", prompt(3, 0), RequestParams(5, **GREEDY)),
                     ("b", prompt(45, 1), RequestParams(9, temperature=0.7, top_p=0.9, seed=1, logprobs=3))],
@@ -272,10 +277,11 @@ def test_a_shared_prefix_is_prefilled_once(tiny):
     assert runs[False][1:] == (len(second), 0)
 
 
-def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny):
+@pytest.mark.parametrize("layout", [{}, MIXED], ids=["two calls", "mixed"])
+def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny, layout):
     cfg, params = tiny
     # 8 pages of 8 tokens: one sequence of 64 tokens, or a few shorter ones at a time.
-    engine = BatchingEngine(cfg, params, max_seq_len=64, num_pages=8, **SETTINGS)
+    engine = BatchingEngine(cfg, params, max_seq_len=64, num_pages=8, **SETTINGS, **layout)
     system = prompt(16, 300)
     requests = {f"r{i}": (system + prompt(4 + 5 * i, 11 * i)[1:], 6 + 2 * i) for i in range(6)}  # 25..60 tokens
     arrivals = {0: [(r, ids, RequestParams(m, **GREEDY)) for r, (ids, m) in list(requests.items())[:4]],
@@ -290,15 +296,16 @@ def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny):
 # Meshes ---------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
-@pytest.mark.parametrize("spec", ["tp2", "dp2,tp2"])
-def test_a_mesh_gives_the_single_device_tokens(tiny, spec):
+@pytest.mark.parametrize("spec, layout", [("tp2", {}), ("dp2,tp2", {}), ("dp2,tp2", MIXED)],
+                         ids=["tp2", "dp2,tp2", "dp2,tp2 mixed"])
+def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
     cfg, params = tiny
     arrivals = {0: [("a", prompt(3, 0), RequestParams(8, **GREEDY)),
                     ("b", prompt(40, 1), RequestParams(6, temperature=0.9, top_k=20, seed=4))],
                 2: [("c", prompt(12, 2), RequestParams(7, temperature=1.0, seed=5, logprobs=2))]}
     single, _ = drain(BatchingEngine(cfg, params, **SETTINGS), {k: list(v) for k, v in arrivals.items()})
     mesh = make_mesh(spec, jax.devices()[:4 if "dp" in spec else 2])
-    engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS)
+    engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS, **layout)
     sharded, _ = drain(engine, arrivals)
     assert {k: tokens_and_reason(v) for k, v in sharded.items()} == {k: tokens_and_reason(v) for k, v in single.items()}
     np.testing.assert_allclose([o.logprob for o in sharded["c"]], [o.logprob for o in single["c"]], rtol=1e-5)

@@ -141,9 +141,9 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     assert engine.stats()["pages_total"] == int(option.get("--kv-pages", 4 * -(-engine.max_seq_len // engine.page_size)))
     assert (engine.mesh is None) == ("--mesh" not in option)
     # serving_shapes: decode batches from the mesh's batch split (dp4: 4 rows at least) up to
-    # --max-batch, a factor of 4 apart; three prefill chunk shapes at most.
+    # --max-batch, a factor of 4 apart, each step with a prefill chunk of 4 rows per batch split.
     assert engine.decode_batches == ([1, 4] if engine.mesh is None else [4])
-    assert engine.chunk_shapes == ([(1, 64), (1, 256), (4, 64)] if engine.mesh is None else [(4, 64), (4, 256)])
+    assert engine.mixed_prefill == ((4, 16) if engine.mesh is None else (16, 16)) and engine.chunk_shapes == []
     if engine.mesh is not None:
         assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "cp": 1, "tp": 2}
     quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
