@@ -19,19 +19,14 @@ import socket
 import sys
 from pathlib import Path
 
-import jax
 import uvicorn
 
 from llama_jax import checkpoint
-from llama_jax.config import compute_dtype
-from llama_jax.infer.__main__ import (adapt_and_quantize, add_lora_flags, check_host_memory, check_lora,
-                                      load_tokenizer_for)
-from llama_jax.infer.batching import BatchingEngine, batch_multiple, prepare, serving_shapes
+from llama_jax.infer.__main__ import add_lora_flags, check_lora, load_model
+from llama_jax.infer.batching import BatchingEngine, batch_multiple, serving_shapes
 from llama_jax.infer.quantize import QUANTIZED_DTYPES
-from llama_jax.infer.text import check_tokenizer
 from llama_jax.serve.app import create_app
 from llama_jax.sharding import make_mesh
-from llama_jax.sharding.params import load_params
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
 
@@ -59,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are aborted "
                         "(default: %(default)s)")
+    # load_model (shared with infer) reads these: the server keeps the checkpoint's compute dtype
+    # (float32 on CPU) and attention implementation.
+    p.set_defaults(dtype=None, attention_impl=None)
     return p
 
 
@@ -99,24 +97,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def load_engine(args):
-    """(BatchingEngine, tokenizer) for the flags."""
-    path = checkpoint.find(args.checkpoint)  # a training run's --out directory names its final model
-    cfg = checkpoint.load_config(path)
-    tokenizer = load_tokenizer_for(args, path)
-    check_tokenizer(cfg, tokenizer)
-    # Weights are stored in the compute dtype (the one rule: float32 on CPU), or quantized from the
-    # stored ones.
-    dtype = compute_dtype(None, cfg.dtype)
-    param_dtype = cfg.param_dtype if args.quantize else dtype
-    check_host_memory(cfg, param_dtype, args.quantize)
-    mesh = make_mesh(args.mesh) if args.mesh else None
-    overrides = {"dtype": dtype, "param_dtype": param_dtype}
-    if mesh is None:
-        cfg, params = checkpoint.load(path, **overrides)
-    else:
-        cfg, params = load_params(path, mesh, **overrides)
-    params = adapt_and_quantize(args, cfg, params, path, mesh)
-    cfg, params = prepare(cfg, params, mesh, donate=True)  # the engine's layout, without a second copy
+    """(BatchingEngine, tokenizer) for the flags: the model loaded as `python -m llama_jax.infer` loads it."""
+    cfg, params, tokenizer, mesh = load_model(args)
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                             page_size=args.page_size, num_pages=args.kv_pages,
                             # One call per step, decode rows and a prefill chunk together; a few
