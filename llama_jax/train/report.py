@@ -67,8 +67,9 @@ class Reporter:
             raise NonFiniteLoss(step, f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}")
         self.losses.append((step, values["loss"]))
         values.update(self._throughput(step))
-        if self.read_rate():
-            values["read_rows_per_s"] = self.read_rate()  # this process's rate, idle time excluded
+        read_rate = self.read_rate()
+        if read_rate:
+            values["read_rows_per_s"] = read_rate  # this process's rate, idle time excluded
         if self._bar is not None:
             self._show(step, values)
         if self._log is not None and (step % self.log_every == 0 or step + 1 == self.steps):
@@ -88,8 +89,11 @@ class Reporter:
         tps = (step - last_step) * self.tokens_per_step / (now - last_t)
         values = {"tokens_per_s": tps}
         if self.peak:
-            values["mfu"] = tps / self.tokens_per_step * self.flops_per_step / self.peak
+            values["mfu"] = self._mfu(tps)
         return values
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak
 
     def _show(self, step: int, values: dict[str, float]) -> None:
         postfix = {"loss": f"{values['loss']:.3f}"}
@@ -107,8 +111,7 @@ class Reporter:
         if self._first is not None and self._last[0] > self._first[0]:
             (step0, t0), (step1, t1) = self._first, self._last
             out["tokens_per_s"] = (step1 - step0) * self.tokens_per_step / (t1 - t0)
-            out["mfu"] = out["tokens_per_s"] * self.flops_per_step / self.tokens_per_step / self.peak if self.peak \
-                else None
+            out["mfu"] = self._mfu(out["tokens_per_s"]) if self.peak else None
         return out
 
 

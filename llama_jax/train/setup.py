@@ -32,7 +32,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-
 def model_config(tc: TrainConfig, out: Path) -> tuple[LlamaConfig, str]:
     """The config and where it came from: the run being resumed, --init-from, or --config."""
     if (out / "config.json").is_file():
