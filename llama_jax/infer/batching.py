@@ -10,8 +10,8 @@ Each `step` admits waiting requests into free batch slots, runs one prefill chun
 running requests by one chunk at a time), then one decode step for every request past its prompt.
 Both run one jitted function, `model_step`, over per-layer page pools [N, P, K, E] (donated, so
 updated in place) and the rows' page tables [B, M]: the decode step is compiled once for
-[max_batch, 1] (with `min_decode_batch`, also for each power-of-two multiple of it below, the
-running requests taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
+[max_batch, 1] (with `decode_batches`, also for each of those batch sizes, the running requests
+taking the smallest that holds them) and the prefill once per chunk shape [R, C] (R * C = prefill_chunk rows of tokens,
 R = 1, 2, 4, 8, times the mesh's batch split; with `min_prefill_chunk`, also R * C = every
 power-of-two multiple of it below prefill_chunk, so a short prompt alone is not padded to a whole
 chunk). Each of those shapes is one compiled program; `serving_shapes(mixed=False)` gives fewer (9 at a
@@ -214,8 +214,9 @@ def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1, 
 
     mixed (the server's): every step is one call, its decode rows plus a prefill chunk of 4 x
     multiple rows of prefill_chunk / 16 tokens (`mixed_prefill`; 4 x 16 by default), two programs
-    per decode batch (a step with no prompt token to feed skips the chunk). Measured on the quick model (ctx ~100): the chunk adds 4-5 ms to a step of 1
-    to 16 decode rows (13-41 ms), where prefilling those 64 tokens in a call of their own cost
+    per decode batch (a step with no prompt token to feed skips the chunk). Measured on the quick
+    model (ctx ~100): the chunk adds 4-5 ms to a step of 1 to 16 decode rows (13-41 ms), where
+    prefilling those 64 tokens in a call of their own cost
     ~18 ms, most of it the weights' reads and a row of vocabulary projection again. Not mixed
     (generate's layout, two calls per step; 9 programs at max_batch 64): prefill chunks
     (multiple, prefill_chunk) for long prompts, (multiple, prefill_chunk / 4) so a short prompt
@@ -356,16 +357,15 @@ class BatchingEngine:
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, prefill_chunk: int = 256,
-                 min_prefill_chunk: int | None = None, min_decode_batch: int | None = None,
-                 decode_batches: Sequence[int] | None = None, prefill_shapes: Sequence[tuple[int, int]] | None = None,
+                 min_prefill_chunk: int | None = None, decode_batches: Sequence[int] | None = None,
+                 prefill_shapes: Sequence[tuple[int, int]] | None = None,
                  mixed_prefill: tuple[int, int] | None = None, max_waiting: int = 1024, prefix_caching: bool = True,
                  attention_impl: str = "auto"):
         """params: the model's (split here, a copy: see `prepare`) or DecodeParams from `prepare`.
-        min_decode_batch: also compile the decode step for every power-of-two multiple of it below
-        max_batch, and decode the running requests in the smallest that holds them (None: always
-        max_batch rows, one program). decode_batches / prefill_shapes: exactly these decode batch
-        sizes (max_batch is added) / prefill chunk shapes (rows, tokens per row) instead of the ones
-        min_decode_batch / min_prefill_chunk derive (see `serving_shapes`). mixed_prefill: (R, C):
+        decode_batches: also compile the decode step for these batch sizes (max_batch is added), and
+        decode the running requests in the smallest that holds them (None: always max_batch rows, one
+        program). prefill_shapes: exactly these prefill chunk shapes (rows, tokens per row) instead
+        of the ones min_prefill_chunk derives (see `serving_shapes`). mixed_prefill: (R, C):
         each step is one call, its decode rows and a prefill chunk of R rows of C tokens
         (`_run_mixed`); the programs are then two per decode batch size (with and without the chunk), and no
         prefill chunk shapes."""
@@ -389,15 +389,8 @@ class BatchingEngine:
         smallest = prefill_chunk if min_prefill_chunk is None else min_prefill_chunk
         if not 1 <= smallest <= prefill_chunk:
             raise ValueError(f"min_prefill_chunk must be in [1, prefill_chunk={prefill_chunk}], got {smallest}")
-        smallest_decode = max_batch if min_decode_batch is None else min_decode_batch
-        if not 1 <= smallest_decode <= max_batch or smallest_decode % multiple:
-            raise ValueError(f"min_decode_batch must be a multiple of {multiple} in [1, max_batch={max_batch}], "
-                             f"got {smallest_decode}")
-        self.decode_batches = [smallest_decode << i for i in range(max_batch.bit_length())
-                               if smallest_decode << i < max_batch] + [max_batch]
+        self.decode_batches = [max_batch]
         if decode_batches is not None:
-            if min_decode_batch is not None:
-                raise ValueError("give decode_batches or min_decode_batch, not both")
             bad = [b for b in decode_batches if not 1 <= b <= max_batch or b % multiple]
             if bad:
                 raise ValueError(f"decode_batches must be multiples of {multiple} in [1, max_batch={max_batch}], "

@@ -239,7 +239,7 @@ def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
     # A config of its own, so nothing compiled by other tests is reused.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=4e-5)
     params = random_params(cfg)
-    engine = BatchingEngine(cfg, params, **SETTINGS, min_decode_batch=1)
+    engine = BatchingEngine(cfg, params, **SETTINGS, decode_batches=[1, 2])
     assert engine.decode_batches == [1, 2, 4]
     _compiles.clear()
     engine.warm_up()
@@ -252,8 +252,8 @@ def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
     assert sum(_compiles.values()) == 0, _compiles
     for request_id, ids, max_tokens, _ in REQUESTS:
         assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
-    with pytest.raises(ValueError, match="min_decode_batch must be a multiple of 1 in \\[1, max_batch=4\\], got 5"):
-        BatchingEngine(cfg, params, **SETTINGS, min_decode_batch=5)
+    with pytest.raises(ValueError, match="decode_batches must be multiples of 1 in \\[1, max_batch=4\\], got \\[5\\]"):
+        BatchingEngine(cfg, params, **SETTINGS, decode_batches=[5])
 
 
 # Prefix cache and preemption ------------------------------------------------------------------
