@@ -88,6 +88,15 @@ def paged_attention_impl(cfg: LlamaConfig) -> str:
     return cfg.attention_impl if cfg.attention_impl in ("xla", "pallas") else "auto"
 
 
+def _engine(cfg: LlamaConfig, params, mesh, *, max_batch: int, max_seq_len: int, prefill_chunk: int,
+            **settings) -> BatchingEngine:
+    """The engine generate and Conversation run on: prefill chunks from MIN_BUCKET tokens up to
+    prefill_chunk, pages of PAGE_SIZE, the paged attention cfg names."""
+    return BatchingEngine(cfg, params, mesh=mesh, max_batch=max_batch, max_seq_len=max_seq_len, page_size=PAGE_SIZE,
+                          prefill_chunk=prefill_chunk, min_prefill_chunk=min(MIN_BUCKET, prefill_chunk),
+                          attention_impl=paged_attention_impl(cfg), **settings)
+
+
 def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), seed: int = 0,
                   batch_size: int | None = None, mesh=None, truncate: bool = False,
@@ -115,10 +124,8 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     longest = max(len(p) for p in prompts)
     # A chunk that holds the first rows' prompts in one step, when prefill_chunk allows.
     chunk = min(prefill_chunk, rows * bucket_length(longest, cfg.max_seq_len))
-    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=rows, page_size=PAGE_SIZE,
-                            max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len),
-                            prefill_chunk=chunk, min_prefill_chunk=min(MIN_BUCKET, chunk),
-                            max_waiting=len(prompts), attention_impl=paged_attention_impl(cfg))
+    engine = _engine(cfg, params, mesh, max_batch=rows, prefill_chunk=chunk, max_waiting=len(prompts),
+                     max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len))
     for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
         engine.add(str(i), prompt, params_i, stream=i)
     yield from _events(engine)
@@ -168,10 +175,8 @@ class Conversation:
         params = request_params(cfg, len(prompt), max_new_tokens, sampling, stop_ids, seed)
         context = bucket_length(len(prompt) + params.max_tokens, cfg.max_seq_len)
         if self.engine is None:
-            self.engine = BatchingEngine(cfg, self.params, mesh=self.mesh, max_batch=1, max_seq_len=context,
-                                         page_size=PAGE_SIZE, prefill_chunk=self.chunk,
-                                         min_prefill_chunk=min(MIN_BUCKET, self.chunk),
-                                         attention_impl=paged_attention_impl(cfg))
+            self.engine = _engine(cfg, self.params, self.mesh, max_batch=1, max_seq_len=context,
+                                  prefill_chunk=self.chunk)
             self.params = self.engine.params  # split once, for every turn
         elif self.engine.max_seq_len < context:
             self.engine.grow(context)
