@@ -11,10 +11,10 @@ lengths, and a number of output tokens per request, uniform or heavy-tailed (log
 traffic; see OUTPUT_DISTS). Both systems replay it:
 
 - server: `python -m llama_jax.serve`'s app over a BatchingEngine (max batch = the concurrency,
-  the static batch's size) in this process, driven over HTTP by an asyncio + httpx client in a
-  process of its own that keeps at most `concurrency` requests open (a request arriving while all
-  are busy waits for one). Each request is
-  a streamed, greedy completion of its token ids with `max_tokens` = its output length and
+  the static batch's size) in this process, on uvicorn as the CLI runs it, driven over HTTP by an
+  asyncio + aiohttp client (a third of httpx's CPU per streamed token: it shares the host's cores)
+  in a process of its own that keeps at most `concurrency` requests open (a request arriving while
+  all are busy waits for one). Each request is a streamed, greedy completion of its token ids with `max_tokens` = its output length and
   `logprobs: 0`, whose chunks say exactly which tokens each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, adds them at once to a
   BatchingEngine in generate's layout (same params, slots and decode batches; a prefill call of
@@ -23,6 +23,10 @@ traffic; see OUTPUT_DISTS). Both systems replay it:
   all are done, and waits for the next arrival when none is there: every request of the batch runs
   to the longest's length, and the next batch waits for the whole batch to end, the head-of-line
   blocking continuous batching removes. It runs in this process without HTTP, which favours it.
+
+Each trace is replayed `--repeats` times, server and static alternating (this host's speed drifts
+by tens of percent over minutes); each system's row is its run of median throughput, and the ratio
+printed is of the medians.
 
 Times count from each request's arrival: time to first token (TTFT) includes waiting for a slot or
 a batch; inter-token latency (ITL) is every gap between consecutive tokens of a request; output
@@ -45,14 +49,14 @@ import socket
 import threading
 import time
 
-import httpx
+import aiohttp
 import jax
 import numpy as np
 import uvicorn
 
 from llama_jax import LlamaConfig, init_params
 from llama_jax.infer.batching import BatchingEngine, RequestParams, serving_shapes
-from llama_jax.serve.app import create_app
+from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from bench.results import append_results, git_commit, machine
 
@@ -130,7 +134,7 @@ class Server:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(create_app(engine, tokenizer, MODEL), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -146,8 +150,8 @@ class Server:
 
 async def replay_over_http(url: str, trace: list[Request], concurrency: int) -> list[Timing]:
     slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as client:
         start = time.perf_counter()
 
         async def one(request: Request) -> Timing:
@@ -155,12 +159,12 @@ async def replay_over_http(url: str, trace: list[Request], concurrency: int) -> 
             timing = Timing(request.arrival)
             body = {"model": MODEL, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0,
                     "logprobs": 0, "stream": True}
-            async with slots, client.stream("POST", "/v1/completions", json=body) as response:
+            async with slots, client.post("/v1/completions", json=body) as response:
                 response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                async for line in response.content:  # one line at a time
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
-                    choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                    choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
                     now = time.perf_counter() - start
                     tokens = len(choice["logprobs"]["tokens"]) if choice["logprobs"] else 0
                     timing.token_times += [now] * tokens
@@ -240,6 +244,11 @@ def summarize(timings: list[Timing]) -> dict:
                 itl50=pct(itl, 50), itl99=pct(itl, 99))
 
 
+def median_run(results: list[dict]) -> dict:
+    """The run of median throughput (the lower middle one of an even count), whole."""
+    return sorted(results, key=lambda r: r["tok_s"])[(len(results) - 1) // 2]
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.3g}"
 
@@ -261,6 +270,8 @@ def main():
     p.add_argument("--output-dists", nargs="+", choices=OUTPUT_DISTS, default=list(OUTPUT_DISTS),
                    help="output length distributions, a trace each (default: both; see OUTPUT_DISTS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="replays of each trace per system, alternating; rows are the median runs (default: 3)")
     p.add_argument("--two-call-server", action="store_true",
                    help="the server in generate's layout (a prefill call beside each decode call), to measure "
                         "what one mixed call per step gains")
@@ -271,6 +282,8 @@ def main():
 
     if args.layers is not None and (args.quick or args.layers < 1):
         p.error("--layers takes a positive count, without --quick")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     cfg = model_config(args.quick, args.preset, args.layers)
     tokenizer = Llama3Tokenizer(default_tokenizer_path())
     load_before = os.getloadavg()[0]
@@ -296,13 +309,19 @@ def main():
                     for rate in rates:
                         n = args.requests or max(8, 2 * concurrency)
                         trace = make_trace(n, rate, prompt_lens, output_lens, args.seed, dist)
-                        served = summarize(client.replay(server.url, trace, concurrency))
-                        static = summarize(replay_static(static_engine, trace, concurrency))
-                        for name, result in (("server (continuous)", served), ("static batches", static)):
+                        runs = {"server (continuous)": [], "static batches": []}
+                        for _ in range(args.repeats):  # alternating, so a drift of the host's speed hits both
+                            runs["server (continuous)"].append(summarize(client.replay(server.url, trace,
+                                                                                       concurrency)))
+                            runs["static batches"].append(summarize(replay_static(static_engine, trace,
+                                                                                  concurrency)))
+                            print({name: round(r[-1]["tok_s"], 1) for name, r in runs.items()}, flush=True)
+                        medians = {name: median_run(r) for name, r in runs.items()}
+                        for name, result in medians.items():
                             rows.append((dist, rate, concurrency, n, name, result))
-                            print(rows[-1], flush=True)
+                        served, static = medians.values()
                         print(f"{dist} rate {rate:g}: server / static throughput "
-                              f"{served['tok_s'] / static['tok_s']:.2f}x", flush=True)
+                              f"{served['tok_s'] / static['tok_s']:.2f}x (medians of {args.repeats})", flush=True)
             del engine, static_engine
             gc.collect()
 
@@ -321,7 +340,8 @@ def main():
              f"{server_shapes}, pages of 16; "
              f"static: generate's engine layout (a decode call of 1, 4, 8, 16, .. rows and a prefill call of "
              f"1x256, 1x64 or 4x64 per step) without HTTP, prefix cache off, a batch of the requests waiting "
-             f"(at most concurrency), every request of it run to its longest, arrivals meanwhile waiting; load average "
+             f"(at most concurrency), every request of it run to its longest, arrivals meanwhile waiting; each row "
+             f"the run of median throughput of {args.repeats}, the systems alternating; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")
     table = ["| outputs | rate (req/s) | concurrency | requests | system | output tok/s | TTFT p50 ms | TTFT p99 ms "
              "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]

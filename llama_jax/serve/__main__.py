@@ -25,7 +25,7 @@ from llama_jax import checkpoint
 from llama_jax.infer.__main__ import add_lora_flags, check_lora, load_model
 from llama_jax.infer.batching import BatchingEngine, batch_multiple, serving_shapes
 from llama_jax.infer.quantize import QUANTIZED_DTYPES
-from llama_jax.serve.app import create_app
+from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.sharding import make_mesh
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
@@ -128,7 +128,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, sock: socket.socket, *, grace_period: float = 30.0, log_level: str = "info") -> None:
     """Run `app` on the bound `sock` until SIGTERM or SIGINT, then drain; returns once stopped."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=grace_period + CANCEL_AFTER_GRACE_S,
+    config = uvicorn_config(app, timeout_graceful_shutdown=grace_period + CANCEL_AFTER_GRACE_S,
                             log_level=log_level)
     server = DrainingServer(config, app.state.runner, grace_period)
     # uvicorn re-raises the signal it stopped for once it has restored the previous handler; this

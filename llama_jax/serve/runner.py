@@ -162,13 +162,18 @@ class EngineRunner:
             log.exception("engine step failed; aborting its %d requests", len(self._live))
             self._fail_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"))
             return 0
+        # One wake-up of each event loop per step, not one per token: every call_soon_threadsafe
+        # writes to the loop's self-pipe, and the loop shares this process's cores with the step.
+        deliveries = collections.defaultdict(list)
         for output in outputs:
             loop, request = self._live.get(output.request_id, (None, None))
             if request is None:  # aborted since the step began
                 continue
             if output.finish_reason is not None:
                 del self._live[output.request_id]
-            loop.call_soon_threadsafe(request.outputs.put_nowait, output)
+            deliveries[loop].append((request, output))
+        for loop, pairs in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, pairs)
         return len(outputs)
 
     def _shut(self, unapplied) -> None:
@@ -183,6 +188,11 @@ class EngineRunner:
             self.engine.abort(request_id)
             loop.call_soon_threadsafe(request.outputs.put_nowait, error)
         self._live.clear()
+
+
+def _deliver(pairs) -> None:
+    for request, output in pairs:
+        request.outputs.put_nowait(output)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -11,6 +11,7 @@ import time
 import uvicorn
 
 from llama_jax.infer.batching import EngineFullError, TokenOutput
+from llama_jax.serve.app import uvicorn_config
 
 
 class FakeEngine:
@@ -83,7 +84,7 @@ def live_server(app):
     """Serve `app` with uvicorn on 127.0.0.1 in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
