@@ -56,6 +56,7 @@ import uvicorn
 
 from llama_jax import LlamaConfig, init_params
 from llama_jax.infer.batching import BatchingEngine, RequestParams, serving_shapes
+from llama_jax.infer.huge_pages import reexec_with_huge_pages
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from bench.results import append_results, git_commit, machine
@@ -354,4 +355,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages("bench.serve")  # as `python -m llama_jax.serve` runs (both systems get it)
     main()

@@ -1,0 +1,12 @@
+"""`python -m tests.infer.huge_pages_probe ARGS`: re-executes itself as the serve CLI does, then
+prints what the final process sees (test_huge_pages.py)."""
+
+import json
+import os
+import sys
+
+from llama_jax.infer.huge_pages import reexec_with_huge_pages
+
+if __name__ == "__main__":
+    reexec_with_huge_pages("tests.infer.huge_pages_probe")
+    print(json.dumps({"argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
