@@ -23,6 +23,7 @@ from llama_jax import checkpoint, kernels, lora
 from llama_jax.config import compute_dtype
 from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
 from llama_jax.infer.engine import Conversation, PromptTooLongError
+from llama_jax.infer.huge_pages import reexec_with_huge_pages
 from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
@@ -285,4 +286,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages("llama_jax.infer")  # on CPU int8 decodes ~3x, float32 ~1.15x faster: see its module
     sys.exit(main())
