@@ -14,8 +14,9 @@ traffic; see OUTPUT_DISTS). Both systems replay it:
   the static batch's size) in this process, on uvicorn as the CLI runs it, driven over HTTP by an
   asyncio + aiohttp client (a third of httpx's CPU per streamed token: it shares the host's cores)
   in a process of its own that keeps at most `concurrency` requests open (a request arriving while
-  all are busy waits for one). Each request is a streamed, greedy completion of its token ids with `max_tokens` = its output length and
-  `logprobs: 0`, whose chunks say exactly which tokens each carries.
+  all are busy waits for one). Each request is a streamed, greedy completion of its token ids
+  with `max_tokens` = its output length and `logprobs: 0`, whose chunks say exactly which tokens
+  each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, adds them at once to a
   BatchingEngine in generate's layout (same params, slots and decode batches; a prefill call of
   its own beside each decode call, as `generate` runs, where the server mixes them into one call;
