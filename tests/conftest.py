@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two thirds of this suite's time was XLA:CPU compiling tiny programs, most of it LLVM optimizing
+# code that then runs for milliseconds: tests (and the processes they start, which inherit
+# XLA_FLAGS) compile without LLVM's optimizations. HLO passes, sharding and numerics are as in use.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 from llama_jax.sharding.mesh import use_cpu_devices  # noqa: E402 (imports jax; devices come later)
 

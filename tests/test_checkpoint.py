@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
 import sys
 import types
@@ -16,6 +14,7 @@ import pytest
 import llama_jax
 from llama_jax import checkpoint
 from llama_jax.config import PRESETS, LlamaConfig
+from tests.processes import cpu_env, free_port
 from tests.reference import random_params
 
 
@@ -181,10 +180,7 @@ checkpoint.save(sys.argv[3], cfg, params)
 
 def test_save_from_two_processes_writes_one_checkpoint(tmp_path):
     """Each process writes its own shards into one staging directory; process 0 finishes it."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    port, env = free_port(), cpu_env(4)
     out = tmp_path / "ckpt"
     procs = [subprocess.Popen([sys.executable, "-c", _SAVE_IN_TWO_PROCESSES, f"localhost:{port}", str(i), str(out)],
                               env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]

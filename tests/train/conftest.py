@@ -1,10 +1,14 @@
-"""One short uninterrupted training run that the loop and multi-process tests compare against."""
+"""One short uninterrupted training run that the loop and multi-process tests compare against, and
+how they read a run's losses, checkpoints and weights."""
 
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
+from llama_jax import checkpoint
 from llama_jax.train.loop import TrainConfig, train
 
 STEPS = 8
@@ -32,6 +36,19 @@ def cli_args(out, **overrides) -> list[str]:
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
+
+
+def params_of(out):
+    return checkpoint.load(out / "model")[1]
+
+
+def assert_same_weights(got, want):
+    for (path, g), w in zip(jax_leaves(got), [leaf for _, leaf in jax_leaves(want)]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def jax_leaves(tree):
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 @pytest.fixture(scope="session")

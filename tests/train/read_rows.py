@@ -5,8 +5,9 @@ process holds (each device shard's row range and inputs) and how many rows it re
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from tests.processes import cpu_env
+
+os.environ.update(cpu_env(4))
 
 MESH, SEQ, BATCH, STEPS = "dp2,fsdp2,tp2", 32, 8, 3
 

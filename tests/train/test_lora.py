@@ -79,7 +79,9 @@ def test_step_zero_is_the_base_and_merged_logits_equal_unmerged():
     assert len(b_leaves) == 7 and not any(np.any(np.asarray(b)) for b in b_leaves)
     np.testing.assert_array_equal(apply({"params": lora.adapt(params, fresh, SPEC)}, tokens), base_logits)
     assert lora.adapt(params, None, SPEC) is params  # DPO's reference: the same frozen arrays
-    np.testing.assert_array_equal(lora.apply(CFG, params, None, SPEC, tokens), base_logits)
+    # Jitted as the base is: op-by-op execution rounds differently from the fused program.
+    no_adapters = jax.jit(lambda p, t: lora.apply(CFG, p, None, SPEC, t))(params, tokens)
+    np.testing.assert_array_equal(no_adapters, base_logits)
 
     adapters = random_adapters()
     unmerged = apply({"params": lora.adapt(params, adapters, SPEC)}, tokens)
