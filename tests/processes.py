@@ -1,6 +1,6 @@
 """What tests that start jax.distributed processes share: a free coordinator port, and the
 environment of a child on fewer fake CPU devices that keeps the other XLA flags tests/conftest.py
-set (the children compile as much as the parent)."""
+set, so children compile the way the parent does (LLVM optimizations off, the same cache)."""
 
 import os
 import socket
