@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a BatchingEngine: `create_app(engine, tokenizer, model_name)`.
 
 Each request is validated here (protocol.py, engine.check) before it reaches the engine, so a bad
-one is a 400 that touches no other request. Generation streams through the runner's engine thread;
+one is a 400 that touches no other request, and every error is OpenAI's JSON shape, a 500 too.
+Generation streams through the runner's engine thread;
 text goes out in whole UTF-8 characters, cut before a stop string (output.py).
 """
 
@@ -322,6 +323,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def engine_error(_, e: EngineError):
         return error_response(500, str(e), "server_error")
 
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):  # the traceback goes to the server's log, not the client
+        return error_response(500, f"internal server error ({type(e).__name__})", "server_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, e: RequestValidationError):
         first = e.errors()[0]
@@ -329,6 +334,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"
             where = []
+        elif first.get("type") == "extra_forbidden":  # protocol.py: no field is silently dropped
+            message = f"{'.'.join(where)}: unknown or unsupported field; this server does not implement it"
         else:
             message = first["msg"].removeprefix("Value error, ")
             if where:

@@ -1,30 +1,62 @@
 """The OpenAI API's request and response bodies, with OpenAI's field names (pydantic v2).
 
 Requests validate what this server can honour: a value it would have to ignore or could not
-sample with (n > 1, temperature 3, an empty stop string) is a 400, never silently changed.
-Fields of the OpenAI API that change nothing here (user, frequency_penalty 0, ...) are ignored.
+sample with (n > 1, temperature 3, an empty stop string) is a 400, never silently changed. No
+field is dropped: each is honoured; or one this server does not implement (NO_OPS: tools,
+logit_bias, frequency_penalty, ...) accepted only with a value that asks for nothing (OpenAI's
+default, or null); or an identifier that never changes what is generated (user,
+safety_identifier, prompt_cache_key); any other field, OpenAI's or not, is a 400 naming it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The engine reports at most this many alternatives per token (RequestParams.logprobs).
 MAX_TOP_LOGPROBS = 20
 
+# OpenAI request fields this server does not implement, with the values that change nothing (what
+# OpenAI does when the field is left out, or asks for without tools or a stored completion).
+NO_OPS: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
+    "best_of": (1,), "suffix": ("",),  # completions
+    "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "modalities": (["text"],),
+    "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+}
 
-class StreamOptions(BaseModel):
+
+def _valid_unicode(value):
+    """`value`, each string in it checked: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which
+    no tokenizer or response can encode. A validator of a whole field, not of a union's member
+    (whose error would come after the other members' type errors)."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                                 f"{e.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # app.py answers an unknown field with a 400 naming it
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(_Request):
     """The fields completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -34,6 +66,23 @@ class SamplingRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Identify the caller (OpenAI's abuse monitoring, prompt cache routing); they change no token.
+    user: Text | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    frequency_penalty: Any = None  # these three and each subclass's NO_OPS: see _no_op
+    presence_penalty: Any = None
+    logit_bias: Any = None
+
+    @field_validator(*NO_OPS, check_fields=False)
+    @classmethod
+    def _no_op(cls, value, info: ValidationInfo):
+        allowed = NO_OPS[info.field_name]
+        if value is not None and value not in allowed:
+            spelled = " or ".join(repr(v) for v in allowed)
+            raise ValueError(f"{info.field_name} is not supported by this server: only {spelled} (which changes "
+                             f"nothing) or null, got {value!r:.100}")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -48,7 +97,7 @@ class SamplingRequest(BaseModel):
         stops = [stop] if isinstance(stop, str) else stop or []
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        return stop
+        return _valid_unicode(stop)
 
     @model_validator(mode="after")
     def _options_need_stream(self):
@@ -70,6 +119,8 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    best_of: Any = None  # NO_OPS
+    suffix: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -80,7 +131,7 @@ class CompletionRequest(SamplingRequest):
             prompt = prompt[0]
         if not prompt:
             raise ValueError("the prompt is empty")
-        return prompt
+        return _valid_unicode(prompt)
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self):
@@ -89,14 +140,20 @@ class CompletionRequest(SamplingRequest):
         return self
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: str  # checked by ChatMessage
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, content):
+        _valid_unicode(content if isinstance(content, str) else [part.text for part in content])
+        return content
 
     @property
     def text(self) -> str:
@@ -108,6 +165,16 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Any = None  # NO_OPS
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -4,14 +4,21 @@ live uvicorn server on a free local port, for fast HTTP tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
 
+import httpx
+import openai
 import uvicorn
 
 from llama_jax.infer.batching import EngineFullError, TokenOutput
-from llama_jax.serve.app import uvicorn_config
+from llama_jax.serve.app import create_app, uvicorn_config
+
+MODEL = "tiny-llama"
+REPLY = "Hello world! How are you today?"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 
 
 class FakeEngine:
@@ -105,3 +112,34 @@ def wait_for(condition, timeout=10.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def server(tokenizer, api_key=None, app_options=None, **engine_options):
+    """A live app over a FakeEngine: yields (engine, base URL)."""
+    engine = FakeEngine(tokenizer, engine_options.pop("reply", REPLY), **engine_options)
+    with live_server(create_app(engine, tokenizer, MODEL, api_key=api_key, **(app_options or {}))) as url:
+        yield engine, url
+
+
+def client(url, api_key="unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+
+
+def post(url, path, body, **headers):
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json", **headers},
+                      timeout=30)
+
+
+def assert_error(response, status, *words, param=None, code=None):
+    """An error in OpenAI's shape, its message holding `words`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code

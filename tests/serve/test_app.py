@@ -2,7 +2,6 @@
 openai client for the happy paths, raw httpx for the wire format and the errors."""
 
 import asyncio
-import contextlib
 import json
 import threading
 
@@ -11,21 +10,7 @@ import openai
 import pytest
 
 from llama_jax.serve.app import create_app
-from tests.serve.common import FakeEngine, live_server, wait_for
-
-MODEL = "tiny-llama"
-REPLY = "Hello world! How are you today?"
-
-
-@contextlib.contextmanager
-def server(tokenizer, api_key=None, **engine_options):
-    engine = FakeEngine(tokenizer, engine_options.pop("reply", REPLY), **engine_options)
-    with live_server(create_app(engine, tokenizer, MODEL, api_key=api_key)) as url:
-        yield engine, url
-
-
-def client(url, api_key="unused"):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+from tests.serve.common import CHAT, MODEL, REPLY, FakeEngine, assert_error, client, live_server, post, server, wait_for
 
 
 def sse_events(response) -> list[str]:
@@ -201,25 +186,6 @@ def test_completion_logprobs_streamed_and_not(tokenizer):
     assert lp.top_logprobs == [{"a": pytest.approx(-0.1)}, {" b": pytest.approx(-0.2)}, {" c": pytest.approx(-0.3)}]
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
-
-
-def post(url, path, body, **headers):
-    content = body if isinstance(body, str | bytes) else json.dumps(body)
-    return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json", **headers},
-                      timeout=30)
-
-
-def assert_error(response, status, *words, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error["message"]
-    if param is not None:
-        assert error["param"] == param
-
-
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 
 
 @pytest.mark.parametrize("body, words, param", [

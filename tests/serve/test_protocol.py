@@ -1,0 +1,94 @@
+"""What a request may hold: every field honoured, accepted as a no-op, or a 400 naming it; text that
+is not valid Unicode a 400 naming its field; and no error, however unexpected, is plain text."""
+
+import openai
+import pytest
+
+from tests.serve.common import CHAT, MODEL, REPLY, assert_error, client, post, server
+
+COMPLETION = {"model": MODEL, "prompt": "Hi"}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {**COMPLETION, "prompt": "\ud800x"}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": "\ud800x", "echo": True}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["\udfff"]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "stop": ["ok", "\ud800"]}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud800x"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]},
+     "messages"),
+    ("/v1/chat/completions", {**CHAT, "model": "\ud800"}, "model"),
+    ("/v1/chat/completions", {**CHAT, "user": "\ud800"}, "user"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(tokenizer, path, body, param):
+    with server(tokenizer) as (engine, url):
+        # json.dumps writes the lone surrogate as the escape "\ud800", as a hostile client would.
+        assert_error(post(url, path, body), 400, "not valid Unicode", "lone surrogate", param=param)
+    assert not engine.added
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "logit_bias", {"123": 5}),
+    ("/v1/chat/completions", "frequency_penalty", 0.5),
+    ("/v1/chat/completions", "presence_penalty", -1),
+    ("/v1/chat/completions", "store", True),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "suffix", " the end"),
+    ("/v1/completions", "logit_bias", {"5": -100}),
+])
+def test_an_unsupported_openai_field_is_a_400_naming_it(tokenizer, path, field, value):
+    body = {**(CHAT if "chat" in path else COMPLETION), field: value}
+    with server(tokenizer) as (engine, url):
+        assert_error(post(url, path, body), 400, f"{field} is not supported", param=field)
+    assert not engine.added
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "min_p": 0.1}, "min_p"),  # a vLLM extension this server lacks
+    ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy"}}, "audio"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi", "name": "bob"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_obfuscation": False}},
+     "stream_options"),
+    ("/v1/completions", {**COMPLETION, "tools": []}, "tools"),  # a chat field
+    ("/v1/completions", {**COMPLETION, "prompt_logprobs": 1}, "prompt_logprobs"),
+])
+def test_an_unknown_field_is_a_400_naming_it(tokenizer, path, body, param):
+    with server(tokenizer) as (engine, url):
+        assert_error(post(url, path, body), 400, "unknown or unsupported field", param=param)
+    assert not engine.added
+
+
+def test_no_op_values_and_identifiers_are_accepted_and_change_nothing(tokenizer):
+    messages = CHAT["messages"]
+    with server(tokenizer) as (engine, url):
+        api = client(url)
+        plain = api.chat.completions.create(model=MODEL, messages=messages, seed=1)
+        no_ops = api.chat.completions.create(
+            model=MODEL, messages=messages, seed=1, frequency_penalty=0, presence_penalty=0.0, logit_bias={},
+            tools=[], tool_choice="none", parallel_tool_calls=False, response_format={"type": "text"},
+            store=False, metadata={}, n=1, user="u-1", safety_identifier="s", prompt_cache_key="k",
+            service_tier="auto", extra_body={"functions": [], "modalities": ["text"]})
+        nulls = post(url, "/v1/chat/completions", {**CHAT, "seed": 1, "frequency_penalty": None, "tools": None,
+                                                   "logit_bias": None, "user": None})
+        completion = api.completions.create(model=MODEL, prompt="Hi", seed=1, best_of=1, suffix="",
+                                            frequency_penalty=0, logit_bias={}, user="u-1")
+    assert plain.choices[0].message.content == no_ops.choices[0].message.content == REPLY
+    assert nulls.status_code == 200 and completion.choices[0].text == REPLY
+    params = [added[2] for added in engine.added]
+    assert params[0] == params[1] == params[2]
+
+
+def test_an_unexpected_failure_is_a_json_500(tokenizer, monkeypatch):
+    with server(tokenizer) as (engine, url):
+        def broken(messages):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(tokenizer, "encode_dialog", broken)
+        assert_error(post(url, "/v1/chat/completions", CHAT), 500, "internal server error (RuntimeError)")
+        with pytest.raises(openai.InternalServerError):
+            client(url).chat.completions.create(**CHAT)
+    assert not engine.added
