@@ -2,8 +2,10 @@
 
 Each request is validated here (protocol.py, engine.check) before it reaches the engine, so a bad
 one is a 400 that touches no other request, and every error is OpenAI's JSON shape, a 500 too.
-Generation streams through the runner's engine thread;
-text goes out in whole UTF-8 characters, cut before a stop string (output.py).
+Nothing slow runs on the event loop, which every stream's tokens pass through: a body over the
+limit is refused before it is read (limits.py), and prompts are tokenized in a worker thread.
+Generation streams through the runner's engine thread; text goes out in whole UTF-8 characters,
+cut before a stop string (output.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_jax.infer.batching import EngineFullError, RequestParams
 from llama_jax.serve import protocol as p
+from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit, BodyTooLarge, fewest_tokens, too_large
+from llama_jax.serve.logprobs import Logprobs, TextOffsets
 from llama_jax.serve.metrics import ServerMetrics
 from llama_jax.serve.output import Counts, Delta, deltas
 from llama_jax.serve.runner import EngineError, EngineRequest, EngineRunner, ShuttingDownError
@@ -52,7 +56,8 @@ def uvicorn_config(app, **kwargs) -> uvicorn.Config:
     return uvicorn.Config(app, loop="uvloop", http="httptools", **kwargs)
 
 
-def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app; its lifespan starts the engine thread and stops it (aborting what is left)."""
     metrics = ServerMetrics()
     runner = EngineRunner(engine, metrics)
@@ -66,6 +71,7 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
 
     app = FastAPI(title="llama_jax", lifespan=lifespan)
     app.state.runner = runner
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     _install_error_handlers(app)
 
     def check_key(request: Request) -> None:
@@ -112,15 +118,18 @@ class Generation:
     def __init__(self, engine, tokenizer, model_name: str, runner: EngineRunner, metrics: ServerMetrics):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.runner, self.metrics = runner, metrics
+        self.logprobs = Logprobs(tokenizer)
         self.created = int(time.time())
 
     async def complete(self, body: p.CompletionRequest, http: Request):
         self._check_model(body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = self.tokenizer.encode(body.prompt, bos=True, eos=False)
+            prompt_ids = await self._tokenize(lambda: self.tokenizer.encode(body.prompt, bos=True, eos=False),
+                                              len(body.prompt), "prompt")
             prompt_text = body.prompt
         else:
             prompt_ids = list(body.prompt)
+            self._check_context(len(prompt_ids), body.max_tokens, "prompt")  # before reading them
             bad = [i for i in prompt_ids if not 0 <= i < self.tokenizer.vocab_size]
             if bad:
                 raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
@@ -135,10 +144,10 @@ class Generation:
         if pieces is None:
             return Response(status_code=499)  # nobody reads it: the client is gone
         tokens = [t for d in pieces for t in d.tokens]
+        logprobs = None if body.logprobs is None else self.logprobs.completion(tokens, TextOffsets(len(echo)))
         return p.CompletionResponse(
             id=request.id, created=int(time.time()), model=self.model_name, usage=self._usage(request, counts),
-            choices=[p.CompletionChoice(text=echo + "".join(d.text for d in pieces),
-                                        logprobs=self._completion_logprobs(tokens, body.logprobs),
+            choices=[p.CompletionChoice(text=echo + "".join(d.text for d in pieces), logprobs=logprobs,
                                         finish_reason=pieces[-1].finish_reason)])
 
     async def chat(self, body: p.ChatCompletionRequest, http: Request):
@@ -146,10 +155,8 @@ class Generation:
         # OpenAI's newer name for the system role; Llama's chat formats know it as system.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in body.messages]
-        try:
-            prompt_ids = self.tokenizer.encode_dialog(messages)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="messages") from None
+        prompt_ids = await self._tokenize(lambda: self.tokenizer.encode_dialog(messages),
+                                          sum(len(m["content"]) for m in messages), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request = await self._start("chatcmpl", prompt_ids, body, body.max_tokens or body.max_completion_tokens,
                                     logprobs, "messages")
@@ -163,7 +170,7 @@ class Generation:
         return p.ChatCompletionResponse(
             id=request.id, created=int(time.time()), model=self.model_name, usage=self._usage(request, counts),
             choices=[p.ChatChoice(message=p.AssistantMessage(content="".join(d.text for d in pieces)),
-                                  logprobs=self._chat_logprobs(tokens) if body.logprobs else None,
+                                  logprobs=self.logprobs.chat(tokens) if body.logprobs else None,
                                   finish_reason=pieces[-1].finish_reason)])
 
     def _check_model(self, model: str) -> None:
@@ -171,15 +178,44 @@ class Generation:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    async def _start(self, kind: str, prompt_ids: list[int], body: p.SamplingRequest, max_tokens: int | None,
-                     logprobs: int | None, prompt_param: str):
-        """Check the request against the engine's limits and add it: the engine's Request."""
-        budget = self.engine.max_seq_len - len(prompt_ids)
+    async def _tokenize(self, encode, chars: int, param: str) -> list[int]:
+        """encode() in a worker thread: a long prompt takes seconds to tokenize, and on the event loop,
+        which every stream's tokens pass through, it stalled them all that long. A prompt of `chars`
+        characters that cannot fit the context whatever its tokens (limits.fewest_tokens) is refused
+        before it is tokenized."""
+        context = self.engine.max_seq_len
+
+        def work():
+            fewest = fewest_tokens(self.tokenizer, chars)
+            return fewest if fewest >= context else encode()
+
         try:
-            self.engine.check(len(prompt_ids), max_tokens if max_tokens is not None else max(budget, 1))
+            ids = await asyncio.to_thread(work)
+        except (ValueError, TypeError) as e:  # e.g. a chat template that refuses the messages
+            raise APIError(400, str(e), param=param) from None
+        if isinstance(ids, int):
+            raise APIError(400, f"the prompt is {chars} characters, at least {ids} tokens, more than the "
+                                f"context of {context} tokens holds", param=param, code="context_length_exceeded")
+        return ids
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str) -> None:
+        """The prompt and max_tokens against the context; the error names the prompt when it alone
+        leaves no room for a new token, else max_tokens."""
+        context = self.engine.max_seq_len
+        if prompt_len >= context:
+            raise APIError(400, f"the prompt is {prompt_len} tokens, more than the context of {context} tokens "
+                                f"holds with one new token", param=prompt_param, code="context_length_exceeded")
+        try:
+            self.engine.check(prompt_len, max_tokens if max_tokens is not None else context - prompt_len)
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens" if max_tokens is not None else prompt_param,
                            code="context_length_exceeded") from None
+
+    async def _start(self, kind: str, prompt_ids: list[int], body: p.SamplingRequest, max_tokens: int | None,
+                     logprobs: int | None, prompt_param: str):
+        """Check the request against the engine's limits and add it: the engine's Request."""
+        self._check_context(len(prompt_ids), max_tokens, prompt_param)
+        budget = self.engine.max_seq_len - len(prompt_ids)
         try:  # RequestParams checks what the engine can sample with (e.g. its largest top_k)
             params = RequestParams(
                 max_tokens=max_tokens if max_tokens is not None else budget,
@@ -218,28 +254,6 @@ class Generation:
                        total_tokens=request.prompt_len + counts.completion_tokens,
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=counts.cached_prompt_tokens))
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _chat_logprobs(self, tokens) -> p.ChatLogprobs:
-        def top(token_id: int, logprob: float) -> p.TopLogprob:
-            text = self._token_text(token_id)
-            return p.TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
-
-        return p.ChatLogprobs(content=[
-            p.TokenLogprob(**top(t.token_id, t.logprob).model_dump(),
-                           top_logprobs=[top(i, lp) for i, lp in t.top_logprobs or ()])
-            for t in tokens])
-
-    def _completion_logprobs(self, tokens, requested: int | None) -> p.CompletionLogprobs | None:
-        if requested is None:
-            return None
-        texts = [self._token_text(t.token_id) for t in tokens]
-        offsets = [sum(len(s) for s in texts[:i]) for i in range(len(texts))]
-        return p.CompletionLogprobs(
-            tokens=texts, token_logprobs=[t.logprob for t in tokens], text_offset=offsets,
-            top_logprobs=[{self._token_text(i): lp for i, lp in t.top_logprobs or ()} for t in tokens])
-
     # Streaming.
 
     async def _completion_chunks(self, request, body: p.CompletionRequest, echo: str):
@@ -249,10 +263,10 @@ class Generation:
 
         if echo:
             yield chunk([p.CompletionChoice(text=echo, finish_reason=None)])
-        counts = Counts()
+        counts, offsets = Counts(), TextOffsets(len(echo))  # offsets into the text of all the chunks
         async for d in deltas(request, self.tokenizer, body.stop_strings, counts):
-            yield chunk([p.CompletionChoice(text=d.text, logprobs=self._completion_logprobs(d.tokens, body.logprobs),
-                                            finish_reason=d.finish_reason)])
+            logprobs = None if body.logprobs is None else self.logprobs.completion(d.tokens, offsets)
+            yield chunk([p.CompletionChoice(text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)])
         if body.include_usage:
             yield chunk([], self._usage(request, counts))
 
@@ -265,7 +279,7 @@ class Generation:
         counts = Counts()
         async for d in deltas(request, self.tokenizer, body.stop_strings, counts):
             yield chunk([p.ChatChunkChoice(delta=p.ChatDelta(content=d.text or None),
-                                           logprobs=self._chat_logprobs(d.tokens) if body.logprobs else None,
+                                           logprobs=self.logprobs.chat(d.tokens) if body.logprobs else None,
                                            finish_reason=d.finish_reason)])
         if body.include_usage:
             yield chunk([], self._usage(request, counts))
@@ -322,6 +336,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(_, e: EngineError):
         return error_response(500, str(e), "server_error")
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_, e: BodyTooLarge):
+        return too_large(e.max_bytes)
 
     @app.exception_handler(Exception)
     async def internal_error(_, e: Exception):  # the traceback goes to the server's log, not the client
