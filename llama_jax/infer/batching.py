@@ -456,11 +456,18 @@ class BatchingEngine:
             self.allocator.grow(extra)
 
     def _empty_pages(self, num_pages: int):
+        """Zeroed pages, committed to the device(s) as the step's outputs that replace them are: the
+        step's programs are compiled per input sharding, and warm-up on uncommitted pages compiled one
+        that no request ran, leaving a request to compile the one it runs."""
         cfg = self.cfg
         shape = (num_pages, self.page_size, cfg.n_kv_heads, cfg.head_dim)
-        zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)  # noqa: E731
-        if self.mesh is not None:
-            zeros = jax.jit(zeros, out_shardings=logical_to_sharding(PAGE_AXES, self.mesh, shape))
+        if self.mesh is None:
+            device = next((next(iter(x.devices())) for x in jax.tree.leaves(self.params) if isinstance(x, jax.Array)),
+                          jax.devices()[0])
+            zeros = lambda: jnp.zeros(shape, cfg.compute_dtype, device=device)  # noqa: E731
+        else:
+            zeros = jax.jit(lambda: jnp.zeros(shape, cfg.compute_dtype),
+                            out_shardings=logical_to_sharding(PAGE_AXES, self.mesh, shape))
         return tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
 
     # Requests ----------------------------------------------------------------------------------

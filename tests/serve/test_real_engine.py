@@ -3,9 +3,11 @@ the real Llama 3 tokenizer: what clients get equals `generate` on each prompt al
 
 import asyncio
 import re
+import threading
 import time
 
 import httpx
+import jax
 import openai
 import pytest
 
@@ -16,6 +18,9 @@ from llama_jax.serve.app import create_app
 from tests.serve.common import live_server, wait_for
 
 MODEL = "tiny-llama3"
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+SERVER_COMPILES = []  # (event, function) of every trace, lowering or compile on the engine thread after warm-up
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +28,18 @@ def served(checkpoint_dir):
     args = build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--max-batch", "4", "--page-size", "8"])
     engine, tokenizer = load_engine(args)
     engine.warm_up()  # as main does: no test's timing includes a compile
+
+    def on_event(event, duration, **kwargs):
+        if event in COMPILE_EVENTS and threading.current_thread().name == "llama_jax-engine":
+            SERVER_COMPILES.append((event, kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     cfg, params = checkpoint.load(checkpoint_dir)
-    with live_server(create_app(engine, tokenizer, MODEL)) as url:
-        yield url, tokenizer, lambda prompt, **kw: generate(cfg, params, tokenizer, [prompt], **kw), engine
+    try:
+        with live_server(create_app(engine, tokenizer, MODEL)) as url:
+            yield url, tokenizer, lambda prompt, **kw: generate(cfg, params, tokenizer, [prompt], **kw), engine
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
 
 
 def client(url):
@@ -137,3 +151,20 @@ def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(served):
     # Pages of 8 tokens: the second request finds every full page of the first's prompt (all but
     # the last token is looked up, so the last position is always prefilled).
     assert second.usage.prompt_tokens_details.cached_tokens == (prompt_len - 1) // 8 * 8 > 0
+
+
+def test_no_request_compiles_after_warm_up(served):
+    """warm_up compiles the very programs requests run (shapes, dtypes, input shardings), so no
+    request waits on a compile; the first request used to compile one more (its pages were
+    committed to the device, warm-up's were not). Last in this file: it checks every request above
+    too, and runs a mix of its own (each decode batch, with and without a prefill chunk)."""
+    url, _, _, _ = served
+
+    async def mix():
+        api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await api.completions.create(model=MODEL, prompt="Hello", max_tokens=3)  # alone: a batch of 1
+        await asyncio.gather(*[api.completions.create(model=MODEL, prompt=list(range(1, 10 + 9 * i)), max_tokens=4,
+                                                      logprobs=2, temperature=0.5, seed=i) for i in range(4)])
+
+    asyncio.run(mix())
+    assert SERVER_COMPILES == []
