@@ -4,10 +4,10 @@
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Requests are batched continuously over a paged KV cache (llama_jax.infer.batching). SIGTERM stops
-taking requests, lets running ones finish for --grace-period seconds (then aborts them) and exits
-0. Bad flags or paths are one line on stderr and exit status 1 (2 for unknown flags), before
-anything loads.
+Requests are batched continuously over a paged KV cache (llama_jax.infer.batching). On SIGTERM new
+requests and /health get 503 while the running ones get --grace-period seconds to finish (then
+they are aborted); once none is left the server closes its socket and exits 0. Bad flags or paths
+are one line on stderr and exit status 1 (2 for unknown flags), before anything loads.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -115,16 +116,25 @@ CANCEL_AFTER_GRACE_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, draining the app's runner as soon as a signal comes: new requests get 503 and the
-    running ones `grace_period` seconds; uvicorn meanwhile closes the socket and waits for them."""
+    """uvicorn, draining the app's runner when a signal comes: the socket stays open and new
+    requests (and /health) get 503 while the running ones have `grace_period` seconds; once none is
+    left, uvicorn's shutdown closes the socket and waits for the last responses. A second signal
+    starts that shutdown at once."""
 
     def __init__(self, config: uvicorn.Config, runner, grace_period: float):
         super().__init__(config)
         self.runner, self.grace_period = runner, grace_period
 
     def handle_exit(self, sig, frame) -> None:
+        if not self.runner.accepting:
+            super().handle_exit(sig, frame)
+            return
         self.runner.drain(self.grace_period)
-        super().handle_exit(sig, frame)
+        threading.Thread(target=self._exit_when_drained, name="llama_jax-drain", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        self.runner.drained.wait()
+        self.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
 
 def serve(app, sock: socket.socket, *, grace_period: float = 30.0, log_level: str = "info") -> None:

@@ -73,6 +73,7 @@ class EngineRunner:
         self._live: dict[str, tuple[asyncio.AbstractEventLoop, EngineRequest]] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="llama_jax-engine", daemon=True)
         self.accepting = True
+        self.drained = threading.Event()  # set once draining (or stopped) with no request left in the engine
 
     # Event-loop side.
 
@@ -85,9 +86,10 @@ class EngineRunner:
     def drain(self, grace_period: float) -> None:
         """Turn new requests away (ShuttingDownError) from now on; the running ones go on for
         `grace_period` seconds, then end with an EngineError (their clients get an error, not a cut
-        connection)."""
+        connection). `drained` is set once none is left."""
         if self.accepting:
             self.accepting = False
+            self.post("drain")  # an idle engine thread wakes to find nothing left
             timer = threading.Timer(grace_period, self.post, args=("abort_all",))
             timer.daemon = True
             timer.start()
@@ -136,10 +138,15 @@ class EngineRunner:
             new_tokens = self._step() if self.engine.has_work() else 0
             if self.metrics is not None:  # after aborts too: they free pages without a step
                 self.metrics.observe_step(self.engine.stats(), new_tokens)
+            if not self.accepting and not self._live:
+                self.drained.set()
 
     def _apply(self, kind: str, *args) -> None:
         if kind == "add":
             request, prompt_ids, loop, added = args
+            if not self.accepting:  # submitted just before a drain began: nothing joins after it
+                loop.call_soon_threadsafe(_settle, added, ShuttingDownError("the server is shutting down"))
+                return
             try:
                 self.engine.add(request.id, prompt_ids, request.params)
             except Exception as e:  # noqa: BLE001 (handed to the request's handler, which maps it to a status)
@@ -151,6 +158,8 @@ class EngineRunner:
             (request_id,) = args
             self.engine.abort(request_id)
             self._live.pop(request_id, None)
+        elif kind == "drain":
+            pass  # the loop sets `drained` when nothing is left
         elif kind == "abort_all":
             self._fail_all(EngineError("the server is shutting down and aborted this request after its grace period"))
 
@@ -178,6 +187,7 @@ class EngineRunner:
 
     def _shut(self, unapplied) -> None:
         self._fail_all(EngineError("the server stopped before this request finished"))
+        self.drained.set()
         for kind, *args in unapplied:
             if kind == "add":
                 _, _, loop, added = args

@@ -258,6 +258,22 @@ def test_draining_server_turns_new_requests_away(tokenizer):
         assert httpx.get(f"{url}/health").status_code == 503
 
 
+def test_drained_once_the_running_requests_end(tokenizer):
+    engine = FakeEngine(tokenizer, list(range(1000, 1020)), step_seconds=0.02)
+    app = create_app(engine, tokenizer, MODEL)
+    with live_server(app) as url:
+        runner, results = app.state.runner, []
+        thread = threading.Thread(target=lambda: results.append(
+            post(url, "/v1/completions", {"model": MODEL, "prompt": "x"})))
+        thread.start()
+        wait_for(lambda: engine.requests)
+        runner.drain(grace_period=60)
+        assert not runner.drained.wait(0.1)  # one is still running
+        thread.join(30)
+        assert runner.drained.wait(5)
+    assert results[0].status_code == 200 and results[0].json()["choices"][0]["finish_reason"] == "stop"
+
+
 def test_a_bad_request_does_not_disturb_a_running_one(tokenizer):
     with server(tokenizer, step_seconds=0.02) as (_, url):
         results = []

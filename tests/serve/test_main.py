@@ -91,7 +91,7 @@ def wait_until_up(url, timeout=60):
         time.sleep(0.1)
 
 
-def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0():
+def test_sigterm_answers_503_while_it_finishes_short_requests_aborts_long_ones_and_exits_0():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -113,14 +113,23 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0():
         assert all(event.wait(30) for event in started.values())  # both are generating
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        with pytest.raises(httpx.ConnectError):  # the socket is closed to new requests
-            httpx.get(f"{url}/health", timeout=5)
+        # Draining: the socket still answers, new requests and /health with 503 (a load balancer
+        # takes the server out of rotation; a client is told, not refused a connection).
+        health = httpx.get(f"{url}/health", timeout=5)
+        turned_away = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "x"}, timeout=5)
+        assert threads[1].is_alive()  # the long request is still running
         for t in threads:
             t.join(30)
         assert proc.wait(30) == 0
+        with pytest.raises(httpx.ConnectError):  # once the drain ended, the socket closed
+            httpx.get(f"{url}/health", timeout=5)
         assert json.loads(proc.stdout.readline()) == {"aborted": 1, "left": 0}
     finally:
         proc.kill()
+    for response in (health, turned_away):
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "service_unavailable", response.text
+        assert "shutting down" in response.json()["error"]["message"]
     assert results["short"][-1] == "data: [DONE]" and len(results["short"]) == 21  # 20 tokens, then DONE
     long = results["long"]  # ended after the grace period with an error event the client can read
     assert 20 < len(long) < 100 and "grace period" in json.loads(long[-2].removeprefix("data: "))["error"]["message"]
