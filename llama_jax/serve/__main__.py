@@ -4,7 +4,8 @@
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Requests are batched continuously over a paged KV cache (llama_jax.infer.batching). On SIGTERM new
+Requests are batched continuously over a paged KV cache (llama_jax.infer.batching), allocated at
+start for --max-batch sequences of --max-seq-len tokens (its size is printed). On SIGTERM new
 requests and /health get 503 while the running ones get --grace-period seconds to finish (then
 they are aborted); once none is left the server closes its socket and exits 0. Bad flags or paths
 are one line on stderr and exit status 1 (2 for unknown flags), before anything loads.
@@ -20,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
 import uvicorn
 
 from llama_jax import checkpoint
@@ -28,6 +30,7 @@ from llama_jax.infer.batching import BatchingEngine, batch_multiple, serving_sha
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
 from llama_jax.infer.quantize import QUANTIZED_DTYPES
 from llama_jax.serve.app import create_app, uvicorn_config
+from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from llama_jax.sharding import make_mesh
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
@@ -40,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4 (default: one device)")
     p.add_argument("--max-batch", type=int, default=64, metavar="B",
-                   help="requests decoded together at most; more wait in the queue (default: %(default)s)")
+                   help="requests decoded together at most; more wait in the queue (default: %(default)s). The KV "
+                        "cache is allocated at start for B sequences of --max-seq-len tokens (or --kv-pages): 2 x "
+                        "layers x kv heads x head dim x the dtype's bytes a token, e.g. 64 KiB for Llama-3.2-1B in "
+                        "float32, so 64 sequences of its 131072-token context would take 512 GiB: lower "
+                        "--max-seq-len, --max-batch or --kv-pages to fit the memory. The server prints the size "
+                        "it allocates")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="longest prompt + max_tokens of one request (default: the model's context)")
     p.add_argument("--kv-pages", type=int, metavar="N",
@@ -53,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the name clients pass as 'model' (default: the checkpoint directory's name)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}; unset: no key)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                   help="larger request bodies get a 413 before they are read (default: %(default)s, 4 MiB; a "
+                        "whole 128k-token context is under 2 MB of JSON)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are aborted "
                         "(default: %(default)s)")
@@ -70,7 +81,7 @@ def check_args(args) -> None:
     check_lora(args, path)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size"):
+    for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size", "max_request_bytes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -108,6 +119,14 @@ def load_engine(args):
                             # handful of programs compiled at start (12 at --max-batch 64).
                             **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
     return engine, tokenizer
+
+
+def kv_cache_summary(engine) -> str:
+    """The KV cache the engine allocated: its bytes and what they hold."""
+    pages, size = engine.stats()["pages_total"], engine.page_size
+    gib = sum(x.nbytes for x in jax.tree.leaves(engine.pages)) / 2**30
+    return (f"KV cache: {gib:.3g} GiB, {pages} pages of {size} tokens ({pages * size} tokens: {engine.max_batch} "
+            f"sequences of {engine.max_seq_len} at most, {pages * size // engine.max_seq_len} of them at full length)")
 
 
 # uvicorn cancels the handlers still running this long after the grace period (a last resort: by
@@ -154,6 +173,7 @@ def main(argv=None) -> int:
         check_args(args)
         sock = listen(args.host, args.port)
         engine, tokenizer = load_engine(args)
+        print(kv_cache_summary(engine), file=sys.stderr, flush=True)
         engine.warm_up()  # compiled now, not while the first requests wait
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -161,7 +181,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    app = create_app(engine, tokenizer, name, api_key=args.api_key)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     host, port = sock.getsockname()[:2]
     print(f"serving {name!r} (context {engine.max_seq_len} tokens, {args.max_batch} batch slots) on "
           f"http://{host}:{port}/v1", file=sys.stderr, flush=True)

@@ -15,8 +15,9 @@ import jax
 import pytest
 
 from llama_jax import LlamaConfig
+from llama_jax.checkpoint import load_config
 from llama_jax.infer.quantize import QuantizedArray
-from llama_jax.serve.__main__ import build_parser, load_engine, main
+from llama_jax.serve.__main__ import build_parser, kv_cache_summary, load_engine, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -54,6 +55,7 @@ def fake_checkpoint(tmp_path):
     (["--mesh", "dp8", "--max-batch", "12"], ["--max-batch 12", "batch split of 8"]),
     (["--max-seq-len", "100000"], ["--max-seq-len 100000", "context of 256"]),
     (["--grace-period", "-1"], ["--grace-period"]),
+    (["--max-request-bytes", "0"], ["--max-request-bytes must be >= 1"]),
     (["--api-key", " "], ["--api-key is empty"]),
     (["--lora", "/no/such/adapters"], ["/no/such/adapters: no such directory"]),
     (["--merge-lora"], ["--merge-lora needs --lora DIR"]),
@@ -155,9 +157,24 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     assert engine.mixed_prefill == ((4, 16) if engine.mesh is None else (16, 16)) and engine.chunk_shapes == []
     if engine.mesh is not None:
         assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "cp": 1, "tp": 2}
+    cfg = load_config(checkpoint_dir)
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # keys and values, float32
+    pages = engine.stats()["pages_total"]
+    gib = f"{pages * engine.page_size * per_token / 2**30:.3g} GiB"
+    assert kv_cache_summary(engine).startswith(f"KV cache: {gib}, {pages} pages of {engine.page_size} tokens")
     quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
                  if isinstance(leaf, QuantizedArray)]
     assert bool(quantized) == ("--quantize" in option)
+
+
+def test_help_says_what_the_kv_cache_costs():
+    cfg = LlamaConfig.preset("llama3.2-1b")
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # float32
+    assert per_token == 64 * 2**10 and 64 * cfg.max_seq_len * per_token == 512 * 2**30
+    help_text = " ".join(build_parser().format_help().split())
+    for words in ("KV cache is allocated at start for B sequences of --max-seq-len tokens", "64 KiB", "131072",
+                  "512 GiB", "prints the size"):
+        assert words in help_text
 
 
 def test_load_engine_serves_a_lora_adapter_unmerged(checkpoint_dir, tmp_path):
