@@ -31,6 +31,8 @@ from llama_jax.sharding.context import context_size
 from llama_jax.sharding.params import load_params
 from llama_jax.tokenizer import load_tokenizer
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama_jax.infer", description=__doc__.split("\n\n")[0])
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's chat format (Llama 3's, or its tokenizer's chat template); interactive on "
                         "stdin unless --prompt/--prompts-file")
     p.add_argument("--system", metavar="TEXT", help="system prompt of the chat")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"new tokens per prompt at most, fewer where the model's context ends first; at least 1 "
+                        f"and less than the context (default: {DEFAULT_MAX_NEW_TOKENS}, or what the context holds)")
     p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off; at most 256")
@@ -188,14 +192,20 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         raise ValueError("nothing to do: pass --prompt TEXT, --prompts-file F or --chat")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
     RequestParams(1, args.temperature, args.top_p, args.top_k)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    path = checkpoint.find(args.checkpoint)  # once: its note on a training run's directory is printed once
+    args = argparse.Namespace(**{**vars(args), "checkpoint": str(path)})
+    context = checkpoint.load_config(path).max_seq_len
+    if args.max_new_tokens is not None and args.max_new_tokens >= context:  # as the server, before the weights load
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens (at most {context - 1})")
     cfg, params, tokenizer, mesh = load_model(args)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
+    options = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
 
     # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
     # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).

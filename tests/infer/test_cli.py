@@ -201,7 +201,7 @@ def no_tokenizer_dir(tmp_path_factory, checkpoint_dir):
      "temperature must be >= 0"),
     ("bad top-p", ["--checkpoint", "{tmp}", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
     ("bad token budget", ["--checkpoint", "{tmp}", "--prompt", "hi", "--max-new-tokens", "-2"],
-     "--max-new-tokens must be >= 0, got -2"),
+     "--max-new-tokens must be >= 1, got -2"),
     ("missing prompts file", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/none.txt"],
      "--prompts-file: cannot read"),
     ("bad jsonl", ["--checkpoint", "{ckpt}", "--prompts-file", "{tmp}/bad.jsonl"],
@@ -214,6 +214,18 @@ def test_bad_input_is_one_line_and_exit_1(capsys, tmp_path, checkpoint_dir, no_t
     status, out, err = run_cli(capsys, *argv)
     assert status == 1 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (0, "--max-new-tokens must be >= 1, got 0"),
+    (64, "--max-new-tokens 64 leaves no room for a prompt in the model's context of 64 tokens (at most 63)"),
+    (100000, "--max-new-tokens 100000 leaves no room for a prompt in the model's context of 64 tokens"),
+])
+def test_a_token_budget_that_cannot_work_is_refused_before_the_model_loads(capsys, checkpoint_dir, monkeypatch,
+                                                                            tokens, message):
+    monkeypatch.setattr(cli, "load_model", lambda args: pytest.fail("the model loaded"))
+    status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "hi", "--max-new-tokens", tokens)
+    assert (status, out) == (1, "") and err == f"error: {message}\n" if tokens != 100000 else message in err
 
 
 def test_truncate_keeps_the_end_of_a_long_prompt(capsys, checkpoint_dir):
