@@ -152,7 +152,9 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._exit_when_drained, name="llama_jax-drain", daemon=True).start()
 
     def _exit_when_drained(self) -> None:
-        self.runner.drained.wait()
+        # The runner aborts what is left after the grace period; the timeout is for an engine
+        # thread that died and will never say it drained.
+        self.runner.drained.wait(self.grace_period + CANCEL_AFTER_GRACE_S)
         self.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
 
