@@ -15,23 +15,52 @@ from llama_jax.sharding.rules import MESH_AXES
 
 _ITEM = re.compile(r"([a-z]+)(-?\d+)")
 
-# XLA:CPU's concurrency-optimized scheduler lets the collectives of one step (inside the layer scan:
-# an adapter's all-gather over fsdp, an all-reduce over tp) run in different orders on different
-# fake devices; on a loaded host they then wait on each other until the 40 s rendezvous abort
-# (DPO+LoRA on fsdp4,tp2: 2 of 2 runs of 40 steps aborted with it, 3 of 3 completed without it).
-# Its cost was not measured alone; the test suite's time stayed about the same (13.1 -> 13.4 min,
-# other changes included).
-CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+# Why fake CPU meshes deadlocked (fsdp2,tp4 training; DPO+LoRA on fsdp4,tp2), and the setting that stops it.
+#
+# XLA:CPU runs a program's independent thunks concurrently on one intra-op thread pool shared by
+# every device of the process, and a collective thunk holds its thread, blocked in a rendezvous,
+# until all its peers arrive. Collectives are ordered on each device by scheduling edges only: the
+# next one may start before the previous one finishes. The pool has max(cores, devices) threads,
+# so on a 2-core host with 8 fake devices exactly 8: as soon as one device holds two blocked
+# threads, another device has none left to reach the collective its peers wait in, and the
+# 40 s rendezvous timeout aborts the process. The program is the same on every device (one SPMD
+# module, one schedule); which meshes starve depends on how many collectives a step leaves
+# independent of each other. Seen on main e93c254 (`python -m llama_jax.train --mesh fsdp2,tp4`,
+# tiny-bytes): all 8 pool threads blocked, 6 in collective-permute channel 2 (kv_heads=2 over tp=4
+# reshards K/V with permutes and pair all-gathers inside the layer scan), device 0 in two
+# all-gathers at once (channel 5, devices {0,1}, and channel 52, {0,4}), the eighth device's
+# thunks queued with no thread to run on. Turning off the concurrency-optimized scheduler (as
+# 5eea4dd did for DPO+LoRA on fsdp4,tp2) only moves which mesh starves. A pool several threads
+# per device deep has room for every collective a device can have in flight: with 32 threads for
+# 8 devices both runs and every mesh --help shows train with either scheduler setting
+# (tests/train/test_meshes.py trains them all with a core kept busy). XLA sizes the pool from
+# PJRT_NPROC when set (its DefaultThreadPoolSize), read when jax creates its CPU client.
+POOL_THREADS_PER_DEVICE = 4
+
+
+def size_cpu_thread_pool() -> None:
+    """Give XLA:CPU's thread pool POOL_THREADS_PER_DEVICE threads per fake device (see above), unless
+    PJRT_NPROC is already set or the host has more cores than that. Call before jax first touches a
+    device; llama_jax's import and `use_cpu_devices` do."""
+    devices = 1
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(_DEVICE_COUNT_FLAG + "="):
+            devices = int(flag.split("=", 1)[1])
+    threads = POOL_THREADS_PER_DEVICE * devices
+    if devices > 1 and "PJRT_NPROC" not in os.environ and threads > (os.cpu_count() or 1):
+        os.environ["PJRT_NPROC"] = str(threads)
 
 
 def use_cpu_devices(count: int) -> None:
-    """Let the CPU backend expose `count` fake devices (for meshes on one host), and schedule
-    collectives in one order on all of them; flags XLA_FLAGS already sets are left as they are.
+    """Let the CPU backend expose `count` fake devices (for meshes on one host), with a thread pool
+    deep enough for their collectives; a device count XLA_FLAGS already sets is left as it is.
     Call before jax first touches a device (importing jax is fine)."""
     flags = os.environ.get("XLA_FLAGS", "").split()
-    given = {f.split("=")[0] for f in flags}
-    wanted = [f"--xla_force_host_platform_device_count={count}", *CPU_FLAGS]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in wanted if f.split("=")[0] not in given])
+    if not any(f.startswith(_DEVICE_COUNT_FLAG + "=") for f in flags):
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={count}"])
+    size_cpu_thread_pool()
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:

@@ -179,8 +179,8 @@ def test_dpo_with_lora_takes_the_base_without_adapters_as_its_reference(tmp_path
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
     out = tmp_path / "run"
     # fsdp4,tp2: the adapters' collectives inside the layer scan (all-gathers over fsdp, all-reduces
-    # over tp) once deadlocked here under XLA:CPU's concurrency-optimized scheduler (see
-    # llama_jax/sharding/mesh.py's CPU_FLAGS, which conftest sets).
+    # over tp) once deadlocked here when XLA:CPU's thread pool was as small as the device count
+    # (llama_jax/sharding/mesh.py says why; use_cpu_devices, which conftest calls, deepens it).
     summary = train(TrainConfig(out=str(out), init_from=str(ckpt), data=(data,), seq_len=128, batch_size=8, steps=4,
                                 lr=1e-2, warmup_steps=0, mesh="fsdp4,tp2", objective="dpo", lora_rank=4,
                                 log_every=1, progress=False))
