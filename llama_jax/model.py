@@ -15,6 +15,7 @@ from its layer's pages (`PagedKV`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -268,6 +269,7 @@ def _check_inputs(cfg, tokens, positions, segment_ids):
 
 # Parameters --------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)  # a trace of the whole model; train set-up asks for it ~9 times per config
 def _boxed_shapes(cfg: LlamaConfig):
     tokens = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens))["params"]

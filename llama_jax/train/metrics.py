@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -31,6 +32,7 @@ def chip_peak_flops(device) -> float | None:
     return None
 
 
+@functools.cache  # once per process: runs after the first (tests, notebooks) skip the 1-2 s it takes on CPU
 def measure_matmul_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5, device=None) -> float:
     """Best FLOP/s of an n x n x n matmul on one device: the CPU's practical peak, for CPU MFU."""
     device = device or jax.devices()[0]
