@@ -14,8 +14,10 @@ import binascii
 import importlib.util
 import os
 import re
+import tempfile
 import types
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import tiktoken
 
@@ -376,16 +378,61 @@ def load_tokenizer(path: str | os.PathLike) -> Llama3Tokenizer | Llama2Tokenizer
     )
 
 
+# Where Meta's tokenizer comes from: the llama-models package, installed by this project's extra.
+LLAMA3_EXTRA = 'pip install -e ".[llama3]"'
+TOKENIZER_CHOICES = "'bytes', 'llama3', a tokenizer.model / tokenizer.json file, or a checkpoint directory"
+
+
 def default_tokenizer_path() -> str:
-    """The real Llama 3 `tokenizer.model` that the `llama_models` package ships."""
+    """The real Llama 3 `tokenizer.model` that the `llama_models` package ships. Not vendored here: it
+    is Meta's file under Meta's license, so it comes with their package (the `llama3` extra)."""
     spec = importlib.util.find_spec("llama_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("no Llama 3 tokenizer found: pass a tokenizer path, or `pip install llama-models`")
-    for package_dir in spec.submodule_search_locations:
+    for package_dir in (spec.submodule_search_locations or []) if spec else []:
         path = os.path.join(package_dir, "llama3", "tokenizer.model")
         if os.path.isfile(path):
             return path
-    raise ValueError(
-        "the installed llama_models has no llama3/tokenizer.model: pass a tokenizer path, "
-        "or reinstall with `pip install llama-models`"
-    )
+    raise ValueError(f"Meta's Llama 3 tokenizer comes with the llama-models package, which is not installed: "
+                     f"{LLAMA3_EXTRA} (or pip install llama-models), or pass a tokenizer file")
+
+
+def write_byte_tokenizer(path: str | os.PathLike) -> str:
+    """A Llama 3-format tokenizer file with the 256 bytes as its only base tokens.
+
+    Read by `Llama3Tokenizer`, it gives 256 byte ids plus Meta's 256 special tokens (bos 256, eos 257,
+    eot 265, ...): a 512-token vocabulary, small enough that a tiny model trains on CPU in minutes,
+    with the real chat format and stop tokens.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama_jax"
+
+
+def resolve_tokenizer(choice: str, *, bytes_dir: str | os.PathLike | None = None) -> str:
+    """The tokenizer file a `--tokenizer` value names, the same for train, data and infer: 'bytes' (the
+    byte-level demo tokenizer, written to bytes_dir/tokenizer.model: a run's OUT, else the user's cache
+    directory), 'llama3' (Meta's), a tokenizer file, or a checkpoint directory (the tokenizer it holds).
+    Anything else is a ValueError of one line."""
+    if choice == "llama3":
+        return default_tokenizer_path()
+    if choice == "bytes":
+        directory = Path(bytes_dir) if bytes_dir is not None else _cache_dir() / "bytes"
+        directory.mkdir(parents=True, exist_ok=True)
+        # Written under a unique name, then renamed: processes (hosts on a shared OUT) never see half a file.
+        fd, staging = tempfile.mkstemp(dir=directory, prefix=f".{TOKENIZER_MODEL}.")
+        os.close(fd)
+        os.replace(write_byte_tokenizer(staging), directory / TOKENIZER_MODEL)
+        return str(directory / TOKENIZER_MODEL)
+    if os.path.isdir(choice):
+        found = find_tokenizer(choice)
+        if found is None:
+            raise ValueError(f"--tokenizer {choice}: the directory holds no {TOKENIZER_MODEL} or {TOKENIZER_JSON}")
+        return found
+    if not os.path.isfile(choice):
+        raise ValueError(f"--tokenizer: no such file or directory: {choice} (expected {TOKENIZER_CHOICES})")
+    return choice

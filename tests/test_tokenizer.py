@@ -2,11 +2,15 @@
 tokenizer.model, and meta-llama/llama's Llama 2 chat format spelled out as literal strings over a
 sentencepiece model trained here."""
 
+import argparse
 import itertools
 import random
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from llama_jax import tokenizer as tok_lib
 from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer, load_tokenizer
@@ -187,10 +191,50 @@ def test_llama3_file_errors(tmp_path):
         Llama2Tokenizer(tok_lib.default_tokenizer_path())
 
 
-def test_default_tokenizer_path_without_llama_models(monkeypatch):
+def test_default_tokenizer_path_without_llama_models_names_the_extra_in_one_line(monkeypatch):
     monkeypatch.setattr(tok_lib.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="pip install llama-models"):
+    with pytest.raises(ValueError) as error:
         tok_lib.default_tokenizer_path()
+    assert 'pip install -e ".[llama3]"' in str(error.value) and "\n" not in str(error.value)
+    # ... and the extra it names is the one that installs Meta's tokenizer.model.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert [Requirement(r).name for r in pyproject["project"]["optional-dependencies"]["llama3"]] == ["llama-models"]
+
+
+def test_one_resolver_takes_bytes_llama3_a_file_or_a_checkpoint_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = tok_lib.resolve_tokenizer("bytes")
+    assert cached == str(tmp_path / "cache" / "llama_jax" / "bytes" / "tokenizer.model")
+    assert load_tokenizer(cached).vocab_size == 512 and load_tokenizer(cached).bos_id == 256
+    assert tok_lib.resolve_tokenizer("bytes", bytes_dir=tmp_path / "run") == str(tmp_path / "run" / "tokenizer.model")
+    assert Path(tmp_path / "run" / "tokenizer.model").read_bytes() == Path(cached).read_bytes()
+    assert tok_lib.resolve_tokenizer("llama3") == tok_lib.default_tokenizer_path()
+    assert tok_lib.resolve_tokenizer(cached) == cached
+    assert tok_lib.resolve_tokenizer(str(tmp_path / "run")) == str(tmp_path / "run" / "tokenizer.model")
+    for bad, message in [("llama-3", "--tokenizer: no such file or directory: llama-3 (expected 'bytes', 'llama3', "
+                                     "a tokenizer.model / tokenizer.json file, or a checkpoint directory)"),
+                         (str(tmp_path / "cache"), "the directory holds no tokenizer.model or tokenizer.json")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tok_lib.resolve_tokenizer(bad)
+
+
+@pytest.mark.parametrize("choice", ["bytes", "checkpoint directory"])
+def test_train_and_infer_resolve_a_tokenizer_as_data_does(tmp_path, monkeypatch, choice):
+    """train --tokenizer and infer --tokenizer take what `data prepare --tokenizer` takes (tests/data:
+    'bytes' there), through the one resolver."""
+    from llama_jax.config import PRESETS
+    from llama_jax.infer.__main__ import load_tokenizer_for
+    from llama_jax.train.run_config import TrainConfig
+    from llama_jax.train.setup import resolve_tokenizer as train_resolves
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if choice != "bytes":
+        choice = str(Path(tok_lib.write_byte_tokenizer(tmp_path / "ckpt" / "tokenizer.model")).parent)
+    out = tmp_path / "out"
+    out.mkdir()
+    trained = train_resolves(TrainConfig(out=str(out), tokenizer=choice), PRESETS["tiny-bytes"], out)
+    inferred = load_tokenizer_for(argparse.Namespace(tokenizer=choice), None)
+    assert load_tokenizer(trained).vocab_size == inferred.vocab_size == 512
 
 
 @pytest.fixture(scope="module")

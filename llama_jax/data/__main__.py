@@ -14,6 +14,8 @@ directories are read recursively, in sorted order.
 examples:
   python -m llama_jax.data prepare --data corpus/ chats.jsonl --tokenizer llama3 --seq-len 2048 --out data/c2k
   python -m llama_jax.train --data data/c2k --seq-len 2048 --config llama3.2-1b --out runs/1b
+  python -m llama_jax.data prepare --data corpus/ --tokenizer bytes --seq-len 256 --out data/demo
+  python -m llama_jax.train --data data/demo            # train's default model: byte-level, rows of 256
 """
 
 
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files or directories")
     q.add_argument("--tokenizer", required=True,
-                   help="'llama3', a tokenizer.model / tokenizer.json path, or a checkpoint directory")
+                   help="'bytes' (the byte-level tokenizer of train's default model, kept in ~/.cache/llama_jax), "
+                        "'llama3', a tokenizer.model / tokenizer.json path, or a checkpoint directory")
     q.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     q.add_argument("--out", required=True, metavar="DATA", help="the prepared dataset's directory")
     q.add_argument("--workers", type=int, help="tokenizing processes (default: 1 for small inputs, else one per CPU)")
@@ -35,26 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_tokenizer(choice: str) -> str:
-    import os
-
-    from llama_jax.tokenizer import default_tokenizer_path, find_tokenizer
-
-    if choice == "llama3":
-        return default_tokenizer_path()
-    if os.path.isdir(choice):
-        found = find_tokenizer(choice)
-        if found is None:
-            raise ValueError(f"--tokenizer {choice}: the directory holds no tokenizer.model or tokenizer.json")
-        return found
-    if not os.path.isfile(choice):
-        raise ValueError(f"--tokenizer {choice!r}: no such file (or 'llama3')")
-    return choice
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from llama_jax.data.prepare import prepare
+    from llama_jax.tokenizer import resolve_tokenizer
 
     try:
         manifest = prepare(args.data, resolve_tokenizer(args.tokenizer), args.seq_len, args.out, workers=args.workers,

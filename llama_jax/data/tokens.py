@@ -8,7 +8,6 @@ prepared dataset records it, and training refuses data tokenized by another toke
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -18,27 +17,13 @@ from typing import Any
 import numpy as np
 
 from llama_jax.hf_tokenizer import HFTokenizer
-
-
-def write_byte_tokenizer(path: str | os.PathLike) -> str:
-    """A Llama 3-format tokenizer file with the 256 bytes as its only base tokens.
-
-    Read by `Llama3Tokenizer`, it gives 256 byte ids plus Meta's 256 special tokens (bos 256, eos 257,
-    eot 265, ...): a 512-token vocabulary, small enough that a tiny model trains on CPU in minutes,
-    with the real chat format and stop tokens.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+from llama_jax.tokenizer import load_tokenizer, tokenizer_files
+from llama_jax.tokenizer import write_byte_tokenizer  # noqa: F401 - defined with the resolver; imported from here too
 
 
 def tokenizer_identity(path: str | os.PathLike) -> dict[str, Any]:
     """What a prepared dataset records of its tokenizer: the files' names and one sha256 over them
     (an HF tokenizer's chat template is part of it), and the ids training checks against the model."""
-    from llama_jax.tokenizer import load_tokenizer, tokenizer_files
-
     files = tokenizer_files(path)
     digest = hashlib.sha256()
     for name in sorted(files):

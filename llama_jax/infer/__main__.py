@@ -29,7 +29,7 @@ from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.context import context_size
 from llama_jax.sharding.params import load_params
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer import load_tokenizer, resolve_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
                         "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.model, or a Hugging Face tokenizer.json beside its tokenizer_config.json "
-                        "(default: the checkpoint's)")
+                   help="'bytes', 'llama3', a tokenizer.model or a Hugging Face tokenizer.json beside its "
+                        "tokenizer_config.json, or a checkpoint directory (default: the checkpoint's)")
     p.add_argument("--truncate", action="store_true",
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
     p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
@@ -152,9 +152,7 @@ def check_host_memory(cfg, param_dtype: str, quantize: str | None) -> None:
 
 def load_tokenizer_for(args, checkpoint_dir: Path):
     if args.tokenizer:
-        path = Path(args.tokenizer)
-        if not path.is_file():
-            raise ValueError(f"--tokenizer: no such file: {path}")
+        path = resolve_tokenizer(args.tokenizer)  # what train and data accept too
     else:
         path = checkpoint.tokenizer_path(checkpoint_dir)
         if path is None:

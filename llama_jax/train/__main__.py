@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a dataset made by `python -m llama_jax.data prepare`, or text / JSONL / Parquet files and "
                         "directories, prepared into OUT/data on first use (default: a fixed list of Python stdlib "
                         "sources)")
-    g.add_argument("--tokenizer", help="'bytes', 'llama3' or a tokenizer.model path (default: the resumed run's, "
-                                       "the --init-from checkpoint's, llama3 for 128k-vocab models, else bytes)")
+    g.add_argument("--tokenizer", help="'bytes', 'llama3', a tokenizer.model / tokenizer.json path or a checkpoint "
+                                       "directory (default: the resumed run's, the --init-from checkpoint's, llama3 "
+                                       "for 128k-vocab models, else bytes)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global rows per step, over all devices and processes (default %(default)s)")

@@ -50,9 +50,10 @@ def model_config(tc: TrainConfig, out: Path) -> tuple[LlamaConfig, str]:
 
 
 def resolve_tokenizer(tc: TrainConfig, cfg: LlamaConfig, out: Path) -> str:
-    """The tokenizer file: --tokenizer; else the run's own copy (resume), the --init-from checkpoint's,
-    the real Llama 3 one for a 128k-vocabulary model, or the byte-level one."""
-    from llama_jax.tokenizer import default_tokenizer_path
+    """The tokenizer file: --tokenizer (`tokenizer.resolve_tokenizer`, 'bytes' written into OUT); else the
+    run's own copy (resume), the --init-from checkpoint's, the real Llama 3 one for a 128k-vocabulary
+    model, or the byte-level one."""
+    from llama_jax.tokenizer import resolve_tokenizer as resolve
 
     choice = tc.tokenizer
     if choice is None:
@@ -61,17 +62,7 @@ def resolve_tokenizer(tc: TrainConfig, cfg: LlamaConfig, out: Path) -> str:
         if tc.init_from and checkpoint.tokenizer_path(tc.init_from):
             return str(checkpoint.tokenizer_path(tc.init_from))
         choice = "llama3" if cfg.vocab_size >= 128256 else "bytes"
-    if choice == "llama3":
-        return default_tokenizer_path()
-    if choice == "bytes":
-        path = out / checkpoint.TOKENIZER_FILE
-        staging = out / f".{checkpoint.TOKENIZER_FILE}.{jax.process_index()}"
-        data_lib.write_byte_tokenizer(staging)
-        os.replace(staging, path)  # atomic: processes sharing OUT never see a half-written file
-        return str(path)
-    if not os.path.isfile(choice):
-        raise ValueError(f"--tokenizer {choice!r}: no such file (or use 'bytes' / 'llama3')")
-    return choice
+    return resolve(choice, bytes_dir=out)
 
 
 def _check_tokenizer(cfg: LlamaConfig, tokenizer, fresh: bool) -> LlamaConfig:

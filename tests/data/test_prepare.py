@@ -114,3 +114,18 @@ def test_parquet_without_the_column_fails_in_one_line(tmp_path, byte_tokenizer, 
     assert rc == 2 and err == [f"error: {tmp_path / 't.parquet'}: no column 'content' (it has body); "
                                "name the text column with --column"]
     assert not (tmp_path / "data").exists()
+
+
+def test_the_bytes_tokenizer_of_train_s_default_model_prepares_data(tmp_path, corpus, prepared, monkeypatch, capsys):
+    """`--tokenizer bytes`, as train takes it: the same rows as the byte tokenizer's file gives, and a
+    tokenizer nobody names is refused in one line. (tests/train/test_train_data.py trains on such data.)"""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "data"
+    assert main(["prepare", "--data", corpus, "--tokenizer", "bytes", "--seq-len", str(SEQ), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert shard_bytes(out) == shard_bytes(prepared)
+    rc = main(["prepare", "--data", corpus, "--tokenizer", "byte", "--seq-len", str(SEQ), "--out", str(out / "x"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --tokenizer: no such file or directory: byte (expected 'bytes', 'llama3', a "
+                               "tokenizer.model / tokenizer.json file, or a checkpoint directory)"]

@@ -108,3 +108,20 @@ def test_bad_data_stops_the_run_in_one_line_before_it_trains(prepared, tmp_path,
     # here the first batch, before the first step).
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
     assert not (out / "model").exists() and (not (out / "checkpoints").exists() or saved_steps(out) == [])
+
+
+def test_data_prepared_with_the_bytes_tokenizer_trains_the_default_model(tmp_path, monkeypatch):
+    """`data prepare --tokenizer bytes` then `train --data DATA` with no --config and no --tokenizer: the default
+    tiny-bytes model's own tokenizer, so the run accepts the data and trains."""
+    from llama_jax.data.__main__ import main as data_main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+    data = tmp_path / "data"
+    assert data_main(["prepare", "--data", str(corpus), "--tokenizer", "bytes", "--seq-len", "32", "--out", str(data),
+                      "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--data", str(data), "--seq-len", "32", "--batch-size", "8", "--steps", "1",
+                 "--mesh", "fsdp8", "--no-progress"]) == 0
+    assert len(losses(out)) == 1 and (out / "model" / "config.json").is_file()
