@@ -11,7 +11,8 @@ each section with a time budget past which its remaining checks are skipped:
   float32 / bfloat16, a length that is no multiple of the block), our paged kernel on the device's
   lowering (ragged rows, a shuffled page pool), the flash kernel as one device of cp4 runs it (its
   load-balanced query chunks against all keys, masked by positions), cuDNN's fused attention, the model's
-  `kernels.attention` dispatch for every impl and `kernels.paged_attention`'s for pallas and xla,
+  `kernels.attention` dispatch for every impl (auto: what the backend runs by default; cuDNN where it
+  runs, on unpacked bf16 rows) and `kernels.paged_attention`'s for pallas and xla,
   all against `kernels/reference.py` in float32 at HIGHEST matmul precision on the same device.
   Error = max |got - want| / max |want| (and the mean over max |want|), so one tolerance per dtype.
 - timing: causal attention fwd and fwd+bwd TFLOP/s at 4k / 8k / 16k (constant tokens), ours vs
@@ -19,7 +20,7 @@ each section with a time budget past which its remaining checks are skipped:
 - decode: K/V page bytes read per second of our paged kernel, the XLA paged path and JAX's own
   paged kernel, 32k bf16 positions per row in shuffled pages of 16, as a fraction of a device
   copy's bandwidth measured in the same run (issue #13's target: >= 80%).
-- train: Llama-3.2-1B train step (bf16 compute, float32 AdamW state, full remat) per attention impl:
+- train: Llama-3.2-1B train step (bf16 compute, float32 AdamW state, full remat) for pallas, auto, xla:
   tokens/s and MFU against the data-sheet peak and against a measured bf16 matmul rate.
 
 Prints one markdown table and appends it, with machine, date and commit, to bench/RESULTS.md; with
@@ -44,7 +45,8 @@ import jax.numpy as jnp
 from bench.attention import attention_impls, causal_attention_flops, copy_bandwidth, paged_decode_impls, \
     paged_decode_inputs, timeit
 from bench.results import RESULTS, append_results, git_commit, machine, median_seconds
-from llama_jax.kernels import _is_cuda, attention, flash_attention, paged_attention, paged_attention_pallas
+from llama_jax.kernels import _is_cuda, attention, flash_attention, paged_attention, paged_attention_pallas, \
+    resolve_impl
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.reference import attention_reference, paged_attention_reference
 from llama_jax.sharding.context import balanced_order
@@ -143,7 +145,8 @@ def in_float32(fn):
     """fn on float32 copies of its array arguments, every matmul at full precision."""
     def reference(*args):
         with jax.default_matmul_precision("highest"):
-            return fn(*(a.astype(jnp.float32) if a.dtype in (jnp.bfloat16, jnp.float32) else a for a in args))
+            return fn(*(a.astype(jnp.float32) if a is not None and a.dtype in (jnp.bfloat16, jnp.float32) else a
+                        for a in args))
     return jax.jit(reference)
 
 
@@ -214,16 +217,20 @@ def check_correctness(phase: Phase, ctx) -> None:
         cudnn = lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         phase.run("dot_product_attention cudnn", f"B{B} T{T} H{H} K{K} D{D} bfloat16 causal",
                   against_reference(cudnn, jnp.bfloat16, T, D, segments=False))
-    for impl in ("xla", "pallas", "cudnn"):
-        # cuDNN computes in half precision only; the others are checked in float32 too.
-        dtypes = (jnp.bfloat16,) if impl == "cudnn" else (jnp.bfloat16, jnp.float32)
-        for dtype in dtypes:
-            shape = f"B{B} T{T} H{H} K{K} D{D} {jnp.dtype(dtype).name} packed"
-            if impl == "cudnn" and not ctx.cudnn:
-                phase.results.append(Result(phase.name, f"attention(impl={impl})", shape, "SKIP", "no cuDNN"))
-                continue
-            fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl, interpret=ctx.interpret)
-            phase.run(f"attention(impl={impl})", shape, against_reference(fn, dtype, T, D))
+    # (impl, dtype, packed). cuDNN takes unpacked half-precision rows only (packed ones and float32 run
+    # the blocked XLA path), so its rows, and those of "auto" (cuDNN on an NVIDIA GPU), are unpacked bf16.
+    cases = [(impl, dtype, True) for impl in ("xla", "flash_xla", "pallas", "splash", "auto")
+             for dtype in (jnp.bfloat16, jnp.float32)] + [("cudnn", jnp.bfloat16, False), ("auto", jnp.bfloat16, False)]
+    for impl, dtype, packed in cases:
+        shape = f"B{B} T{T} H{H} K{K} D{D} {jnp.dtype(dtype).name} {'packed' if packed else 'causal'}"
+        try:
+            which = resolve_impl(impl, interpret=ctx.interpret)
+        except ValueError as e:  # cuDNN off NVIDIA GPUs, splash off TPU
+            phase.results.append(Result(phase.name, f"attention(impl={impl})", shape, "SKIP", str(e)[:80]))
+            continue
+        fn = lambda q, k, v, s, impl=impl: attention(q, k, v, s, impl=impl, interpret=ctx.interpret)
+        name = f"attention(impl={impl}{f' -> {which}' if impl == 'auto' else ''})"
+        phase.run(name, shape, against_reference(fn, dtype, T, D, segments=packed))
 
     check_context_parallel_shard(phase, ctx, B, H, K, D, T)
     check_paged(phase, ctx, H, K, D)
@@ -370,12 +377,11 @@ def check_train(phase: Phase, ctx) -> None:
     optimizer = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
     batch = put_batch(random_batch(base, B, T), mesh)
     flops_per_step = base.flops_per_token(T) * B * T
-    for impl in ("pallas", "cudnn", "xla"):
+    # auto: the default. Every train batch is packed, so on a GPU it is the blocked XLA path, not cuDNN
+    # (whose speed the timing section measures).
+    for impl in ("pallas", "auto", "xla"):
         shape = f"{'tiny' if ctx.quick else 'llama3.2-1b'} B{B} T{T} bf16 remat=full"
-        if impl == "cudnn" and not ctx.cudnn:
-            phase.results.append(Result(phase.name, f"train step attention={impl}", shape, "SKIP", "no cuDNN"))
-            continue
-        if impl == "xla" and ctx.quick:  # --quick keeps this code alive; the pallas step runs all of it
+        if impl != "pallas" and ctx.quick:  # --quick keeps this code alive; the pallas step runs all of it
             phase.results.append(Result(phase.name, f"train step attention={impl}", shape, "SKIP", "--quick"))
             continue
 

@@ -100,7 +100,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention_impl: str = "xla"  # one of kernels.IMPLS
+    attention_impl: str = "auto"  # one of kernels.IMPLS; "auto": the fastest path verified on the backend
     attention_interpret: bool = False  # run the Pallas kernels in the interpreter (any backend: tests)
     scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls the same params
     remat: str = "none"  # rematerialisation policy of each block under jax.grad

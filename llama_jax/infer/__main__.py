@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
     add_lora_flags(p)
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
-                   help="attention for prefill and decode (default: the checkpoint's config): our Pallas "
-                        "kernels (GPU/TPU), cuDNN (NVIDIA), XLA, or auto (Pallas on GPU/TPU, XLA on CPU)")
+                   help="paged attention for prefill and decode: 'pallas' (our kernels, GPU/TPU) or the XLA "
+                        "path, which every other value and the default run")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="'bytes', 'llama3', a tokenizer.model or a Hugging Face tokenizer.json beside its "
                         "tokenizer_config.json, or a checkpoint directory (default: the checkpoint's)")

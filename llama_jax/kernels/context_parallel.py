@@ -9,11 +9,11 @@ permuted. The backward pass needs nothing written by hand: the transpose of the 
 reduce-scatter, so each device gets back dK and dV of exactly its own tokens.
 
 Each device then runs one ordinary attention call, its queries against all T keys, masked by
-positions: with impl "pallas" (GPU / TPU, what "auto" picks there) the flash kernel
-(flash_attention.py, q_positions_BT / kv_positions_BS), which skips the key blocks that come after
-a query block; with "xla" (CPU) its plain-XLA twin flash_xla.py, blocked the same way, so a
-device's temporaries are blocks, never the [T/cp, T] scores. cuDNN masks by index only and is
-refused (kernels.attention).
+positions: with impl "flash_xla" (what "auto" picks on every backend for now) the blocked XLA
+path flash_xla.py, which skips the key blocks that come after a query block, so a device's
+temporaries are blocks, never the [T/cp, T] scores; with "pallas" our flash kernel
+(flash_attention.py, q_positions_BT / kv_positions_BS), blocked the same way. cuDNN and splash
+mask by index only and are refused (kernels.attention).
 
 All-gather rather than a ring of ppermutes (ring attention), for three reasons:
 - It is what Meta describes for Llama 3's long-context training (all-gather based CP, 2 x cp
@@ -52,14 +52,14 @@ def sequence_axes(seq_len: int):
     return mesh_axes_of(axes.ACTIVATION_LENGTH, seq_len, mesh)
 
 
-def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None, *, impl: str = "xla",
+def attention(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT=None, *, impl: str = "flash_xla",
               interpret: bool = False):
     """Causal attention of a row split over the active mesh's sequence axes -> [B, T, H, E].
 
     impl: "pallas" (flash_attention, the backend's kernel or, with `interpret`, the interpreter)
-    or "xla" (flash_attention_xla)."""
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"context-parallel attention runs 'pallas' or 'xla', not {impl!r}")
+    or "flash_xla" (flash_attention_xla)."""
+    if impl not in ("pallas", "flash_xla"):
+        raise ValueError(f"context-parallel attention runs 'pallas' or 'flash_xla', not {impl!r}")
     mesh = jax.sharding.get_abstract_mesh()
     B, T, H, _ = q_BTHE.shape
     K = k_BTKE.shape[2]

@@ -1,6 +1,6 @@
 """Attention with the sequence split over cp: on load-balanced (permuted) rows of packed documents,
 outputs and gradients equal the unsplit XLA attention's, with the blocked XLA path and with the
-Pallas flash kernel (interpreted) per device; cuDNN is refused."""
+Pallas flash kernel (interpreted) per device; cuDNN and splash, which mask by index, are refused."""
 
 import math
 
@@ -71,21 +71,24 @@ def test_context_parallel_attention_and_grads_equal_the_unsplit_attention(spec, 
     assert "all-gather" in hlo and "reduce-scatter" in hlo
 
 
-def test_cudnn_which_masks_by_index_is_refused_under_cp():
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_kernels_which_mask_by_index_are_refused_under_cp(impl):
     q, k, v, positions, segment_ids = packed_rows()
-    with activation_sharding(make_mesh("cp8")), pytest.raises(ValueError, match="'cudnn' cannot run with the "
+    with activation_sharding(make_mesh("cp8")), pytest.raises(ValueError, match=f"'{impl}' cannot run with the "
                                                                                  "sequence split over a context"):
-        kernels.attention(q, k, v, segment_ids, positions, impl="cudnn")
+        kernels.attention(q, k, v, segment_ids, positions, impl=impl)
 
 
-@pytest.mark.parametrize("impl, want", [("auto", "xla"), ("xla", "xla")])
-def test_auto_is_the_xla_path_on_cpu_under_cp(impl, want, monkeypatch):
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+@pytest.mark.parametrize("impl", ["auto", "xla", "flash_xla"])
+def test_auto_and_xla_are_the_blocked_xla_path_under_cp_on_every_platform(impl, platform, monkeypatch):
     q, k, v, positions, segment_ids = packed_rows()
     seen = []
+    monkeypatch.setattr(kernels, "platform", lambda: platform)
     monkeypatch.setattr(kernels.context_parallel, "attention", lambda *a, impl, interpret: seen.append(impl))
     with activation_sharding(make_mesh("cp8")):
         kernels.attention(q, k, v, segment_ids, positions, impl=impl)
-    assert seen == [want]
+    assert seen == ["flash_xla"]
 
 
 @pytest.mark.parametrize("platform, lowering", [("cuda", "triton"), ("tpu", "mosaic")])

@@ -1,11 +1,16 @@
 """`attention` / `paged_attention`: one dispatch over impl, clear errors for what is missing."""
 
+import dataclasses
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llama_jax import kernels
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
 from llama_jax.kernels.reference import attention_reference, paged_attention_reference
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -38,9 +43,87 @@ def test_xla_and_auto(impl):
     np.testing.assert_allclose(out, paged_attention_reference(*paged), atol=1e-5)
 
 
-@pytest.mark.skipif(not ON_CPU, reason="auto picks pallas off CPU")
-def test_auto_is_xla_on_cpu():
-    assert kernels.resolve_impl("auto") == "xla"
+@pytest.mark.parametrize("platform, want", [("cuda", "cudnn"), ("tpu", "splash"), ("cpu", "flash_xla"),
+                                             ("rocm", "flash_xla")])
+def test_auto_picks_the_verified_path_of_each_platform(platform, want, monkeypatch):
+    # Our Pallas kernels only by name until bench/device_check passes on a platform: auto never picks them,
+    # not for whole rows, not under context parallelism, not for the engine's pages.
+    monkeypatch.setattr(kernels, "platform", lambda: platform)
+    assert kernels.resolve_impl("auto") == want
+    assert {f.name: f.default for f in dataclasses.fields(LlamaConfig)}["attention_impl"] == "auto"
+    assert kernels.AUTO_CONTEXT_PARALLEL == "flash_xla" and kernels.AUTO_PAGED == "xla"
+
+
+def test_the_default_model_builds_no_t_by_t_scores_on_cpu():
+    """The default config on CPU runs the blocked XLA path: no [.., T, T] array in the traced step."""
+    T = 768  # three blocks of 256 (and not the tiny vocabulary, 512)
+    cfg = LlamaConfig.preset("tiny", max_seq_len=T)
+    tokens = jnp.zeros((1, T), jnp.int32)
+    params = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens))
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from shapes(sub)
+
+    loss = lambda p: Llama(cfg).apply(p, tokens).sum()  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    assert not [shape for shape in shapes(jaxpr) if list(shape).count(T) >= 2]
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_flash_xla_equals_the_reference_with_grads(segments):
+    q, k, v, seg = _self_inputs(T=40)
+    seg = seg if segments else None
+    _assert_same_attention(lambda *a: kernels.attention(*a, impl="flash_xla"), (q, k, v, seg), atol=1e-5)
+
+
+def test_cudnn_call_maps_our_layout_grouped_heads_and_scale():
+    # The same call with JAX's XLA implementation: what differs on a GPU is only the backend.
+    q, k, v = (x.astype(jnp.bfloat16) for x in _self_inputs()[:3])
+    out = kernels._cudnn_attention(q, k, v, None, False, implementation="xla")
+    want = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)))
+    np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["packed documents", "float32"])
+def test_what_cudnn_does_not_take_runs_the_blocked_xla_path(case):
+    # jax.nn.dot_product_attention has no segment ids (a dense mask would be T x T) and cuDNN computes in
+    # half precision. This runs on CPU: the cuDNN call is never reached.
+    q, k, v, seg = _self_inputs()
+    seg = seg if case == "packed documents" else None
+    out = kernels._IMPLS["cudnn"](q, k, v, seg, False)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, seg), atol=1e-5)
+
+
+@pytest.mark.parametrize("T, segments", [(100, True), (256, False)])
+def test_splash_interpreted_equals_the_reference_with_grads(T, segments):
+    """JAX's TPU kernel in the Pallas interpreter: GQA (4 query heads on 2 kv heads), packed documents, a
+    length the kernel's blocks do not divide (padded), one that they do."""
+    q, k, v, seg = _self_inputs(T)
+    seg = seg if segments else None
+    _assert_same_attention(lambda *a: kernels.attention(*a, impl="splash", interpret=True), (q, k, v, seg), atol=1e-5)
+
+
+def test_splash_kernel_built_once_serves_later_traces():
+    # The kernel is cached per shape; built inside the first jit it would carry that trace's tracers.
+    q, k, v, seg = _self_inputs(T=30)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        args = (q.astype(dtype), k.astype(dtype), v.astype(dtype))
+        out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, seg, impl="splash", interpret=True))(*args)
+        np.testing.assert_allclose(out.astype(jnp.float32), attention_reference(q, k, v, seg), atol=3e-2)
+
+
+def _assert_same_attention(fn, args, atol):
+    q, k, v, seg = args
+    want = attention_reference(q, k, v, seg)
+    np.testing.assert_allclose(fn(q, k, v, seg), want, atol=atol)
+    do = jnp.cos(want)
+    grads = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)[1](do)
+    want_grads = jax.vjp(lambda q, k, v: attention_reference(q, k, v, seg), q, k, v)[1](do)
+    for name, g, w in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol, err_msg=f"d{name}")
 
 
 def test_pallas_reaches_the_kernels():
@@ -67,6 +150,8 @@ def test_impls_unavailable_on_cpu():
         kernels.attention(q, k, v, seg, impl="pallas")
     with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):
         kernels.attention(q, k, v, seg, impl="cudnn")
+    with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+        kernels.attention(q, k, v, seg, impl="splash")
     with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):
         kernels.paged_attention(*_paged_inputs(), impl="cudnn")
     with pytest.raises(ValueError, match="'pallas' has no lowering on backend 'cpu'"):

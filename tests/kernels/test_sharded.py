@@ -68,6 +68,31 @@ def test_sharded_model_runs_the_kernels_per_shard_with_the_xla_numbers(spec, kv_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
 
 
+def test_sharded_model_runs_splash_per_shard_with_the_xla_numbers():
+    """JAX's TPU kernel (interpreted), like ours: a pallas_call inside the shard_map over rows and heads."""
+    params = random_params(CFG, seed=8)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16))
+    segment_ids = np.repeat(np.array([[1, 2]] * 4), 8, axis=1)
+
+    def loss(c, p):
+        logits = Llama(c).apply({"params": p}, tokens, segment_ids=segment_ids)
+        return (jax.nn.log_softmax(logits)[..., 0]).mean(), logits
+
+    ref_grads, ref_logits = jax.grad(lambda p: loss(CFG, p), has_aux=True)(params)
+    mesh, splash_cfg = make_mesh("dp2,tp4"), dataclasses.replace(CFG, attention_impl="splash", attention_interpret=True)
+
+    @jax.jit
+    def sharded(p):
+        with activation_sharding(mesh):
+            return jax.grad(lambda p: loss(splash_cfg, p), has_aux=True)(p)
+
+    placed = jax.device_put(params, param_shardings(CFG, mesh))
+    assert "pallas_call" in str(jax.make_jaxpr(sharded)(placed)).split("shard_map", 1)[-1]
+    grads, logits = sharded(placed)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
+
+
 def test_sharded_decode_with_the_kernel_equals_single_device_xla():
     params = random_params(CFG, seed=9)
     prompts = [[1, 7, 9], [1] + list(range(30, 40)), [1, 4], [1] + list(range(200, 212))]
