@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of parsed flags; ValueError (one line) for a bad combination."""
+    from llama_jax.train.run_config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["data"] = tuple(args.data)
+    values["progress"] = not args.no_progress
+    if args.lora_targets is not None:
+        values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return TrainConfig(**values)
+
+
 def main(argv: list[str] | None = None, hooks=None) -> int:
     """The CLI; `hooks` (loop.Hooks) are for callers that drive it in-process, as the tests do."""
     args = build_parser().parse_args(argv)
@@ -137,18 +150,12 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from llama_jax.sharding import initialize_distributed
-    from llama_jax.train.loop import NonFiniteLoss, TrainConfig, train
+    from llama_jax.train.loop import NonFiniteLoss, train
     from llama_jax.train.report import summary_line
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in vars(args).items() if k in fields}
-        values["data"] = tuple(args.data)
-        values["progress"] = not args.no_progress
-        if args.lora_targets is not None:
-            values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        summary = train(TrainConfig(**values), hooks)
+        summary = train(train_config(args), hooks)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
