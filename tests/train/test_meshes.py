@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax.sharding.mesh import _DEVICE_COUNT_FLAG
 
 ROOT = Path(__file__).parents[2]
 # What runs on 8 fake devices: the shapes the docs show, and the 8-device stand-in of each that needs
@@ -45,7 +44,7 @@ def test_every_mesh_trains_with_a_core_busy(tmp_path):
     data.write_text((ROOT / "llama_jax" / "model.py").read_text())
     # As a user runs it: no PJRT_NPROC and no device count of the parent's; the CLI sets both.
     env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_cpu_collective_call_terminate_timeout_seconds=30"])
     env["JAX_PLATFORMS"] = "cpu"
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -65,11 +64,13 @@ def test_every_mesh_trains_with_a_core_busy(tmp_path):
             result = json.loads(line.removeprefix("RESULT "))
             results[result["mesh"]] = result
     finally:
+        exit_code = child.poll()
         busy.kill()
         child.kill()
         stderr = child.stderr.read()
     stalled = next((m for m in MESHES if m not in results), None)
-    assert stalled is None, f"{stalled} did not finish in {SECONDS_PER_MESH} s:\n{stderr[-4000:]}"
+    how = f"the run exited with {exit_code}" if exit_code is not None else f"no result in {SECONDS_PER_MESH} s"
+    assert stalled is None, f"{stalled}: {how}\n{stderr[-4000:]}"
     for mesh, result in results.items():
         assert result["exit"] == 0 and len(result["losses"]) == 3, (mesh, result, stderr[-3000:])
     # One model, data order and seed: every mesh computes the same losses as fsdp8.

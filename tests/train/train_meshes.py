@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 STEPS = 3
+# Rows of 128 tokens, not fewer: on e93c254 fsdp2,tp4 trained 3 steps of rows of 64 but aborted on
+# rows of 128 (every run we made; why the length matters was not pinned down).
+SEQ_LEN = 128
 
 
 def main(data: str, out: str, *meshes: str) -> None:
@@ -14,7 +17,7 @@ def main(data: str, out: str, *meshes: str) -> None:
 
     for mesh in meshes:
         run = Path(out) / mesh.replace(",", "_")
-        code = train_cli(["--mesh", mesh, "--data", data, "--out", str(run), "--steps", str(STEPS), "--seq-len", "64",
+        code = train_cli(["--mesh", mesh, "--data", data, "--out", str(run), "--steps", str(STEPS), "--seq-len", str(SEQ_LEN),
                           "--batch-size", "8", "--log-every", "1", "--save-every", "1000", "--no-progress"])
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
         print("RESULT", json.dumps({"mesh": mesh, "exit": code, "losses": [r["loss"] for r in rows]}), flush=True)
