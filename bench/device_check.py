@@ -223,6 +223,9 @@ def check_correctness(phase: Phase, ctx) -> None:
              for dtype in (jnp.bfloat16, jnp.float32)] + [("cudnn", jnp.bfloat16, False), ("auto", jnp.bfloat16, False)]
     for impl, dtype, packed in cases:
         shape = f"B{B} T{T} H{H} K{K} D{D} {jnp.dtype(dtype).name} {'packed' if packed else 'causal'}"
+        if impl == "splash" and ctx.interpret:  # seconds a call in the Pallas interpreter; tests/kernels checks it
+            phase.results.append(Result(phase.name, f"attention(impl={impl})", shape, "SKIP", "interpreted: in tests"))
+            continue
         try:
             which = resolve_impl(impl, interpret=ctx.interpret)
         except ValueError as e:  # cuDNN off NVIDIA GPUs, splash off TPU
