@@ -94,7 +94,8 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
                              f"{num_devices} devices there are")
         sizes[rest[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(f"{where}: sizes multiply to {known}, but there are {num_devices} devices "
+        there = "is 1 device" if num_devices == 1 else f"are {num_devices} devices"
+        raise ValueError(f"{where}: sizes multiply to {known}, but there {there} "
                          f"(use -1 on one axis for 'the rest')")
     return {name: sizes.get(name, 1) for name in MESH_AXES}
 

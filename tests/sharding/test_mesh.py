@@ -24,6 +24,7 @@ def test_parse_mesh(spec, n, expected):
 
 @pytest.mark.parametrize("spec, n, message", [
     ("dp4,tp8", 8, "multiply to 32, but there are 8 devices"),
+    ("tp8", 1, "multiply to 8, but there is 1 device"),
     ("dp3,fsdp-1", 8, "does not divide the 8 devices"),
     ("dp-1,tp-1", 8, "only one axis may be -1"),
     ("pp2,dp4", 8, "unknown axis 'pp'"),
