@@ -32,12 +32,15 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # reshards K/V with permutes and pair all-gathers inside the layer scan), device 0 in two
 # all-gathers at once (channel 5, devices {0,1}, and channel 52, {0,4}), the eighth device's
 # thunks queued with no thread to run on. Turning off the concurrency-optimized scheduler (as
-# 5eea4dd did for DPO+LoRA on fsdp4,tp2) only moves which mesh starves. A pool several threads
-# per device deep has room for every collective a device can have in flight: with 32 threads for
-# 8 devices both runs and every mesh --help shows train with either scheduler setting
-# (tests/train/test_meshes.py trains them all with a core kept busy). XLA sizes the pool from
-# PJRT_NPROC when set (its DefaultThreadPoolSize), read when jax creates its CPU client.
-POOL_THREADS_PER_DEVICE = 4
+# 5eea4dd did for DPO+LoRA on fsdp4,tp2) only moves which mesh starves. A pool a few threads per
+# device deep has room for the collectives a device has in flight: with 12 threads for 8 devices
+# every mesh --help shows trained (XLA's default scheduler, which we keep), and with 16 so did the
+# two runs that aborted (fsdp2,tp4 with the scheduler off, DPO+LoRA on fsdp4,tp2 with it on);
+# tests/train/test_meshes.py trains every mesh with a core kept busy. 32 threads cost ~13%
+# of the train tests' time on 2 cores (oversubscribed compute); 16 cost nothing measurable. XLA
+# sizes the pool from PJRT_NPROC when set (its DefaultThreadPoolSize), read when jax creates its
+# CPU client.
+POOL_THREADS_PER_DEVICE = 2
 
 
 def size_cpu_thread_pool() -> None:
