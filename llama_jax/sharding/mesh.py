@@ -36,7 +36,7 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # device deep has room for the collectives a device has in flight: with 12 threads for 8 devices
 # every mesh --help shows trained (XLA's default scheduler, which we keep), and with 16 so did the
 # two runs that aborted (fsdp2,tp4 with the scheduler off, DPO+LoRA on fsdp4,tp2 with it on);
-# tests/train/test_meshes.py trains every mesh with a core kept busy. 32 threads cost ~13%
+# tests/sharding/test_meshes.py trains every mesh with a core kept busy. 32 threads cost ~13%
 # of the train tests' time on 2 cores (oversubscribed compute); 16 cost nothing measurable. XLA
 # sizes the pool from PJRT_NPROC when set (its DefaultThreadPoolSize), read when jax creates its
 # CPU client.

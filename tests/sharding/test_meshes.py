@@ -50,7 +50,7 @@ def test_every_mesh_trains_with_a_core_busy(tmp_path):
     # Niced: it takes whatever core time the run leaves idle (its rendezvous waits) without slowing
     # the suite's other tests more than it must.
     busy = subprocess.Popen([sys.executable, "-c", "import os; os.nice(19)\nwhile True: pass"])
-    child = subprocess.Popen([sys.executable, "-m", "tests.train.train_meshes", str(data), str(tmp_path), *MESHES],
+    child = subprocess.Popen([sys.executable, "-m", "tests.sharding.train_meshes", str(data), str(tmp_path), *MESHES],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results, waited = {}, selectors.DefaultSelector()
     waited.register(child.stdout, selectors.EVENT_READ)
