@@ -51,7 +51,7 @@ def write_corpus(path: Path, mib: int) -> int:
 
 
 def tokenizer_path(choice: str, directory: Path) -> str:
-    from llama_jax.data.tokens import write_byte_tokenizer
+    from llama_jax.tokenizer import write_byte_tokenizer
     from llama_jax.tokenizer import default_tokenizer_path
 
     if choice == "bytes":

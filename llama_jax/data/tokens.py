@@ -18,7 +18,6 @@ import numpy as np
 
 from llama_jax.hf_tokenizer import HFTokenizer
 from llama_jax.tokenizer import load_tokenizer, tokenizer_files
-from llama_jax.tokenizer import write_byte_tokenizer  # noqa: F401 - defined with the resolver; imported from here too
 
 
 def tokenizer_identity(path: str | os.PathLike) -> dict[str, Any]:

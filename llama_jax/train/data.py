@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.data import GlobalBatches, PreparedData, is_prepared, prepare
-from llama_jax.data.tokens import tokenizer_identity, write_byte_tokenizer  # noqa: F401 - tests import it from here
+from llama_jax.data.tokens import tokenizer_identity
 from llama_jax.sharding.context import context_size, load_balance
 from llama_jax.train.step import batch_sharding
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.data.tokens import write_byte_tokenizer
+from llama_jax.tokenizer import write_byte_tokenizer
 
 SEQ = 32  # tokens per row of the prepared corpus
 DIALOG = [

@@ -12,7 +12,7 @@ from llama_jax.data import PreparedData, prepare
 from llama_jax.data.__main__ import main
 from llama_jax.data.prepare import tokenize_document
 from llama_jax.data.sources import documents, find_sources
-from llama_jax.data.tokens import write_byte_tokenizer
+from llama_jax.tokenizer import write_byte_tokenizer
 from llama_jax.tokenizer import Llama3Tokenizer
 from tests.data.conftest import SEQ, texts, write_jsonl
 from tests.data.test_sources import write_datasets_dir

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from llama_jax.data.tokens import chat_ids_and_weights, tokenize_record, tokenizer_identity, write_byte_tokenizer
+from llama_jax.data.tokens import chat_ids_and_weights, tokenize_record, tokenizer_identity
+from llama_jax.tokenizer import write_byte_tokenizer
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from tests.data.conftest import DIALOG
 

@@ -17,7 +17,7 @@ from llama_jax.model import Llama, init_params as init_single
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.params import param_shardings
 from llama_jax.tokenizer import Llama3Tokenizer
-from llama_jax.train.data import write_byte_tokenizer
+from llama_jax.tokenizer import write_byte_tokenizer
 from llama_jax.train.dpo import DPO, prepare_reference, reference_table
 from llama_jax.train.loop import TrainConfig, train
 from llama_jax.train.optim import OptimConfig, make_optimizer

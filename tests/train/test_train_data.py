@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_jax.data import GlobalBatches, PreparedData
-from llama_jax.data.tokens import write_byte_tokenizer
+from llama_jax.tokenizer import write_byte_tokenizer
 from llama_jax.train.__main__ import main
 from llama_jax.train.loop import TrainConfig, train
 from tests.processes import free_port
