@@ -47,10 +47,7 @@ def size_cpu_thread_pool() -> None:
     """Give XLA:CPU's thread pool POOL_THREADS_PER_DEVICE threads per fake device (see above), unless
     PJRT_NPROC is already set or the host has more cores than that. Call before jax first touches a
     device; llama_jax's import and `use_cpu_devices` do."""
-    devices = 1
-    for flag in os.environ.get("XLA_FLAGS", "").split():
-        if flag.startswith(_DEVICE_COUNT_FLAG + "="):
-            devices = int(flag.split("=", 1)[1])
+    devices = _flagged_device_count() or 1
     threads = POOL_THREADS_PER_DEVICE * devices
     if devices > 1 and "PJRT_NPROC" not in os.environ and threads > (os.cpu_count() or 1):
         os.environ["PJRT_NPROC"] = str(threads)
@@ -60,10 +57,17 @@ def use_cpu_devices(count: int) -> None:
     """Let the CPU backend expose `count` fake devices (for meshes on one host), with a thread pool
     deep enough for their collectives; a device count XLA_FLAGS already sets is left as it is.
     Call before jax first touches a device (importing jax is fine)."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if not any(f.startswith(_DEVICE_COUNT_FLAG + "=") for f in flags):
+    if _flagged_device_count() is None:
+        flags = os.environ.get("XLA_FLAGS", "").split()
         os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={count}"])
     size_cpu_thread_pool()
+
+
+def _flagged_device_count() -> int | None:
+    """The fake CPU device count XLA_FLAGS asks for (the last one given), or None."""
+    counts = [int(f.split("=", 1)[1]) for f in os.environ.get("XLA_FLAGS", "").split()
+              if f.startswith(_DEVICE_COUNT_FLAG + "=")]
+    return counts[-1] if counts else None
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
