@@ -206,6 +206,10 @@ class Llama3Tokenizer:
         """Text of `ids`; special ids decode to their names, broken UTF-8 to U+FFFD (as Meta)."""
         return self._model.decode(_check_ids(ids, self._vocab_size))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, for some); a special token's name."""
+        return self._model.decode_single_token_bytes(_check_ids([token_id], self._vocab_size)[0])
+
     def encode_header(self, role: str) -> list[int]:
         if role not in LLAMA3_HEADER_ROLES:
             raise ValueError(f"unknown chat role {role!r}; expected one of {sorted(LLAMA3_HEADER_ROLES)}")

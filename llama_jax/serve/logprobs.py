@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from llama_jax.hf_tokenizer import HFTokenizer
 from llama_jax.serve import protocol as p
-from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer, read_tiktoken_ranks
+from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer
 
 
 class TextOffsets:
@@ -61,14 +61,14 @@ class Logprobs:
 
 @functools.lru_cache(maxsize=8)
 def token_bytes(tokenizer) -> Callable[[int], bytes]:
-    """token id -> the bytes it stands for, read from the tokenizer's own vocabulary file.
+    """token id -> the bytes it stands for, from the tokenizer's own vocabulary.
 
     Llama 3's (tiktoken) and HF byte-level BPE vocabularies hold bytes; sentencepiece's byte
     fallback pieces are <0xNN>; any other token is its decoded text (a special token's name)."""
-    decoded = lambda i: tokenizer.decode([i]).encode()  # noqa: E731
     if isinstance(tokenizer, Llama3Tokenizer):
-        table = {rank: token for token, rank in read_tiktoken_ranks(tokenizer.path).items()}
-    elif isinstance(tokenizer, HFTokenizer):
+        return tokenizer.token_bytes  # its loaded vocabulary, not the file read again
+    decoded = lambda i: tokenizer.decode([i]).encode()  # noqa: E731
+    if isinstance(tokenizer, HFTokenizer):
         table = _hf_byte_level(tokenizer.path)
     elif isinstance(tokenizer, Llama2Tokenizer):
         table = _sentencepiece_bytes(tokenizer.path)
