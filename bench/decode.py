@@ -43,7 +43,7 @@ from llama_jax import LlamaConfig, init_params, kernels
 from llama_jax.infer.batching import BatchingEngine, DecodeParams, RequestParams, prepare
 from llama_jax.infer.engine import PAGE_SIZE, paged_attention_impl
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
-from llama_jax.infer.quantize import param_bytes, quantize_params
+from llama_jax.quantize import param_bytes, quantize_params
 from llama_jax.kernels.paged_attention_xla import PAGES_PER_BLOCK
 from bench.results import append_results, git_commit, machine, median_seconds
 

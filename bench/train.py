@@ -125,7 +125,7 @@ def random_base(cfg, mesh, dtype: str, quantize: str | None):
 
     base = init_params(dataclasses.replace(cfg, param_dtype=dtype), mesh, 0)
     if quantize:
-        from llama_jax.infer.quantize import quantize_params
+        from llama_jax.quantize import quantize_params
         base = quantize_params(base, quantize)
     return base
 

@@ -28,7 +28,7 @@ Serving: the decode engine (infer/batching.py) splits the adapted tree per layer
 (a LoraWeight is a pytree: each layer gets its slice of W, A and B) and runs the same hook, so an
 adapter is served unmerged, on the base as loaded or int8 (as a --quantize-base int8 run trained it).
 
-QLoRA: the base may hold `QuantizedArray`s (infer/quantize.py, int8 with per-channel scales): each
+QLoRA: the base may hold `QuantizedArray`s (quantize.py, int8 with per-channel scales): each
 layer's W is dequantized as it is read, in the forward pass and again in the backward pass, so the
 base stays int8 in memory.
 """
@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.config import LlamaConfig
-from llama_jax.infer.quantize import CONTRACTED_AXES
+from llama_jax.quantize import CONTRACTED_AXES
 from llama_jax.sharding import axes
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -293,7 +293,7 @@ def merge(params, adapters, spec: LoraConfig, dtype=None, *, donate: bool = Fals
             jax.tree.map(lambda x: x.delete(), w)
         return out
 
-    from llama_jax.infer.quantize import dequantize_params
+    from llama_jax.quantize import dequantize_params
 
     merged_params = _walk(params, adapters, merged)
     rest_dtype = dtype if dtype is not None else jnp.float32

@@ -99,7 +99,7 @@ class PagedKV(NamedTuple):
 def contract(subscripts: str, x, w, dtype):
     """jnp.einsum(subscripts, x, w) in `dtype`. A weight that is not an array may bring its own
     contraction (`w.contract`: a LoRA-adapted weight, llama_jax/lora.py); any other converts itself
-    (`w.astype`: int8 weights, infer/quantize.py)."""
+    (`w.astype`: int8 weights, quantize.py)."""
     if hasattr(w, "contract"):
         return w.contract(subscripts, x, dtype)
     return jnp.einsum(subscripts, x, w.astype(dtype))

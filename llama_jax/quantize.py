@@ -1,5 +1,6 @@
-"""Weight-only quantization for inference: int8 (any backend) or float8_e4m3fn values, one float32
-scale per output channel of every matmul weight.
+"""Weight-only quantization, a weight representation that loading, serving and QLoRA training all
+read: int8 (any backend) or float8_e4m3fn values, one float32 scale per output channel of every
+matmul weight.
 
 A quantized weight is a `QuantizedArray`, a pytree of (values, scale) that stands in for the array
 inside the parameter tree. The model reads every weight as `w.astype(compute_dtype)`, which for a

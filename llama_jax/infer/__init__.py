@@ -7,15 +7,13 @@ engine.py   token ids in and out on BatchingEngine: stream_tokens over a list of
             Conversation, which keeps its engine's pages between chat turns
 pages.py    the KV page allocator and prefix cache of batching.py
 sampling.py greedy / temperature / top-k / top-p as small pure functions
-quantize.py weight-only int8 / fp8 with per-output-channel scales
 text.py     the text API: generate, streaming detokenizer, chat dialog, reply (one chat turn)
 """
 
 from llama_jax.infer.batching import prepare
 from llama_jax.infer.engine import Conversation, PromptTooLongError, stream_tokens
-from llama_jax.infer.quantize import quantize_params
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import Chat, Completion, GenerationResult, TextStream, generate, iter_completions, reply
 
 __all__ = ["generate", "iter_completions", "reply", "GenerationResult", "Completion", "TextStream", "Chat",
-           "Conversation", "SamplingParams", "stream_tokens", "prepare", "quantize_params", "PromptTooLongError"]
+           "Conversation", "SamplingParams", "stream_tokens", "prepare", "PromptTooLongError"]

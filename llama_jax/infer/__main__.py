@@ -24,7 +24,7 @@ from llama_jax.config import compute_dtype
 from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
 from llama_jax.infer.engine import Conversation, PromptTooLongError
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
-from llama_jax.infer.quantize import QUANTIZED_DTYPES, quantize_params
+from llama_jax.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.context import context_size

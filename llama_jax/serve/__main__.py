@@ -28,7 +28,7 @@ from llama_jax import checkpoint
 from llama_jax.infer.__main__ import add_lora_flags, check_lora, load_model
 from llama_jax.infer.batching import BatchingEngine, batch_multiple, serving_shapes
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
-from llama_jax.infer.quantize import QUANTIZED_DTYPES
+from llama_jax.quantize import QUANTIZED_DTYPES
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from llama_jax.sharding import make_mesh

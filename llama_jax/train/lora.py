@@ -92,7 +92,7 @@ def load_base(run: LoraRun, cfg: LlamaConfig, mesh):
     _, params = load_params(run.base, mesh, dtype=cfg.dtype, param_dtype=cfg.dtype,
                             attention_impl=cfg.attention_impl, remat=cfg.remat)
     if run.quantize_base:
-        from llama_jax.infer.quantize import QuantizedArray, quantize_params
+        from llama_jax.quantize import QuantizedArray, quantize_params
 
         full, params = params, quantize_params(params, run.quantize_base)
         # Never two copies of the base past this point (norms are not quantized: they are shared).

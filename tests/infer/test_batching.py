@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import Llama, LlamaConfig
 from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams, serving_shapes
 from llama_jax.infer.engine import SamplingParams, stream_tokens
-from llama_jax.infer.quantize import quantize_params
+from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
 

@@ -18,7 +18,7 @@ from llama_jax import save
 from llama_jax.infer import Chat, generate
 from llama_jax.infer import __main__ as cli
 from llama_jax.infer.batching import DecodeParams
-from llama_jax.infer.quantize import quantize_params
+from llama_jax.quantize import quantize_params
 from llama_jax.tokenizer import default_tokenizer_path
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import checkpoint, lora
 from llama_jax.infer import __main__ as cli
 from llama_jax.infer.batching import MAX_LOGPROBS, BatchingEngine, RequestParams, param_shardings, prepare
-from llama_jax.infer.quantize import QuantizedArray, dequantize_params, quantize_params
+from llama_jax.quantize import QuantizedArray, dequantize_params, quantize_params
 from llama_jax.lora import LoraWeight
 from llama_jax.sharding import make_mesh
 from tests.infer.common import _forward

@@ -10,7 +10,7 @@ import pytest
 
 from llama_jax import Llama, LlamaConfig, param_shapes
 from llama_jax.infer.engine import SamplingParams, stream_tokens
-from llama_jax.infer.quantize import (CONTRACTED_AXES, QuantizedArray, dequantize_params, param_bytes, quantize,
+from llama_jax.quantize import (CONTRACTED_AXES, QuantizedArray, dequantize_params, param_bytes, quantize,
                                       quantize_params)
 from tests.infer.common import collect, random_params
 

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import LlamaConfig
 from llama_jax.infer.batching import BatchingEngine, RequestParams, param_shardings, prepare
 from llama_jax.infer.engine import SamplingParams, stream_tokens
-from llama_jax.infer.quantize import quantize_params
+from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
 

@@ -16,7 +16,7 @@ import pytest
 
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import load_config
-from llama_jax.infer.quantize import QuantizedArray
+from llama_jax.quantize import QuantizedArray
 from llama_jax.serve.__main__ import build_parser, kv_cache_summary, load_engine, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -124,7 +124,7 @@ def lora_steps(mesh_spec, steps=2, quantize=False):
 
     base = init_sharded(CFG, mesh, 0)
     if quantize:
-        from llama_jax.infer.quantize import quantize_params
+        from llama_jax.quantize import quantize_params
         base = quantize_params(base, "int8")
     before = jax.tree.map(np.asarray, base)
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
@@ -162,7 +162,7 @@ def test_lora_step_trains_adapters_only_and_fsdp2_tp4_equals_one_device():
 
 
 def test_qlora_step_keeps_the_base_int8_and_matches_the_dequantized_reference():
-    from llama_jax.infer.quantize import QuantizedArray, dequantize_params
+    from llama_jax.quantize import QuantizedArray, dequantize_params
 
     losses, state, _, base = lora_steps("fsdp2,tp4", steps=1, quantize=True)
     wq = base["layers"]["attention"]["wq"]

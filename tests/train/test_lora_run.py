@@ -119,7 +119,7 @@ def test_lora_resume_is_exact(converted, lora_run, tmp_path):
 
 def test_qlora_run_merges_what_it_trained(converted, tmp_path):
     """The int8 base with the adapters applied unmerged gives the merged OUT/model's logits."""
-    from llama_jax.infer.quantize import quantize_params
+    from llama_jax.quantize import quantize_params
 
     base, data = converted
     summary = train(TrainConfig(out=str(tmp_path), init_from=str(base), data=(str(data),),
