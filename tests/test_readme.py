@@ -1,6 +1,7 @@
-"""README.md against the code: every command it shows parses with its tool's own parser (the jobs
-themselves are not run), its Python API shows the install that gives what it calls, and the jax and
-flax versions it says are tested are the ones pyproject.toml admits and this suite runs on."""
+"""README.md and docs/*.md against the code: every command they show parses with its tool's own parser
+(the jobs themselves are not run), the README stays a quickstart that links every guide, its Python API
+runs and shows the install that gives what it calls, and the jax and flax versions it says are tested
+are the ones pyproject.toml admits and this suite runs on."""
 
 import importlib
 import importlib.metadata
@@ -15,20 +16,27 @@ from packaging.version import Version
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def readme_commands() -> list[list[str]]:
-    """argv of every `python -m llama_jax.<tool> ...` in the README's bash blocks (continuation lines
+def commands(text: str) -> list[list[str]]:
+    """argv of every `python -m llama_jax.<tool> ...` in `text`'s bash blocks (continuation lines
     joined, `&&` chains split, comments dropped, $VARIABLES given a number)."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 argv = ["0" if word.startswith("$") else word for word in shlex.split(part, comments=True)]
                 if argv[:2] == ["python", "-m"] and argv[2].startswith("llama_jax."):
-                    commands.append(argv[2:])
-    return commands
+                    found.append(argv[2:])
+    return found
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file, argv) of every tool command in README.md and docs/*.md."""
+    return [(path.relative_to(ROOT).as_posix(), argv)
+            for path in [ROOT / "README.md", *DOCS] for argv in commands(path.read_text())]
 
 
 def section(title: str) -> str:
@@ -43,19 +51,42 @@ def extra_requirements(text: str) -> set[str]:
 
 
 def test_the_readme_shows_every_tool():
-    assert {argv[0] for argv in readme_commands()} == {"llama_jax.train", "llama_jax.infer", "llama_jax.convert",
+    assert {argv[0] for argv in commands(README)} == {"llama_jax.train", "llama_jax.infer", "llama_jax.convert",
                                                        "llama_jax.data", "llama_jax.serve"}
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=lambda argv: " ".join(argv)[:80])
-def test_every_readme_command_parses_with_its_tool_s_parser(argv):
+@pytest.mark.parametrize("where, argv", documented_commands(),
+                         ids=[f"{where}: {' '.join(argv)}"[:90] for where, argv in documented_commands()])
+def test_every_documented_command_parses_with_its_tool_s_parser(where, argv):
     cli = importlib.import_module(f"{argv[0]}.__main__")
     try:
         args = cli.build_parser().parse_args(argv[1:])
     except SystemExit:
-        pytest.fail(f"python -m {' '.join(argv)}: its parser refuses it (see the usage line above)")
+        pytest.fail(f"{where}: python -m {' '.join(argv)}: its parser refuses it (see the usage line above)")
     if argv[0] == "llama_jax.train":
         cli.train_config(args)  # the flags' combination, checked before a run touches OUT
+
+
+def test_the_readme_is_a_quickstart_that_links_every_guide():
+    assert len(README.splitlines()) < 160
+    assert DOCS and all(f"](docs/{path.name})" in README for path in DOCS)
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda path: path.name)
+def test_every_relative_link_leads_to_a_file(path):
+    targets = re.findall(r"\]\((?!https?:)([^)#]+)[^)]*\)", path.read_text())
+    assert [t for t in targets if not (path.parent / t).exists()] == []
+
+
+def test_the_python_api_runs(tmp_path, monkeypatch):
+    """The README's Python block as a reader pastes it, in an empty directory (it writes ckpt/)."""
+    api = re.findall(r"```python\n(.*?)```", section("## Python API"), re.S)
+    assert len(api) == 1
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(api[0], "README.md (Python API)", "exec"), scope)
+    assert scope["logits"].shape == (1, len(scope["tokens"][0]), scope["cfg"].vocab_size)
+    assert (tmp_path / "ckpt").is_dir()
 
 
 def test_the_python_api_shows_the_install_that_gives_meta_s_tokenizer():
