@@ -33,14 +33,41 @@ def _paged_inputs(N=20, P=8):
     return q, k, v, table, jnp.asarray([[5], [60]], jnp.int32)
 
 
+def _numpy_attention(q, k, v, visible):
+    """softmax(Q K^T / sqrt(D)) V in float64, one (row, query head) at a time: query head h reads kv head
+    h // (H / K); `visible[b, t, s]` says whether query t of row b sees key s."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    out = np.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // k.shape[2])
+            scores = q[b, :, h] @ k[b, :, kv].T / np.sqrt(D)
+            scores = np.where(visible[b], scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            out[b, :, h] = probs / probs.sum(-1, keepdims=True) @ v[b, :, kv]
+    return out
+
+
 @pytest.mark.parametrize("impl", ["xla", "auto"])
-def test_xla_and_auto(impl):
+def test_xla_and_auto_equal_a_direct_softmax(impl):
     q, k, v, seg = _self_inputs()
-    out = kernels.attention(q, k, v, seg, impl=impl)
-    np.testing.assert_allclose(out, attention_reference(q, k, v, seg), atol=1e-6)
-    paged = _paged_inputs()
-    out = kernels.paged_attention(*paged, impl=impl)
-    np.testing.assert_allclose(out, paged_attention_reference(*paged), atol=1e-5)
+    T = q.shape[1]
+    causal = np.tril(np.ones((1, T, T), bool))
+    same_document = np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]
+    np.testing.assert_allclose(kernels.attention(q, k, v, impl=impl), _numpy_attention(q, k, v, causal), atol=2e-5)
+    np.testing.assert_allclose(kernels.attention(q, k, v, seg, impl=impl),
+                               _numpy_attention(q, k, v, causal & same_document), atol=2e-5)
+    # Paged: each row's pages gathered in page-table order, the query at position p sees positions 0..p.
+    q, k_pages, v_pages, table, positions = _paged_inputs()
+    P = k_pages.shape[1]
+    gather = lambda pages: np.asarray(pages)[np.asarray(table)].reshape(2, -1, *pages.shape[2:])  # noqa: E731
+    visible = np.arange(8 * P)[None, None, :] <= np.asarray(positions)[:, :, None]
+    want = np.concatenate([_numpy_attention(q[b:b + 1], gather(k_pages)[b:b + 1], gather(v_pages)[b:b + 1],
+                                            visible[b:b + 1]) for b in range(2)])
+    out = kernels.paged_attention(q, k_pages, v_pages, table, positions, impl=impl)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    np.testing.assert_allclose(paged_attention_reference(q, k_pages, v_pages, table, positions), want, atol=2e-5)
 
 
 @pytest.mark.parametrize("platform, want", [("cuda", "cudnn"), ("tpu", "splash"), ("cpu", "flash_xla"),
