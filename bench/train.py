@@ -121,9 +121,9 @@ def bench_jax(cfg, mesh, batch: dict, steps: int, warmup: int, grad_accum: int,
 
 def random_base(cfg, mesh, dtype: str, quantize: str | None):
     """A random frozen base on `mesh`, held as LoRA training holds it: in `dtype`, or quantized."""
-    from llama_jax.sharding.params import init_params
+    from llama_jax.params import init_sharded_params
 
-    base = init_params(dataclasses.replace(cfg, param_dtype=dtype), mesh, 0)
+    base = init_sharded_params(dataclasses.replace(cfg, param_dtype=dtype), mesh, 0)
     if quantize:
         from llama_jax.quantize import quantize_params
         base = quantize_params(base, quantize)
@@ -133,22 +133,12 @@ def random_base(cfg, mesh, dtype: str, quantize: str | None):
 def abstract_base(cfg, mesh, dtype: str, quantize: str | None):
     """random_base's shapes, dtypes and shardings, without allocating it (int8 values are split like
     their weight; a scale's reduced dims, of size 1, are replicated)."""
-    from llama_jax.model import param_logical_axes
-    from llama_jax.sharding import logical_to_sharding
-    from llama_jax.sharding.params import param_shardings
+    from llama_jax.params import param_shardings
 
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     shapes = jax.eval_shape(lambda: random_base(cfg, mesh, dtype, quantize))
-    logical = param_logical_axes(cfg)
-    if not quantize:
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            param_shardings(cfg, mesh))
-    from jax.sharding import PartitionSpec
-
-    return jax.tree.map(
-        lambda spec, s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=logical_to_sharding(
-            spec, mesh, tuple(x.shape))), s),
-        logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        param_shardings(cfg, mesh, shapes))
 
 
 def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> float:

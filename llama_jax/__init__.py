@@ -13,7 +13,8 @@ size_cpu_thread_pool()
 
 from llama_jax.checkpoint import load, save  # noqa: E402
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling  # noqa: E402
-from llama_jax.model import Llama, init_params, param_logical_axes, param_shapes  # noqa: E402
+from llama_jax.model import Llama  # noqa: E402
+from llama_jax.params import init_params, param_logical_axes, param_shapes  # noqa: E402
 
 __all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "Llama", "init_params", "param_logical_axes", "param_shapes",
            "load", "save"]

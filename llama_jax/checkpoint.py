@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import LlamaConfig, compute_dtype
-from llama_jax.model import param_shapes
+from llama_jax.params import param_shapes, param_shardings
 from llama_jax.tokenizer import TOKENIZER_MODEL, find_tokenizer, tokenizer_files
 
 CONFIG_FILE = "config.json"
@@ -164,7 +164,7 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     return LlamaConfig.from_json(find(path) / CONFIG_FILE)
 
 
-def load(path: str | os.PathLike, *, mesh=None, shardings=None, dtype: str | None = None,
+def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | None = None,
          param_dtype: str | None = None, **config_overrides) -> tuple[LlamaConfig, dict]:
     """Read (cfg, params), each device reading only its own shards. `path`: a checkpoint directory,
     or a training run's --out directory (its final model, OUT/model).
@@ -188,8 +188,6 @@ def load(path: str | os.PathLike, *, mesh=None, shardings=None, dtype: str | Non
     if mesh is not None:
         if shardings is not None:
             raise ValueError("pass mesh or shardings, not both")
-        from llama_jax.sharding.params import param_shardings  # sharding builds on this module
-
         shardings = param_shardings(cfg, mesh)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])

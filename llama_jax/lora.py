@@ -174,7 +174,7 @@ class LoraWeight:
 
 def _targets(cfg: LlamaConfig, spec: LoraConfig):
     """[(path of dict keys, shape, logical axes)] of every targeted weight of the stacked layout."""
-    from llama_jax.model import param_logical_axes, param_shapes
+    from llama_jax.params import param_logical_axes, param_shapes
 
     shapes = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
     logical = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(

@@ -15,7 +15,6 @@ from its layer's pages (`PagedKV`).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -265,29 +264,3 @@ def _check_inputs(cfg, tokens, positions, segment_ids):
             bad = values[(values < 0) | (values >= cfg.vocab_size)].flat[0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size})")
     return B, T
-
-
-# Parameters --------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=16)  # a trace of the whole model; train set-up asks for it ~9 times per config
-def _boxed_shapes(cfg: LlamaConfig):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens))["params"]
-
-
-def param_logical_axes(cfg: LlamaConfig):
-    """The tree of logical axis names (a PartitionSpec per parameter), without allocating anything."""
-    return nn.get_partition_spec(_boxed_shapes(cfg))
-
-
-def param_shapes(cfg: LlamaConfig):
-    """The tree of jax.ShapeDtypeStruct of every parameter, without allocating anything."""
-    return nn.meta.unbox(_boxed_shapes(cfg))
-
-
-def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0):
-    """Random parameters (plain arrays, in cfg.param_dtype) on the default device."""
-    rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    init = jax.jit(lambda r: nn.meta.unbox(Llama(cfg).init(r, tokens)["params"]))
-    return init(rng)

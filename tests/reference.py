@@ -8,7 +8,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.keymap import HF_KEYS, export_tensors
-from llama_jax.model import init_params
+from llama_jax.params import init_params
 
 
 def random_params(cfg: LlamaConfig, seed: int = 0):

@@ -140,7 +140,7 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
 
 def test_load_into_a_mesh_places_each_param_by_the_rules(tmp_path):
     from llama_jax.sharding.mesh import make_mesh
-    from llama_jax.sharding.params import param_shardings
+    from llama_jax.params import param_shardings
 
     cfg = PRESETS["tiny"]
     params = random_params(cfg)
@@ -163,9 +163,9 @@ import jax
 import numpy as np
 from llama_jax import checkpoint
 from llama_jax.config import PRESETS
-from llama_jax.model import param_shapes
+from llama_jax.params import param_shapes
 from llama_jax.sharding import initialize_distributed, make_mesh
-from llama_jax.sharding.params import param_shardings
+from llama_jax.params import param_shardings
 
 initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 cfg = PRESETS["tiny"]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.keymap import Tensor
-from llama_jax.model import param_shapes
+from llama_jax.params import param_shapes
 
 # Chunks of at most this many bytes (a layer slice of a large model is split along its next axis):
 # bounds the encoder's buffers, and makes `load` read in parallel.

@@ -28,7 +28,7 @@ from llama_jax.quantize import QUANTIZED_DTYPES, quantize_params
 from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
 from llama_jax.sharding import make_mesh
 from llama_jax.sharding.context import context_size
-from llama_jax.sharding.params import load_params
+from llama_jax.checkpoint import load as load_params
 from llama_jax.tokenizer import load_tokenizer, resolve_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256

@@ -75,7 +75,8 @@ from llama_jax.config import LlamaConfig
 from llama_jax.infer.pages import PageAllocator, page_keys
 from llama_jax.quantize import QuantizedArray
 from llama_jax.infer.sampling import MAX_TOP_K, sample_rows
-from llama_jax.model import Block, PagedKV, RMSNorm, param_logical_axes
+from llama_jax.model import Block, PagedKV, RMSNorm
+from llama_jax.params import param_logical_axes
 from llama_jax.sharding import activation_sharding, axes, logical_to_sharding, logical_to_spec
 
 MAX_LOGPROBS = 20

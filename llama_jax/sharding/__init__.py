@@ -1,9 +1,9 @@
 """Sharding: logical axis names (axes.py), THE rules table (rules.py), mesh strings and multi-process
-start-up (mesh.py), context parallelism's load-balanced token order (context.py), and parameters
-placed on a mesh (params.py; import it directly, it needs the model).
+start-up (mesh.py), context parallelism's load-balanced token order (context.py). The model's
+parameters on a mesh are llama_jax/params.py's (it needs the model; nothing here does).
 
     mesh = make_mesh("dp2,fsdp2,tp2")
-    params = llama_jax.sharding.params.init_params(cfg, mesh, seed=0)
+    params = llama_jax.params.init_sharded_params(cfg, mesh, seed=0)
 """
 
 from llama_jax.sharding.mesh import initialize_distributed, make_mesh, mesh_str, parse_mesh

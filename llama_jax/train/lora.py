@@ -87,10 +87,8 @@ def load_base(run: LoraRun, cfg: LlamaConfig, mesh):
     Not in its stored dtype when that differs (a bfloat16 checkpoint computed in float32 on CPU):
     XLA then converts the whole stacked base once, outside the layer loop of the backward pass,
     holding a float32 copy for the step anyway (measured: bench/train.py's memory_analysis)."""
-    from llama_jax.sharding.params import load_params
-
-    _, params = load_params(run.base, mesh, dtype=cfg.dtype, param_dtype=cfg.dtype,
-                            attention_impl=cfg.attention_impl, remat=cfg.remat)
+    _, params = checkpoint.load(run.base, mesh, dtype=cfg.dtype, param_dtype=cfg.dtype,
+                                attention_impl=cfg.attention_impl, remat=cfg.remat)
     if run.quantize_base:
         from llama_jax.quantize import QuantizedArray, quantize_params
 

@@ -15,7 +15,6 @@ import jax
 from llama_jax import checkpoint
 from llama_jax.config import PRESETS, LlamaConfig, compute_dtype
 from llama_jax.sharding import make_mesh
-from llama_jax.sharding.params import load_params
 from llama_jax.train import data as data_lib
 from llama_jax.train import lora as lora_lib
 from llama_jax.train.dpo import DPO, prepare_reference
@@ -226,7 +225,7 @@ def start_state(run: Run, manager):
 
             params = init_adapters(cfg, run.lora.spec, tc.seed, mesh)
         elif tc.init_from:
-            _, params = load_params(tc.init_from, mesh, **runtime_overrides(tc))
+            _, params = checkpoint.load(tc.init_from, mesh, **runtime_overrides(tc))
         state = init_state(cfg, run.optimizer, mesh, seed=tc.seed, params=params, trained=run.trained)
     if isinstance(run.data, PreferenceBatches):  # the reference log-probs: of the initial model, once
         reference = state.params if run.lora is None else run.base  # with LoRA: the base without adapters

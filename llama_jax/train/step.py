@@ -27,10 +27,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, param_shapes
+from llama_jax.model import Llama
+from llama_jax.params import init_sharded_params, param_shapes, param_shardings
 from llama_jax.sharding import BATCH_AXES, activation_sharding, logical_to_sharding
 from llama_jax.sharding.context import check_seq_len, context_size, load_balance
-from llama_jax.sharding.params import init_params, param_shardings
 
 Batch = dict[str, jax.Array]
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "positions": jnp.int32,
@@ -98,7 +98,7 @@ def init_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, mesh: 
                params=None, trained=None) -> TrainState:
     """A fresh state, created shard by shard; `params` (already on `mesh`) replace the random init."""
     if params is None:
-        params = init_params(cfg, mesh, seed)
+        params = init_sharded_params(cfg, mesh, seed)
     shardings = state_shardings(cfg, optimizer, mesh, trained)
     make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                    in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)

@@ -14,7 +14,7 @@ from llama_jax.infer.batching import prepare
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.model import Llama
 from llama_jax.sharding import activation_sharding, make_mesh
-from llama_jax.sharding.params import param_shardings
+from llama_jax.params import param_shardings
 from tests.infer.common import collect
 from tests.reference import random_params
 

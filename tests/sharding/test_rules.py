@@ -8,7 +8,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
 from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
-from llama_jax.sharding.params import param_shardings
+from llama_jax.params import param_shardings
 
 # A KV cache laid out [layers, batch, length, kv heads, head dim] (the cache axes of the rules table).
 CACHE_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)

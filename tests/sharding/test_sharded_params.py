@@ -8,10 +8,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import checkpoint
+from llama_jax.checkpoint import load as load_params
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, init_params as init_single
+from llama_jax.model import Llama
+from llama_jax.params import init_params as init_single, init_sharded_params as init_params, param_shardings
 from llama_jax.sharding import activation_sharding, make_mesh
-from llama_jax.sharding.params import init_params, load_params, param_shardings
 
 CFG = LlamaConfig.preset("tiny", n_heads=8, n_kv_heads=2)  # D=64, F=192, V=512: all split 8 ways but kv heads
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, init_params as init_single
+from llama_jax.model import Llama
+from llama_jax.params import init_params as init_single
 from llama_jax.sharding import make_mesh
-from llama_jax.sharding.params import param_shardings
+from llama_jax.params import param_shardings
 from llama_jax.tokenizer import Llama3Tokenizer
 from llama_jax.tokenizer import write_byte_tokenizer
 from llama_jax.train.dpo import DPO, prepare_reference, reference_table

@@ -12,7 +12,8 @@ import pytest
 
 from llama_jax import lora
 from llama_jax.config import PRESETS, LlamaConfig
-from llama_jax.model import Llama, init_params
+from llama_jax.model import Llama
+from llama_jax.params import init_params
 from llama_jax.sharding import make_mesh
 from llama_jax.train.lora import adapted
 from llama_jax.train.optim import OptimConfig, make_optimizer
@@ -120,7 +121,7 @@ def lora_steps(mesh_spec, steps=2, quantize=False):
     """(losses, adapters, base before, base after) of `steps` LoRA train steps on `mesh_spec`."""
     devices = jax.devices()[:1] if mesh_spec == "dp1" else None
     mesh = make_mesh(mesh_spec, devices)
-    from llama_jax.sharding.params import init_params as init_sharded
+    from llama_jax.params import init_sharded_params as init_sharded
 
     base = init_sharded(CFG, mesh, 0)
     if quantize:

@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import init_params as init_single
+from llama_jax.params import init_params as init_single
 from llama_jax.sharding import make_mesh
-from llama_jax.sharding.params import param_shardings
+from llama_jax.params import param_shardings
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
 from llama_jax.train.step import abstract_batch, grads_and_sums, init_state, loss_sums, make_train_step, put_batch, \
     sharded_abstract_state
