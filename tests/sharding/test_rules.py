@@ -10,10 +10,6 @@ from llama_jax.config import LlamaConfig
 from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
 from llama_jax.params import param_shardings
 
-# A KV cache laid out [layers, batch, length, kv heads, head dim] (the cache axes of the rules table).
-CACHE_AXES = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
-
-
 def abstract_mesh(dp, fsdp, tp, cp=1):
     return AbstractMesh((dp, fsdp, cp, tp), ("dp", "fsdp", "cp", "tp"))
 
@@ -30,43 +26,51 @@ def test_rules_table_names_each_logical_axis_once_and_covers_the_model():
 
 
 L = "['layers']"
-GOLDEN_8B_DP2_FSDP4_TP8 = {
-    f"{L}['attention']['wq']": P(None, "fsdp", "tp"),
-    f"{L}['attention']['wk']": P(None, "fsdp", "tp"),
-    f"{L}['attention']['wv']": P(None, "fsdp", "tp"),
-    f"{L}['attention']['wo']": P(None, "tp", None, "fsdp"),
-    f"{L}['attention_norm']['scale']": P(None, "fsdp"),
-    f"{L}['ffn_norm']['scale']": P(None, "fsdp"),
-    f"{L}['feed_forward']['w1']": P(None, "fsdp", "tp"),
-    f"{L}['feed_forward']['w3']": P(None, "fsdp", "tp"),
-    f"{L}['feed_forward']['w2']": P(None, "tp", "fsdp"),
-    "['norm']['scale']": P("fsdp"),
-    "['output']": P("fsdp", "tp"),
-    "['tok_embeddings']": P("tp", "fsdp"),
+
+
+def golden(*, wq, wo, w1, w2, norm, layer_norm, embedding, output=None):
+    """Every parameter's spec: wk and wv are split as wq, w3 as w1 (their dims are the same logical axes)."""
+    table = {f"{L}['attention']['wq']": wq, f"{L}['attention']['wk']": wq, f"{L}['attention']['wv']": wq,
+             f"{L}['attention']['wo']": wo, f"{L}['attention_norm']['scale']": layer_norm,
+             f"{L}['ffn_norm']['scale']": layer_norm, f"{L}['feed_forward']['w1']": w1,
+             f"{L}['feed_forward']['w3']": w1, f"{L}['feed_forward']['w2']": w2, "['norm']['scale']": norm,
+             "['tok_embeddings']": embedding}
+    return table if output is None else table | {"['output']": output}
+
+
+# (preset, (dp, fsdp, tp)) -> the spec of every parameter. wq [layers, embed, heads*head_dim],
+# wo [layers, heads, head_dim, embed], w1 [layers, embed, mlp], w2 [layers, mlp, embed], the embedding
+# [vocab, embed], output [embed, vocab] (none when tied: 3.2 1B / 3B).
+GOLDEN = {
+    ("llama3.1-8b", (2, 4, 8)): golden(
+        wq=P(None, "fsdp", "tp"), wo=P(None, "tp", None, "fsdp"), w1=P(None, "fsdp", "tp"), w2=P(None, "tp", "fsdp"),
+        norm=P("fsdp"), layer_norm=P(None, "fsdp"), embedding=P("tp", "fsdp"), output=P("fsdp", "tp")),
+    ("llama3.1-405b", (1, 32, 8)): golden(
+        wq=P(None, "fsdp", "tp"), wo=P(None, "tp", None, "fsdp"), w1=P(None, "fsdp", "tp"), w2=P(None, "tp", "fsdp"),
+        norm=P("fsdp"), layer_norm=P(None, "fsdp"), embedding=P("tp", "fsdp"), output=P("fsdp", "tp")),
+    ("llama3.1-70b", (1, 64, 1)): golden(  # pure FSDP: the embed dim of everything
+        wq=P(None, "fsdp"), wo=P(None, None, None, "fsdp"), w1=P(None, "fsdp"), w2=P(None, None, "fsdp"),
+        norm=P("fsdp"), layer_norm=P(None, "fsdp"), embedding=P(None, "fsdp"), output=P("fsdp")),
+    ("llama3.2-1b", (1, 8, 1)): golden(  # tied: the embedding is the output projection
+        wq=P(None, "fsdp"), wo=P(None, None, None, "fsdp"), w1=P(None, "fsdp"), w2=P(None, None, "fsdp"),
+        norm=P("fsdp"), layer_norm=P(None, "fsdp"), embedding=P(None, "fsdp")),
+    ("llama3.2-3b", (1, 1, 8)): golden(  # 24 heads and 8 kv heads over tp8; norms replicated
+        wq=P(None, None, "tp"), wo=P(None, "tp"), w1=P(None, None, "tp"), w2=P(None, "tp"), norm=P(),
+        layer_norm=P(), embedding=P("tp")),
+    ("tiny", (2, 1, 4)): golden(  # the tests' dp2,tp4: 4 heads split, 2 kv heads cannot be (replicated)
+        wq=P(None, None, "tp"), wo=P(None, "tp"), w1=P(None, None, "tp"), w2=P(None, "tp"), norm=P(),
+        layer_norm=P(), embedding=P("tp"), output=P(None, "tp"))
+    | {f"{L}['attention']['wk']": P(), f"{L}['attention']['wv']": P()},
 }
 
 
-def test_golden_specs_llama31_8b_dp2_fsdp4_tp8():
-    assert specs(LlamaConfig.preset("llama3.1-8b"), abstract_mesh(2, 4, 8)) == GOLDEN_8B_DP2_FSDP4_TP8
+@pytest.mark.parametrize("preset, mesh", GOLDEN)
+def test_golden_specs(preset, mesh):
+    assert specs(LlamaConfig.preset(preset), abstract_mesh(*mesh)) == GOLDEN[preset, mesh]
 
 
 def test_golden_specs_pure_data_parallel_replicates_everything():
     assert set(specs(LlamaConfig.preset("llama3.2-1b"), abstract_mesh(8, 1, 1)).values()) == {P()}
-
-
-def test_golden_specs_llama32_3b_tp8_tied():
-    got = specs(LlamaConfig.preset("llama3.2-3b"), abstract_mesh(1, 1, 8))
-    assert "['output']" not in got  # tied: the embedding is the output projection
-    assert got["['tok_embeddings']"] == P("tp")
-    assert got[f"{L}['attention']['wq']"] == P(None, None, "tp")  # 24 heads / 8
-    assert got[f"{L}['attention']['wk']"] == P(None, None, "tp")  # 8 kv heads / 8
-    assert got[f"{L}['feed_forward']['w2']"] == P(None, "tp")
-
-
-def test_golden_specs_70b_fsdp64():
-    got = specs(LlamaConfig.preset("llama3.1-70b"), abstract_mesh(1, 64, 1))
-    assert got[f"{L}['attention']['wo']"] == P(None, None, None, "fsdp")
-    assert got["['tok_embeddings']"] == P(None, "fsdp")
 
 
 def test_context_parallel_splits_params_like_fsdp_and_activations_along_the_sequence():
@@ -96,11 +100,11 @@ def test_a_replicated_dim_is_reported_once_per_logical_and_mesh_axis(caplog, mon
     cfg = LlamaConfig.preset("tiny")  # 2 kv heads in wk and wv
     mesh = make_mesh("dp2,tp4")
     with caplog.at_level(logging.INFO, logger=rules.__name__):
-        shardings = param_shardings(cfg, mesh)
-        cache = logical_to_spec(CACHE_AXES, (2, 8, 64, 2, 16), mesh)
+        shardings = param_shardings(cfg, mesh)  # wk and wv: two arrays, one notice
+        param_shardings(cfg, mesh)
     notices = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
     assert notices == ["kv_heads (size 2) is not divisible over mesh axis tp=4: replicated over it in every array"]
-    assert shardings["layers"]["attention"]["wv"].spec == P() and cache == P(None, "dp")
+    assert shardings["layers"]["attention"]["wv"].spec == P()
 
 
 def test_two_dims_on_one_mesh_axis_raise():
@@ -114,8 +118,6 @@ def test_two_dims_on_one_mesh_axis_raise():
         logical_to_spec((axes.EMBED,), shape=(4, 4))
 
 
-def test_batch_and_cache_specs():
+def test_batch_specs():
     mesh = abstract_mesh(2, 4, 1)
     assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH), (64, 128), mesh) == P(("dp", "fsdp"))
-    assert logical_to_spec(CACHE_AXES, (16, 8, 64, 8, 128), abstract_mesh(1, 2, 4)) == P(None, "fsdp", None, "tp")
-    assert logical_to_spec(CACHE_AXES) == P(None, ("dp", "fsdp"), None, "tp")
