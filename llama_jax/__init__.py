@@ -11,10 +11,23 @@ from llama_jax.sharding.mesh import size_cpu_thread_pool
 # pool deeper than XLA's default or their collectives can starve each other (sharding/mesh.py says why).
 size_cpu_thread_pool()
 
-from llama_jax.checkpoint import load, save  # noqa: E402
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling  # noqa: E402
-from llama_jax.model import Llama  # noqa: E402
-from llama_jax.params import init_params, param_logical_axes, param_shapes  # noqa: E402
+
+# The model, its parameters and checkpoints bring flax, orbax and the attention kernels: imported on
+# first use, so that `import llama_jax.config` (a CLI reading its flags, a test of a config) does not.
+_LAZY = {"Llama": "llama_jax.model", "init_params": "llama_jax.params", "param_logical_axes": "llama_jax.params",
+         "param_shapes": "llama_jax.params", "load": "llama_jax.checkpoint", "save": "llama_jax.checkpoint"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "Llama", "init_params", "param_logical_axes", "param_shapes",
            "load", "save"]

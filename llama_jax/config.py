@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import kernels
-
+# The attention implementations, each described in kernels/__init__.py, whose dispatch table names the
+# same ones: spelled here so that reading a config does not import the Pallas kernels.
+ATTENTION_IMPLS = ("xla", "flash_xla", "cudnn", "splash", "pallas", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -100,7 +101,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention_impl: str = "auto"  # one of kernels.IMPLS; "auto": the fastest path verified on the backend
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto": the fastest path verified on the backend
     attention_interpret: bool = False  # run the Pallas kernels in the interpreter (any backend: tests)
     scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls the same params
     remat: str = "none"  # rematerialisation policy of each block under jax.grad
@@ -130,8 +131,8 @@ class LlamaConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
-        if self.attention_impl not in kernels.IMPLS:
-            raise ValueError(f"attention_impl must be one of {kernels.IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:

@@ -3,6 +3,9 @@
 import base64
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
@@ -181,3 +184,12 @@ def test_matching_preset_tells_3_0_from_3_1():
     assert matching_preset(PRESETS["tiny"]) is None
     with pytest.raises(ValueError, match="unknown preset 'llama3-7b'"):
         LlamaConfig.preset("llama3-7b")
+
+
+def test_reading_a_config_imports_no_kernels():
+    """A config (a CLI's flags, a converter) is read without importing the Pallas kernels."""
+    code = ("import sys, llama_jax.config; print(sorted(m for m in sys.modules "
+            "if m.startswith(('llama_jax.kernels', 'jax.experimental.pallas'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[]"

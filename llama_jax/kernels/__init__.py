@@ -7,7 +7,8 @@
   block by block), "pallas" paged_attention.py (Triton on GPU / Mosaic on TPU), "auto" AUTO_PAGED;
   no "cudnn", "splash" or "flash_xla".
 
-IMPLS names the implementations, the one list config validation and the CLIs use:
+IMPLS (config.ATTENTION_IMPLS, where a config reads it without importing the kernels) names the
+implementations, the one list config validation and the CLIs use:
 - "xla": the dense reference (reference.py), any backend; its [B, H, T, T] scores bound the row.
 - "flash_xla": the blocked XLA path (flash_xla.py), any backend; temporaries are blocks, not T x T.
 - "cudnn": `jax.nn.dot_product_attention`'s cuDNN fused attention, NVIDIA GPUs only.
@@ -33,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax.config import ATTENTION_IMPLS as IMPLS
 from llama_jax.kernels import context_parallel
 from llama_jax.kernels.common import default_lowering
 from llama_jax.kernels.flash_attention import flash_attention
@@ -85,7 +87,8 @@ _IMPLS = {
     "splash": _splash_attention,
     "pallas": _pallas_attention,
 }
-IMPLS = (*_IMPLS, "auto")
+if (*_IMPLS, "auto") != IMPLS:
+    raise ImportError(f"kernels' dispatch table {(*_IMPLS, 'auto')} disagrees with config.ATTENTION_IMPLS {IMPLS}")
 
 # What "auto" runs on each platform: the fastest path verified there. cuDNN's and splash's kernels
 # are JAX's, tested by JAX on that hardware (our mapping onto them is checked on CPU, and by

@@ -39,7 +39,7 @@ recursively. For big corpora and multi-host runs, prepare once: python -m llama_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_jax.kernels import IMPLS
+    from llama_jax.config import ATTENTION_IMPLS
     from llama_jax.train.run_config import DEFAULT_MODEL, OBJECTIVES, TrainConfig
 
     d = TrainConfig()
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="recompute activations "
                    "in the backward pass to save memory (default: the config's, 'none' for presets)")
-    g.add_argument("--attention-impl", choices=IMPLS, help="attention kernel")
+    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS, help="attention kernel")
 
     from llama_jax.lora import TARGETS
 
