@@ -168,6 +168,7 @@ def bench_torch(cfg, batch: dict, steps: int, warmup: int, threads: int) -> floa
 
 
 def main(argv=None) -> str:
+    from llama_jax.config import REMAT_POLICIES
     from llama_jax.train.run_config import DEFAULT_MODEL
     from llama_jax.train.metrics import peak_flops
 
@@ -180,7 +181,7 @@ def main(argv=None) -> str:
     p.add_argument("--seq-len", type=int, nargs="+", default=[256], help="row lengths to sweep (%(default)s)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", help="compute dtype (%(default)s)")
-    p.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="(default: the config's)")
+    p.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="(default: the config's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setup")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--memory-only", action="store_true",

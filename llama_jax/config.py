@@ -20,7 +20,14 @@ import numpy as np
 # The attention implementations, each described in kernels/__init__.py, whose dispatch table names the
 # same ones: spelled here so that reading a config does not import the Pallas kernels.
 ATTENTION_IMPLS = ("xla", "flash_xla", "cudnn", "splash", "pallas", "auto")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# cfg.remat -> the jax.checkpoint policy of each block under jax.grad, i.e. what the backward pass keeps
+# rather than recomputes: "none" rematerialises nothing, "full" keeps nothing and recomputes the block.
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def canonical_dtype_name(value: Any, field: str) -> str:
@@ -134,7 +141,7 @@ class LlamaConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
             raise ValueError(f"ffn_hidden_dim must be > 0, got {self.ffn_hidden_dim}")
         for name in ("bos_id", "eos_id"):

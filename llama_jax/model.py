@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import kernels
-from llama_jax.config import LlamaConfig
+from llama_jax.config import REMAT_POLICIES, LlamaConfig
 from llama_jax.sharding import axes
 
 
@@ -187,18 +187,11 @@ class Block(nn.Module):
         return nn.with_logical_constraint(out_BTD, _ACTIVATION_AXES), cache_kv
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 def _block_class(cfg: LlamaConfig, in_scan: bool):
     if cfg.remat == "none":
         return Block
     # prevent_cse is only needed outside scan, where XLA could merge the recomputation away.
-    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not in_scan)
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not in_scan)
 
 
 def _layer_stack(cfg: LlamaConfig):

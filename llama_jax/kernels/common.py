@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Running-max start: finite, so exp(m_prev - m_next) is never exp(-inf + inf) = NaN for a row
-# whose keys so far were all masked (-inf).
-M_FLOOR = -0.7 * float(jnp.finfo(jnp.float32).max)
+# A masked score (the XLA paths) and the online softmax's running-max start (every kernel). Finite,
+# so a row whose keys are all masked gives a uniform softmax instead of NaN, and exp(m_prev - m_next)
+# is never exp(-inf + inf) = NaN for a row whose keys so far were all masked (the Pallas kernels mask
+# with -inf); far below any real score, so a masked key never contributes once a row has a visible one.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES, SUBLANES = 128, 8
 LOWERINGS = ("triton", "mosaic")
 

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llama_jax.kernels.common import (LANES, M_FLOOR, NN, NT, SUBLANES, Rows, dot, finish_softmax, fit_lanes,
+from llama_jax.kernels.common import (LANES, MASK_VALUE, NN, NT, SUBLANES, Rows, dot, finish_softmax, fit_lanes,
                                       key_blocks, mask, online_softmax_step, query_blocks, split_refs, visible,
                                       with_rows)
 
@@ -104,7 +104,7 @@ def _fwd_kernel(*refs, cfg):
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, M_FLOOR, jnp.float32)
+        m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 

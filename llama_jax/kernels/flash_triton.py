@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.common import (M_FLOOR, NN, NT, dot, finish_softmax, key_blocks, mask, online_softmax_step,
+from llama_jax.kernels.common import (MASK_VALUE, NN, NT, dot, finish_softmax, key_blocks, mask, online_softmax_step,
                                       query_blocks, split_refs, visible, with_rows)
 
 
@@ -90,7 +90,7 @@ def _fwd_kernel(*refs, cfg):
             s = _mask(s, q_ids, _ids(j, bk, rows.k_pos, rows.k_seg, keys), cfg)
         return online_softmax_step(*carry, s, v_ref[keys, :])
 
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), M_FLOOR, jnp.float32),
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
     o, lse = finish_softmax(*_over_key_blocks(body, carry, i, bq, bk, k_ref.shape[0] // bk, rows, cfg))
     o_ref[...] = o.astype(o_ref.dtype)

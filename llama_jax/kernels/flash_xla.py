@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from llama_jax.kernels.common import M_FLOOR, NN, NT, Rows, dot, finish_softmax, mask, online_softmax_step, \
+from llama_jax.kernels.common import MASK_VALUE, NN, NT, Rows, dot, finish_softmax, mask, online_softmax_step, \
     round_up
 
 DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K = 256, 256  # tokens: a step's scores, 256 KiB per kv head at G = 1, stay in L2
@@ -98,7 +98,7 @@ def _forward(q, k, v, rows, scale):
             visit = lambda c: step(*c, q_i, k_j, v_j, rows_i, rows_j)  # noqa: E731
             return lax.cond(_unseen(first_j, last_i), lambda c: c, visit, carry), None
 
-        init = (jnp.zeros(q_i.shape, jnp.float32), jnp.full(q_i.shape[:-1], M_FLOOR, jnp.float32),
+        init = (jnp.zeros(q_i.shape, jnp.float32), jnp.full(q_i.shape[:-1], MASK_VALUE, jnp.float32),
                 jnp.zeros(q_i.shape[:-1], jnp.float32))
         (acc, m, l), _ = lax.scan(key_block, init, (k, v, k_rows, k_first))
         out, lse = jax.vmap(jax.vmap(finish_softmax))(acc, m, l)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llama_jax.kernels.reference import MASK_VALUE
+from llama_jax.kernels.common import MASK_VALUE
 
 PAGES_PER_BLOCK = 8
 

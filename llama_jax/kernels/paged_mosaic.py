@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llama_jax.kernels.common import LANES, M_FLOOR, NT, dot, fit_lanes, online_softmax_step
+from llama_jax.kernels.common import LANES, MASK_VALUE, NT, dot, fit_lanes, online_softmax_step
 
 
 def _kernel(table_ref, last_ref, q_ref, k_hbm, v_hbm, pos_ref, acc_ref, m_ref, l_ref, k_buf, v_buf, sems, m_scr,
@@ -60,7 +60,7 @@ def _kernel(table_ref, last_ref, q_ref, k_hbm, v_hbm, pos_ref, acc_ref, m_ref, l
 
     @pl.when(t == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, M_FLOOR, jnp.float32)
+        m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 

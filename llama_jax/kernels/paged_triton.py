@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llama_jax.kernels.common import M_FLOOR, NT, dot, online_softmax_step
+from llama_jax.kernels.common import MASK_VALUE, NT, dot, online_softmax_step
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, pos_ref, acc_ref, m_ref, l_ref, *, cfg):
@@ -40,7 +40,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, pos_ref, acc_ref, m_ref, l_ref, *, c
         return online_softmax_step(acc, m, l, s, v)
 
     br = q.shape[0]
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((br,), M_FLOOR, jnp.float32), jnp.zeros((br,), jnp.float32))
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((br,), MASK_VALUE, jnp.float32), jnp.zeros((br,), jnp.float32))
     acc, m, l = lax.fori_loop(lo, hi, body, carry)
     acc_ref[...] = acc
     m_ref[...] = m

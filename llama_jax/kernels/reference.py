@@ -8,9 +8,7 @@ K/V heads are never repeated in memory.
 import jax
 import jax.numpy as jnp
 
-# Finite, so a row whose keys are all masked gives a uniform softmax instead of NaN; far below any
-# real score, so a masked key never contributes once a row has one visible key.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from llama_jax.kernels.common import MASK_VALUE
 
 
 def _grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale):

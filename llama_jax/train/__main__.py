@@ -39,7 +39,7 @@ recursively. For big corpora and multi-host runs, prepare once: python -m llama_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_jax.config import ATTENTION_IMPLS
+    from llama_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
     from llama_jax.train.run_config import DEFAULT_MODEL, OBJECTIVES, TrainConfig
 
     d = TrainConfig()
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
                    help="compute dtype (master weights and optimizer state stay float32); "
                         "default bfloat16 on GPU/TPU, float32 on CPU")
-    g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], help="recompute activations "
+    g.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="recompute activations "
                    "in the backward pass to save memory (default: the config's, 'none' for presets)")
     g.add_argument("--attention-impl", choices=ATTENTION_IMPLS, help="attention kernel")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from llama_jax.kernels.flash_attention import BlockSizes, flash_attention
-from llama_jax.kernels.reference import MASK_VALUE, attention_reference
+from llama_jax.kernels.common import MASK_VALUE
+from llama_jax.kernels.reference import attention_reference
 from tests.kernels.lowering import FAST_COMPILE, KERNEL_CALL, export_mlir
 
 # Small blocks so a short sequence spans several of them, with a ragged tail; query and key
