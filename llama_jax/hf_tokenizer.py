@@ -24,6 +24,8 @@ import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from llama_jax.vocab import check_token_ids
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -209,9 +211,7 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens included; broken UTF-8 decodes to U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        for i in ids:
-            if not 0 <= i < self._vocab_size:
-                raise ValueError(f"cannot decode token id {i}: outside the vocabulary [0, {self._vocab_size})")
+        check_token_ids(ids, self._vocab_size, "cannot decode: token id")
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:

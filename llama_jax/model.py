@@ -25,6 +25,7 @@ import numpy as np
 
 from llama_jax import kernels
 from llama_jax.config import REMAT_POLICIES, LlamaConfig
+from llama_jax.vocab import check_token_ids
 from llama_jax.sharding import axes
 
 
@@ -252,8 +253,5 @@ def _check_inputs(cfg, tokens, positions, segment_ids):
     if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}")
     if not isinstance(tokens, jax.core.Tracer):
-        values = np.asarray(tokens)
-        if values.size and (values.min() < 0 or values.max() >= cfg.vocab_size):
-            bad = values[(values < 0) | (values >= cfg.vocab_size)].flat[0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size})")
+        check_token_ids(tokens, cfg.vocab_size)
     return B, T

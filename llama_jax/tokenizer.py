@@ -23,6 +23,7 @@ import tiktoken
 
 from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from llama_jax.hf_tokenizer import tokenizer_files as hf_tokenizer_files
+from llama_jax.vocab import check_token_ids
 
 # Meta's pre-tokenizer split: case-insensitive contractions, letter runs with one leading
 # non-letter, digits in groups of at most 3, punctuation runs, newline runs, other whitespace.
@@ -84,9 +85,7 @@ def _require_file(path: str | os.PathLike) -> str:
 
 def _check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy / jax arrays
-    for i in ids:
-        if not 0 <= i < vocab_size:
-            raise ValueError(f"cannot decode token id {i}: outside the vocabulary [0, {vocab_size})")
+    check_token_ids(ids, vocab_size, "cannot decode: token id")
     return ids
 
 

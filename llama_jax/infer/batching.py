@@ -198,7 +198,7 @@ def batch_multiple(mesh) -> int:
     """The batch must divide over the mesh axes the cache's batch dim is split on."""
     if mesh is None:
         return 1
-    split = logical_to_spec((axes.CACHE_BATCH,), mesh=mesh)
+    split = logical_to_spec((axes.ACTIVATION_BATCH,), mesh=mesh)
     names = () if not split or split[0] is None else (split[0],) if isinstance(split[0], str) else split[0]
     return math.prod(mesh.shape[a] for a in names)
 

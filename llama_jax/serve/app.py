@@ -30,6 +30,7 @@ from llama_jax.serve.logprobs import Logprobs, TextOffsets
 from llama_jax.serve.metrics import ServerMetrics
 from llama_jax.serve.output import Counts, Delta, deltas
 from llama_jax.serve.runner import EngineError, EngineRequest, EngineRunner, ShuttingDownError
+from llama_jax.vocab import check_token_ids
 
 
 class APIError(Exception):
@@ -130,10 +131,10 @@ class Generation:
         else:
             prompt_ids = list(body.prompt)
             self._check_context(len(prompt_ids), body.max_tokens, "prompt")  # before reading them
-            bad = [i for i in prompt_ids if not 0 <= i < self.tokenizer.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                    f"[0, {self.tokenizer.vocab_size})", param="prompt")
+            try:
+                check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt token id")
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
             prompt_text = self.tokenizer.decode(prompt_ids)
         request = await self._start("cmpl", prompt_ids, body, body.max_tokens, body.logprobs, "prompt")
         echo = prompt_text if body.echo else ""

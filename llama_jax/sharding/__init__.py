@@ -8,9 +8,10 @@ parameters on a mesh are llama_jax/params.py's (it needs the model; nothing here
 
 from llama_jax.sharding.mesh import initialize_distributed, make_mesh, mesh_str, parse_mesh
 from llama_jax.sharding.rules import (
-    BATCH_AXES, CONTEXT, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, logical_to_sharding,
-    logical_to_spec, tree_shardings,
+    BATCH_AXES, CONTEXT, DATA, FSDP, MESH_AXES, RULES, TENSOR, activation_sharding, batch_split,
+    logical_to_sharding, logical_to_spec, tree_shardings,
 )
 
 __all__ = ["RULES", "MESH_AXES", "DATA", "FSDP", "CONTEXT", "TENSOR", "BATCH_AXES", "logical_to_spec", "logical_to_sharding",
-           "tree_shardings", "activation_sharding", "parse_mesh", "make_mesh", "mesh_str", "initialize_distributed"]
+           "tree_shardings", "activation_sharding", "batch_split", "parse_mesh", "make_mesh", "mesh_str",
+           "initialize_distributed"]

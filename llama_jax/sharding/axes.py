@@ -19,7 +19,3 @@ ACTIVATION_BATCH = "activation_batch"
 ACTIVATION_LENGTH = "activation_length"
 ACTIVATION_EMBED = "activation_embed"
 ACTIVATION_VOCAB = "activation_vocab"
-
-# KV cache: [layers, batch, length, kv_heads, head_dim].
-CACHE_BATCH = "cache_batch"
-CACHE_LENGTH = "cache_length"

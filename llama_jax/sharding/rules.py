@@ -52,9 +52,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (axes.ACTIVATION_LENGTH, CONTEXT),
     (axes.ACTIVATION_EMBED, None),
     (axes.ACTIVATION_VOCAB, TENSOR),
-    # KV cache.
-    (axes.CACHE_BATCH, (DATA, FSDP)),
-    (axes.CACHE_LENGTH, None),
 )
 
 BATCH_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH)  # tokens, targets, masks: [B, T]
@@ -128,6 +125,14 @@ def logical_to_spec(logical: tuple[str | None, ...] | PartitionSpec, shape: tupl
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def batch_split(mesh: Mesh | None) -> int:
+    """How many ways the rules split a batch's rows on `mesh` (the mesh axes of ACTIVATION_BATCH:
+    dp x fsdp), so a batch, or a microbatch, must be a multiple of it; 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in _TABLE[axes.ACTIVATION_BATCH])
 
 
 def logical_to_sharding(logical, mesh: Mesh, shape: tuple[int, ...] | None = None) -> NamedSharding:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.params import init_sharded_params, param_shapes, param_shardings
-from llama_jax.sharding import BATCH_AXES, activation_sharding, logical_to_sharding
+from llama_jax.sharding import BATCH_AXES, activation_sharding, batch_split, logical_to_sharding
 from llama_jax.sharding.context import check_seq_len, context_size, load_balance
 
 Batch = dict[str, jax.Array]
@@ -85,7 +85,7 @@ def abstract_batch(mesh: Mesh, batch_shape: tuple[int, int]) -> dict[str, jax.Sh
 
 def check_batch_shape(mesh: Mesh, batch_shape: tuple[int, int], grad_accum: int = 1) -> None:
     batch_size, seq_len = batch_shape
-    data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
+    data_ways = batch_split(mesh)
     if batch_size % (data_ways * grad_accum):
         raise ValueError(f"batch size {batch_size} must be a multiple of dp x fsdp ({data_ways}) x grad_accum "
                          f"({grad_accum}) = {data_ways * grad_accum}, so every device gets whole microbatch rows")

@@ -7,8 +7,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
-from llama_jax.sharding import RULES, axes, logical_to_spec, make_mesh, rules
 from llama_jax.params import param_shardings
+from llama_jax.sharding import RULES, axes, batch_split, logical_to_spec, make_mesh, rules
+
 
 def abstract_mesh(dp, fsdp, tp, cp=1):
     return AbstractMesh((dp, fsdp, cp, tp), ("dp", "fsdp", "cp", "tp"))
@@ -121,3 +122,9 @@ def test_two_dims_on_one_mesh_axis_raise():
 def test_batch_specs():
     mesh = abstract_mesh(2, 4, 1)
     assert logical_to_spec((axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH), (64, 128), mesh) == P(("dp", "fsdp"))
+
+
+def test_batch_split_is_the_ways_the_rules_split_batch_rows():
+    assert batch_split(None) == 1
+    assert batch_split(make_mesh("dp2,fsdp2,tp2")) == 4
+    assert batch_split(make_mesh("cp2,tp4")) == 1  # cp splits each row's tokens, tp nothing of the batch
