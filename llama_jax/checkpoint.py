@@ -165,7 +165,8 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
 
 
 def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | None = None,
-         param_dtype: str | None = None, **config_overrides) -> tuple[LlamaConfig, dict]:
+         param_dtype: str | None = None, stored_config: LlamaConfig | None = None,
+         **config_overrides) -> tuple[LlamaConfig, dict]:
     """Read (cfg, params), each device reading only its own shards. `path`: a checkpoint directory,
     or a training run's --out directory (its final model, OUT/model).
 
@@ -177,9 +178,10 @@ def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | Non
     mesh: restore straight into the shards the rules table gives on this jax.sharding.Mesh,
     whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
     matching the params (or one Sharding for every leaf). Neither: the default device.
+    stored_config: the checkpoint's config.json as the caller read it already (load_config), not read again.
     `config_overrides` replace other config fields that do not change shapes (e.g. attention_impl)."""
     path = find(path).absolute()
-    stored_cfg = load_config(path)
+    stored_cfg = stored_config if stored_config is not None else load_config(path)
     named = dtype is not None or param_dtype is not None
     dtype = compute_dtype(dtype, stored_cfg.dtype)
     config_overrides.update(dtype=dtype, param_dtype=param_dtype or (stored_cfg.param_dtype if named else dtype))

@@ -2,7 +2,6 @@
 tokenizer.model, and meta-llama/llama's Llama 2 chat format spelled out as literal strings over a
 sentencepiece model trained here."""
 
-import argparse
 import itertools
 import random
 import re
@@ -223,7 +222,7 @@ def test_train_and_infer_resolve_a_tokenizer_as_data_does(tmp_path, monkeypatch,
     """train --tokenizer and infer --tokenizer take what `data prepare --tokenizer` takes (tests/data:
     'bytes' there), through the one resolver."""
     from llama_jax.config import PRESETS
-    from llama_jax.infer.__main__ import load_tokenizer_for
+    from llama_jax.infer.load import tokenizer_path
     from llama_jax.train.run_config import TrainConfig
     from llama_jax.train.setup import resolve_tokenizer as train_resolves
 
@@ -233,7 +232,7 @@ def test_train_and_infer_resolve_a_tokenizer_as_data_does(tmp_path, monkeypatch,
     out = tmp_path / "out"
     out.mkdir()
     trained = train_resolves(TrainConfig(out=str(out), tokenizer=choice), PRESETS["tiny-bytes"], out)
-    inferred = load_tokenizer_for(argparse.Namespace(tokenizer=choice), None)
+    inferred = load_tokenizer(tokenizer_path(None, choice))
     assert load_tokenizer(trained).vocab_size == inferred.vocab_size == 512
 
 

@@ -16,26 +16,23 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
-import psutil
 
-from llama_jax import checkpoint, kernels, lora
-from llama_jax.config import compute_dtype
-from llama_jax.infer.batching import RequestParams, batch_multiple, prepare
-from llama_jax.infer.engine import Conversation, PromptTooLongError
-from llama_jax.infer.huge_pages import reexec_with_huge_pages
-from llama_jax.quantize import QUANTIZED_DTYPES, quantize_params
-from llama_jax.infer.text import Chat, check_tokenizer, iter_completions, reply
+from llama_jax import kernels
+from llama_jax.infer.engine import batch_multiple
+from llama_jax.infer.requests import RequestParams
+from llama_jax.infer.generate import Conversation, PromptTooLongError
+from llama_jax.infer import huge_pages
+from llama_jax.infer.load import load_for_inference
+from llama_jax.quantize import QUANTIZED_DTYPES
+from llama_jax.infer.text import Chat, iter_completions, reply
 from llama_jax.sharding import make_mesh
-from llama_jax.sharding.context import context_size
-from llama_jax.checkpoint import load as load_params
-from llama_jax.tokenizer import load_tokenizer, resolve_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.infer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llama_jax.infer", description=__doc__.split("\n\n")[0],
+                                epilog=huge_pages.HELP)
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="llama_jax checkpoint directory (or a training run's --out: its final model, OUT/model)")
     source = p.add_mutually_exclusive_group()
@@ -61,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
-    add_lora_flags(p)
+    p.add_argument("--lora", metavar="DIR",
+                   help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), served unmerged: the base "
+                        "weights as loaded (int8 with --quantize, as a --quantize-base int8 run trained them) "
+                        "plus alpha/r (x A) B in each adapted projection")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge --lora into the weights as they load instead (W + alpha/r A B, then quantized "
+                        "with --quantize): no adapter matmuls per token, but a quantized merge rounds the update")
     p.add_argument("--attention-impl", choices=kernels.IMPLS,
                    help="paged attention for prefill and decode: 'pallas' (our kernels, GPU/TPU) or the XLA "
                         "path, which every other value and the default run")
@@ -72,93 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
     p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
     return p
-
-
-def add_lora_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", metavar="DIR",
-                   help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), served unmerged: the base "
-                        "weights as loaded (int8 with --quantize, as a --quantize-base int8 run trained them) "
-                        "plus alpha/r (x A) B in each adapted projection")
-    p.add_argument("--merge-lora", action="store_true",
-                   help="merge --lora into the weights as they load instead (W + alpha/r A B, then quantized "
-                        "with --quantize): no adapter matmuls per token, but a quantized merge rounds the update")
-
-
-def check_lora(args, path: Path) -> None:
-    """--lora against the base checkpoint at `path` (its stored config's hash), before any weight loads."""
-    if args.merge_lora and not args.lora:
-        raise ValueError("--merge-lora needs --lora DIR")
-    if args.lora:
-        lora.check_adapters(args.lora, base_config=checkpoint.load_config(path), base_path=path)
-
-
-def adapt_and_quantize(args, cfg, params, path: Path, mesh):
-    """The loaded base `params` with --lora and --quantize applied: merged then quantized with
-    --merge-lora; otherwise quantized, then the adapters put beside the (int8) weights, unmerged."""
-    base = dict(base_config=checkpoint.load_config(path), base_path=path, mesh=mesh)
-    if args.lora and args.merge_lora:
-        params = lora.merge_from(args.lora, params, cfg, donate=True, **base)
-    if args.quantize:
-        params = quantize_params(params, args.quantize)
-    if args.lora and not args.merge_lora:
-        params = lora.adapt_from(args.lora, params, cfg, **base)
-    return params
-
-
-def load_model(args):
-    """(cfg, params, tokenizer, mesh) for the flags; ValueError with a one-line reason otherwise."""
-    path = checkpoint.find(args.checkpoint)
-    cfg = checkpoint.load_config(path)
-    tokenizer = load_tokenizer_for(args, path)
-    check_tokenizer(cfg, tokenizer)
-    # Weights are held in the compute dtype (llama_jax.load's default too): a bfloat16 model then
-    # holds half the bytes. Quantizing reads the stored weights as they are (no float32 copy
-    # first) and converts them leaf by leaf.
-    dtype = compute_dtype(args.dtype, cfg.dtype)
-    param_dtype = cfg.param_dtype if args.quantize else dtype
-    check_host_memory(cfg, param_dtype, args.quantize)
-    overrides = {"dtype": dtype, "param_dtype": param_dtype}
-    if args.attention_impl:
-        kernels.resolve_impl(args.attention_impl)  # one line now, not a trace error mid-prefill
-        overrides["attention_impl"] = args.attention_impl
-    mesh = make_mesh(args.mesh) if args.mesh else None
-    if mesh is not None and context_size(mesh) > 1:
-        raise ValueError(f"--mesh {args.mesh}: context parallelism (cp) is for training; decoding splits over dp, "
-                         "fsdp and tp")
-    check_lora(args, path)
-    if mesh is None:
-        cfg, params = checkpoint.load(path, **overrides)
-    else:
-        cfg, params = load_params(path, mesh, **overrides)
-    params = adapt_and_quantize(args, cfg, params, path, mesh)
-    # The engine's per-layer layout, once for every generation; never two copies of the weights.
-    cfg, params = prepare(cfg, params, mesh, donate=True)
-    return cfg, params, tokenizer, mesh
-
-
-def check_host_memory(cfg, param_dtype: str, quantize: str | None) -> None:
-    """On CPU a model larger than the free memory is killed by the kernel without a word: say so first."""
-    if jax.default_backend() != "cpu":
-        return
-    available = psutil.virtual_memory().available
-    n = cfg.num_params()
-    need = n * np.dtype(param_dtype).itemsize + (n if quantize else 0)
-    if need > available:
-        held = f"{param_dtype} weights" + (f" and their {quantize} copy" if quantize else "")
-        raise ValueError(f"this {n / 1e9:.3g}B-parameter model needs about {need / 1e9:.3g} GB for its {held}, "
-                         f"but {available / 1e9:.3g} GB of memory is available: pass --dtype bfloat16 (half the "
-                         f"bytes, slower on CPU) or --quantize int8")
-
-
-def load_tokenizer_for(args, checkpoint_dir: Path):
-    if args.tokenizer:
-        path = resolve_tokenizer(args.tokenizer)  # what train and data accept too
-    else:
-        path = checkpoint.tokenizer_path(checkpoint_dir)
-        if path is None:
-            raise ValueError(f"{checkpoint_dir} has no tokenizer ({checkpoint.TOKENIZER_FILE} or tokenizer.json): "
-                             f"pass --tokenizer PATH")
-    return load_tokenizer(path)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -195,13 +111,18 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
     # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
     RequestParams(1, args.temperature, args.top_p, args.top_k)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    path = checkpoint.find(args.checkpoint)  # once: its note on a training run's directory is printed once
-    args = argparse.Namespace(**{**vars(args), "checkpoint": str(path)})
-    context = checkpoint.load_config(path).max_seq_len
-    if args.max_new_tokens is not None and args.max_new_tokens >= context:  # as the server, before the weights load
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens (at most {context - 1})")
-    cfg, params, tokenizer, mesh = load_model(args)
+
+    def check_budget(stored):  # as the server, before the weights load
+        context = stored.max_seq_len
+        if args.max_new_tokens is not None and args.max_new_tokens >= context:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {context} tokens (at most {context - 1})")
+
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    model = load_for_inference(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize, lora=args.lora,
+                               merge_lora=args.merge_lora, tokenizer=args.tokenizer,
+                               attention_impl=args.attention_impl, check_config=check_budget)
+    cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
     options = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
 
@@ -294,5 +215,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages("llama_jax.infer")  # on CPU int8 decodes ~3x, float32 ~1.15x faster: see its module
+    huge_pages.reexec_with_huge_pages("llama_jax.infer")  # once, on CPU: faster decode steps (see its module)
     sys.exit(main())

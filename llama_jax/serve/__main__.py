@@ -24,10 +24,9 @@ from pathlib import Path
 import jax
 import uvicorn
 
-from llama_jax import checkpoint
-from llama_jax.infer.__main__ import add_lora_flags, check_lora, load_model
-from llama_jax.infer.batching import BatchingEngine, batch_multiple, serving_shapes
-from llama_jax.infer.huge_pages import reexec_with_huge_pages
+from llama_jax.infer.engine import BatchingEngine, batch_multiple, serving_shapes
+from llama_jax.infer import huge_pages
+from llama_jax.infer.load import InferenceModel, load_for_inference
 from llama_jax.quantize import QUANTIZED_DTYPES
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES
@@ -37,7 +36,8 @@ API_KEY_ENV = "LLAMA_JAX_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.split("\n\n")[0],
+                                epilog=huge_pages.HELP)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="llama_jax checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache pages in all (default: enough for --max-batch requests of --max-seq-len)")
     p.add_argument("--page-size", type=int, default=16, metavar="T", help="tokens per KV cache page (default: %(default)s)")
     p.add_argument("--quantize", choices=tuple(QUANTIZED_DTYPES), help="weight-only quantization")
-    add_lora_flags(p)
+    p.add_argument("--lora", metavar="DIR",
+                   help="LoRA adapters of --checkpoint (a LoRA run's OUT/adapters), served unmerged beside the "
+                        "weights as loaded (int8 with --quantize, as a --quantize-base int8 run trained them)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge --lora into the weights as they load instead (then quantized with --quantize): no "
+                        "adapter matmuls per token, but a quantized merge rounds the update")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file (default: the checkpoint's)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the name clients pass as 'model' (default: the checkpoint directory's name)")
@@ -67,18 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are aborted "
                         "(default: %(default)s)")
-    # load_model (shared with infer) reads these: the server keeps the checkpoint's compute dtype
-    # (float32 on CPU) and attention implementation.
-    p.set_defaults(dtype=None, attention_impl=None)
     return p
 
 
 def check_args(args) -> None:
-    """One-line ValueError for any flag that cannot work, before the model loads (the engine checks
-    its settings again, but only once the weights are in memory)."""
-    path = checkpoint.find(args.checkpoint)  # raises for a path that is not a checkpoint
-    cfg = checkpoint.load_config(path)
-    check_lora(args, path)
+    """One-line ValueError for any flag that cannot work whatever the model (load_engine checks the
+    others against it, before its weights load; the engine checks its settings again, but only once
+    the weights are in memory)."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("max_batch", "max_seq_len", "kv_pages", "page_size", "max_request_bytes"):
@@ -89,12 +89,6 @@ def check_args(args) -> None:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
-    if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
-        raise ValueError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of {cfg.max_seq_len}")
-    if args.mesh:
-        split = batch_multiple(make_mesh(args.mesh))
-        if args.max_batch % split:
-            raise ValueError(f"--max-batch {args.max_batch} does not divide over the mesh's batch split of {split}")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -109,16 +103,35 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_engine(args):
-    """(BatchingEngine, tokenizer) for the flags: the model loaded as `python -m llama_jax.infer` loads it."""
-    cfg, params, tokenizer, mesh = load_model(args)
-    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                            page_size=args.page_size, num_pages=args.kv_pages,
-                            # One call per step, decode rows and a prefill chunk together; a few
-                            # running requests do not pay for a full decode batch of padding, in a
-                            # handful of programs compiled at start (12 at --max-batch 64).
-                            **serving_shapes(args.max_batch, multiple=batch_multiple(mesh)))
-    return engine, tokenizer
+def load_engine(args, before_weights=None):
+    """(BatchingEngine, tokenizer) for the flags: the model loaded by llama_jax.infer.load (as `python
+    -m llama_jax.infer` loads it, in the checkpoint's compute dtype: float32 on CPU), every flag
+    checked against it first; then `before_weights()`, then its weights load."""
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None and args.max_batch % batch_multiple(mesh):
+        raise ValueError(f"--max-batch {args.max_batch} does not divide over the mesh's batch split of "
+                         f"{batch_multiple(mesh)}")
+
+    def check_config(cfg):
+        if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
+            raise ValueError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of "
+                             f"{cfg.max_seq_len}")
+        if before_weights is not None:
+            before_weights()
+
+    model = load_for_inference(args.checkpoint, mesh=mesh, quantize=args.quantize, lora=args.lora,
+                               merge_lora=args.merge_lora, tokenizer=args.tokenizer, check_config=check_config)
+    return make_engine(model, args), model.tokenizer
+
+
+def make_engine(model: InferenceModel, args) -> BatchingEngine:
+    """The serving engine over the loaded model: the one place the server constructs it."""
+    return BatchingEngine(model.cfg, model.params, mesh=model.mesh, max_batch=args.max_batch,
+                          max_seq_len=args.max_seq_len, page_size=args.page_size, num_pages=args.kv_pages,
+                          # One call per step, decode rows and a prefill chunk together; a few
+                          # running requests do not pay for a full decode batch of padding, in a
+                          # handful of programs compiled at start (12 at --max-batch 64).
+                          **serving_shapes(args.max_batch, multiple=batch_multiple(model.mesh)))
 
 
 def kv_cache_summary(engine) -> str:
@@ -173,8 +186,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        sock = listen(args.host, args.port)
-        engine, tokenizer = load_engine(args)
+        bound = []  # the socket, bound once every flag is checked, so a busy port fails before the weights load
+        engine, tokenizer = load_engine(args, before_weights=lambda: bound.append(listen(args.host, args.port)))
+        sock, = bound
         print(kv_cache_summary(engine), file=sys.stderr, flush=True)
         engine.warm_up()  # compiled now, not while the first requests wait
     except (ValueError, OSError) as e:
@@ -195,5 +209,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages("llama_jax.serve")  # decode steps ~20% faster on CPU: see its module
+    huge_pages.reexec_with_huge_pages("llama_jax.serve")  # once, on CPU: faster decode steps (see its module)
     sys.exit(main())

@@ -11,14 +11,17 @@ import types
 
 import jax
 import jax.numpy as jnp
+import psutil
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import save
-from llama_jax.infer import Chat, generate
+from llama_jax import checkpoint, save
+from llama_jax.infer.text import Chat, generate
 from llama_jax.infer import __main__ as cli
-from llama_jax.infer.batching import DecodeParams
+from llama_jax.infer.weights import DecodeParams
+from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import quantize_params
+from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import default_tokenizer_path
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
@@ -109,9 +112,7 @@ def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):
 
 
 def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir):
-    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi",
-                                          "--attention-impl", "auto"])
-    assert cli.load_model(args)[0].attention_impl == "auto"
+    assert load_for_inference(checkpoint_dir, attention_impl="auto").cfg.attention_impl == "auto"
     auto = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", "--attention-impl", "auto",
                    *GREEDY)
     assert auto == run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
@@ -121,14 +122,13 @@ def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama
     cfg, params = llama3_tiny
     bf16 = save(tmp_path / "bf16", dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16"),
                 jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokenizer_path=default_tokenizer_path())
-    load = lambda *flags: cli.load_model(cli.build_parser().parse_args(  # noqa: E731
-        ["--checkpoint", str(bf16), "--prompt", "hi", *flags]))[:2]
+    load = lambda **kwargs: load_for_inference(bf16, **kwargs)[:2]  # noqa: E731
     cfg32, params32 = load()
     assert (cfg32.dtype, params32.layers[0]["attention"]["wq"].dtype) == ("float32", jnp.float32)
-    cfg16, params16 = load("--dtype", "bfloat16")
+    cfg16, params16 = load(dtype="bfloat16")
     assert (cfg16.dtype, params16.layers[0]["attention"]["wq"].dtype) == ("bfloat16", jnp.bfloat16)
     # Quantizing reads the stored weights without a float32 copy first; compute stays float32.
-    cfg8, params8 = load("--quantize", "int8")
+    cfg8, params8 = load(quantize="int8")
     assert (cfg8.dtype, params8.layers[0]["attention"]["wq"].values.dtype) == ("float32", jnp.int8)
     assert params8.layers[0]["attention_norm"]["scale"].dtype == jnp.bfloat16
 
@@ -149,7 +149,7 @@ def test_a_training_runs_directory_runs_its_final_model(capsys, tmp_path, checkp
 
 
 def test_a_model_larger_than_free_memory_is_refused_in_one_line(capsys, monkeypatch, checkpoint_dir):
-    monkeypatch.setattr(cli.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10**6))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10**6))
     status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "hi")
     assert status == 1 and out == "" and err.count("\n") == 1
     assert "GB for its float32 weights, but 0.001 GB of memory is available: pass --dtype bfloat16" in err
@@ -157,9 +157,8 @@ def test_a_model_larger_than_free_memory_is_refused_in_one_line(capsys, monkeypa
 
 def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
     # Generation on meshes is compared with one device in test_sharded.py; here, what the flags load.
-    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16",
-                                          "--mesh", "dp2,tp4", "--quantize", "int8"])
-    cfg, params, _, mesh = cli.load_model(args)
+    model = load_for_inference(checkpoint_dir, dtype="bfloat16", mesh=make_mesh("dp2,tp4"), quantize="int8")
+    cfg, params, mesh = model.cfg, model.params, model.mesh
     # Quantized: the unquantized norms keep the stored float32; the matmuls run in bfloat16.
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
     assert dict(mesh.shape) == {"dp": 2, "fsdp": 1, "cp": 1, "tp": 4}
@@ -167,8 +166,7 @@ def test_dtype_and_mesh_flags_place_the_weights(checkpoint_dir):
     wq = params.layers[1]["attention"]["wq"]
     assert wq.values.dtype == jnp.int8 and wq.values.sharding.spec == P(None, "tp", None)
     assert params.layers[1]["attention_norm"]["scale"].dtype == jnp.float32
-    args = cli.build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--dtype", "bfloat16"])
-    cfg, params, _, _ = cli.load_model(args)
+    cfg, params = load_for_inference(checkpoint_dir, dtype="bfloat16")[:2]
     assert (cfg.param_dtype, params.layers[1]["attention_norm"]["scale"].dtype) == ("bfloat16", jnp.bfloat16)
 
 
@@ -223,7 +221,7 @@ def test_bad_input_is_one_line_and_exit_1(capsys, tmp_path, checkpoint_dir, no_t
 ])
 def test_a_token_budget_that_cannot_work_is_refused_before_the_model_loads(capsys, checkpoint_dir, monkeypatch,
                                                                             tokens, message):
-    monkeypatch.setattr(cli, "load_model", lambda args: pytest.fail("the model loaded"))
+    monkeypatch.setattr(checkpoint, "load", lambda *args, **kwargs: pytest.fail("the model loaded"))
     status, out, err = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "hi", "--max-new-tokens", tokens)
     assert (status, out) == (1, "") and err == f"error: {message}\n" if tokens != 100000 else message in err
 

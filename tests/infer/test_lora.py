@@ -14,8 +14,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import checkpoint, lora
-from llama_jax.infer import __main__ as cli
-from llama_jax.infer.batching import MAX_LOGPROBS, BatchingEngine, RequestParams, param_shardings, prepare
+from llama_jax.infer.engine import BatchingEngine
+from llama_jax.infer.requests import RequestParams, MAX_LOGPROBS
+from llama_jax.infer.weights import decode_params, param_shardings
+from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import QuantizedArray, dequantize_params, quantize_params
 from llama_jax.lora import LoraWeight
 from llama_jax.sharding import make_mesh
@@ -42,8 +44,8 @@ def random_adapters(cfg, spec=SPEC, seed=1):
 
 def engine_run(cfg, params):
     """(greedy tokens, [(top ids, top log-probs)] per step) of one request through the engine. One
-    prompt token a step, so prefill and decode are one program [1, 1]: one compile."""
-    engine = BatchingEngine(cfg, params, max_batch=1, max_seq_len=32, page_size=8, prefill_chunk=1)
+    prompt token a step (a 1x1 chunk): two small programs, the step with and without the chunk."""
+    engine = BatchingEngine(cfg, params, max_batch=1, max_seq_len=32, page_size=8, chunk_shapes=[(1, 1)])
     engine.add("0", PROMPT, RequestParams(NEW, temperature=0.0, logprobs=MAX_LOGPROBS))
     outputs = []
     while engine.has_work():
@@ -74,7 +76,7 @@ def test_unmerged_adapter_decodes_as_the_merged_model(tiny):
     adapters = random_adapters(cfg)  # B != 0: the init's B = 0 would serve the base
     merged = numpy_merge(params, adapters, SPEC)
     adapted = lora.adapt(params, adapters, SPEC)
-    _, split = prepare(cfg, adapted)  # the engine's per-layer layout keeps each layer's adapter beside W
+    _, split = decode_params(cfg, adapted)  # the engine's per-layer layout keeps each layer's adapter beside W
     wq = split.layers[1]["attention"]["wq"]
     assert isinstance(wq, LoraWeight) and wq.a.shape == (cfg.dim, SPEC.rank)
     np.testing.assert_array_equal(wq.base, params["layers"]["attention"]["wq"][1])
@@ -129,17 +131,16 @@ def test_cli_loads_the_adapter_unmerged_or_merged(checkpoint_dir, adapter_dir, l
     A and B beside W; with --merge-lora, W + s A @ B (then quantized)."""
     cfg, params = llama3_tiny
     _, adapters = lora.load_adapters(adapter_dir, cfg, base_config=cfg, base_path=checkpoint_dir)
-    flags = ["--checkpoint", str(checkpoint_dir), "--lora", str(adapter_dir), "--prompt", "hi"]
-    load = lambda *more: cli.load_model(cli.build_parser().parse_args(flags + list(more)))[1]  # noqa: E731
+    load = lambda **kwargs: load_for_inference(checkpoint_dir, lora=adapter_dir, **kwargs).params  # noqa: E731
     wq = load().layers[1]["attention"]["wq"]
     assert isinstance(wq, LoraWeight) and wq.scale == SPEC.scale
     np.testing.assert_array_equal(wq.base, params["layers"]["attention"]["wq"][1])
     np.testing.assert_array_equal(wq.a, adapters["layers"]["attention"]["wq"]["a"][1])
     merged = numpy_merge(params, adapters, SPEC)["layers"]["attention"]["wq"][1]
-    np.testing.assert_allclose(load("--merge-lora").layers[1]["attention"]["wq"], merged, rtol=1e-6, atol=1e-7)
-    wq8 = load("--quantize", "int8").layers[1]["attention"]["wq"]  # QLoRA: the adapters beside the int8 weights
+    np.testing.assert_allclose(load(merge_lora=True).layers[1]["attention"]["wq"], merged, rtol=1e-6, atol=1e-7)
+    wq8 = load(quantize="int8").layers[1]["attention"]["wq"]  # QLoRA: the adapters beside the int8 weights
     assert isinstance(wq8, LoraWeight) and isinstance(wq8.base, QuantizedArray) and wq8.a.dtype == jnp.float32
-    assert isinstance(load("--quantize", "int8", "--merge-lora").layers[1]["attention"]["wq"], QuantizedArray)
+    assert isinstance(load(quantize="int8", merge_lora=True).layers[1]["attention"]["wq"], QuantizedArray)
 
 
 @pytest.mark.parametrize("case, lora_dir, extra, message", [
@@ -167,7 +168,7 @@ def test_bad_adapters_are_one_line_before_the_weights_load(capsys, monkeypatch, 
     def no_load(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(cli.checkpoint, "load", no_load)
+    monkeypatch.setattr(checkpoint, "load", no_load)
     status, out, err = run_cli(capsys, *argv)
     assert (status, out) == (1, "") and err.count("\n") == 1
     assert err.startswith(message.format(**names)), err

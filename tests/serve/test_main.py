@@ -18,6 +18,7 @@ from llama_jax import LlamaConfig
 from llama_jax.checkpoint import load_config
 from llama_jax.quantize import QuantizedArray
 from llama_jax.serve.__main__ import build_parser, kv_cache_summary, load_engine, main
+from tests.infer.test_load import config_reads  # noqa: F401 (a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -154,7 +155,7 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     # serving_shapes: decode batches from the mesh's batch split (dp4: 4 rows at least) up to
     # --max-batch, a factor of 4 apart, each step with a prefill chunk of 4 rows per batch split.
     assert engine.decode_batches == ([1, 4] if engine.mesh is None else [4])
-    assert engine.mixed_prefill == ((4, 16) if engine.mesh is None else (16, 16)) and engine.chunk_shapes == []
+    assert engine.chunk_shapes == ([(4, 16)] if engine.mesh is None else [(16, 16)])
     if engine.mesh is not None:
         assert dict(engine.mesh.shape) == {"dp": 4, "fsdp": 1, "cp": 1, "tp": 2}
     cfg = load_config(checkpoint_dir)
@@ -165,6 +166,13 @@ def test_load_engine_follows_the_flags(checkpoint_dir, flags):
     quantized = [leaf for leaf in jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, QuantizedArray))
                  if isinstance(leaf, QuantizedArray)]
     assert bool(quantized) == ("--quantize" in option)
+
+
+def test_a_server_start_reads_config_json_once(checkpoint_dir, config_reads):  # noqa: F811
+    bound = []
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint_dir), "--max-batch", "1", "--max-seq-len", "16"])
+    engine, _ = load_engine(args, before_weights=lambda: bound.append(len(config_reads)))
+    assert engine.max_seq_len == 16 and bound == [1] and len(config_reads) == 1
 
 
 def test_help_says_what_the_kv_cache_costs():
