@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params, kernels
-from llama_jax.infer.batching import BatchingEngine, DecodeParams, RequestParams, prepare
-from llama_jax.infer.engine import PAGE_SIZE, paged_attention_impl
+from llama_jax.infer.engine import BatchingEngine
+from llama_jax.infer.requests import RequestParams
+from llama_jax.infer.weights import DecodeParams, decode_params
+from llama_jax.infer.tokens import PAGE_SIZE, paged_attention_impl
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
 from llama_jax.quantize import param_bytes, quantize_params
 from llama_jax.kernels.paged_attention_xla import PAGES_PER_BLOCK
@@ -92,7 +94,7 @@ class LlamaJaxRun:
     def __init__(self, cfg, params, batch, prompt_len, steps):
         context = prompt_len + steps + 3
         self.engine = BatchingEngine(cfg, params, max_batch=batch, max_seq_len=context, page_size=PAGE_SIZE,
-                                     prefill_chunk=batch * prompt_len, prefix_caching=False,
+                                     chunk_shapes=[(batch, prompt_len)], prefix_caching=False,
                                      attention_impl=paged_attention_impl(cfg))
         self.tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
         self.greedy = RequestParams(context - prompt_len, temperature=0.0)
@@ -225,7 +227,7 @@ def main():
     # shared host's load lands on all of them alike; times are medians over the repeats.
     runs = []  # (name, batch, run, roofline bytes per step, or a function of the run for the KV cache read)
     for name, make in variants:
-        decode_cfg, tree = prepare(cfg, make())  # the engine's layout: per-layer buffers
+        decode_cfg, tree = decode_params(cfg, make())  # the engine's layout: per-layer buffers
         for batch in args.batches:
             run = LlamaJaxRun(decode_cfg, tree, batch, args.prompt_len, args.steps)
             runs.append((f"{name} (JAX {jax.__version__})", batch, run,

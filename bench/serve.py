@@ -18,9 +18,8 @@ traffic; see OUTPUT_DISTS). Both systems replay it:
   with `max_tokens` = its output length and `logprobs: 0`, whose chunks say exactly which tokens
   each carries.
 - static: one loop takes up to `concurrency` requests that have arrived, adds them at once to a
-  BatchingEngine in generate's layout (same params, slots and decode batches; a prefill call of
-  its own beside each decode call, as `generate` runs, where the server mixes them into one call;
-  prefix caching off) with max_tokens = the longest of them, steps it until
+  BatchingEngine (same params, slots and decode batches; generate's larger prompt chunks of 1x64,
+  1x256 or 4x64 tokens; prefix caching off) with max_tokens = the longest of them, steps it until
   all are done, and waits for the next arrival when none is there: every request of the batch runs
   to the longest's length, and the next batch waits for the whole batch to end, the head-of-line
   blocking continuous batching removes. It runs in this process without HTTP, which favours it.
@@ -56,7 +55,10 @@ import numpy as np
 import uvicorn
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.infer.batching import BatchingEngine, RequestParams, serving_shapes
+from llama_jax.infer.engine import BatchingEngine, serving_shapes
+
+STATIC_CHUNKS = [(1, 64), (1, 256), (4, 64)]  # the static batches' prompt chunks (rows, tokens)
+from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.huge_pages import reexec_with_huge_pages
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
@@ -274,9 +276,6 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3,
                    help="replays of each trace per system, alternating; rows are the median runs (default: 3)")
-    p.add_argument("--two-call-server", action="store_true",
-                   help="the server in generate's layout (a prefill call beside each decode call), to measure "
-                        "what one mixed call per step gains")
     args = p.parse_args()
     rates = args.rates or ([8.0, float("inf")] if args.quick else [4.0, float("inf")])
     prompt_lens = tuple(args.prompt_lens or ((8, 64) if args.quick else (32, 256)))
@@ -296,14 +295,14 @@ def main():
         for concurrency in args.concurrency:
             # A server with as many batch slots as the static batch has rows: the same capacity.
             # The shapes `python -m llama_jax.serve` compiles.
-            engine = BatchingEngine(cfg, params, max_batch=concurrency,
-                                    **serving_shapes(concurrency, mixed=not args.two_call_server))
+            shapes = serving_shapes(concurrency)
+            engine = BatchingEngine(cfg, params, max_batch=concurrency, **shapes)
             engine.warm_up()
-            # Static batching on an engine of generate's layout (a prefill call and a decode call
-            # per step, serving_shapes' unmixed shapes), from the same per-layer weights; without
-            # the prefix cache, which would serve its repeats.
+            # Static batching on an engine with generate's larger prompt chunks, from the same
+            # per-layer weights; without the prefix cache, which would serve its repeats.
             static_engine = BatchingEngine(engine.cfg, engine.params, max_batch=concurrency,
-                                           **serving_shapes(concurrency, mixed=False), prefix_caching=False)
+                                           decode_batches=shapes["decode_batches"], chunk_shapes=STATIC_CHUNKS,
+                                           prefix_caching=False)
             static_engine.warm_up()
             with Server(engine, tokenizer) as server:
                 client.replay(server.url, make_trace(2, float("inf"), prompt_lens, (2, 2), args.seed), concurrency)
@@ -330,9 +329,8 @@ def main():
     commit = git_commit("llama_jax/infer", "llama_jax/serve", "llama_jax/model.py", "bench/serve.py")
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
               f"commit {commit}{', --quick' if args.quick else ''}")
-    server_shapes = ("--two-call-server: generate's engine layout (as static below)" if args.two_call_server else
-                     "the server's shapes (serving_shapes: one call per step, decode batches of 1, 4, 8, 16, .. rows "
-                     "plus a prefill chunk of 4x16 prompt tokens when there are any)")
+    server_shapes = ("the server's shapes (serving_shapes: one call per step, decode batches of 1, 4, 8, 16, .. rows "
+                     "plus a prompt chunk of 4x16 tokens when there are any)")
     shape = "quick model" if args.quick else f"{args.preset} shapes"
     notes = (f"{shape}: {cfg.num_params() / 1e9:.3f}B params (dim {cfg.dim}, {cfg.n_layers} layers, vocab "
              f"{cfg.vocab_size}), random weights, float32, JAX {jax.__version__} on {jax.default_backend()}; "
@@ -340,8 +338,8 @@ def main():
              f"{'; '.join(describe_outputs(d, output_lens) for d in args.output_dists)}; "
              f"greedy; server: max batch = concurrency, "
              f"{server_shapes}, pages of 16; "
-             f"static: generate's engine layout (a decode call of 1, 4, 8, 16, .. rows and a prefill call of "
-             f"1x256, 1x64 or 4x64 per step) without HTTP, prefix cache off, a batch of the requests waiting "
+             f"static: one call per step (decode batches of 1, 4, 8, 16, .. rows and a prompt chunk of "
+             f"1x256, 1x64 or 4x64 when there are prompt tokens) without HTTP, prefix cache off, a batch of the requests waiting "
              f"(at most concurrency), every request of it run to its longest, arrivals meanwhile waiting; each row "
              f"the run of median throughput of {args.repeats}, the systems alternating; load average "
              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host). Times from arrival.")

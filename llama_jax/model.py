@@ -8,15 +8,14 @@ F MLP hidden dim, V vocab, L layers, N KV pages, P slots per page, M page-table 
 Parameter names follow Meta's checkpoints (tok_embeddings, wq wk wv wo, w1 w2 w3, attention_norm,
 ffn_norm, norm, output) so converters are thin key maps. Layer parameters are stacked on a leading
 `layers` axis; `cfg.scan_layers` only decides whether the layer loop is a lax.scan or unrolled, so
-one layout serves both. Decoding is the engine's (infer/batching.py): it holds its own per-layer
-weights and KV pages and applies `Block` layer by layer, each attention writing to and reading
-from its layer's pages (`PagedKV`).
+one layout serves both. Decoding is the engine's (infer/step.py): it holds its own per-layer
+weights and KV pages and runs `embed`, `Block` layer by layer and `unembed`, each attention writing
+to and reading from its layer's pages (the `cache_kv` view, infer/kv_cache.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -72,28 +71,19 @@ def apply_rope(x_BTNE, positions_BT, inv_freq):
     return rotated.reshape(x_BTNE.shape).astype(x_BTNE.dtype)
 
 
-class PagedKV(NamedTuple):
-    """One layer's keys and values in fixed-size pages shared by every sequence of a batch (the
-    continuous-batching engine's layout, infer/batching.py): page_table[b, i] names the pool page
-    that holds sequence b's positions i*P .. i*P+P-1. A token at a negative position is padding:
-    it writes nothing."""
+def embed(table_VD, tokens_BT, dtype):
+    """Token embeddings [B, T, D] in `dtype`: rows of the [V, D] table."""
+    return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
 
-    k_pages: jax.Array  # [N, P, K, E]
-    v_pages: jax.Array  # [N, P, K, E]
-    page_table: jax.Array  # [B, M] int32
 
-    def write(self, k_BTKE, v_BTKE, positions_BT) -> "PagedKV":
-        N, P = self.k_pages.shape[:2]
-        page_BT = jnp.take_along_axis(self.page_table, jnp.maximum(positions_BT, 0) // P, axis=1)
-        page_BT = jnp.where(positions_BT >= 0, page_BT, N)  # past the pool: dropped by the scatter
-        slot_BT = positions_BT % P
-        put = lambda pages, new: pages.at[page_BT, slot_BT].set(new.astype(pages.dtype), mode="drop")  # noqa: E731
-        return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
-
-    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which) -> tuple[jax.Array, "PagedKV"]:
-        """Write the rows' keys and values, then attend to every position up to each query's."""
-        kv = self.write(k_BTKE, v_BTKE, positions_BT)
-        return kernels.paged_attention(q_BTHE, kv.k_pages, kv.v_pages, kv.page_table, positions_BT, **which), kv
+def unembed(x_BTD, embedding_VD, output_DV, cfg: LlamaConfig):
+    """Logits [B, T, V] in float32 from the final-normed activations: through `output` [D, V], or the
+    embedding table itself with tied embeddings (3.2 1B / 3B). Accumulated in float32 whatever the
+    compute dtype: the softmax over a 128k vocabulary needs it."""
+    dt = cfg.compute_dtype
+    if cfg.tie_embeddings:
+        return jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x_BTD, output_DV.astype(dt), preferred_element_type=jnp.float32)
 
 
 def contract(subscripts: str, x, w, dtype):
@@ -126,7 +116,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv: PagedKV | None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs scaled down by depth
@@ -171,7 +161,7 @@ _ACTIVATION_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATI
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. With `cache_kv` (a PagedKV: the engine's, one layer at a time), the
+    """Pre-norm residual block. With `cache_kv` (a paged view: the engine's, one layer at a time), the
     block's keys and values are written to its pages and attention reads them; also returns it."""
 
     cfg: LlamaConfig
@@ -227,17 +217,14 @@ class Llama(nn.Module):
         # Gather rows from a table split on vocab only: with its embed dim also split (fsdp), XLA
         # replicates the whole [B, T, D] result on every device instead.
         table_VD = nn.with_logical_constraint(embedding_VD, (axes.VOCAB, None))
-        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dt)
+        x_BTD = embed(table_VD, tokens_BT, dt)
 
         x_BTD, _ = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, None)
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
-        if cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dt),
-                                    preferred_element_type=jnp.float32)
-        else:
-            output_DV = _param(self, "output", (cfg.dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg)
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output_DV.astype(dt), preferred_element_type=jnp.float32)
+        output_DV = None if cfg.tie_embeddings else _param(
+            self, "output", (cfg.dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg)
+        logits_BTV = unembed(x_BTD, embedding_VD, output_DV, cfg)
         return nn.with_logical_constraint(
             logits_BTV, (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
 

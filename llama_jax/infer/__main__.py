@@ -20,7 +20,7 @@ import jax
 from llama_jax import kernels
 from llama_jax.infer.engine import batch_multiple
 from llama_jax.infer.requests import RequestParams
-from llama_jax.infer.generate import Conversation, PromptTooLongError
+from llama_jax.infer.tokens import Conversation, PromptTooLongError
 from llama_jax.infer import huge_pages
 from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import QUANTIZED_DTYPES

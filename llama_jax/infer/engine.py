@@ -1,196 +1,261 @@
-"""Generation over token ids on the continuous-batching engine (batching.py), the one decode path.
+"""The continuous-batching engine: requests join and leave a running batch at every step.
 
-    for event in stream_tokens(cfg, params, prompt_ids, max_new_tokens=64, sampling=SamplingParams(0.0),
-                               stop_ids=tokenizer.stop_tokens):
-        ...  # TokenEvent(index, token, None) per new token, TokenEvent(index, None, reason) at the end
+    engine = BatchingEngine(cfg, params, max_batch=64)
+    engine.add("a", prompt_ids, RequestParams(max_tokens=64, temperature=0.7, stop_token_ids=(128009,)))
+    while engine.has_work():
+        for out in engine.step(): ...  # TokenOutput per new token; finish_reason on a request's last
 
-`stream_tokens` runs a list of prompts through a BatchingEngine of `batch_size` rows: a prompt
-joins as soon as a row is free, and its tokens stream out as they come. Each prompt's sampling
-keys are fold_in(fold_in(key(seed), prompt index), position) (the engine's `stream` is the prompt's
-index), so a prompt's tokens do not depend on the batch it lands in, nor on the batch size.
+It ties the parts together: the scheduler plans each step (scheduler.py, plain Python), the engine
+turns the plan into StepInputs arrays, runs the jitted step (step.py) on its per-layer weights
+(weights.py) and page pools (kv_cache.py), and hands the sampled tokens back to the scheduler.
 
-The engine is sized for the call: its context is the power of two (at least MIN_BUCKET) that holds
-the longest prompt and its new tokens, its pool holds that for every row, and its prefill chunks
-are powers of two from MIN_BUCKET up to `prefill_chunk`. Its jitted step is compiled once per
-shape: the decode step once per batch size and context bucket, the prefill once per chunk shape;
-nothing per prompt length, stop set, seed or token.
+Every step is one call in one layout: the decode rows (padded to the smallest of `decode_batches`
+that holds them) plus, when a prompt has tokens to prefill, a chunk of R rows of C tokens (one of
+`chunk_shapes`). So the compiled programs are, per decode batch size, one without a chunk and one
+per chunk shape, all compiled by `warm_up`; no prompt length, output length or per-request setting
+(temperature, top-k, top-p, seed, logprobs) compiles anything after that. `serving_shapes` gives
+the server's few shapes, `prefill_shapes` the chunk shapes of offline generation.
 
-`Conversation` keeps one engine between chat turns: the pages of earlier turns stay in its prefix
-cache, so a turn prefills only the tokens past the full pages it shares with what came before.
+Logprobs are those of the model's distribution (log_softmax of the logits, before temperature and
+filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Sequence
 
+import jax
+import numpy as np
+
+from llama_jax import kernels
 from llama_jax.config import LlamaConfig
-from llama_jax.infer.batching import BatchingEngine, RequestParams, batch_multiple
-from llama_jax.infer.sampling import SamplingParams
+from llama_jax.infer.kv_cache import empty_pages, grow_pages
+from llama_jax.infer.requests import RequestParams, TokenOutput
+from llama_jax.infer.scheduler import Scheduler, StepPlan
+from llama_jax.infer.step import StepInputs, model_step_jit
+from llama_jax.infer.weights import decode_params, weights_device
+from llama_jax.sharding import axes, logical_to_sharding, logical_to_spec
 
-MIN_BUCKET = 32  # the shortest context and prefill chunk: a chat header is ~10 tokens
-PREFILL_CHUNK = 512  # prompt tokens per engine step at most, so a step never holds more logits
-PAGE_SIZE = 16
-
-
-class PromptTooLongError(ValueError):
-    pass
+_ROW_SPLITS = (1, 2, 4, 8)  # prefill_shapes: a chunk of T tokens as R rows of T / R
 
 
-class TokenEvent(NamedTuple):
-    index: int  # the prompt's index in the caller's list
-    token: int | None  # a new token (never a stop token), or None when the prompt finishes
-    finish_reason: str | None = None  # "stop" (a stop token came) or "length" (token limit or context end)
+def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) -> dict:
+    """BatchingEngine arguments for a server: few compiled programs (12 at max_batch 64), none after
+    warm-up. Decode batches `multiple` (the mesh's batch split: one request), then 4, 8, 16, ..
+    times it up to max_batch: on CPU a few rows cost about one (the weights' reads), more cost
+    about their count, so beyond 4 the running requests are padded to at most twice their count.
+    One chunk shape, 4 x multiple rows of prefill_chunk / 16 tokens: a step's prompt tokens ride
+    along with its decode rows at a small cost to their latency (bench/RESULTS.md, "serve")."""
+    decode = {multiple, max_batch} | {multiple << i for i in range(2, max_batch.bit_length())
+                                      if multiple << i < max_batch}
+    return dict(decode_batches=sorted(decode), chunk_shapes=[(4 * multiple, max(1, prefill_chunk // 16))])
 
 
-def bucket_length(n: int, cap: int) -> int:
-    """The power of two >= n (at least MIN_BUCKET), at most cap."""
-    return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+def prefill_shapes(prefill_chunk: int, *, smallest: int | None = None, multiple: int = 1,
+                   max_rows: int | None = None) -> list[tuple[int, int]]:
+    """Chunk shapes for offline generation: R rows of T / R tokens (R = 1, 2, 4, 8 times the mesh's
+    batch split, at most max_rows) for T = prefill_chunk and every power-of-two multiple of
+    `smallest` below it, so a short prompt alone is not padded to a whole chunk and prompts
+    arriving together are prefilled together."""
+    smallest = prefill_chunk if smallest is None else smallest
+    if not 1 <= smallest <= prefill_chunk:
+        raise ValueError(f"the smallest chunk must be in [1, prefill_chunk={prefill_chunk}], got {smallest}")
+    totals = [smallest << i for i in range(prefill_chunk.bit_length()) if smallest << i < prefill_chunk]
+    return [(k * multiple, total // k) for total in totals + [prefill_chunk] for k in _ROW_SPLITS
+            if total % k == 0 and (max_rows is None or k * multiple <= max_rows)]
 
 
-def check_prompts(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  truncate: bool = False) -> list[list[int]]:
-    """Token lists ready for the engine, or a one-line ValueError naming the first bad prompt.
-
-    A prompt must leave room for at least one new token. With `truncate`, a prompt that leaves no
-    room for `max_new_tokens` keeps its first token (bos) and its last ones.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = cfg.max_seq_len - 1
-    keep = max(1, min(limit, cfg.max_seq_len - max_new_tokens))
-    checked = []
-    for i, ids in enumerate(prompts):
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt {i}: token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
-        if truncate and len(ids) > keep:
-            ids = ids[-1:] if keep == 1 else ids[:1] + ids[len(ids) - keep + 1:]
-        elif len(ids) > limit:
-            raise PromptTooLongError(f"prompt {i} has {len(ids)} tokens, but the model's context is "
-                                     f"{cfg.max_seq_len} tokens: a prompt may have at most {limit}")
-        checked.append(ids)
-    return checked
+def batch_multiple(mesh) -> int:
+    """The batch must divide over the mesh axes the activations' batch dim is split on."""
+    if mesh is None:
+        return 1
+    split = logical_to_spec((axes.ACTIVATION_BATCH,), mesh=mesh)
+    names = () if not split or split[0] is None else (split[0],) if isinstance(split[0], str) else split[0]
+    return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def request_params(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int, sampling: SamplingParams,
-                   stop_ids: Sequence[int], seed: int) -> RequestParams:
-    """The engine's settings for one prompt: at most max_new_tokens, fewer at the context's end."""
-    return RequestParams(min(max_new_tokens, cfg.max_seq_len - prompt_len), temperature=sampling.temperature,
-                         top_p=sampling.top_p, top_k=sampling.top_k, seed=seed, stop_token_ids=tuple(stop_ids))
+class BatchingEngine:
+    """Not thread-safe: one thread calls add, abort and step."""
+
+    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None, decode_batches: Sequence[int] | None = None,
+                 chunk_shapes: Sequence[tuple[int, int]] | None = None, max_waiting: int = 1024,
+                 prefix_caching: bool = True, attention_impl: str = "auto"):
+        """params: the model's (split here, a copy: see weights.decode_params) or DecodeParams.
+        decode_batches: the decode row counts compiled (max_batch is added); a step takes the
+        smallest that holds its rows (None: always max_batch). chunk_shapes: the (rows, tokens)
+        shapes of a step's prompt chunk (None: prefill_shapes(256))."""
+        # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
+        # Triton (GPU) and Mosaic (TPU) kernels equal the reference in the interpreter and lower
+        # for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
+        impl = "xla" if attention_impl == "auto" else kernels.resolve_impl(attention_impl,
+                                                                            interpret=cfg.attention_interpret)
+        if impl not in ("xla", "pallas"):
+            raise ValueError(f"attention_impl {attention_impl!r}: paged attention has 'xla' and 'pallas' only")
+        self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
+        if not 1 < self.max_seq_len <= cfg.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] (the model's context), "
+                             f"got {self.max_seq_len}")
+        multiple = batch_multiple(mesh)
+        if max_batch < 1 or max_batch % multiple:
+            raise ValueError(f"max_batch must be a positive multiple of {multiple} (the mesh's batch split), "
+                             f"got {max_batch}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        decode_batches = [max_batch] if decode_batches is None else list(decode_batches)
+        bad = [b for b in decode_batches if not 1 <= b <= max_batch or b % multiple]
+        if bad:
+            raise ValueError(f"decode_batches must be multiples of {multiple} in [1, max_batch={max_batch}], got {bad}")
+        chunk_shapes = prefill_shapes(256, multiple=multiple, max_rows=max_batch) if chunk_shapes is None \
+            else list(chunk_shapes)
+        bad = [s for s in chunk_shapes if len(s) != 2 or min(s) < 1 or s[0] % multiple]
+        if bad or not chunk_shapes:
+            raise ValueError(f"chunk_shapes must be (rows, tokens) pairs, rows a multiple of {multiple} (the mesh's "
+                             f"batch split), both >= 1, at least one; got {chunk_shapes}")
+        pages_per_seq = -(-self.max_seq_len // page_size)
+        num_pages = max_batch * pages_per_seq if num_pages is None else num_pages
+        if num_pages < pages_per_seq:
+            raise ValueError(f"num_pages {num_pages} cannot hold one sequence of max_seq_len {self.max_seq_len} "
+                             f"({pages_per_seq} pages of {page_size})")
+        cfg, self.params = decode_params(cfg, params, mesh)
+        self.cfg = dataclasses.replace(cfg, attention_impl=impl)
+        self.mesh, self.max_batch, self.page_size = mesh, max_batch, page_size
+        self.scheduler = Scheduler(max_batch=max_batch, page_size=page_size, pages_per_seq=pages_per_seq,
+                                   num_pages=num_pages, decode_batches=decode_batches, chunk_shapes=chunk_shapes,
+                                   max_waiting=max_waiting, prefix_caching=prefix_caching)
+        self.pages = self._empty_pages(num_pages)
+
+    @property
+    def decode_batches(self) -> list[int]:
+        return self.scheduler.decode_batches
+
+    @property
+    def chunk_shapes(self) -> list[tuple[int, int]]:
+        return self.scheduler.chunk_shapes
+
+    @property
+    def requests(self) -> dict:
+        return self.scheduler.requests
+
+    @property
+    def counters(self):
+        return self.scheduler.counters
+
+    def _empty_pages(self, num_pages: int):
+        device = None if self.mesh is not None else weights_device(self.params)
+        return empty_pages(self.cfg, num_pages, self.page_size, mesh=self.mesh, device=device)
+
+    def grow(self, max_seq_len: int) -> None:
+        """Room for sequences of up to max_seq_len tokens: the page tables widen and the pool grows to
+        max_batch such sequences, keeping every page, the running requests and the prefix cache. The
+        next steps compile for the new shapes (a Conversation grows its engine by powers of two)."""
+        if not self.max_seq_len <= max_seq_len <= self.cfg.max_seq_len:
+            raise ValueError(f"max_seq_len can grow from {self.max_seq_len} to at most {self.cfg.max_seq_len}, "
+                             f"got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        pages_per_seq = -(-max_seq_len // self.page_size)
+        extra = self.scheduler.grow(pages_per_seq, self.max_batch * pages_per_seq)
+        if extra:
+            self.pages = grow_pages(self.pages, self._empty_pages(extra), mesh=self.mesh)
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_len + max_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus max_tokens {max_tokens} is "
+                             f"{prompt_len + max_tokens} tokens, more than the context of {self.max_seq_len}")
+
+    def add(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams, *, stream: int = 0) -> None:
+        """Queue a request. stream: folded into its sampling keys (sampling.sampling_keys)."""
+        prompt = [int(t) for t in prompt_ids]
+        self.check(len(prompt), params.max_tokens)
+        check_token_ids(prompt, self.cfg.vocab_size)
+        self.scheduler.add(request_id, prompt, params, stream=stream)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
+
+    def warm_up(self) -> None:
+        """Compile every step program now (each decode batch, alone and with each chunk shape),
+        before requests wait on them: rows of padding only, the pages are left as they are."""
+        for b in self.decode_batches:
+            for shape in [None, *self.chunk_shapes]:
+                plan = StepPlan([], b, shape, [], [], [])
+                jax.block_until_ready(self._run(plan))
+
+    # Stepping ----------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOutput]:
+        """Plan, run and account for one step: a token for every decoding request, the next prompt
+        tokens of the oldest prefilling ones."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        out = self._run(plan)
+        if not any(s.params.logprobs is not None for s in plan.sampled):
+            return self.scheduler.update(plan, jax.device_get(out.tokens_L))
+        out = jax.device_get(out)
+        return self.scheduler.update(plan, out.tokens_L, out.logprobs_L, out.top_ids_LK, out.top_logprobs_LK)
+
+    def _run(self, plan: StepPlan):
+        """The step's StepOutputs (on the device) for the plan; the pages are updated in place."""
+        inputs = self._place(step_arrays(plan, self.scheduler.page_table))
+        self.pages, out = model_step_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
+        return out
+
+    def _place(self, inputs: StepInputs) -> StepInputs:
+        if self.mesh is None:
+            return inputs
+        return jax.tree.map(lambda x: jax.device_put(x, logical_to_sharding(
+            (axes.ACTIVATION_BATCH,) + (None,) * (x.ndim - 1), self.mesh, x.shape)), inputs)
 
 
-def paged_attention_impl(cfg: LlamaConfig) -> str:
-    """The paged attention the config's implementation names (the engine has 'xla' and 'pallas')."""
-    return cfg.attention_impl if cfg.attention_impl in ("xla", "pallas") else "auto"
+def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
+    """The plan as the step's input arrays (numpy): decode rows, then the chunk's rows."""
+    b, M = plan.decode_batch, page_table.shape[1]
+    R, C = plan.chunk_shape or (0, 0)
+    B = b + R * C
+    tokens, positions = np.zeros((B, 1), np.int32), np.full((B, 1), -1, np.int32)
+    decode_table = np.zeros((b, M), np.int32)
+    for row, seq in enumerate(plan.decoding):
+        tokens[row, 0], positions[row, 0] = seq.tokens[-1], seq.written
+        decode_table[row] = page_table[seq.slot]
+    chunk_table = None
+    if plan.chunk_shape is not None:
+        chunk_table = np.zeros((R, M), np.int32)
+        for row, piece in enumerate(plan.pieces):
+            first, start, n = b + row * C, piece.start, piece.length
+            tokens[first:first + n, 0] = piece.seq.tokens[start:start + n]
+            positions[first:first + n, 0] = np.arange(start, start + n)
+            chunk_table[row] = page_table[piece.seq.slot]
+    L = b
+    sample_at = np.zeros(L, np.int32)
+    sample_at[:len(plan.sample_at)] = plan.sample_at
+    seeds, streams, temperature = np.zeros(L, np.uint32), np.zeros(L, np.uint32), np.zeros(L, np.float32)
+    top_k, top_p, top_logprobs = np.zeros(L, np.int32), np.ones(L, np.float32), np.zeros(L, np.int32)
+    for row, seq in enumerate(plan.sampled):
+        p = seq.params
+        seeds[row], streams[row] = seq.seed, seq.stream
+        temperature[row], top_k[row], top_p[row], top_logprobs[row] = p.temperature, p.top_k, p.top_p, p.logprobs or 0
+    return StepInputs(tokens, positions, decode_table, chunk_table, sample_at, seeds, streams, temperature, top_k,
+                      top_p, top_logprobs)
 
 
-def _engine(cfg: LlamaConfig, params, mesh, *, max_batch: int, max_seq_len: int, prefill_chunk: int,
-            **settings) -> BatchingEngine:
-    """The engine generate and Conversation run on: prefill chunks from MIN_BUCKET tokens up to
-    prefill_chunk, pages of PAGE_SIZE, the paged attention cfg names."""
-    return BatchingEngine(cfg, params, mesh=mesh, max_batch=max_batch, max_seq_len=max_seq_len, page_size=PAGE_SIZE,
-                          prefill_chunk=prefill_chunk, min_prefill_chunk=min(MIN_BUCKET, prefill_chunk),
-                          attention_impl=paged_attention_impl(cfg), **settings)
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
 
 
-def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), seed: int = 0,
-                  batch_size: int | None = None, mesh=None, truncate: bool = False,
-                  prefill_chunk: int = PREFILL_CHUNK) -> Iterator[TokenEvent]:
-    """Generate for every prompt (lists of token ids), `batch_size` prompts decoding at a time.
-
-    Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
-    prompts decoding together interleave. params: the model's, or DecodeParams from `prepare`
-    (which places them on `mesh` and splits them per layer once, instead of at every call). The
-    batch is rounded up to a multiple of the mesh's batch split. Computes in cfg.dtype: from
-    `llama_jax.load`, float32 on a CPU backend unless a dtype was named there (config.compute_dtype).
-    """
-    prompts = check_prompts(cfg, prompts, max_new_tokens, truncate)
-    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
-        raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
-    if not prompts:
-        return
-    if max_new_tokens == 0:
-        for i in range(len(prompts)):
-            yield TokenEvent(i, None, "length")
-        return
-    requests = [request_params(cfg, len(p), max_new_tokens, sampling, stop_ids, seed) for p in prompts]
-    multiple = batch_multiple(mesh)
-    rows = -(-(batch_size or len(prompts)) // multiple) * multiple
-    longest = max(len(p) for p in prompts)
-    # A chunk that holds the first rows' prompts in one step, when prefill_chunk allows.
-    chunk = min(prefill_chunk, rows * bucket_length(longest, cfg.max_seq_len))
-    engine = _engine(cfg, params, mesh, max_batch=rows, prefill_chunk=chunk, max_waiting=len(prompts),
-                     max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len))
-    for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
-        engine.add(str(i), prompt, params_i, stream=i)
-    yield from _events(engine)
-
-
-def _events(engine: BatchingEngine) -> Iterator[TokenEvent]:
-    """Step the engine until it is idle, turning its outputs (request id = prompt index) into
-    TokenEvents: a stop token is not returned, its request just finishes."""
-    while engine.has_work():
-        for out in engine.step():
-            index = int(out.request_id)
-            if out.finish_reason == "stop":
-                yield TokenEvent(index, None, "stop")
-                continue
-            yield TokenEvent(index, out.token_id)
-            if out.finish_reason is not None:
-                yield TokenEvent(index, None, out.finish_reason)
-
-
-class Conversation:
-    """One sequence continued over chat turns: the engine that generates each turn is kept, and with
-    it the pages of the earlier turns (its prefix cache), so a turn prefills only the tokens after
-    the full pages it shares with the previous turn's prompt and reply, not the whole dialog.
-
-        conversation = Conversation(cfg, params)
-        for event in conversation.stream(dialog_ids, max_new_tokens=256, stop_ids=tokenizer.stop_tokens): ...
-
-    Tokens equal `stream_tokens` on the same prompt (same seed, prompt index 0). The engine's context
-    grows by powers of two up to the model's, keeping its pages. Computes in cfg.dtype, as
-    `stream_tokens` does.
-    """
-
-    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
-        if batch_multiple(mesh) != 1:
-            raise ValueError("a Conversation is one sequence: its mesh cannot split the batch (use tp only)")
-        self.cfg, self.params, self.mesh, self.chunk = cfg, params, mesh, prefill_chunk
-        self.engine: BatchingEngine | None = None
-        self.cached_ids: list[int] = []  # the ids the last turn fed the engine (prompt, reply but its last token)
-
-    def stream(self, prompt: Sequence[int], *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-               stop_ids: Sequence[int] = (), seed: int = 0) -> Iterator[TokenEvent]:
-        cfg = self.cfg
-        (prompt,) = check_prompts(cfg, [prompt], max_new_tokens)
-        if max_new_tokens == 0:
-            yield TokenEvent(0, None, "length")
-            return
-        params = request_params(cfg, len(prompt), max_new_tokens, sampling, stop_ids, seed)
-        context = bucket_length(len(prompt) + params.max_tokens, cfg.max_seq_len)
-        if self.engine is None:
-            self.engine = _engine(cfg, self.params, self.mesh, max_batch=1, max_seq_len=context,
-                                  prefill_chunk=self.chunk)
-            self.params = self.engine.params  # split once, for every turn
-        elif self.engine.max_seq_len < context:
-            self.engine.grow(context)
-        self.engine.add("0", prompt, params)
-        generated = []
-        try:
-            for event in _events(self.engine):
-                if event.token is not None:
-                    generated.append(event.token)
-                yield event
-        finally:
-            self.engine.abort("0")  # a turn the caller stopped reading frees its pages (no-op once finished)
-        self.cached_ids = list(prompt) + generated[:-1]
-
-
-__all__ = ["TokenEvent", "PromptTooLongError", "Conversation", "stream_tokens", "check_prompts", "bucket_length",
-           "request_params", "paged_attention_impl", "MIN_BUCKET", "PREFILL_CHUNK", "PAGE_SIZE"]
+__all__ = ["BatchingEngine", "serving_shapes", "prefill_shapes", "batch_multiple", "step_arrays"]

@@ -5,12 +5,18 @@ most likely tokens, then keep the nucleus: the fewest most likely of those whose
 (renormalised over the survivors of top-k) reaches `top_p`. Ties go to the lower token id, so the
 kept set has exactly the stated size. Temperature 0 is greedy (argmax, lower id on ties).
 
-Every row draws with its own key, so a prompt's sample does not depend on its batch-mates.
+Every row draws with its own key, so a prompt's sample does not depend on its batch-mates: the key of
+a token is fold_in(fold_in(key(seed), stream), position) (`sampling_keys`).
 
 `sample` takes one setting for the whole batch (a static argument); `sample_rows` takes each row's
 own temperature, top-k and top-p as arrays, so a continuous batch of requests with different
 settings runs one compiled program. It filters among the MAX_TOP_K most likely tokens of a row
 (a fixed shape); a row without top-k and top-p draws from the whole vocabulary.
+
+Before sampling, the engine's step may restrict a row to allowed tokens (`apply_token_mask`: a
+grammar's bitmask) and add sparse biases (`apply_logit_bias`: logit_bias, presence and frequency
+penalties). Log-probabilities (`chosen_logprobs`, `top_logprobs`) are the model's own distribution,
+log_softmax of the logits before temperature, filters, masks and biases.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from llama_jax.infer.requests import MAX_LOGPROBS, MAX_TOP_K, check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +38,7 @@ class SamplingParams:
     top_k: int = 0  # 0 keeps every token
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
 
     @property
     def greedy(self) -> bool:
@@ -103,9 +106,6 @@ def sample(logits_BV, keys_B, params: SamplingParams):
     return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-MAX_TOP_K = 256  # the candidates `sample_rows` filters with top-k and top-p
-
-
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """Token ids [B] int32, each row with its own settings (temperature 0: greedy; top_k 0 and top_p
     1: no filter). A nucleus is taken among the row's MAX_TOP_K most likely tokens."""
@@ -138,4 +138,55 @@ def _filtered(scaled_BV, keys_B, top_k_B, top_p_B):
     return jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "argmax_rows", "MAX_TOP_K"]
+def sampling_keys(seeds_L, streams_L, positions_L):
+    """One PRNG key per row: fold_in(fold_in(key(seed), stream), position of the token drawn), so a
+    token depends on its request's seed, stream and position only, not on batch-mates or on being
+    recomputed after a preemption."""
+    return jax.vmap(lambda seed, stream, position: jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), stream), position))(seeds_L, streams_L, positions_L)
+
+
+def apply_token_mask(logits_LV, allowed_LW):
+    """Logits with the tokens a row does not allow at -inf. allowed_LW: uint32 [L, ceil(V / 32)],
+    bit (t % 32) of word t // 32 set when token t is allowed (the layout grammar engines such as
+    xgrammar fill). A row that allows nothing is left as it is (a mask must never leave a row
+    without a token; the caller's grammar decides what an empty mask means)."""
+    V = logits_LV.shape[-1]
+    ids_V = jnp.arange(V, dtype=jnp.uint32)
+    words_LV = jnp.take(allowed_LW, (ids_V // 32).astype(jnp.int32), axis=1)
+    allowed_LV = (words_LV >> (ids_V % 32)) & 1 == 1
+    any_L1 = jnp.any(allowed_LV, axis=-1, keepdims=True)
+    return jnp.where(allowed_LV | ~any_L1, logits_LV, -jnp.inf)
+
+
+def apply_logit_bias(logits_LV, ids_LN, bias_LN):
+    """Logits plus bias_LN[l, n] at token ids_LN[l, n] (ids < 0: unused slots); repeated ids add up.
+    OpenAI's logit_bias and its presence / frequency penalties are all such sparse additive terms."""
+    V = logits_LV.shape[-1]
+    rows_L1 = jnp.arange(logits_LV.shape[0])[:, None]
+    bias_LN = jnp.where(ids_LN >= 0, bias_LN, 0.0)
+    return logits_LV.at[rows_L1, jnp.where(ids_LN >= 0, ids_LN, V)].add(bias_LN.astype(logits_LV.dtype),
+                                                                        mode="drop")
+
+
+def chosen_logprobs(logits_LV, tokens_L):
+    """log_softmax(logits)[l, tokens_L[l]] as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
+    max))), without writing the [L, V] log-softmax: only the top log-probabilities need that."""
+    max_L1 = jnp.max(logits_LV, axis=-1, keepdims=True)
+    logsumexp_L1 = jnp.log(jnp.sum(jnp.exp(logits_LV - max_L1), axis=-1, keepdims=True))
+    return (jnp.take_along_axis(logits_LV, tokens_L[:, None], axis=-1) - max_L1 - logsumexp_L1)[:, 0]
+
+
+def top_logprobs(logits_LV, wanted_L):
+    """(log-probabilities [L, MAX_LOGPROBS] descending, their ids) of each row's most likely tokens;
+    zeros unless some row wants them (wanted_L > 0): a top-k over the vocabulary costs about as much
+    as a small model's whole step on CPU."""
+    L = logits_LV.shape[0]
+    return jax.lax.cond(
+        jnp.any(wanted_L > 0),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_LV, axis=-1), MAX_LOGPROBS)),
+        lambda: (jnp.zeros((L, MAX_LOGPROBS), jnp.float32), jnp.zeros((L, MAX_LOGPROBS), jnp.int32)))
+
+
+__all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "argmax_rows", "sampling_keys", "apply_token_mask",
+           "apply_logit_bias", "chosen_logprobs", "top_logprobs", "MAX_TOP_K"]

@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 from llama_jax.config import LlamaConfig
-from llama_jax.infer import engine
-from llama_jax.infer.batching import prepare
+from llama_jax.infer import tokens as token_generation
+from llama_jax.infer.weights import decode_params
 from llama_jax.infer.sampling import SamplingParams
 
 # A token that ends inside a multi-byte UTF-8 character decodes to this replacement character.
@@ -86,8 +86,8 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     """(prompt index, Completion) as each prompt finishes; `on_text(index, piece)` streams the text."""
     check_tokenizer(cfg, tokenizer)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    cfg, params = prepare(cfg, params, mesh)
-    events = engine.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
+    cfg, params = decode_params(cfg, params, mesh)
+    events = token_generation.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
                                   batch_size=batch_size, mesh=mesh, truncate=truncate)
     yield from _completions(events, tokenizer, on_text)
@@ -132,7 +132,7 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
                             [c.finish_reason for c in ordered])
 
 
-def reply(conversation: engine.Conversation, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
+def reply(conversation: token_generation.Conversation, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
           temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
           on_text: Callable[[int, str], None] | None = None) -> Completion:
     """Complete `prompt_ids` (a whole dialog) in a Conversation: only the tokens after what its cache

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_jax.infer.batching import EngineFullError, RequestParams
+from llama_jax.infer.requests import EngineFullError, RequestParams
 from llama_jax.serve import protocol as p
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit, BodyTooLarge, fewest_tokens, too_large
 from llama_jax.serve.logprobs import Logprobs, TextOffsets

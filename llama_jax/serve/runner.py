@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from llama_jax.infer.batching import RequestParams
+from llama_jax.infer.requests import RequestParams
 
 log = logging.getLogger(__name__)
 

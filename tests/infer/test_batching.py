@@ -13,17 +13,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
-from llama_jax.infer.batching import BatchingEngine, EngineFullError, RequestParams, serving_shapes
-from llama_jax.infer.engine import SamplingParams, stream_tokens
+from llama_jax.infer.engine import BatchingEngine, batch_multiple, prefill_shapes, serving_shapes
+from llama_jax.infer.requests import EngineFullError, RequestParams
+from llama_jax.infer.tokens import stream_tokens
+from llama_jax.infer.sampling import SamplingParams
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
 
-# Shared by most tests, so they share compiled programs: 4 slots, pages of 8 tokens, chunks of
-# 32 tokens (as 1x32, 2x16 or 4x8).
-SETTINGS = dict(max_batch=4, page_size=8, prefill_chunk=32)
-# The server's layout: each step one call, its decode rows plus a prefill chunk of 2 rows of 8 tokens.
-MIXED = dict(mixed_prefill=(2, 8))
+# Shared by most tests, so they share compiled programs: 4 slots, pages of 8 tokens, prompt chunks of
+# 32 tokens (as 1x32, 2x16 or 4x8) riding with the decode rows.
+SETTINGS = dict(max_batch=4, page_size=8, chunk_shapes=prefill_shapes(32, max_rows=4))
+# The server's kind of chunk: one small shape, 2 rows of 8 tokens, a prompt spread over several steps and rows.
+SMALL_CHUNK = dict(chunk_shapes=[(2, 8)])
 GREEDY = dict(temperature=0.0)
 
 _compiles = collections.Counter()
@@ -77,10 +79,10 @@ REQUESTS = [(f"r{i}", prompt(n, 37 * i), m, step) for i, (n, m, step) in
             enumerate([(3, 30, 0), (70, 6, 0), (20, 2, 0), (9, 10, 1), (33, 8, 3), (12, 5, 3), (5, 9, 8)])]
 
 
-@pytest.mark.parametrize("layout", [{}, MIXED], ids=["two calls", "mixed"])
+@pytest.mark.parametrize("layout", [{}, SMALL_CHUNK], ids=["prefill chunks", "small chunk"])
 def test_greedy_requests_arriving_over_time_equal_each_prompt_alone(tiny, layout):
     cfg, params = tiny
-    engine = BatchingEngine(cfg, params, **SETTINGS, **layout)
+    engine = BatchingEngine(cfg, params, **SETTINGS | layout)
     arrivals = collections.defaultdict(list)
     for request_id, ids, max_tokens, step in REQUESTS:
         arrivals[step].append((request_id, ids, RequestParams(max_tokens, **GREEDY)))
@@ -202,25 +204,23 @@ def test_bad_requests_are_refused(tiny):
 
 
 def test_serving_shapes_are_few_at_any_max_batch():
-    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], mixed_prefill=(4, 16))
-    assert serving_shapes(64, multiple=8) == dict(decode_batches=[8, 32, 64], mixed_prefill=(32, 16))
-    assert serving_shapes(64, mixed=False) == dict(decode_batches=[1, 4, 8, 16, 32, 64],
-                                                   prefill_shapes=[(1, 64), (1, 256), (4, 64)], prefill_chunk=256)
-    assert serving_shapes(4, 32, multiple=4, mixed=False) == dict(decode_batches=[4], prefill_shapes=[(4, 8), (4, 32)],
-                                                                  prefill_chunk=32)
+    assert serving_shapes(64) == dict(decode_batches=[1, 4, 8, 16, 32, 64], chunk_shapes=[(4, 16)])
+    assert serving_shapes(64, multiple=8) == dict(decode_batches=[8, 32, 64], chunk_shapes=[(32, 16)])
+    assert prefill_shapes(256, smallest=64, max_rows=4) == [(1, 64), (2, 32), (4, 16), (1, 128), (2, 64), (4, 32),
+                                                          (1, 256), (2, 128), (4, 64)]
+    assert prefill_shapes(32, multiple=4, max_rows=4) == [(4, 32)]
     for max_batch in (1, 3, 5, 64, 100, 1024):
-        shapes, unmixed = serving_shapes(max_batch), serving_shapes(max_batch, mixed=False)
+        shapes = serving_shapes(max_batch)
         assert shapes["decode_batches"][0] == 1 and shapes["decode_batches"][-1] == max_batch
         assert len(shapes["decode_batches"]) <= max_batch.bit_length()  # two programs each
-        assert len(unmixed["decode_batches"]) + len(unmixed["prefill_shapes"]) <= max_batch.bit_length() + 3
 
 
 def test_no_request_compiles_anything_after_warm_up():
     # A config of its own, so nothing compiled by other tests is reused; the server's shapes.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=3e-5)
-    shapes = serving_shapes(SETTINGS["max_batch"], SETTINGS["prefill_chunk"])
+    shapes = serving_shapes(SETTINGS["max_batch"], 32)
     engine = BatchingEngine(cfg, random_params(cfg), **dict(SETTINGS, **shapes))
-    assert engine.decode_batches == [1, 4] and engine.mixed_prefill == (4, 2) and engine.chunk_shapes == []
+    assert engine.decode_batches == [1, 4] and engine.chunk_shapes == [(4, 2)]
     _compiles.clear()
     engine.warm_up()
     assert _compiles["jit(model_step)"] == 2 * 2  # steps of 1 and 4 decode rows, with and without a 4x2 chunk
@@ -239,11 +239,11 @@ def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
     # A config of its own, so nothing compiled by other tests is reused.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=4e-5)
     params = random_params(cfg)
-    engine = BatchingEngine(cfg, params, **SETTINGS, decode_batches=[1, 2])
+    engine = BatchingEngine(cfg, params, **SETTINGS | dict(chunk_shapes=[(2, 16)]), decode_batches=[1, 2])
     assert engine.decode_batches == [1, 2, 4]
     _compiles.clear()
     engine.warm_up()
-    assert _compiles["jit(model_step)"] == 3 + 3  # decode of 1, 2, 4 rows; prefill chunks of 1x32, 2x16, 4x8
+    assert _compiles["jit(model_step)"] == 3 + 3  # steps of 1, 2, 4 decode rows, alone and with a 2x16 chunk
     _compiles.clear()
     arrivals = collections.defaultdict(list)
     for request_id, ids, max_tokens, step in REQUESTS:
@@ -277,11 +277,11 @@ def test_a_shared_prefix_is_prefilled_once(tiny):
     assert runs[False][1:] == (len(second), 0)
 
 
-@pytest.mark.parametrize("layout", [{}, MIXED], ids=["two calls", "mixed"])
+@pytest.mark.parametrize("layout", [{}, SMALL_CHUNK], ids=["prefill chunks", "small chunk"])
 def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny, layout):
     cfg, params = tiny
     # 8 pages of 8 tokens: one sequence of 64 tokens, or a few shorter ones at a time.
-    engine = BatchingEngine(cfg, params, max_seq_len=64, num_pages=8, **SETTINGS, **layout)
+    engine = BatchingEngine(cfg, params, max_seq_len=64, num_pages=8, **SETTINGS | layout)
     system = prompt(16, 300)
     requests = {f"r{i}": (system + prompt(4 + 5 * i, 11 * i)[1:], 6 + 2 * i) for i in range(6)}  # 25..60 tokens
     arrivals = {0: [(r, ids, RequestParams(m, **GREEDY)) for r, (ids, m) in list(requests.items())[:4]],
@@ -296,8 +296,8 @@ def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny, layou
 # Meshes ---------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
-@pytest.mark.parametrize("spec, layout", [("tp2", {}), ("dp2,tp2", {}), ("dp2,tp2", MIXED)],
-                         ids=["tp2", "dp2,tp2", "dp2,tp2 mixed"])
+@pytest.mark.parametrize("spec, layout", [("tp2", {}), ("dp2,tp2", {}), ("dp2,tp2", SMALL_CHUNK)],
+                         ids=["tp2", "dp2,tp2", "dp2,tp2 small chunk"])
 def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
     cfg, params = tiny
     arrivals = {0: [("a", prompt(3, 0), RequestParams(8, **GREEDY)),
@@ -305,7 +305,9 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
                 2: [("c", prompt(12, 2), RequestParams(7, temperature=1.0, seed=5, logprobs=2))]}
     single, _ = drain(BatchingEngine(cfg, params, **SETTINGS), {k: list(v) for k, v in arrivals.items()})
     mesh = make_mesh(spec, jax.devices()[:4 if "dp" in spec else 2])
-    engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS, **layout)
+    # The mesh's batch split (dp2: 2) divides every chunk's rows.
+    chunks = dict(chunk_shapes=prefill_shapes(32, multiple=batch_multiple(mesh), max_rows=4))
+    engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS | chunks | layout)
     sharded, _ = drain(engine, arrivals)
     assert {k: tokens_and_reason(v) for k, v in sharded.items()} == {k: tokens_and_reason(v) for k, v in single.items()}
     np.testing.assert_allclose([o.logprob for o in sharded["c"]], [o.logprob for o in single["c"]], rtol=1e-5)
@@ -317,7 +319,8 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
 def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
     cfg, params = tiny
     mesh = None if spec is None else make_mesh(spec, jax.devices()[:4])
-    settings = dict(max_batch=2, page_size=8, prefill_chunk=16, max_seq_len=64, mesh=mesh)
+    chunks = prefill_shapes(16, multiple=batch_multiple(mesh), max_rows=2)
+    settings = dict(max_batch=2, page_size=8, chunk_shapes=chunks, max_seq_len=64, mesh=mesh)
     arrivals = {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),
                     ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}
     xla, _ = drain(BatchingEngine(cfg, params, **settings), {0: list(arrivals[0])})

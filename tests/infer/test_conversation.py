@@ -4,8 +4,9 @@ prefilling only what its cached pages do not hold."""
 import numpy as np
 import pytest
 
-from llama_jax.infer.batching import prepare
-from llama_jax.infer.engine import PAGE_SIZE, Conversation, PromptTooLongError, SamplingParams, stream_tokens
+from llama_jax.infer.weights import decode_params
+from llama_jax.infer.tokens import Conversation, PromptTooLongError, PAGE_SIZE, stream_tokens
+from llama_jax.infer.sampling import SamplingParams
 from tests.infer.common import collect
 
 SAMPLED = SamplingParams(temperature=1.0, top_k=40, top_p=0.95)
@@ -34,7 +35,7 @@ def reusable(cached_ids, prompt):
 
 @pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SAMPLED])
 def test_turns_equal_fresh_generation_and_prefill_only_new_tokens(tiny, sampling):
-    cfg, params = prepare(*tiny)
+    cfg, params = decode_params(*tiny)
     conversation = Conversation(cfg, params)
     rng = np.random.default_rng(0)
     dialog = [1] + list(rng.integers(3, cfg.vocab_size, 12))
@@ -51,7 +52,7 @@ def test_turns_equal_fresh_generation_and_prefill_only_new_tokens(tiny, sampling
 
 
 def test_an_edited_history_reuses_only_the_common_prefix(tiny):
-    cfg, params = prepare(*tiny)
+    cfg, params = decode_params(*tiny)
     conversation = Conversation(cfg, params)
     greedy = SamplingParams(temperature=0.0)
     first = [1] + list(range(10, 45))
@@ -63,7 +64,7 @@ def test_an_edited_history_reuses_only_the_common_prefix(tiny):
 
 
 def test_a_prompt_too_long_leaves_the_conversation_usable(tiny):
-    cfg, params = prepare(*tiny)
+    cfg, params = decode_params(*tiny)
     conversation = Conversation(cfg, params)
     greedy = SamplingParams(temperature=0.0)
     prompt = [1, 5, 6, 7]
@@ -76,7 +77,7 @@ def test_a_prompt_too_long_leaves_the_conversation_usable(tiny):
 
 
 def test_a_turn_near_the_context_end_reuses_the_cached_pages(tiny):
-    cfg, params = prepare(*tiny)
+    cfg, params = decode_params(*tiny)
     conversation = Conversation(cfg, params)
     greedy = SamplingParams(temperature=0.0)
     first = [1] + list(range(10, 159))  # 150 tokens
@@ -89,7 +90,7 @@ def test_a_turn_near_the_context_end_reuses_the_cached_pages(tiny):
 
 
 def test_a_turn_abandoned_midway_frees_its_pages(tiny):
-    cfg, params = prepare(*tiny)
+    cfg, params = decode_params(*tiny)
     conversation = Conversation(cfg, params)
     greedy = SamplingParams(temperature=0.0)
     events = conversation.stream([1] + list(range(10, 40)), max_new_tokens=20, sampling=greedy)

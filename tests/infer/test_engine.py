@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from llama_jax import LlamaConfig
-from llama_jax.infer.batching import BatchingEngine, DecodeParams, RequestParams, prepare
-from llama_jax.infer.engine import PromptTooLongError, SamplingParams, check_prompts, stream_tokens
+from llama_jax.infer.engine import BatchingEngine, prefill_shapes
+from llama_jax.infer.requests import RequestParams
+from llama_jax.infer.weights import DecodeParams, decode_params
+from llama_jax.infer.tokens import PromptTooLongError, check_prompts, stream_tokens
+from llama_jax.infer.sampling import SamplingParams
 from tests.infer.common import collect, greedy_reference, random_params
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -130,7 +133,8 @@ def test_no_prompt_length_budget_seed_or_stop_set_compiles_anything_new():
 def test_steps_update_the_pages_in_place(tiny):
     """The engine's step donates each layer's pages: the old buffers are gone, not copied."""
     cfg, params = tiny
-    engine = BatchingEngine(cfg, params, max_batch=2, max_seq_len=32, page_size=16, prefill_chunk=32)
+    engine = BatchingEngine(cfg, params, max_batch=2, max_seq_len=32, page_size=16,
+                            chunk_shapes=prefill_shapes(32, max_rows=2))
     engine.add("a", PROMPTS[1], RequestParams(4, temperature=0.0))
     for _ in range(2):  # the prefill, then a decode step
         before = engine.pages
@@ -143,15 +147,15 @@ def test_prepared_per_layer_params_decode_the_same_tokens(tiny):
     """prepare: the engine's layout (a buffer per layer) holds each layer's slice of the stacked
     weights, generates what the model's params do, and with donate frees the stacked weights."""
     cfg, params = tiny
-    _, split = prepare(cfg, params)
+    _, split = decode_params(cfg, params)
     assert isinstance(split, DecodeParams) and len(split.layers) == cfg.n_layers
     np.testing.assert_array_equal(split.layers[1]["feed_forward"]["w2"], params["layers"]["feed_forward"]["w2"][1])
     assert split.output is params["output"] and split.norm is params["norm"]
-    assert prepare(cfg, split)[1] is split
+    assert decode_params(cfg, split)[1] is split
     assert run(cfg, split, sampling=SAMPLED, seed=2) == run(cfg, params, sampling=SAMPLED, seed=2)
 
     copy = jax.tree.map(lambda x: x.copy(), params)
-    _, donated = prepare(cfg, copy, donate=True)
+    _, donated = decode_params(cfg, copy, donate=True)
     jax.tree.map(np.testing.assert_array_equal, donated, split)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(copy["layers"]))
     assert not copy["norm"]["scale"].is_deleted()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, LlamaConfig, param_shapes
-from llama_jax.infer.engine import SamplingParams, stream_tokens
+from llama_jax.infer.tokens import stream_tokens
+from llama_jax.infer.sampling import SamplingParams
 from llama_jax.quantize import (CONTRACTED_AXES, QuantizedArray, dequantize_params, param_bytes, quantize,
                                       quantize_params)
 from tests.infer.common import collect, random_params

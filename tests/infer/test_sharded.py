@@ -7,8 +7,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import LlamaConfig
-from llama_jax.infer.batching import BatchingEngine, RequestParams, param_shardings, prepare
-from llama_jax.infer.engine import SamplingParams, stream_tokens
+from llama_jax.infer.engine import BatchingEngine, prefill_shapes
+from llama_jax.infer.requests import RequestParams
+from llama_jax.infer.weights import decode_params, param_shardings
+from llama_jax.infer.tokens import stream_tokens
+from llama_jax.infer.sampling import SamplingParams
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from tests.infer.common import collect, random_params
@@ -39,7 +42,8 @@ def generate(cfg, params, mesh=None, sampling=SAMPLED):
 
 def sharded_pages(cfg, params, mesh):
     """The page pools of a batching engine on `mesh` after one step."""
-    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=4, max_seq_len=32, page_size=16, prefill_chunk=32)
+    engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=4, max_seq_len=32, page_size=16,
+                            chunk_shapes=prefill_shapes(32, max_rows=4))
     engine.add("a", PROMPTS[1], RequestParams(2, temperature=0.0))
     engine.step()
     return engine.pages
@@ -73,7 +77,7 @@ def test_prepare_keeps_each_layer_on_the_mesh(params):
     """prepare on a mesh: per-layer weights keep the rules' split (without the layer axis), and the
     tokens are the single-device ones."""
     mesh = make_mesh("dp2,tp4")
-    split_cfg, split = prepare(CFG, jax.device_get(params), mesh)
+    split_cfg, split = decode_params(CFG, jax.device_get(params), mesh)
     assert split.layers[0]["attention"]["wk"].sharding.spec == P(None, "tp", None)
     assert split.layers[1]["feed_forward"]["w1"].sharding.spec == P(None, "tp")
     out = collect(stream_tokens(split_cfg, split, PROMPTS, max_new_tokens=8, sampling=SAMPLED, seed=1, mesh=mesh))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llama_jax.config import PRESETS
-from llama_jax.infer import engine
-from llama_jax.infer.batching import prepare
+from llama_jax.infer import tokens as token_generation
+from llama_jax.infer.weights import decode_params
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.model import Llama
 from llama_jax.sharding import activation_sharding, make_mesh
@@ -99,7 +99,7 @@ def test_sharded_decode_with_the_kernel_equals_single_device_xla():
     sampling = SamplingParams(temperature=0.0)
 
     def generate(cfg, mesh=None):
-        cfg, placed = prepare(cfg, params, mesh)
-        return collect(engine.stream_tokens(cfg, placed, prompts, max_new_tokens=4, sampling=sampling, mesh=mesh))
+        cfg, placed = decode_params(cfg, params, mesh)
+        return collect(token_generation.stream_tokens(cfg, placed, prompts, max_new_tokens=4, sampling=sampling, mesh=mesh))
 
     assert generate(KERNEL_CFG, make_mesh("dp2,tp4")) == generate(CFG)

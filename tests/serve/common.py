@@ -13,7 +13,7 @@ import httpx
 import openai
 import uvicorn
 
-from llama_jax.infer.batching import EngineFullError, TokenOutput
+from llama_jax.infer.requests import EngineFullError, TokenOutput
 from llama_jax.serve.app import create_app, uvicorn_config
 
 MODEL = "tiny-llama"

@@ -1,0 +1,120 @@
+"""The decoding engine's KV cache on the device: per-layer page pools and the views attention writes
+to and reads from (host-side page bookkeeping is pages.py's).
+
+Each layer's keys and values live in pools [N, P, K, E] of N pages of P positions, shared by every
+sequence: row b's page_table[b, i] names the page holding its positions i*P .. i*P+P-1. A token at
+a negative position is padding and writes nothing. Each layer has buffers of its own rather than
+one stacked [L, N, ...] pool because XLA's CPU backend copies a layer's slice out of a stacked
+array at every step (the same reason the engine splits the weights per layer, weights.py).
+
+A view is what `model.Block` takes as `cache_kv`: `attend(q, k, v, positions)` writes the call's
+keys and values, then attends to every position up to each query's, and returns the updated view.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax import kernels
+from llama_jax.config import LlamaConfig
+from llama_jax.sharding import axes, logical_to_sharding
+
+PAGE_AXES = (None, None, axes.KV_HEADS, axes.HEAD_DIM)  # [N, P, K, E]: split over tp on kv heads
+
+
+class PagedKV(NamedTuple):
+    """One layer's pages seen by B rows of T tokens, row b through page_table[b]."""
+
+    k_pages: jax.Array  # [N, P, K, E]
+    v_pages: jax.Array  # [N, P, K, E]
+    page_table: jax.Array  # [B, M] int32
+
+    def write(self, k_BTKE, v_BTKE, positions_BT) -> "PagedKV":
+        N, P = self.k_pages.shape[:2]
+        page_BT = jnp.take_along_axis(self.page_table, jnp.maximum(positions_BT, 0) // P, axis=1)
+        page_BT = jnp.where(positions_BT >= 0, page_BT, N)  # past the pool: dropped by the scatter
+        slot_BT = positions_BT % P
+        put = lambda pages, new: pages.at[page_BT, slot_BT].set(new.astype(pages.dtype), mode="drop")  # noqa: E731
+        return self._replace(k_pages=put(self.k_pages, k_BTKE), v_pages=put(self.v_pages, v_BTKE))
+
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which) -> tuple[jax.Array, "PagedKV"]:
+        """Write the rows' keys and values, then attend to every position up to each query's, so a
+        row sees what the rows before it in its sequence write in the same call."""
+        kv = self.write(k_BTKE, v_BTKE, positions_BT)
+        return kernels.paged_attention(q_BTHE, kv.k_pages, kv.v_pages, kv.page_table, positions_BT, **which), kv
+
+
+class MixedPagedKV(NamedTuple):
+    """One layer's pages seen by the engine's one-call step: B = b + R * C rows of one token, the
+    first b decode rows (page tables decode_table_bM), then a chunk of R rows of C tokens each
+    (chunk_table_RM), several rows possibly holding consecutive pieces of one prompt, or a
+    sequence's several new tokens (speculative verification). Every row's keys and values are
+    written before any row attends, so a piece sees the pieces before it."""
+
+    k_pages: jax.Array  # [N, P, K, E]
+    v_pages: jax.Array  # [N, P, K, E]
+    decode_table_bM: jax.Array  # [b, M] int32
+    chunk_table_RM: jax.Array  # [R, M] int32
+
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which):
+        b, R = self.decode_table_bM.shape[0], self.chunk_table_RM.shape[0]
+        C = (q_BTHE.shape[0] - b) // R
+
+        def split(x_B1Z):
+            return x_B1Z[:b], x_B1Z[b:].reshape(R, C, *x_B1Z.shape[2:])
+
+        (q_b, q_R), (k_b, k_R), (v_b, v_R), (pos_b, pos_R) = map(split, (q_BTHE, k_BTKE, v_BTKE, positions_BT))
+        kv = PagedKV(self.k_pages, self.v_pages, self.decode_table_bM).write(k_b, v_b, pos_b)
+        kv = kv._replace(page_table=self.chunk_table_RM).write(k_R, v_R, pos_R)
+        out_b = kernels.paged_attention(q_b, kv.k_pages, kv.v_pages, self.decode_table_bM, pos_b, **which)
+        out_R = kernels.paged_attention(q_R, kv.k_pages, kv.v_pages, self.chunk_table_RM, pos_R, **which)
+        out_BTHE = jnp.concatenate([out_b, out_R.reshape(R * C, 1, *out_R.shape[2:])])
+        return out_BTHE, self._replace(k_pages=kv.k_pages, v_pages=kv.v_pages)
+
+
+def empty_pages(cfg: LlamaConfig, num_pages: int, page_size: int, *, mesh=None, device=None):
+    """Zeroed pools, a (k, v) pair per layer, committed to `device` or placed on `mesh` as the step's
+    outputs that replace them are: the step's programs are compiled per input sharding, so pools
+    placed otherwise would compile a program at warm-up that no request runs."""
+    shape = (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    if mesh is None:
+        zeros = lambda: jnp.zeros(shape, cfg.compute_dtype, device=device or jax.devices()[0])  # noqa: E731
+    else:
+        zeros = jax.jit(lambda: jnp.zeros(shape, cfg.compute_dtype),
+                        out_shardings=logical_to_sharding(PAGE_AXES, mesh, shape))
+    return tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
+
+
+def grow_pages(pages, extra, *, mesh=None):
+    """The pools with the pages of `extra` (empty_pages of the same layout) appended."""
+    grown = jax.tree.map(lambda old, new: jnp.concatenate([old, new]), pages, extra)
+    if mesh is not None:
+        grown = constrain_pages(grown, mesh, device_put=True)
+    return grown
+
+
+def constrain_pages(pages, mesh, *, device_put: bool = False):
+    """The pools laid out as PAGE_AXES says (inside a jitted step, or placed with device_put)."""
+    sharding = logical_to_sharding(PAGE_AXES, mesh, pages[0][0].shape)
+    shardings = jax.tree.map(lambda _: sharding, pages)
+    return jax.device_put(pages, shardings) if device_put else jax.lax.with_sharding_constraint(pages, shardings)
+
+
+def copy_pages(pages, copies_C2):
+    """Every layer's page copies_C2[i, 0] copied to page copies_C2[i, 1] (rows with a negative source
+    copy nothing): copy-on-write of a partial page that several sequences share (n > 1 samples of one
+    prompt), done in the step before any row writes."""
+    src_C, dst_C = copies_C2[:, 0], copies_C2[:, 1]
+    N = pages[0][0].shape[0]
+    dst_C = jnp.where(src_C >= 0, dst_C, N)  # past the pool: dropped
+
+    def copy(pool):
+        return pool.at[dst_C].set(pool[jnp.maximum(src_C, 0)], mode="drop")
+
+    return tuple((copy(k), copy(v)) for k, v in pages)
+
+
+__all__ = ["PagedKV", "MixedPagedKV", "PAGE_AXES", "empty_pages", "grow_pages", "constrain_pages", "copy_pages"]

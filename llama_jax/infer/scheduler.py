@@ -1,0 +1,310 @@
+"""The decoding engine's scheduler, in plain Python (no jax): which sequences run in the next step,
+with which tokens, on which pages.
+
+    plan = scheduler.schedule()          # a StepPlan, or None when nothing can run
+    ... the engine runs the step the plan describes (engine.py) ...
+    outputs = scheduler.update(plan, sampled)   # TokenOutputs of the tokens the step drew
+
+Requests wait in arrival order. One is admitted into a free batch slot when the pages of its whole
+context are available, counting the pages its prefix cache lookup finds (pages.py), and holds
+them from then on; it gets one more page each time its decoding fills one. Each step feeds every
+decoding sequence one token (a decode row) and the next prompt tokens of the oldest prefilling
+ones as a chunk of R rows of C tokens (a prompt may take several rows); the chunk shape is the one
+of `chunk_shapes` that feeds the most prompt tokens (the smallest of those), and the decode rows
+are padded to the smallest of `decode_batches` that also holds a sample row for each prompt
+finishing in this step. When a page is needed and none is free or evictable, the newest admitted
+sequence is preempted: its pages are released (its registered ones stay cached) and it is requeued
+ahead of the requests that arrived after it, to be recomputed from its prompt and the tokens it had
+produced. The oldest sequence always makes progress, so a request that fits the pool alone always
+finishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+from llama_jax.infer.pages import PageAllocator, page_keys
+from llama_jax.infer.requests import EngineFullError, RequestParams, TokenOutput
+
+
+@dataclasses.dataclass(eq=False)
+class SequenceState:
+    """A request as the scheduler tracks it."""
+
+    id: str
+    tokens: list[int]  # the prompt, then every token generated so far
+    prompt_len: int
+    params: RequestParams
+    seed: int
+    stream: int  # folded into its sampling keys (sampling.sampling_keys)
+    order: int  # add() order: preempted sequences go back to the waiting queue by it
+    slot: int | None = None
+    admitted: int = 0  # admission order: the newest is preempted first
+    pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its first full written pages
+    written: int = 0  # positions whose keys and values are in its pages
+    prefilling: bool = True  # until the logits at its last context token are sampled
+    cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    reported: bool = False  # its first output is out
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclasses.dataclass
+class Piece:
+    """A chunk row: `length` tokens of `seq` from position `start`."""
+
+    seq: SequenceState
+    start: int
+    length: int
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step: `decoding` are decode rows 0.., padded to `decode_batch` rows; `pieces` fill the
+    chunk of `chunk_shape` (R, C) rows, row r from token b + r * C (None: no chunk). `sampled[l]`
+    is the sequence whose next token sample row l draws, from the logits of token `sample_at[l]`
+    (index into the step's rows); the rows past len(sampled) are padding."""
+
+    decoding: list[SequenceState]
+    decode_batch: int
+    chunk_shape: tuple[int, int] | None
+    pieces: list[Piece]
+    sampled: list[SequenceState]
+    sample_at: list[int]
+
+    @property
+    def fed(self) -> dict[int, tuple[SequenceState, int]]:
+        """id(seq) -> (seq, tokens this step feeds it): the chunk's sequences first (a prompt finishing
+        here reports its first token before the running ones report their next), then the decode rows."""
+        return {**_fed_by(self.pieces), **{id(s): (s, 1) for s in self.decoding}}
+
+
+class Scheduler:
+    """Not thread-safe: one thread calls add, abort, schedule and update."""
+
+    def __init__(self, *, max_batch: int, page_size: int, pages_per_seq: int, num_pages: int,
+                 decode_batches: Sequence[int], chunk_shapes: Sequence[tuple[int, int]], max_waiting: int = 1024,
+                 prefix_caching: bool = True):
+        self.max_batch, self.page_size, self.pages_per_seq = max_batch, page_size, pages_per_seq
+        self.decode_batches = sorted(set(decode_batches) | {max_batch})
+        self.chunk_shapes = sorted({(int(r), int(c)) for r, c in chunk_shapes})
+        self.max_waiting = max_waiting
+        self.allocator = PageAllocator(num_pages, prefix_caching=prefix_caching)
+        self.page_table = np.zeros((max_batch, pages_per_seq), np.int32)
+        self.slots: list[SequenceState | None] = [None] * max_batch
+        self.waiting: collections.deque[SequenceState] = collections.deque()
+        self.requests: dict[str, SequenceState] = {}
+        self._added = self._admitted = 0
+        self.counters = collections.Counter(prefilled_tokens=0, cached_tokens=0, preemptions=0, generated_tokens=0)
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def add(self, request_id: str, prompt: list[int], params: RequestParams, *, stream: int = 0) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(self.waiting) >= self.max_waiting:
+            raise EngineFullError(f"{len(self.waiting)} requests are waiting, the most this engine queues")
+        seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
+        seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added)
+        self._added += 1
+        self.requests[request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.slot is None:
+            self.waiting.remove(seq)
+        else:
+            self._vacate(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> dict:
+        return dict(running=sum(s is not None for s in self.slots), waiting=len(self.waiting),
+                    pages_used=self.allocator.used, pages_cached=self.allocator.cached,
+                    pages_total=self.allocator.num_pages, **self.counters)
+
+    def grow(self, pages_per_seq: int, num_pages: int) -> int:
+        """Wider page tables and a pool of at least num_pages; returns the pages added to the pool."""
+        self.page_table = np.pad(self.page_table, ((0, 0), (0, pages_per_seq - self.pages_per_seq)))
+        self.pages_per_seq = pages_per_seq
+        extra = max(0, num_pages - self.allocator.num_pages)
+        if extra:
+            self.allocator.grow(extra)
+        return extra
+
+    # Planning ----------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """Admit, reserve the decode rows' next pages (preempting if needed), and plan the step."""
+        self._admit()
+        decoding = [s for s in self._by_admission() if not s.prefilling]
+        for seq in decoding:
+            if seq.slot is not None:  # not preempted for an older sequence's page
+                self._reserve_next_page(seq)
+        decoding = [s for s in decoding if s.slot is not None]
+        shape, pieces = self._plan_chunk()
+        if not decoding and not pieces:
+            return None
+        finishing = []
+        for seq, n in _fed_by(pieces).values():
+            if seq.written + n >= len(seq.tokens):
+                finishing.append(seq)
+        b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
+        sample_at = list(range(len(decoding)))
+        if pieces:
+            C = shape[1]
+            for row, piece in enumerate(pieces):
+                if piece.start + piece.length == len(piece.seq.tokens):
+                    sample_at.append(b + row * C + piece.length - 1)
+        return StepPlan(decoding, b, shape if pieces else None, pieces, decoding + finishing, sample_at)
+
+    def _by_admission(self) -> list[SequenceState]:
+        return sorted((s for s in self.slots if s is not None), key=lambda s: s.admitted)
+
+    def _admit(self) -> None:
+        P = self.page_size
+        while self.waiting and None in self.slots:
+            seq = self.waiting[0]
+            # At least the last context token is prefilled: its logits give the next token.
+            keys = page_keys(seq.tokens[:-1], P)
+            hits = self.allocator.lookup(keys)
+            needed = -(-len(seq.tokens) // P) - len(hits)
+            if self.allocator.available() < needed:
+                self.allocator.release(hits)
+                return
+            self.waiting.popleft()
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq
+            seq.admitted, self._admitted = self._admitted, self._admitted + 1
+            # Its whole context's pages now, so its prefill never waits for pages.
+            seq.pages = hits + [self.allocator.allocate() for _ in range(needed)]
+            seq.keys, seq.written = keys[:len(hits)], len(hits) * P
+            self.page_table[seq.slot, :len(seq.pages)] = seq.pages
+            if not seq.reported:
+                seq.cached_tokens = len(hits) * P
+            self.counters["cached_tokens"] += len(hits) * P
+
+    def _reserve_next_page(self, seq: SequenceState) -> None:
+        """A page for the sequence's next position if it needs one, preempting the newest sequence
+        when none is left (the sequence itself when it is the newest)."""
+        while len(seq.pages) * self.page_size <= seq.written:
+            page = self.allocator.allocate()
+            if page is None:
+                newest = self._by_admission()[-1]
+                self._preempt(newest)
+                if newest is seq:
+                    return
+                continue
+            self.page_table[seq.slot, len(seq.pages)] = page
+            seq.pages.append(page)
+
+    def _preempt(self, seq: SequenceState) -> None:
+        self._vacate(seq)
+        seq.pages, seq.keys, seq.written, seq.prefilling = [], [], 0, True
+        # Back to the queue in arrival order, ahead of requests that never ran.
+        index = next((i for i, s in enumerate(self.waiting) if s.order > seq.order), len(self.waiting))
+        self.waiting.insert(index, seq)
+        self.counters["preemptions"] += 1
+
+    def _vacate(self, seq: SequenceState) -> None:
+        self.allocator.release(seq.pages)
+        self.slots[seq.slot] = None
+        self.page_table[seq.slot] = 0
+        seq.slot = None
+
+    def _plan_chunk(self) -> tuple[tuple[int, int] | None, list[Piece]]:
+        """The chunk shape feeding the most prompt tokens of the oldest prefilling sequences (of
+        shapes feeding as many, the smallest), and its pieces in row order."""
+        prefilling = [s for s in self._by_admission() if s.prefilling]
+        if not prefilling or not self.chunk_shapes:
+            return None, []
+        best = None
+        for shape in self.chunk_shapes:
+            pieces = _fill(prefilling, *shape)
+            score = (sum(p.length for p in pieces), -shape[0] * shape[1])
+            if best is None or score > best[0]:
+                best = score, shape, pieces
+        return best[1], best[2]
+
+    # Results -----------------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, tokens, logprobs=None, top_ids=None, top_logprobs=None) -> list[TokenOutput]:
+        """Account for the tokens the plan fed and emit each sample row's token (row l of tokens,
+        logprobs [L], top_ids and top_logprobs [L, K]; the last three may be None when no request
+        asked for log-probabilities)."""
+        row_of = {id(s): row for row, s in enumerate(plan.sampled)}
+        outputs = []
+        for seq, n in plan.fed.values():
+            if seq.prefilling:
+                self.counters["prefilled_tokens"] += n
+            seq.written += n
+            self._register_pages(seq)
+            if seq.written < len(seq.tokens):
+                continue  # more of its context to prefill
+            seq.prefilling = False
+            row = row_of[id(seq)]
+            top = () if top_ids is None else zip(top_ids[row].tolist(), top_logprobs[row].tolist())
+            outputs.append(self._emit(seq, int(tokens[row]), None if logprobs is None else float(logprobs[row]),
+                                      top))
+        return outputs
+
+    def _register_pages(self, seq: SequenceState) -> None:
+        """Offer the sequence's newly filled pages to the prefix cache."""
+        full = seq.written // self.page_size
+        if not self.allocator.prefix_caching or full <= len(seq.keys):
+            return
+        parent = seq.keys[-1] if seq.keys else b""
+        keys = page_keys(seq.tokens[:full * self.page_size], self.page_size, len(seq.keys), parent)
+        for page, key in zip(seq.pages[len(seq.keys):full], keys):
+            self.allocator.register(page, key)
+        seq.keys += keys
+
+    def _emit(self, seq: SequenceState, token: int, logprob: float | None, top) -> TokenOutput:
+        seq.tokens.append(token)
+        self.counters["generated_tokens"] += 1
+        p = seq.params
+        reason = "stop" if token in p.stop_token_ids else "length" if seq.generated >= p.max_tokens else None
+        out = TokenOutput(seq.id, token, logprob=None if p.logprobs is None else logprob,
+                          top_logprobs=tuple(list(top)[:p.logprobs]) if p.logprobs else None,
+                          finish_reason=reason, prompt_tokens=seq.prompt_len, cached_prompt_tokens=seq.cached_tokens)
+        seq.reported = True
+        if reason is not None:
+            del self.requests[seq.id]
+            self._vacate(seq)
+        return out
+
+
+def _fill(prefilling: list[SequenceState], rows: int, width: int) -> list[Piece]:
+    """Up to `rows` pieces of at most `width` tokens: the oldest prefilling sequences' next tokens."""
+    pieces = []
+    for seq in prefilling:
+        start = seq.written
+        while start < len(seq.tokens) and len(pieces) < rows:
+            pieces.append(Piece(seq, start, min(width, len(seq.tokens) - start)))
+            start += pieces[-1].length
+        if len(pieces) == rows:
+            break
+    return pieces
+
+
+def _fed_by(pieces: list[Piece]) -> dict[int, tuple[SequenceState, int]]:
+    fed = {}
+    for piece in pieces:
+        seq, n = fed.get(id(piece.seq), (piece.seq, 0))
+        fed[id(seq)] = (seq, n + piece.length)
+    return fed
+
+
+__all__ = ["Scheduler", "StepPlan", "Piece", "SequenceState"]

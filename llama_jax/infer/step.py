@@ -1,0 +1,106 @@
+"""The decoding engine's device step: one jitted call that feeds a batch of token rows through the
+model, writing their keys and values into the paged cache, and samples the next tokens.
+
+    pages, out = model_step_jit(params, pages, inputs, cfg=cfg, mesh=mesh)   # StepInputs -> StepOutputs
+
+One layout serves every step (the scheduler's plan, scheduler.py): B = b + R * C rows of one token,
+the first b are decode rows (one token per running sequence, page tables decode_table_bM), the
+rest a chunk of R rows of C tokens (chunk_table_RM): the next pieces of prompts being prefilled, a
+prompt possibly spread over several rows, or a sequence's several new tokens to verify
+(speculative decoding). Without a chunk (chunk_table_RM None) the call is the decode rows alone.
+Every row writes before any row attends (kv_cache.MixedPagedKV), so a piece sees the pieces
+before it. Only the L rows named by sample_at_L go through the final norm and the vocabulary
+projection (on CPU a row of a 128k vocabulary costs about what a token row through a small model's
+layers costs): decode rows, the last token of each prompt finishing here, or every token of a
+verified row.
+
+Hooks the step applies before sampling, each None when no row of the batch uses it (a separate
+compiled program only then): allowed-token bitmasks per sampled row (grammars, JSON schemas),
+sparse additive logit biases (logit_bias, presence / frequency penalties), and page copies done
+before any write (copy-on-write of a prompt's last partial page that several samples share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+from llama_jax.infer import sampling
+from llama_jax.infer.kv_cache import MixedPagedKV, PagedKV, constrain_pages, copy_pages
+from llama_jax.infer.weights import DecodeParams
+from llama_jax.model import Block, embed, rms_norm, unembed
+from llama_jax.sharding import activation_sharding
+
+
+class StepInputs(NamedTuple):
+    tokens_B1: jax.Array  # [B, 1] int32, B = b decode rows + R * C chunk tokens
+    positions_B1: jax.Array  # [B, 1] int32; negative: padding (writes nothing)
+    decode_table_bM: jax.Array  # [b, M] int32: each decode row's page table
+    chunk_table_RM: jax.Array | None  # [R, M] int32, each chunk row's page table; None: no chunk (B = b)
+    sample_at_L: jax.Array  # [L] int32: the token (index into the B rows) each sample row reads its logits at
+    seeds_L: jax.Array  # [L] uint32
+    streams_L: jax.Array  # [L] uint32
+    temperature_L: jax.Array  # [L] float32; 0: greedy
+    top_k_L: jax.Array  # [L] int32; 0: off
+    top_p_L: jax.Array  # [L] float32; 1: off
+    top_logprobs_L: jax.Array  # [L] int32: how many alternatives a row wants reported (0: none)
+    allowed_LW: jax.Array | None = None  # [L, ceil(V / 32)] uint32 bitmask (sampling.apply_token_mask)
+    bias_ids_LN: jax.Array | None = None  # [L, N] int32 (negative: unused), with bias_LN [L, N] float32
+    bias_LN: jax.Array | None = None
+    page_copies_C2: jax.Array | None = None  # [C, 2] int32 (source, destination) pages (kv_cache.copy_pages)
+
+
+class StepOutputs(NamedTuple):
+    tokens_L: jax.Array  # [L] int32
+    logprobs_L: jax.Array  # [L] float32: the sampled token's log-probability under the model
+    top_ids_LK: jax.Array  # [L, MAX_LOGPROBS] int32 (zeros unless a row wants them)
+    top_logprobs_LK: jax.Array  # [L, MAX_LOGPROBS] float32
+
+
+def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaConfig, mesh=None):
+    """(pages, StepOutputs): pages is a tuple per layer of (k, v) [N, P, K, E] (donated by the jit)."""
+    dt = cfg.compute_dtype
+    with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
+        if inputs.page_copies_C2 is not None:
+            pages = copy_pages(pages, inputs.page_copies_C2)
+        x_BTD = embed(params.tok_embeddings, inputs.tokens_B1, dt)
+        new_pages = []
+        for layer, (k_pages, v_pages) in zip(params.layers, pages):
+            kv = (PagedKV(k_pages, v_pages, inputs.decode_table_bM) if inputs.chunk_table_RM is None
+                  else MixedPagedKV(k_pages, v_pages, inputs.decode_table_bM, inputs.chunk_table_RM))
+            x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, inputs.positions_B1, None, kv)
+            new_pages.append((kv.k_pages, kv.v_pages))
+        B, T, D = x_BTD.shape
+        x_L1D = jnp.take(x_BTD.reshape(B * T, 1, D), inputs.sample_at_L, axis=0)
+        x_L1D = rms_norm(x_L1D, params.norm["scale"], cfg.norm_eps, dt)
+        logits_LV = unembed(x_L1D, params.tok_embeddings, params.output, cfg)[:, 0]
+    new_pages = tuple(new_pages)
+    if mesh is not None:
+        new_pages = constrain_pages(new_pages, mesh)
+    return new_pages, sample_step(logits_LV, inputs)
+
+
+def sample_step(logits_LV, inputs: StepInputs) -> StepOutputs:
+    """The step's sampling: hooks, then each row's own settings and key, then the log-probabilities."""
+    logits_LV = logits_LV.astype(jnp.float32)
+    shaped_LV = logits_LV
+    if inputs.allowed_LW is not None:
+        shaped_LV = sampling.apply_token_mask(shaped_LV, inputs.allowed_LW)
+    if inputs.bias_ids_LN is not None:
+        shaped_LV = sampling.apply_logit_bias(shaped_LV, inputs.bias_ids_LN, inputs.bias_LN)
+    # The drawn token's position: one past the token whose logits it comes from.
+    drawn_at_L = jnp.take(inputs.positions_B1.reshape(-1), inputs.sample_at_L) + 1
+    keys_L = sampling.sampling_keys(inputs.seeds_L, inputs.streams_L, drawn_at_L)
+    tokens_L = sampling.sample_rows(shaped_LV, keys_L, inputs.temperature_L, inputs.top_k_L, inputs.top_p_L)
+    top_logprobs_LK, top_ids_LK = sampling.top_logprobs(logits_LV, inputs.top_logprobs_L)
+    return StepOutputs(tokens_L, sampling.chosen_logprobs(logits_LV, tokens_L), top_ids_LK, top_logprobs_LK)
+
+
+model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
+
+
+__all__ = ["StepInputs", "StepOutputs", "model_step", "model_step_jit", "sample_step"]
