@@ -36,7 +36,7 @@ TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _PROBE = "Probe reply 7"
 
 
-def tokenizer_files(tokenizer_json: str | os.PathLike) -> dict[str, Path]:
+def hf_tokenizer_files(tokenizer_json: str | os.PathLike) -> dict[str, Path]:
     """Name in a checkpoint -> file: tokenizer.json and those of its siblings that exist."""
     path = Path(tokenizer_json)
     siblings = (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import tiktoken
 
-from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
-from llama_jax.hf_tokenizer import tokenizer_files as hf_tokenizer_files
+from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, hf_tokenizer_files
 from llama_jax.vocab import check_token_ids
 
 # Meta's pre-tokenizer split: case-insensitive contractions, letter runs with one leading

@@ -36,7 +36,7 @@ from llama_jax.train.metrics import peak_flops
 from llama_jax.train.preemption import Preemption
 from llama_jax.train.report import NonFiniteLoss, Reporter
 from llama_jax.train.run_config import TrainConfig
-from llama_jax.train.setup import Run, checkpoint_args, checkpoint_manager, export_model, is_primary, prepare, \
+from llama_jax.train.setup import Run, build_run, checkpoint_args, checkpoint_manager, export_model, is_primary, \
     start_state
 
 log = logging.getLogger("llama_jax.train")
@@ -60,7 +60,7 @@ def train(tc: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
     """Run (or resume) training as `tc` says; returns the summary that the CLI prints."""
     created = not Path(tc.out).exists()
     try:
-        run = prepare(tc)
+        run = build_run(tc)
     except Exception:
         if created and is_primary():  # bad input never leaves a half-made run directory behind
             shutil.rmtree(tc.out, ignore_errors=True)

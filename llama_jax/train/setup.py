@@ -137,7 +137,7 @@ class Run:
         return _trained(self.cfg, self.lora and self.lora.spec, self.mesh)
 
 
-def prepare(tc: TrainConfig) -> Run:
+def build_run(tc: TrainConfig) -> Run:
     from llama_jax.tokenizer import load_tokenizer
 
     out = Path(tc.out)
