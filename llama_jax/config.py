@@ -46,8 +46,8 @@ def canonical_dtype_name(value: Any, field: str) -> str:
 
 def compute_dtype(requested: str | None, otherwise: str) -> str:
     """The dtype to compute in: `requested` when the caller names one; else float32 on a CPU
-    backend, where XLA's bfloat16 matmuls are slow (a Llama-3.2-1B decode step measured 6x slower
-    in bfloat16: bench/RESULTS.md); else `otherwise` (a checkpoint's stored dtype, a run's default).
+    backend, where XLA's bfloat16 matmuls are slow (bench/RESULTS.md, "Decode throughput", has the
+    measurement); else `otherwise` (a checkpoint's stored dtype, a run's default).
 
     The one rule behind every default dtype: `llama_jax.load`, the infer CLI's --dtype and the
     train CLI's --dtype all ask it.

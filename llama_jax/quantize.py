@@ -7,8 +7,8 @@ inside the parameter tree. The model reads every weight as `w.astype(compute_dty
 QuantizedArray is the dequantization, so it happens per layer inside the layer scan, beside the
 einsum that consumes it; the embedding lookup reads the table through `__jax_array__`, and XLA
 fuses that dequantization into the gather (only the looked-up rows are converted). Dequantizing
-the whole tree before `apply` instead materialises a compute-dtype copy of every weight each step:
-on this CPU that decode step was 2x slower than this one.
+the whole tree before `apply` instead materialises a compute-dtype copy of every weight each step,
+a slower decode step (bench/RESULTS.md has the measurement).
 
 Speed: XLA's CPU backend does not fuse the conversion into the matmul, so each step still converts
 every layer's weights in an elementwise pass before multiplying; on CPU int8 halves the memory but

@@ -21,11 +21,10 @@ All-gather rather than a ring of ppermutes (ring attention), for three reasons:
   for 32 query heads, so one layer's gathered K and V of a 128K-token row are
   2 x 131072 x 8 x 128 x 2 bytes = 0.5 GiB in bf16, half the size of that row's queries or
   hidden states (1 GiB each at D = 4096), and only the live layer's are held.
-- It is not what bounds memory. bench/RESULTS.md, long_context_memory.py (8B, one 131,072-token
-  row per fsdp2 group on fsdp2,cp4, full remat): 11.2 GiB of arguments and 57.7 GiB of step
-  temporaries per device with this module's XLA path, gather included, exactly what a stand-in
-  attention with no temporaries of its own gives (dense scores: 2,081 GiB); the CPU sweep
-  (train.py --seq-len, tiny) needs 227 MiB per device for a 64K row on cp8, 712 MiB on cp2.
+- It is not what bounds memory: with this module's XLA path, gather included, a long-context step
+  needs exactly the memory that a stand-in attention with no temporaries of its own gives, and it
+  grows linearly in the row length (bench/RESULTS.md: long_context_memory.py and the train.py
+  --seq-len sweep).
 - What a ring buys is overlap of the transfer with compute, at the price of cp partial attention
   calls per layer, each with its own mask and a softmax merge, and a ring order that must agree
   with the load balance. The gather is one collective XLA can schedule early, and the attention

@@ -10,7 +10,7 @@ tokens. Here a scan walks query blocks and, inside, key blocks with the online s
 Pallas kernels use (common.online_softmax_step), so a step's temporaries are [bq, bk] per kv
 head whatever the row length. The backward is written out (FlashAttention-2): the forward saves
 only its output and lse, and one pass over the same blocks recomputes each block's
-probabilities (keys-major, so dK and dV are plain matmuls; ~15% faster on CPU than queries-major),
+probabilities (keys-major, so dK and dV are plain matmuls, faster on CPU than queries-major),
 accumulating dQ of the query block and dK / dV of every key block. A key block
 whose first position comes after the query block's last (for every row of the batch) is
 skipped under a `lax.cond`, which XLA executes as a branch: with positions counting along the
