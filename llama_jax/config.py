@@ -85,7 +85,7 @@ class RopeScaling:
 
 # Fields that config.json files written by earlier versions hold, with the only value they could
 # hold there, read as absent. per_layer_params (always false in a checkpoint) was decoding's
-# layer layout, now the inference engine's own (infer/batching.py).
+# layer layout, now the inference engine's own (infer/weights.py).
 _RETIRED_FIELDS = {"per_layer_params": False}
 
 

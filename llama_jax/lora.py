@@ -24,7 +24,7 @@ bench/train.py's memory_analysis: the step holds the base once, the adapters and
 moments, and activations. The base gets no gradient: callers differentiate with respect to the
 adapters only. `LoraWeight.astype` is the merge, for anything that reads a weight whole.
 
-Serving: the decode engine (infer/batching.py) splits the adapted tree per layer like any other
+Serving: the decode engine (infer/weights.py) splits the adapted tree per layer like any other
 (a LoraWeight is a pytree: each layer gets its slice of W, A and B) and runs the same hook, so an
 adapter is served unmerged, on the base as loaded or int8 (as a --quantize-base int8 run trained it).
 

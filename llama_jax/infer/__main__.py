@@ -18,14 +18,13 @@ from pathlib import Path
 import jax
 
 from llama_jax import kernels
-from llama_jax.infer.engine import batch_multiple
-from llama_jax.infer.requests import RequestParams
-from llama_jax.infer.tokens import Conversation, PromptTooLongError
 from llama_jax.infer import huge_pages
 from llama_jax.infer.load import load_for_inference
-from llama_jax.quantize import QUANTIZED_DTYPES
+from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.text import Chat, iter_completions, reply
-from llama_jax.sharding import make_mesh
+from llama_jax.infer.tokens import Conversation, PromptTooLongError
+from llama_jax.quantize import QUANTIZED_DTYPES
+from llama_jax.sharding import batch_split, make_mesh
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -130,7 +129,7 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
     # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).
     interactive = prompts is None and args.prompt is None
     conversation = (Conversation(cfg, params, mesh=mesh)
-                    if interactive and batch_multiple(mesh) == 1 and not args.truncate else None)
+                    if interactive and batch_split(mesh) == 1 and not args.truncate else None)
 
     def complete(prompt_ids) -> str:
         """Stream one completion to stdout; return its text."""

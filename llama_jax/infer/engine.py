@@ -35,7 +35,8 @@ from llama_jax.infer.requests import RequestParams, TokenOutput
 from llama_jax.infer.scheduler import Scheduler, StepPlan
 from llama_jax.infer.step import StepInputs, model_step_jit
 from llama_jax.infer.weights import decode_params, weights_device
-from llama_jax.sharding import axes, logical_to_sharding, logical_to_spec
+from llama_jax.sharding import axes, batch_split, logical_to_sharding
+from llama_jax.vocab import check_token_ids
 
 _ROW_SPLITS = (1, 2, 4, 8)  # prefill_shapes: a chunk of T tokens as R rows of T / R
 
@@ -66,15 +67,6 @@ def prefill_shapes(prefill_chunk: int, *, smallest: int | None = None, multiple:
             if total % k == 0 and (max_rows is None or k * multiple <= max_rows)]
 
 
-def batch_multiple(mesh) -> int:
-    """The batch must divide over the mesh axes the activations' batch dim is split on."""
-    if mesh is None:
-        return 1
-    split = logical_to_spec((axes.ACTIVATION_BATCH,), mesh=mesh)
-    names = () if not split or split[0] is None else (split[0],) if isinstance(split[0], str) else split[0]
-    return int(np.prod([mesh.shape[a] for a in names]))
-
-
 class BatchingEngine:
     """Not thread-safe: one thread calls add, abort and step."""
 
@@ -97,7 +89,7 @@ class BatchingEngine:
         if not 1 < self.max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] (the model's context), "
                              f"got {self.max_seq_len}")
-        multiple = batch_multiple(mesh)
+        multiple = batch_split(mesh)
         if max_batch < 1 or max_batch % multiple:
             raise ValueError(f"max_batch must be a positive multiple of {multiple} (the mesh's batch split), "
                              f"got {max_batch}")
@@ -252,10 +244,4 @@ def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
                       top_p, top_logprobs)
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
-
-
-__all__ = ["BatchingEngine", "serving_shapes", "prefill_shapes", "batch_multiple", "step_arrays"]
+__all__ = ["BatchingEngine", "serving_shapes", "prefill_shapes", "step_arrays"]

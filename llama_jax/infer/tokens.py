@@ -25,9 +25,10 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from llama_jax.config import LlamaConfig
-from llama_jax.infer.engine import BatchingEngine, batch_multiple, prefill_shapes
+from llama_jax.infer.engine import BatchingEngine, prefill_shapes
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.sampling import SamplingParams
+from llama_jax.sharding import batch_split
 
 MIN_BUCKET = 32  # the shortest context and prefill chunk: a chat header is ~10 tokens
 PREFILL_CHUNK = 512  # prompt tokens per engine step at most, so a step never holds more logits
@@ -93,7 +94,7 @@ def _engine(cfg: LlamaConfig, params, mesh, *, max_batch: int, max_seq_len: int,
             **settings) -> BatchingEngine:
     """The engine generate and Conversation run on: prefill chunks from MIN_BUCKET tokens up to
     prefill_chunk, pages of PAGE_SIZE, the paged attention cfg names."""
-    shapes = prefill_shapes(prefill_chunk, smallest=min(MIN_BUCKET, prefill_chunk), multiple=batch_multiple(mesh),
+    shapes = prefill_shapes(prefill_chunk, smallest=min(MIN_BUCKET, prefill_chunk), multiple=batch_split(mesh),
                             max_rows=max_batch)
     return BatchingEngine(cfg, params, mesh=mesh, max_batch=max_batch, max_seq_len=max_seq_len, page_size=PAGE_SIZE,
                           chunk_shapes=shapes, attention_impl=paged_attention_impl(cfg), **settings)
@@ -121,7 +122,7 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
             yield TokenEvent(i, None, "length")
         return
     requests = [request_params(cfg, len(p), max_new_tokens, sampling, stop_ids, seed) for p in prompts]
-    multiple = batch_multiple(mesh)
+    multiple = batch_split(mesh)
     rows = -(-(batch_size or len(prompts)) // multiple) * multiple
     longest = max(len(p) for p in prompts)
     # A chunk that holds the first rows' prompts in one step, when prefill_chunk allows.
@@ -161,7 +162,7 @@ class Conversation:
     """
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
-        if batch_multiple(mesh) != 1:
+        if batch_split(mesh) != 1:
             raise ValueError("a Conversation is one sequence: its mesh cannot split the batch (use tp only)")
         self.cfg, self.params, self.mesh, self.chunk = cfg, params, mesh, prefill_chunk
         self.engine: BatchingEngine | None = None

@@ -14,9 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from llama_jax.config import LlamaConfig
-from llama_jax.params import param_logical_axes
-from llama_jax.quantize import QuantizedArray
-from llama_jax.sharding import logical_to_sharding
+from llama_jax.params import param_shardings
 
 
 class DecodeParams(NamedTuple):
@@ -27,22 +25,6 @@ class DecodeParams(NamedTuple):
     layers: tuple[dict, ...]
     norm: dict
     output: Any = None  # [D, V]; None with tied embeddings
-
-
-def param_shardings(cfg: LlamaConfig, mesh, params):
-    """Shardings matching the model's `params` as the rules table says, QuantizedArrays included (a
-    scale's size-1 contracted dims are replicated, as the rules do for any dim a mesh axis does not
-    divide), and LoRA-adapted weights (lora.adapt: A split like the weight's inputs, B like its outputs)."""
-    def shard(logical, leaf):
-        if hasattr(leaf, "map_with_axes"):  # a lora.LoraWeight
-            return leaf.map_with_axes(shard, logical)
-        if isinstance(leaf, QuantizedArray):
-            return QuantizedArray(logical_to_sharding(logical, mesh, leaf.values.shape),
-                                  logical_to_sharding(logical, mesh, leaf.scale.shape))
-        return logical_to_sharding(logical, mesh, leaf.shape)
-
-    return jax.tree.map(shard, param_logical_axes(cfg), params,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def decode_params(cfg: LlamaConfig, params, mesh=None, *, donate: bool = False) -> tuple[LlamaConfig, DecodeParams]:
@@ -92,4 +74,4 @@ def weights_device(params: DecodeParams):
                 jax.devices()[0])
 
 
-__all__ = ["DecodeParams", "decode_params", "param_shardings", "weights_device"]
+__all__ = ["DecodeParams", "decode_params", "weights_device"]

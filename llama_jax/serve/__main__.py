@@ -4,7 +4,7 @@
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Requests are batched continuously over a paged KV cache (llama_jax.infer.batching), allocated at
+Requests are batched continuously over a paged KV cache (llama_jax.infer.engine), allocated at
 start for --max-batch sequences of --max-seq-len tokens (its size is printed). On SIGTERM new
 requests and /health get 503 while the running ones get --grace-period seconds to finish (then
 they are aborted); once none is left the server closes its socket and exits 0. Bad flags or paths
@@ -24,13 +24,13 @@ from pathlib import Path
 import jax
 import uvicorn
 
-from llama_jax.infer.engine import BatchingEngine, batch_multiple, serving_shapes
 from llama_jax.infer import huge_pages
+from llama_jax.infer.engine import BatchingEngine, serving_shapes
 from llama_jax.infer.load import InferenceModel, load_for_inference
 from llama_jax.quantize import QUANTIZED_DTYPES
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES
-from llama_jax.sharding import make_mesh
+from llama_jax.sharding import batch_split, make_mesh
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
 
@@ -108,9 +108,9 @@ def load_engine(args, before_weights=None):
     -m llama_jax.infer` loads it, in the checkpoint's compute dtype: float32 on CPU), every flag
     checked against it first; then `before_weights()`, then its weights load."""
     mesh = make_mesh(args.mesh) if args.mesh else None
-    if mesh is not None and args.max_batch % batch_multiple(mesh):
+    if mesh is not None and args.max_batch % batch_split(mesh):
         raise ValueError(f"--max-batch {args.max_batch} does not divide over the mesh's batch split of "
-                         f"{batch_multiple(mesh)}")
+                         f"{batch_split(mesh)}")
 
     def check_config(cfg):
         if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
@@ -131,7 +131,7 @@ def make_engine(model: InferenceModel, args) -> BatchingEngine:
                           # One call per step, decode rows and a prefill chunk together; a few
                           # running requests do not pay for a full decode batch of padding, in a
                           # handful of programs compiled at start (12 at --max-batch 64).
-                          **serving_shapes(args.max_batch, multiple=batch_multiple(model.mesh)))
+                          **serving_shapes(args.max_batch, multiple=batch_split(model.mesh)))
 
 
 def kv_cache_summary(engine) -> str:

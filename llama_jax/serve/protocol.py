@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-# The engine reports at most this many alternatives per token (RequestParams.logprobs).
-MAX_TOP_LOGPROBS = 20
+from llama_jax.infer.requests import MAX_LOGPROBS  # the alternatives per token the engine reports at most
 
 # OpenAI request fields this server does not implement, with the values that change nothing (what
 # OpenAI does when the field is left out, or asks for without tools or a stored completion).
@@ -117,7 +116,7 @@ class SamplingRequest(_Request):
 class CompletionRequest(SamplingRequest):
     # One prompt: a string or token ids; a list holding exactly one of those is accepted too.
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: Any = None  # NO_OPS
     suffix: Any = None
@@ -164,7 +163,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None  # NO_OPS
     functions: Any = None
     tool_choice: Any = None

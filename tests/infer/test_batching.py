@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
-from llama_jax.infer.engine import BatchingEngine, batch_multiple, prefill_shapes, serving_shapes
+from llama_jax.infer.engine import BatchingEngine, prefill_shapes, serving_shapes
+from llama_jax.sharding import batch_split
 from llama_jax.infer.requests import EngineFullError, RequestParams
 from llama_jax.infer.tokens import stream_tokens
 from llama_jax.infer.sampling import SamplingParams
@@ -306,7 +307,7 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
     single, _ = drain(BatchingEngine(cfg, params, **SETTINGS), {k: list(v) for k, v in arrivals.items()})
     mesh = make_mesh(spec, jax.devices()[:4 if "dp" in spec else 2])
     # The mesh's batch split (dp2: 2) divides every chunk's rows.
-    chunks = dict(chunk_shapes=prefill_shapes(32, multiple=batch_multiple(mesh), max_rows=4))
+    chunks = dict(chunk_shapes=prefill_shapes(32, multiple=batch_split(mesh), max_rows=4))
     engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS | chunks | layout)
     sharded, _ = drain(engine, arrivals)
     assert {k: tokens_and_reason(v) for k, v in sharded.items()} == {k: tokens_and_reason(v) for k, v in single.items()}
@@ -319,7 +320,7 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
 def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
     cfg, params = tiny
     mesh = None if spec is None else make_mesh(spec, jax.devices()[:4])
-    chunks = prefill_shapes(16, multiple=batch_multiple(mesh), max_rows=2)
+    chunks = prefill_shapes(16, multiple=batch_split(mesh), max_rows=2)
     settings = dict(max_batch=2, page_size=8, chunk_shapes=chunks, max_seq_len=64, mesh=mesh)
     arrivals = {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),
                     ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}

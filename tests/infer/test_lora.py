@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import checkpoint, lora
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.requests import RequestParams, MAX_LOGPROBS
-from llama_jax.infer.weights import decode_params, param_shardings
+from llama_jax.infer.weights import decode_params
+from llama_jax.params import param_shardings
 from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import QuantizedArray, dequantize_params, quantize_params
 from llama_jax.lora import LoraWeight

@@ -9,11 +9,12 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import LlamaConfig
 from llama_jax.infer.engine import BatchingEngine, prefill_shapes
 from llama_jax.infer.requests import RequestParams
-from llama_jax.infer.weights import decode_params, param_shardings
+from llama_jax.infer.weights import decode_params
+from llama_jax.params import param_shardings
 from llama_jax.infer.tokens import stream_tokens
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.quantize import quantize_params
-from llama_jax.sharding import make_mesh
+from llama_jax.sharding import batch_split, make_mesh
 from tests.infer.common import collect, random_params
 
 # 8 kv heads and 16 query heads, so tp8 really splits the cache's kv heads.
@@ -43,7 +44,7 @@ def generate(cfg, params, mesh=None, sampling=SAMPLED):
 def sharded_pages(cfg, params, mesh):
     """The page pools of a batching engine on `mesh` after one step."""
     engine = BatchingEngine(cfg, params, mesh=mesh, max_batch=4, max_seq_len=32, page_size=16,
-                            chunk_shapes=prefill_shapes(32, max_rows=4))
+                            chunk_shapes=prefill_shapes(32, multiple=batch_split(mesh), max_rows=4))
     engine.add("a", PROMPTS[1], RequestParams(2, temperature=0.0))
     engine.step()
     return engine.pages

@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from llama_jax.sharding.mesh import POOL_THREADS_PER_DEVICE
+from llama_jax.cpu_threads import POOL_THREADS_PER_DEVICE
 
 
 def pool_threads() -> int:
