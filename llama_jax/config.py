@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.jsonfile import read_json_object, read_json_text
+
 # The attention implementations, each described in kernels/__init__.py, whose dispatch table names the
 # same ones: spelled here so that reading a config does not import the Pallas kernels.
 ATTENTION_IMPLS = ("xla", "flash_xla", "cudnn", "splash", "pallas", "auto")
@@ -211,7 +213,7 @@ class LlamaConfig:
     def from_json(cls, text_or_path: str | os.PathLike) -> "LlamaConfig":
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = _read_json_text(text_or_path)
+            text = read_json_text(text_or_path)
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
@@ -231,7 +233,7 @@ class LlamaConfig:
         `tokenizer.model` beside a params.json path, else they are Llama 3's (which a vocabulary
         too small to hold them refuses in one line).
         """
-        raw = _load_json(params) if not isinstance(params, dict) else dict(params)
+        raw = read_json_object(params) if not isinstance(params, dict) else dict(params)
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                  "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
         unknown = sorted(set(raw) - known)
@@ -282,7 +284,7 @@ class LlamaConfig:
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            raw = _load_json(path)
+            raw = read_json_object(path)
         model_type = raw.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"config.json: model_type is {model_type!r}, expected 'llama'")
@@ -392,24 +394,6 @@ def _rope_scaling_from_dict(raw: dict | RopeScaling, where: str) -> RopeScaling:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
     return RopeScaling(**raw)
-
-
-def _read_json_text(path: str | os.PathLike) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise ValueError(f"{os.fspath(path)}: no such file") from e
-
-
-def _load_json(path: str | os.PathLike) -> dict:
-    try:
-        value = json.loads(_read_json_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{os.fspath(path)}: expected a JSON object")
-    return value
 
 
 _SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")

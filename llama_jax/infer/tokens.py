@@ -29,6 +29,7 @@ from llama_jax.infer.engine import BatchingEngine, prefill_shapes
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.sharding import batch_split
+from llama_jax.vocab import check_token_ids
 
 MIN_BUCKET = 32  # the shortest context and prefill chunk: a chat header is ~10 tokens
 PREFILL_CHUNK = 512  # prompt tokens per engine step at most, so a step never holds more logits
@@ -66,9 +67,7 @@ def check_prompts(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_to
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError(f"prompt {i} is empty")
-        bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt {i}: token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
+        check_token_ids(ids, cfg.vocab_size, what=f"prompt {i}: token id")
         if truncate and len(ids) > keep:
             ids = ids[-1:] if keep == 1 else ids[:1] + ids[len(ids) - keep + 1:]
         elif len(ids) > limit:
