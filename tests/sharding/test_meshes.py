@@ -1,5 +1,5 @@
-"""Every mesh shape the README and `train --help` show trains, with another process keeping a core
-busy, as on users' machines: a collective that stalls (sharding/mesh.py: XLA:CPU's thread pool)
+"""Every mesh shape the README, docs/ and `train --help` show trains, with another process keeping a core
+busy, as on users' machines: a collective that stalls (cpu_threads.py: XLA:CPU's thread pool)
 fails this test in bounded time instead of hanging CI."""
 
 import json
@@ -27,7 +27,8 @@ SECONDS_PER_MESH = 150  # ~10-25 s each on a loaded 2-core host; a stall aborts 
 def documented_meshes() -> set[str]:
     from llama_jax.train.__main__ import build_parser
 
-    text = (ROOT / "README.md").read_text() + build_parser().format_help()
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "".join(path.read_text() for path in docs) + build_parser().format_help()
     item = r"(?:dp|fsdp|cp|tp)-?\d+"
     mesh = rf"{item}(?:,{item})*"
     return set(re.findall(rf"--mesh[ =]({mesh})\b", text)) | set(re.findall(rf"'({mesh})'", text))
