@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
-                        "float32 on CPU, where XLA's bfloat16 matmuls are slow: a Llama-3.2-1B decode step "
-                        "measured 6x slower; bfloat16 there halves the memory at that cost)")
+                        "float32 on CPU, where XLA's bfloat16 matmuls are much slower; bfloat16 there halves the "
+                        "memory at that cost)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tp8 or dp2,tp4")
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="prompts decoding at once (--prompts-file); a prompt starts as soon as a row is free")

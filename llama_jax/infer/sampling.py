@@ -73,11 +73,10 @@ ARGMAX_SLABS = 64  # argmax_rows splits a row into this many slabs
 def argmax_rows(logits_BV):
     """jnp.argmax(logits_BV, axis=-1) as int32 (the lowest id among equal maxima), faster on CPU.
 
-    XLA:CPU reduces a (value, index) pair along a row's minor axis without vectorising it: 8 ms for
-    16 rows of a 128k vocabulary, measured on this project's CPU. Here the row is viewed as S slabs
+    XLA:CPU reduces a (value, index) pair along a row's minor axis without vectorising it (bench/RESULTS.md,
+    "Numbers moved from docstrings", has the timing). Here the row is viewed as S slabs
     of V / S ids: the max and its lowest slab across the slabs (the major axis: vectorised), then
-    the lowest id among the slab maxima equal to the row's (2.9 ms there; 0.19 -> 0.06 ms for one
-    row of 32k). The same ids, ties included (the lowest id of a row's maxima is the lowest over
+    the lowest id among the slab maxima equal to the row's. The same ids, ties included (the lowest id of a row's maxima is the lowest over
     the columns of each column's lowest); a vocabulary S does not divide takes jnp.argmax."""
     B, V = logits_BV.shape
     S = ARGMAX_SLABS

@@ -51,9 +51,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 def uvicorn_config(app, **kwargs) -> uvicorn.Config:
     """uvicorn for `app` on uvloop's event loop and httptools' HTTP parser, both C (uvicorn's own
     defaults fall back to pure-Python asyncio and h11): every streamed token is an event through
-    them, on the cores the engine's step runs on. Measured with bench/serve.py on a 2-core host,
-    16 streams: the server's Python (event loop, HTTP, the engine thread) held the GIL ~10% of the
-    run under asyncio + h11."""
+    them, on the cores the engine's step runs on, where the server's Python competes with it for the
+    GIL (bench/RESULTS.md, "Numbers moved from docstrings")."""
     return uvicorn.Config(app, loop="uvloop", http="httptools", **kwargs)
 
 
