@@ -47,7 +47,7 @@ def serving_shapes(max_batch: int, prefill_chunk: int = 256, multiple: int = 1) 
     times it up to max_batch: on CPU a few rows cost about one (the weights' reads), more cost
     about their count, so beyond 4 the running requests are padded to at most twice their count.
     One chunk shape, 4 x multiple rows of prefill_chunk / 16 tokens: a step's prompt tokens ride
-    along with its decode rows at a small cost to their latency (bench/RESULTS.md, "serve")."""
+    along with its decode rows at a small cost to their latency (bench/RESULTS.md, "Serving under load")."""
     decode = {multiple, max_batch} | {multiple << i for i in range(2, max_batch.bit_length())
                                       if multiple << i < max_batch}
     return dict(decode_batches=sorted(decode), chunk_shapes=[(4 * multiple, max(1, prefill_chunk // 16))])

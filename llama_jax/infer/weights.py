@@ -3,7 +3,7 @@
 The model stacks its layers on a leading `layers` axis (one layout for scan and unrolled training).
 The engine applies `Block` layer by layer instead, and XLA's CPU backend copies a layer's slice out
 of a stacked weight at every step, so `decode_params` splits the stack once, on the device(s) the
-weights already are on (bench/RESULTS.md, "Per-layer decode weights", has the measurement).
+weights already are on (bench/RESULTS.md, "Numbers moved from docstrings", has the measurement).
 """
 
 from __future__ import annotations
