@@ -23,6 +23,7 @@ from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import default_tokenizer_path
+from tests.reference import hf_logits, hf_model
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 
@@ -111,11 +112,24 @@ def test_quantize_flag(capsys, checkpoint_dir, llama3_tiny, tokenizer):
     assert (status, out) == (0, expected + "\n")
 
 
-def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir):
+def test_attention_impl_flag_reaches_the_model(capsys, checkpoint_dir, llama3_tiny, tokenizer):
     assert load_for_inference(checkpoint_dir, attention_impl="auto").cfg.attention_impl == "auto"
-    auto = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", "--attention-impl", "auto",
-                   *GREEDY)
-    assert auto == run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", *GREEDY)
+    # The engine's paged decoding against another implementation: transformers' LlamaForCausalLM holding the
+    # same weights, a full forward pass (no cache) for each greedy token.
+    model = hf_model(*llama3_tiny)
+    prompt = tokenizer.encode("The sky is", bos=True, eos=False)
+    ids = list(prompt)
+    for _ in range(6):
+        token = int(hf_logits(model, [ids])[0, -1].argmax())
+        if token in tokenizer.stop_tokens:
+            break
+        ids.append(token)
+    expected = tokenizer.decode(ids[len(prompt):])
+    assert len(ids) > len(prompt) + 1  # a continuation to compare, not an immediate stop
+    for impl in ("auto", "xla"):
+        status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "The sky is", "--attention-impl",
+                                 impl, *GREEDY)
+        assert (status, out) == (0, expected + "\n"), impl
 
 
 def test_bfloat16_checkpoint_runs_in_float32_on_cpu_unless_asked(tmp_path, llama3_tiny):
