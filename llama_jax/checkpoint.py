@@ -203,33 +203,11 @@ def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | Non
         raise ValueError(f"{path}/{PARAMS_DIR}: unreadable Orbax checkpoint ({_first_line(e)})") from e
     # Compare shapes before reading: a mismatch found mid-restore surfaces as a pile of async errors.
     check_params(stored_cfg, stored, what=f"{path}: stored params vs {CONFIG_FILE}")
-    previous_hook = _ignore_abandoned_reads()
     try:
         params = checkpointer.restore(path / PARAMS_DIR, target)
     except Exception as e:  # noqa: BLE001 (tensorstore read failures arrive as bare Exception)
-        # The hook stays: the abandoned reads keep finishing after we return.
         raise ValueError(f"{path}/{PARAMS_DIR}: damaged checkpoint ({_first_line(e)})") from e
-    sys.unraisablehook = previous_hook
     return cfg, params
-
-
-def _ignore_abandoned_reads():
-    """Install an unraisable-exception hook that drops what abandoned restore reads report; return
-    the hook it replaces. When one read of a restore fails, Orbax closes its event loop while the
-    other reads are in flight: each then reports RuntimeError('Event loop is closed'), and their
-    coroutines, collected later, report the failed read again, tracebacks on stderr around our
-    one-line error. Any other unraisable exception still reports."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        error, source = unraisable.exc_value, unraisable.object
-        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        abandoned_read = getattr(source, "__qualname__", "").endswith("_read_array_index_and_device_put")
-        if not (closed_loop or abandoned_read):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    return previous
 
 
 def _first_line(error: BaseException) -> str:

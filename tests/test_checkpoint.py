@@ -4,7 +4,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +120,8 @@ def test_save_does_not_overwrite_unless_asked(tmp_path):
     assert_trees_equal(checkpoint.load(out)[1], second)
 
 
+# What Orbax's abandoned reads report after the failed restore is pytest's warning here, not an error.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="is not a llama_jax checkpoint"):
         checkpoint.load(tmp_path)
@@ -194,19 +195,17 @@ def test_save_from_two_processes_writes_one_checkpoint(tmp_path):
         np.testing.assert_array_equal(leaf, np.arange(leaf.size, dtype=np.float32).reshape(leaf.shape) / 1000)
 
 
-def test_reads_abandoned_by_a_failed_restore_stay_quiet(monkeypatch):
-    """What Orbax's in-flight reads report after one read failed is dropped; anything else is not."""
-    seen = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-    checkpoint._ignore_abandoned_reads()
-
-    async def _read_array_index_and_device_put():
-        pass
-
-    abandoned = _read_array_index_and_device_put()
-    other = ValueError("something else")
-    for error, source in [(RuntimeError("Event loop is closed"), None), (Exception("read failed"), abandoned),
-                          (other, None)]:
-        sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=source))
-    abandoned.close()
-    assert seen == [other]
+# What Orbax's abandoned reads report after the failed restore is pytest's warning here, not an error.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_failed_restore_leaves_the_unraisable_hook_as_it_was(tmp_path):
+    """load raises its one line and touches no process-wide state; quieting what Orbax's abandoned
+    reads report is the CLI processes' choice (abandoned_reads.py, checked end to end by
+    tests/infer/test_cli.py's damaged-checkpoint test in a fresh process)."""
+    cfg = PRESETS["tiny"]
+    out = checkpoint.save(tmp_path / "ckpt", cfg, random_params(cfg))
+    largest = max((f for f in (out / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    before = sys.unraisablehook
+    with pytest.raises(ValueError, match="ckpt/params: (damaged|unreadable)"):
+        checkpoint.load(out)
+    assert sys.unraisablehook is before

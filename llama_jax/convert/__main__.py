@@ -11,6 +11,8 @@ import argparse
 import sys
 import warnings
 
+from llama_jax.abandoned_reads import quiet_abandoned_reads
+
 _DTYPES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
 _DESCRIPTION = """\
@@ -118,4 +120,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_abandoned_reads()  # a damaged checkpoint is one line on stderr, nothing after it
     sys.exit(main())

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 
 from llama_jax import kernels
+from llama_jax.abandoned_reads import quiet_abandoned_reads
 from llama_jax.infer import huge_pages
 from llama_jax.infer.load import load_for_inference
 from llama_jax.infer.requests import RequestParams
@@ -215,4 +216,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     huge_pages.reexec_with_huge_pages("llama_jax.infer")  # once, on CPU: faster decode steps (see its module)
+    quiet_abandoned_reads()  # a damaged checkpoint is one line on stderr, nothing after it
     sys.exit(main())

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import uvicorn
 
+from llama_jax.abandoned_reads import quiet_abandoned_reads
 from llama_jax.infer import huge_pages
 from llama_jax.infer.engine import BatchingEngine, serving_shapes
 from llama_jax.infer.load import InferenceModel, load_for_inference
@@ -210,4 +211,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     huge_pages.reexec_with_huge_pages("llama_jax.serve")  # once, on CPU: faster decode steps (see its module)
+    quiet_abandoned_reads()  # a damaged checkpoint is one line on stderr, nothing after it
     sys.exit(main())

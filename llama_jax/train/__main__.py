@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import sys
 
+from llama_jax.abandoned_reads import quiet_abandoned_reads
+
 DESCRIPTION = """\
 Train a Llama 3 model on a mesh of devices, resuming automatically from OUT/checkpoints.
 
@@ -169,4 +171,5 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_abandoned_reads()  # a damaged checkpoint is one line on stderr, nothing after it
     sys.exit(main())
