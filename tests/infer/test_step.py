@@ -18,7 +18,8 @@ M = 4  # page-table entries per row: 32 positions
 
 
 def inputs(tokens_rows, positions_rows, tables, sample_at, *, decode_rows=1, **hooks):
-    """StepInputs of `decode_rows` padding decode rows then a chunk of the given rows (equal widths)."""
+    """StepInputs of `decode_rows` padding decode rows then a chunk of the given rows (equal widths);
+    sample_at: indices into the chunk's tokens."""
     R, C = len(tokens_rows), len(tokens_rows[0])
     B = decode_rows + R * C
     tokens, positions = np.zeros((B, 1), np.int32), np.full((B, 1), -1, np.int32)
@@ -26,7 +27,7 @@ def inputs(tokens_rows, positions_rows, tables, sample_at, *, decode_rows=1, **h
     positions[decode_rows:, 0] = np.concatenate(positions_rows)
     L = decode_rows
     sample = np.zeros(L, np.int32)
-    sample[:len(sample_at)] = sample_at
+    sample[:len(sample_at)] = np.asarray(sample_at) + decode_rows
     settings = dict(seeds_L=np.zeros(L, np.uint32), streams_L=np.zeros(L, np.uint32),
                     temperature_L=np.zeros(L, np.float32), top_k_L=np.zeros(L, np.int32),
                     top_p_L=np.ones(L, np.float32), top_logprobs_L=np.zeros(L, np.int32))
@@ -50,13 +51,13 @@ def test_a_row_of_several_new_tokens_is_sampled_at_each_like_the_full_forward(mo
     pages = empty_pages(cfg, 8, PAGE)
     table = [[1, 2, 0, 0]]
     # Prefill the prompt (one row of 9), sampled at its last token.
-    step = inputs([prompt], [np.arange(9)], table, [1 + 8], decode_rows=4)
+    step = inputs([prompt], [np.arange(9)], table, [8], decode_rows=4)
     pages, _ = model_step_jit(split, pages, step, cfg=cfg)
-    step = inputs([proposed], [np.arange(9, 13)], table, [1, 2, 3, 4], decode_rows=4)
+    step = inputs([proposed], [np.arange(9, 13)], table, [0, 1, 2, 3], decode_rows=4)
     pages, out = model_step_jit(split, pages, step, cfg=cfg)
     logits = np.asarray(_forward(params, jnp.asarray([sequence]), cfg))[0]
-    np.testing.assert_array_equal(np.asarray(out.tokens_L), logits[8:12].argmax(-1))
-    want = jax.nn.log_softmax(logits[8:12], axis=-1)[np.arange(4), logits[8:12].argmax(-1)]
+    np.testing.assert_array_equal(np.asarray(out.tokens_L), logits[9:13].argmax(-1))
+    want = jax.nn.log_softmax(logits[9:13], axis=-1)[np.arange(4), logits[9:13].argmax(-1)]
     np.testing.assert_allclose(np.asarray(out.logprobs_L), want, atol=1e-5)
 
 
@@ -68,7 +69,7 @@ def test_an_allowed_token_mask_restricts_sampling_but_not_the_logprobs(model):
     for token in ranked[3], ranked[7]:  # the 4th and 8th most likely only
         allowed[0, token // 32] |= np.uint32(1) << np.uint32(token % 32)
     # Row 1 allows nothing: left as it is (its argmax).
-    step = inputs([[1, 5, 9]], [np.arange(3)], [[1, 0, 0, 0]], [1 + 2, 1 + 2], decode_rows=2,
+    step = inputs([[1, 5, 9]], [np.arange(3)], [[1, 0, 0, 0]], [2, 2], decode_rows=2,
                   allowed_LW=allowed)
     step = step._replace(temperature_L=np.array([0.0, 0.0], np.float32))
     _, out = model_step_jit(split, empty_pages(cfg, 4, PAGE), step, cfg=cfg)
@@ -93,7 +94,7 @@ def test_a_large_bias_steers_the_step_s_greedy_token(model):
     cfg, params, split = model
     logits = np.asarray(_forward(params, jnp.asarray([[1, 5, 9]]), cfg))[0, 2]
     target = int(np.argsort(-logits)[5])
-    step = inputs([[1, 5, 9]], [np.arange(3)], [[1, 0, 0, 0]], [1 + 2], decode_rows=1,
+    step = inputs([[1, 5, 9]], [np.arange(3)], [[1, 0, 0, 0]], [2], decode_rows=1,
                   bias_ids_LN=np.array([[target, -1]], np.int32), bias_LN=np.array([[50.0, 0.0]], np.float32))
     _, out = model_step_jit(split, empty_pages(cfg, 4, PAGE), step, cfg=cfg)
     assert int(out.tokens_L[0]) == target
