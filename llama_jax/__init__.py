@@ -8,9 +8,8 @@ The names below are imported on first use, so the plain-Python parts (the engine
 server's protocol, a CLI's --help) load without jax.
 """
 
-import importlib
-
 from llama_jax.cpu_threads import size_cpu_thread_pool
+from llama_jax.lazy import lazy_getattr
 
 # Before jax creates its CPU client: fake-device meshes (XLA_FLAGS' host device count) need a thread
 # pool deeper than XLA's default or their collectives can starve each other (cpu_threads.py says why).
@@ -24,10 +23,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"llama_jax.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -17,7 +17,7 @@ text.py      the text API: generate, streaming detokenizer, chat dialog, reply (
 Names are imported lazily, so the plain-Python modules load without jax.
 """
 
-import importlib
+from llama_jax.lazy import lazy_getattr
 
 _EXPORTS = {
     "generate": "text", "iter_completions": "text", "reply": "text", "GenerationResult": "text",
@@ -28,10 +28,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"llama_jax.infer.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'llama_jax.infer' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)
