@@ -91,16 +91,13 @@ def empty_pages(cfg: LlamaConfig, num_pages: int, page_size: int, *, mesh=None, 
 def grow_pages(pages, extra, *, mesh=None):
     """The pools with the pages of `extra` (empty_pages of the same layout) appended."""
     grown = jax.tree.map(lambda old, new: jnp.concatenate([old, new]), pages, extra)
-    if mesh is not None:
-        grown = constrain_pages(grown, mesh, device_put=True)
-    return grown
+    return grown if mesh is None else jax.device_put(grown, page_shardings(grown, mesh))
 
 
-def constrain_pages(pages, mesh, *, device_put: bool = False):
-    """The pools laid out as PAGE_AXES says (inside a jitted step, or placed with device_put)."""
+def page_shardings(pages, mesh):
+    """The pools' shardings as PAGE_AXES says, a tree like `pages`."""
     sharding = logical_to_sharding(PAGE_AXES, mesh, pages[0][0].shape)
-    shardings = jax.tree.map(lambda _: sharding, pages)
-    return jax.device_put(pages, shardings) if device_put else jax.lax.with_sharding_constraint(pages, shardings)
+    return jax.tree.map(lambda _: sharding, pages)
 
 
 def copy_pages(pages, copies_C2):
@@ -117,4 +114,4 @@ def copy_pages(pages, copies_C2):
     return tuple((copy(k), copy(v)) for k, v in pages)
 
 
-__all__ = ["PagedKV", "MixedPagedKV", "PAGE_AXES", "empty_pages", "grow_pages", "constrain_pages", "copy_pages"]
+__all__ = ["PagedKV", "MixedPagedKV", "PAGE_AXES", "empty_pages", "grow_pages", "page_shardings", "copy_pages"]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
 from llama_jax.infer import sampling
-from llama_jax.infer.kv_cache import MixedPagedKV, PagedKV, constrain_pages, copy_pages
+from llama_jax.infer.kv_cache import MixedPagedKV, PagedKV, copy_pages, page_shardings
 from llama_jax.infer.weights import DecodeParams
 from llama_jax.model import Block, embed, rms_norm, unembed
 from llama_jax.sharding import activation_sharding
@@ -80,7 +80,7 @@ def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaCon
         logits_LV = unembed(x_L1D, params.tok_embeddings, params.output, cfg)[:, 0]
     new_pages = tuple(new_pages)
     if mesh is not None:
-        new_pages = constrain_pages(new_pages, mesh)
+        new_pages = jax.lax.with_sharding_constraint(new_pages, page_shardings(new_pages, mesh))
     return new_pages, sample_step(logits_LV, inputs)
 
 
