@@ -207,10 +207,18 @@ class BatchingEngine:
         return out
 
     def _place(self, inputs: StepInputs) -> StepInputs:
+        """Every input split on its rows as the batch is, but the page copies: their rows are not
+        the batch's, and every device copies its share of each page."""
         if self.mesh is None:
             return inputs
-        return jax.tree.map(lambda x: jax.device_put(x, logical_to_sharding(
-            (axes.ACTIVATION_BATCH,) + (None,) * (x.ndim - 1), self.mesh, x.shape)), inputs)
+
+        def place(x, rows=axes.ACTIVATION_BATCH):
+            return jax.device_put(x, logical_to_sharding((rows,) + (None,) * (x.ndim - 1), self.mesh, x.shape))
+
+        placed = jax.tree.map(place, inputs._replace(page_copies_C2=None))
+        if inputs.page_copies_C2 is None:
+            return placed
+        return placed._replace(page_copies_C2=place(inputs.page_copies_C2, rows=None))
 
 
 def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
