@@ -25,38 +25,39 @@ def scheduler(**overrides):
 
 
 class FakeDevice:
-    """Checks each plan against what the sequences hold, as the device step would read it: each
-    fed token at its position, nothing fed twice or skipped; returns the fake model's tokens."""
-
-    def __init__(self, sched):
-        self.sched, self.contexts, self.steps = sched, {}, 0
+    """Checks each plan as the device step would read it, then returns the fake model's tokens: a
+    sequence's tokens this step continue from what its pages hold (seq.written) without gaps, never
+    past its context; it is sampled exactly when they reach its context's end, from the row of its
+    last token; the decode rows and samples fit the decode batch, the pieces the chunk."""
 
     def run(self, plan):
         b = plan.decode_batch
-        assert len(plan.decoding) + sum(1 for s in plan.sampled if s not in plan.decoding) <= b
-        fed = []
-        for seq in plan.decoding:
-            fed.append((seq, seq.written, [seq.tokens[seq.written]]))
+        assert len(plan.sampled) <= b and len(plan.sample_at) == len(plan.sampled)
+        fed = {id(s): (s, s.written, s.written + 1) for s in plan.decoding}  # seq, first and next position fed
+        last_row = {id(s): row for row, s in enumerate(plan.decoding)}
+        for s in plan.decoding:
+            assert s.written == len(s.tokens) - 1  # a decode row feeds the newest token
         R, C = plan.chunk_shape or (0, 0)
         assert len(plan.pieces) <= R
-        for piece in plan.pieces:
+        for row, piece in enumerate(plan.pieces):
             assert 1 <= piece.length <= C
-            fed.append((piece.seq, piece.start, piece.seq.tokens[piece.start:piece.start + piece.length]))
-        for seq, start, tokens in fed:
-            context = self.contexts.setdefault(seq.id, [])
-            if start < len(context):  # recomputed after a preemption (or from cached pages)
-                assert seq.tokens[:start] == seq.tokens[:start] and start <= len(context)
-                del context[start:]
-            assert start == len(context) or start >= len(context), (seq.id, start, len(context))
-            context[len(context):] = seq.tokens[len(context):start] + tokens  # cached pages fill the gap
-            assert len(context) <= len(seq.tokens)
-        self.steps += 1
+            seq, first, next_ = fed.get(id(piece.seq), (piece.seq, piece.start, piece.seq.written))
+            assert piece.start == next_, (seq.id, piece.start, next_)  # no gap, nothing fed twice
+            fed[id(seq)] = (seq, first, piece.start + piece.length)
+            last_row[id(seq)] = b + row * C + piece.length - 1
+        finishing = []
+        for seq, _, next_ in fed.values():
+            assert next_ <= len(seq.tokens)
+            if next_ == len(seq.tokens):
+                finishing.append(seq)
+        assert sorted(map(id, plan.sampled)) == sorted(map(id, finishing))
+        assert plan.sample_at == [last_row[id(s)] for s in plan.sampled]
         return [fake_token(s.tokens) for s in plan.sampled] + [0] * (b - len(plan.sampled))
 
 
 def run_all(sched, arrivals):
     """Step until idle, adding arrivals[step] first. {id: [TokenOutput]}."""
-    device, outputs, step = FakeDevice(sched), {}, 0
+    device, outputs, step = FakeDevice(), {}, 0
     while sched.has_work() or arrivals:
         for request_id, prompt, params in arrivals.pop(step, []):
             sched.add(request_id, prompt, params)
