@@ -31,6 +31,7 @@ import numpy as np
 from llama_jax import kernels
 from llama_jax.config import LlamaConfig
 from llama_jax.infer.kv_cache import empty_pages, grow_pages
+from llama_jax.infer.penalties import pack_terms, row_terms
 from llama_jax.infer.requests import RequestParams, TokenOutput
 from llama_jax.infer.scheduler import Scheduler, StepPlan
 from llama_jax.infer.step import StepInputs, model_step_jit
@@ -167,6 +168,7 @@ class BatchingEngine:
         prompt = [int(t) for t in prompt_ids]
         self.check(len(prompt), params.max_tokens)
         check_token_ids(prompt, self.cfg.vocab_size)
+        check_token_ids([t for t, _ in params.logit_bias], self.cfg.vocab_size, what="logit_bias token id")
         self.scheduler.add(request_id, prompt, params, stream=stream)
 
     def abort(self, request_id: str) -> None:
@@ -248,8 +250,14 @@ def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
         p = seq.params
         seeds[row], streams[row] = seq.seed, seq.stream
         temperature[row], top_k[row], top_p[row], top_logprobs[row] = p.temperature, p.top_k, p.top_p, p.logprobs or 0
-    return StepInputs(tokens, positions, decode_table, chunk_table, sample_at, seeds, streams, temperature, top_k,
-                      top_p, top_logprobs)
+    inputs = StepInputs(tokens, positions, decode_table, chunk_table, sample_at, seeds, streams, temperature, top_k,
+                        top_p, top_logprobs)
+    if not any(s.params.shapes_logits for s in plan.sampled):
+        return inputs
+    terms = [row_terms(s.params, s.prompt_tokens, s.counts, s.generated) if s.params.shapes_logits else None
+             for s in plan.sampled]
+    ids, bias, penalized, repetition = pack_terms(terms, [s.params.repetition_penalty for s in plan.sampled], L)
+    return inputs._replace(bias_ids_LN=ids, bias_LN=bias, penalized_LN=penalized, repetition_L=repetition)
 
 
 __all__ = ["BatchingEngine", "serving_shapes", "prefill_shapes", "step_arrays"]

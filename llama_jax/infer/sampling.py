@@ -13,10 +13,16 @@ own temperature, top-k and top-p as arrays, so a continuous batch of requests wi
 settings runs one compiled program. It filters among the MAX_TOP_K most likely tokens of a row
 (a fixed shape); a row without top-k and top-p draws from the whole vocabulary.
 
-Before sampling, the engine's step may restrict a row to allowed tokens (`apply_token_mask`: a
-grammar's bitmask) and add sparse biases (`apply_logit_bias`: logit_bias, presence and frequency
-penalties). Log-probabilities (`chosen_logprobs`, `top_logprobs`) are the model's own distribution,
-log_softmax of the logits before temperature, filters, masks and biases.
+Before sampling, the engine's step shapes a row's logits, in this order (vLLM's):
+1. `apply_repetition_penalty` (HF's / vLLM's repetition_penalty r, over the tokens of the prompt and
+   the output): a raw logit x of such a token becomes x / r if x > 0, else x * r;
+2. `apply_logit_bias`, sparse additive terms: OpenAI's presence and frequency penalties over the
+   tokens generated so far, x[t] -= presence * (count[t] > 0) + frequency * count[t], its logit_bias
+   x[t] += bias[t], and min_tokens as -inf on the stop tokens until that many were generated (a mask
+   after the additions: -inf absorbs them);
+3. `apply_token_mask`: the tokens a grammar allows;
+then temperature, top-k and top-p as above. Log-probabilities (`chosen_logprobs`, `top_logprobs`)
+are the model's own distribution, log_softmax of the raw logits, before all of these.
 """
 
 from __future__ import annotations
@@ -26,19 +32,30 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llama_jax.infer.requests import MAX_LOGPROBS, MAX_TOP_K, check_sampling
+from llama_jax.infer.requests import MAX_LOGPROBS, MAX_TOP_K, check_penalties, check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Hashable, so the decode step is compiled once per sampling setting, not per call."""
+    """How generate / stream_tokens / Conversation sample (hashable: `sample` takes it as a static
+    argument, and uses temperature, top_p and top_k only). The penalties, logit_bias and min_tokens
+    are the engine's (requests.RequestParams has their definitions)."""
 
     temperature: float = 0.6
     top_p: float = 0.9  # 1.0 keeps every token
     top_k: int = 0  # 0 keeps every token
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # a {token id: bias} dict is accepted
+    min_tokens: int = 0
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_p, self.top_k)
+        object.__setattr__(self, "logit_bias", check_penalties(self.presence_penalty, self.frequency_penalty,
+                                                               self.repetition_penalty, self.logit_bias))
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
@@ -168,6 +185,19 @@ def apply_logit_bias(logits_LV, ids_LN, bias_LN):
                                                                         mode="drop")
 
 
+def apply_repetition_penalty(logits_LV, ids_LN, penalized_LN, penalty_L):
+    """Logits with each listed token t of a row (ids_LN[l, n] >= 0 and penalized_LN[l, n]) divided by
+    the row's penalty if positive, multiplied by it otherwise (HF's and vLLM's repetition_penalty).
+    A row's listed ids must be distinct (each is set once from its raw logit)."""
+    V = logits_LV.shape[-1]
+    rows_L1 = jnp.arange(logits_LV.shape[0])[:, None]
+    raw_LN = jnp.take_along_axis(logits_LV, jnp.clip(ids_LN, 0, V - 1), axis=1)
+    r_L1 = penalty_L[:, None].astype(logits_LV.dtype)
+    penalized_value_LN = jnp.where(raw_LN > 0, raw_LN / r_L1, raw_LN * r_L1)
+    target_LN = jnp.where((ids_LN >= 0) & penalized_LN, ids_LN, V)  # past the vocabulary: dropped
+    return logits_LV.at[rows_L1, target_LN].set(penalized_value_LN, mode="drop")
+
+
 def chosen_logprobs(logits_LV, tokens_L):
     """log_softmax(logits)[l, tokens_L[l]] as jax.nn.log_softmax computes it, (x - max) - log(sum(exp(x -
     max))), without writing the [L, V] log-softmax: only the top log-probabilities need that."""
@@ -188,4 +218,4 @@ def top_logprobs(logits_LV, wanted_L):
 
 
 __all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "argmax_rows", "sampling_keys", "apply_token_mask",
-           "apply_logit_bias", "chosen_logprobs", "top_logprobs", "MAX_TOP_K"]
+           "apply_logit_bias", "apply_repetition_penalty", "chosen_logprobs", "top_logprobs", "MAX_TOP_K"]

@@ -51,6 +51,8 @@ class SequenceState:
     prefilling: bool = True  # until the logits at its last context token are sampled
     cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     reported: bool = False  # its first output is out
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # generated tokens'
+    prompt_tokens: frozenset[int] = frozenset()  # the prompt's distinct tokens, for a repetition penalty
 
     @property
     def generated(self) -> int:
@@ -113,7 +115,8 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise EngineFullError(f"{len(self.waiting)} requests are waiting, the most this engine queues")
         seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
-        seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added)
+        seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added,
+                            prompt_tokens=frozenset(prompt) if params.repetition_penalty != 1 else frozenset())
         self._added += 1
         self.requests[request_id] = seq
         self.waiting.append(seq)
@@ -273,6 +276,7 @@ class Scheduler:
 
     def _emit(self, seq: SequenceState, token: int, logprob: float | None, top) -> TokenOutput:
         seq.tokens.append(token)
+        seq.counts[token] += 1
         self.counters["generated_tokens"] += 1
         p = seq.params
         reason = "stop" if token in p.stop_token_ids else "length" if seq.generated >= p.max_tokens else None

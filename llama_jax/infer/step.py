@@ -15,8 +15,10 @@ layers costs): decode rows, the last token of each prompt finishing here, or eve
 verified row.
 
 Hooks the step applies before sampling, each None when no row of the batch uses it (a separate
-compiled program only then): allowed-token bitmasks per sampled row (grammars, JSON schemas),
-sparse additive logit biases (logit_bias, presence / frequency penalties), and page copies done
+compiled program only then), in this order: the repetition penalty on the raw logits of a sparse
+list of tokens per row, sparse additive logit biases (logit_bias, presence / frequency penalties,
+and -inf on the stop tokens while a request is short of its min_tokens), allowed-token bitmasks
+per sampled row (grammars, JSON schemas); then temperature, top-k and top-p. Page copies are done
 before any write (copy-on-write of a prompt's last partial page that several samples share).
 """
 
@@ -52,6 +54,10 @@ class StepInputs(NamedTuple):
     bias_ids_LN: jax.Array | None = None  # [L, N] int32 (negative: unused), with bias_LN [L, N] float32
     bias_LN: jax.Array | None = None
     page_copies_C2: jax.Array | None = None  # [C, 2] int32 (source, destination) pages (kv_cache.copy_pages)
+    # With bias_ids_LN: whether the repetition penalty repetition_L [L] float32 (1: off) applies to each
+    # listed token (sampling.apply_repetition_penalty); the ids of a row are then distinct.
+    penalized_LN: jax.Array | None = None  # [L, N] bool
+    repetition_L: jax.Array | None = None  # [L] float32
 
 
 class StepOutputs(NamedTuple):
@@ -85,13 +91,17 @@ def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaCon
 
 
 def sample_step(logits_LV, inputs: StepInputs) -> StepOutputs:
-    """The step's sampling: hooks, then each row's own settings and key, then the log-probabilities."""
+    """The step's sampling: hooks, then each row's own settings and key, then the log-probabilities
+    (of the raw logits: the model's distribution, whatever the hooks did)."""
     logits_LV = logits_LV.astype(jnp.float32)
     shaped_LV = logits_LV
-    if inputs.allowed_LW is not None:
-        shaped_LV = sampling.apply_token_mask(shaped_LV, inputs.allowed_LW)
+    if inputs.repetition_L is not None:
+        shaped_LV = sampling.apply_repetition_penalty(shaped_LV, inputs.bias_ids_LN, inputs.penalized_LN,
+                                                      inputs.repetition_L)
     if inputs.bias_ids_LN is not None:
         shaped_LV = sampling.apply_logit_bias(shaped_LV, inputs.bias_ids_LN, inputs.bias_LN)
+    if inputs.allowed_LW is not None:
+        shaped_LV = sampling.apply_token_mask(shaped_LV, inputs.allowed_LW)
     # The drawn token's position: one past the token whose logits it comes from.
     drawn_at_L = jnp.take(inputs.positions_B1.reshape(-1), inputs.sample_at_L) + 1
     keys_L = sampling.sampling_keys(inputs.seeds_L, inputs.streams_L, drawn_at_L)

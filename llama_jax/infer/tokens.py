@@ -79,9 +79,13 @@ def check_prompts(cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_to
 
 def request_params(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int, sampling: SamplingParams,
                    stop_ids: Sequence[int], seed: int) -> RequestParams:
-    """The engine's settings for one prompt: at most max_new_tokens, fewer at the context's end."""
-    return RequestParams(min(max_new_tokens, cfg.max_seq_len - prompt_len), temperature=sampling.temperature,
-                         top_p=sampling.top_p, top_k=sampling.top_k, seed=seed, stop_token_ids=tuple(stop_ids))
+    """The engine's settings for one prompt: at most max_new_tokens, fewer at the context's end (and
+    min_tokens no more than that)."""
+    max_tokens = min(max_new_tokens, cfg.max_seq_len - prompt_len)
+    return RequestParams(max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                         seed=seed, stop_token_ids=tuple(stop_ids), presence_penalty=sampling.presence_penalty,
+                         frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
+                         logit_bias=sampling.logit_bias, min_tokens=min(sampling.min_tokens, max_tokens))
 
 
 def paged_attention_impl(cfg: LlamaConfig) -> str:
