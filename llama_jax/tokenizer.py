@@ -22,6 +22,7 @@ from pathlib import Path
 import tiktoken
 
 from llama_jax.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, hf_tokenizer_files
+from llama_jax.tools.llama3 import Turn, llama3_turns, message_turn
 from llama_jax.vocab import check_token_ids
 
 # Meta's pre-tokenizer split: case-insensitive contractions, letter runs with one leading
@@ -218,21 +219,26 @@ class Llama3Tokenizer:
             *self.encode("\n\n", bos=False, eos=False),
         ]
 
-    def encode_message(self, message: Mapping[str, str]) -> list[int]:
-        """Header, content (not stripped, as llama-models), then eot.
+    def encode_turn(self, turn: Turn) -> list[int]:
+        """Header, <|python_tag|> if the turn starts with one, text (not stripped, as llama-models), end token."""
+        tag = [self.python_tag_id] if turn.python_tag else []
+        return self.encode_header(turn.role) + tag + self.encode(turn.text, bos=False, eos=False) + [
+            self._special[turn.end]]
 
-        An assistant message with `"stop_reason": "end_of_message"` ends in eom instead: that is
-        how a turn that called a tool and awaits its result was trained.
-        """
-        role, content = _role_and_content(message)
-        end = "<|eom_id|>" if role == "assistant" and message.get("stop_reason") == "end_of_message" else "<|eot_id|>"
-        return self.encode_header(role) + self.encode(content, bos=False, eos=False) + [self._special[end]]
+    def encode_message(self, message: Mapping, tool_format: str = "json") -> list[int]:
+        """One message as llama-models' ChatFormat encodes it: an assistant message's tool_calls in Meta's
+        call syntax (`tools.llama3.message_turn`), ending in eom when it awaits a built-in tool's result
+        (or says `"stop_reason": "end_of_message"`); the OpenAI `tool` role is Meta's `ipython`."""
+        return self.encode_turn(message_turn(message, tool_format))
 
-    def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """bos, every message, then an open assistant header for the model to complete."""
+    def encode_dialog(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None, *,
+                      tool_format: str = "json", tools_in: str = "user", today: str | None = None) -> list[int]:
+        """bos, every message, then an open assistant header for the model to complete. `tools` (OpenAI
+        definitions) are rendered in Meta's `tool_format` ("json": Llama 3.1 / 3.3, "pythonic": 3.2),
+        see `tools.llama3.llama3_turns`."""
         ids = [self.bos_id]
-        for message in messages:
-            ids.extend(self.encode_message(message))
+        for turn in llama3_turns(messages, tools, tool_format=tool_format, tools_in=tools_in, today=today):
+            ids.extend(self.encode_turn(turn))
         return ids + self.encode_header("assistant")
 
 
