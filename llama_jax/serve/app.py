@@ -5,7 +5,9 @@ one is a 400 that touches no other request, and every error is OpenAI's JSON sha
 Nothing slow runs on the event loop, which every stream's tokens pass through: a body over the
 limit is refused before it is read (limits.py), and prompts are tokenized in a worker thread.
 Generation streams through the runner's engine thread; text goes out in whole UTF-8 characters,
-cut before a stop string (output.py).
+cut before a stop string (output.py). Echo with logprobs scores the prompt on that thread too
+(runner.py, infer/score.py), before the generated tokens, or alone with max_tokens 0: what lm-eval's
+loglikelihood tasks send. /tokenize and /detokenize are vLLM's routes and shapes.
 """
 
 from __future__ import annotations
@@ -18,34 +20,20 @@ import uuid
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.requests import EngineFullError, RequestParams
+from llama_jax.infer.score import Scorer
 from llama_jax.serve import protocol as p
-from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit, BodyTooLarge, fewest_tokens, too_large
-from llama_jax.serve.logprobs import Logprobs, TextOffsets
+from llama_jax.serve.errors import APIError, error_response, install_error_handlers
+from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit, fewest_tokens
+from llama_jax.serve.logprobs import Logprobs, TextOffsets, joined
 from llama_jax.serve.metrics import ServerMetrics
 from llama_jax.serve.output import Counts, Delta, deltas
 from llama_jax.serve.runner import EngineError, EngineRequest, EngineRunner, ShuttingDownError
 from llama_jax.vocab import check_token_ids
-
-
-class APIError(Exception):
-    """An error with its HTTP status, answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.detail = status, p.ErrorDetail(message=message, type=type, param=param, code=code)
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def uvicorn_config(app, **kwargs) -> uvicorn.Config:
@@ -57,10 +45,12 @@ def uvicorn_config(app, **kwargs) -> uvicorn.Config:
 
 
 def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it (aborting what is left)."""
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, scorer=None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (aborting what is left).
+    scorer: what scores echoed prompts (infer/score.Scorer); None: a BatchingEngine's own weights,
+    and no prompt scoring for any other engine."""
     metrics = ServerMetrics()
-    runner = EngineRunner(engine, metrics)
+    runner = EngineRunner(engine, metrics, scorer if scorer is not None else _engine_scorer(engine))
     generation = Generation(engine, tokenizer, model_name, runner, metrics)
 
     @contextlib.asynccontextmanager
@@ -72,7 +62,7 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
     app = FastAPI(title="llama_jax", lifespan=lifespan)
     app.state.runner = runner
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     def check_key(request: Request) -> None:
         given = request.headers.get("authorization", "")
@@ -80,12 +70,14 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)] if api_key else [])
+    keyed = [Depends(check_key)] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
 
     @v1.get("/models")
     async def models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=model_name, created=generation.created,
-                                             max_model_len=engine.max_seq_len)])
+        features = ["stream", "logprobs"] + (["echo_logprobs"] if runner.scorer is not None else [])
+        return p.ModelList(data=[p.ModelCard(id=model_name, root=model_name, created=generation.created,
+                                             max_model_len=engine.max_seq_len, features=features)])
 
     @v1.post("/completions")
     async def completions(body: p.CompletionRequest, http: Request):
@@ -96,6 +88,14 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
         return await generation.chat(body, http)
 
     app.include_router(v1)
+
+    @app.post("/tokenize", dependencies=keyed)
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        return await generation.tokenize(body)
+
+    @app.post("/detokenize", dependencies=keyed)
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        return await generation.detokenize(body)
 
     @app.get("/health")
     async def health():
@@ -112,6 +112,11 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
     return app
 
 
+def _engine_scorer(engine) -> Scorer | None:
+    """A scorer on a BatchingEngine's own weights; None for another engine (the tests' fakes)."""
+    return Scorer.for_engine(engine) if isinstance(engine, BatchingEngine) else None
+
+
 class Generation:
     """Turns validated requests into engine requests and their results into OpenAI responses."""
 
@@ -123,10 +128,12 @@ class Generation:
 
     async def complete(self, body: p.CompletionRequest, http: Request):
         self._check_model(body.model)
+        printed_from = 0  # the prompt's tokens before it are not in its text
         if isinstance(body.prompt, str):
             prompt_ids = await self._tokenize(lambda: self.tokenizer.encode(body.prompt, bos=True, eos=False),
                                               len(body.prompt), "prompt")
             prompt_text = body.prompt
+            printed_from = int(prompt_ids[:1] == [self.tokenizer.bos_id])  # the BOS the encoding added
         else:
             prompt_ids = list(body.prompt)
             self._check_context(len(prompt_ids), body.max_tokens, "prompt")  # before reading them
@@ -135,16 +142,25 @@ class Generation:
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
             prompt_text = self.tokenizer.decode(prompt_ids)
-        request = await self._start("cmpl", prompt_ids, body, body.max_tokens, body.logprobs, "prompt")
         echo = prompt_text if body.echo else ""
+        echo_logprobs = None
+        if body.prompt_logprobs:
+            self._check_context(len(prompt_ids), body.max_tokens, "prompt")  # before scoring it
+            scored = await self._score(prompt_ids, body.logprobs)
+            echo_logprobs = self.logprobs.prompt(prompt_ids, scored, TextOffsets(), printed_from)
+        if body.max_tokens == 0:
+            return self._echo_alone(body, prompt_ids, echo, echo_logprobs)
+        request = await self._start("cmpl", prompt_ids, body, body.max_tokens, body.logprobs, "prompt")
         if body.stream:
-            return _stream(request, self._completion_chunks(request, body, echo))
+            return _stream(request, self._completion_chunks(request, body, echo, echo_logprobs))
         counts = Counts()
         pieces = await self._whole(request, body, http, counts)
         if pieces is None:
             return Response(status_code=499)  # nobody reads it: the client is gone
-        tokens = [t for d in pieces for t in d.tokens]
+        tokens = [t for d in pieces for t in _scored_tokens(d, echo_logprobs)]
         logprobs = None if body.logprobs is None else self.logprobs.completion(tokens, TextOffsets(len(echo)))
+        if echo_logprobs is not None:
+            logprobs = joined(echo_logprobs, logprobs)
         return p.CompletionResponse(
             id=request.id, created=int(time.time()), model=self.model_name, usage=self._usage(request, counts),
             choices=[p.CompletionChoice(text=echo + "".join(d.text for d in pieces), logprobs=logprobs,
@@ -152,9 +168,7 @@ class Generation:
 
     async def chat(self, body: p.ChatCompletionRequest, http: Request):
         self._check_model(body.model)
-        # OpenAI's newer name for the system role; Llama's chat formats know it as system.
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-                    for m in body.messages]
+        messages = _chat_messages(body.messages)
         prompt_ids = await self._tokenize(lambda: self.tokenizer.encode_dialog(messages),
                                           sum(len(m["content"]) for m in messages), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -172,6 +186,63 @@ class Generation:
             choices=[p.ChatChoice(message=p.AssistantMessage(content="".join(d.text for d in pieces)),
                                   logprobs=self.logprobs.chat(tokens) if body.logprobs else None,
                                   finish_reason=pieces[-1].finish_reason)])
+
+    def _echo_alone(self, body: p.CompletionRequest, prompt_ids: list[int], echo: str,
+                    echo_logprobs: p.CompletionLogprobs | None):
+        """max_tokens 0: the prompt echoed (and scored), no engine request."""
+        self._check_context(len(prompt_ids), 0, "prompt")
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        usage = p.Usage(prompt_tokens=len(prompt_ids), completion_tokens=0, total_tokens=len(prompt_ids),
+                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=0))
+        response = p.CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+            choices=[p.CompletionChoice(text=echo, logprobs=echo_logprobs, finish_reason="length")],
+            usage=None if body.stream else usage)
+        if not body.stream:
+            return response
+
+        async def chunks():
+            yield response
+            if body.include_usage:
+                yield response.model_copy(update=dict(choices=[], usage=usage))
+
+        return _stream(None, chunks())
+
+    async def _score(self, prompt_ids: list[int], top_n: int):
+        """The prompt's PromptLogprobs, from the runner's engine thread."""
+        try:
+            return await self.runner.score(prompt_ids, top_n)
+        except ShuttingDownError as e:
+            raise APIError(503, str(e), "service_unavailable") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def tokenize(self, body: p.TokenizeRequest) -> p.TokenizeResponse:
+        """vLLM's /tokenize: a prompt's ids (with the BOS token unless add_special_tokens is false),
+        or the ids the chat format gives messages (what /v1/chat/completions feeds the model). No
+        context limit: a client asks to learn whether its prompt fits."""
+        if body.model is not None:
+            self._check_model(body.model)
+        if body.messages is not None:
+            messages, param = _chat_messages(body.messages), "messages"
+            encode = lambda: self.tokenizer.encode_dialog(messages)  # noqa: E731
+        else:
+            bos, param = body.add_special_tokens is not False, "prompt"
+            encode = lambda: self.tokenizer.encode(body.prompt, bos=bos, eos=False)  # noqa: E731
+        try:
+            ids = await asyncio.to_thread(encode)
+        except (ValueError, TypeError) as e:  # e.g. a chat template that refuses the messages
+            raise APIError(400, str(e), param=param) from None
+        return p.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_seq_len, tokens=ids)
+
+    async def detokenize(self, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        try:
+            check_token_ids(body.tokens, self.tokenizer.vocab_size, "tokens: token id")
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from None
+        return p.DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -200,8 +271,13 @@ class Generation:
 
     def _check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str) -> None:
         """The prompt and max_tokens against the context; the error names the prompt when it alone
-        leaves no room for a new token, else max_tokens."""
+        leaves no room for a new token, else max_tokens. max_tokens 0: the prompt alone, scored."""
         context = self.engine.max_seq_len
+        if max_tokens == 0:
+            if prompt_len > context:
+                raise APIError(400, f"the prompt is {prompt_len} tokens, more than the context of {context} "
+                                    f"tokens", param=prompt_param, code="context_length_exceeded")
+            return
         if prompt_len >= context:
             raise APIError(400, f"the prompt is {prompt_len} tokens, more than the context of {context} tokens "
                                 f"holds with one new token", param=prompt_param, code="context_length_exceeded")
@@ -256,16 +332,18 @@ class Generation:
 
     # Streaming.
 
-    async def _completion_chunks(self, request, body: p.CompletionRequest, echo: str):
+    async def _completion_chunks(self, request, body: p.CompletionRequest, echo: str,
+                                 echo_logprobs: p.CompletionLogprobs | None):
         def chunk(choices, usage=None) -> p.CompletionResponse:
             return p.CompletionResponse(id=request.id, created=int(time.time()), model=self.model_name,
                                         choices=choices, usage=usage)
 
         if echo:
-            yield chunk([p.CompletionChoice(text=echo, finish_reason=None)])
+            yield chunk([p.CompletionChoice(text=echo, logprobs=echo_logprobs, finish_reason=None)])
         counts, offsets = Counts(), TextOffsets(len(echo))  # offsets into the text of all the chunks
         async for d in deltas(request, self.tokenizer, body.stop_strings, counts):
-            logprobs = None if body.logprobs is None else self.logprobs.completion(d.tokens, offsets)
+            tokens = _scored_tokens(d, echo_logprobs)
+            logprobs = None if body.logprobs is None else self.logprobs.completion(tokens, offsets)
             yield chunk([p.CompletionChoice(text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)])
         if body.include_usage:
             yield chunk([], self._usage(request, counts))
@@ -285,6 +363,20 @@ class Generation:
             yield chunk([], self._usage(request, counts))
 
 
+def _chat_messages(messages: list[p.ChatMessage]) -> list[dict]:
+    # OpenAI's newer name for the system role; Llama's chat formats know it as system.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+
+
+def _scored_tokens(delta: Delta, echo_logprobs) -> list:
+    """A piece's tokens for its logprobs; with a scored prompt, the stop token that ended the text
+    too (its text is not sent): a scorer (lm-eval) reads one entry per token the model produced, as
+    OpenAI and vLLM list them."""
+    if echo_logprobs is None or delta.stop_token is None:
+        return delta.tokens
+    return [*delta.tokens, delta.stop_token]
+
+
 def _stream(request, chunks) -> StreamingResponse:
     return StreamingResponse(_server_sent_events(request, chunks), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -292,7 +384,7 @@ def _stream(request, chunks) -> StreamingResponse:
 
 async def _server_sent_events(request, chunks):
     """`data: {json}` events, then `data: [DONE]`; an engine failure is an error event. However the
-    stream ends (finished, client gone, server stopping), the request leaves the engine."""
+    stream ends (finished, client gone, server stopping), the request (if any) leaves the engine."""
     try:
         try:
             async for chunk in chunks:
@@ -302,7 +394,8 @@ async def _server_sent_events(request, chunks):
             yield f"data: {error.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        request.abort()
+        if request is not None:
+            request.abort()
 
 
 async def _unless_disconnected(http: Request, work):
@@ -326,41 +419,3 @@ async def _unless_disconnected(http: Request, work):
 async def _disconnect(http: Request) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(p.ErrorResponse(error=e.detail).model_dump(), status_code=e.status)
-
-    @app.exception_handler(EngineError)
-    async def engine_error(_, e: EngineError):
-        return error_response(500, str(e), "server_error")
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_, e: BodyTooLarge):
-        return too_large(e.max_bytes)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):  # the traceback goes to the server's log, not the client
-        return error_response(500, f"internal server error ({type(e).__name__})", "server_error")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_, e: RequestValidationError):
-        first = e.errors()[0]
-        where = [str(part) for part in first.get("loc", ())[1:]]  # drop "body"
-        if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"
-            where = []
-        elif first.get("type") == "extra_forbidden":  # protocol.py: no field is silently dropped
-            message = f"{'.'.join(where)}: unknown or unsupported field; this server does not implement it"
-        else:
-            message = first["msg"].removeprefix("Value error, ")
-            if where:
-                message = f"{'.'.join(where)}: {message}"
-        return error_response(400, message, param=where[0] if where else None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
-                              "invalid_request_error")

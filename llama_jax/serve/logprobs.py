@@ -59,6 +59,24 @@ class Logprobs:
             top_logprobs=[{self.text_of(i): lp for i, lp in t.top_logprobs or ()} for t in tokens])
 
 
+    def prompt(self, token_ids: Sequence[int], scored, offsets: TextOffsets, printed_from: int = 0
+               ) -> p.CompletionLogprobs:
+        """An echoed prompt's tokens with their scores (`scored`: infer/score.PromptLogprobs; the
+        first token's are None). The tokens before `printed_from` are not in the echoed text (the
+        BOS token a text prompt is encoded with): their offset is where the text starts."""
+        offset = [offsets.chars if i < printed_from else offsets.next(self.bytes_of(t))
+                  for i, t in enumerate(token_ids)]
+        return p.CompletionLogprobs(
+            tokens=[self.text_of(t) for t in token_ids], token_logprobs=list(scored.logprobs), text_offset=offset,
+            top_logprobs=[None if top is None else {self.text_of(i): lp for i, lp in top} for top in scored.top])
+
+
+def joined(first: p.CompletionLogprobs, then: p.CompletionLogprobs) -> p.CompletionLogprobs:
+    """One choice's logprobs: an echoed prompt's, then its generated tokens'."""
+    return p.CompletionLogprobs(**{name: getattr(first, name) + getattr(then, name)
+                                   for name in p.CompletionLogprobs.model_fields})
+
+
 @functools.lru_cache(maxsize=8)
 def token_bytes(tokenizer) -> Callable[[int], bytes]:
     """token id -> the bytes it stands for, from the tokenizer's own vocabulary.

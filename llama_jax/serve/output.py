@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
+from llama_jax.infer.requests import TokenOutput
 from llama_jax.infer.text import TextStream
 
 
@@ -50,6 +51,7 @@ class Delta:
     text: str
     tokens: list  # the TokenOutputs whose text is in (or was cut from) this piece: its logprobs
     finish_reason: str | None  # set on the last Delta
+    stop_token: TokenOutput | None = None  # on the last: the stop token that ended the text (not in it)
 
 
 @dataclasses.dataclass
@@ -62,7 +64,7 @@ async def deltas(request, tokenizer, stops: Sequence[str], counts: Counts) -> As
     """The request's text in pieces, each non-empty except perhaps the last (which carries the
     finish reason). However it ends early (a stop string in the text, the consumer gone), the
     request is aborted in the engine."""
-    text_stream, stop_strings, pending = TextStream(tokenizer), StopStrings(stops), []
+    text_stream, stop_strings, pending, stop_token = TextStream(tokenizer), StopStrings(stops), [], None
     try:
         while True:
             out = await request.next()
@@ -71,13 +73,14 @@ async def deltas(request, tokenizer, stops: Sequence[str], counts: Counts) -> As
                 counts.cached_prompt_tokens = out.cached_prompt_tokens
             if out.finish_reason == "stop" and out.token_id in request.params.stop_token_ids:
                 piece = text_stream.flush()  # the stop token ends the text; its own text is not sent
+                stop_token = out
             else:
                 pending.append(out)
                 piece = text_stream.push(out.token_id) + (text_stream.flush() if out.finish_reason else "")
             text, stopped = stop_strings.push(piece)
             if stopped or out.finish_reason is not None:
                 yield Delta(text if stopped else text + stop_strings.flush(), pending,
-                            "stop" if stopped else out.finish_reason)
+                            "stop" if stopped else out.finish_reason, stop_token)
                 return
             if text:
                 yield Delta(text, pending, None)

@@ -116,7 +116,8 @@ class SamplingRequest(_Request):
 class CompletionRequest(SamplingRequest):
     # One prompt: a string or token ids; a list holding exactly one of those is accepted too.
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0: the echoed prompt alone (with echo), as OpenAI allows
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with echo: the prompt's tokens' too
     echo: bool = False
     best_of: Any = None  # NO_OPS
     suffix: Any = None
@@ -133,10 +134,15 @@ class CompletionRequest(SamplingRequest):
         return _valid_unicode(prompt)
 
     @model_validator(mode="after")
-    def _echo_without_logprobs(self):
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (the prompt's logprobs are not computed)")
+    def _zero_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (nothing would be returned)")
         return self
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Echo with logprobs: the prompt's tokens are scored too (what lm-eval's loglikelihood reads)."""
+        return self.echo and self.logprobs is not None
 
 
 class TextPart(_Request):
@@ -184,6 +190,58 @@ class ChatCompletionRequest(SamplingRequest):
         return self
 
 
+class TokenizeRequest(_Request):
+    """vLLM's POST /tokenize: a prompt, or chat messages in the chat format (which adds its own
+    special tokens and the assistant's header: what /v1/chat/completions would feed the model)."""
+
+    model: Text | None = None  # None: the served model
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # prompt: the BOS token (default true); messages: false only
+    add_generation_prompt: bool = True  # messages only; the chat format always adds it
+    continue_final_message: bool = False  # messages only; not supported
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(cls, messages, info: ValidationInfo):
+        if messages is not None and info.data.get("prompt") is not None:
+            raise ValueError("pass prompt or messages, not both")
+        return messages
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _chat_adds_its_own(cls, add, info: ValidationInfo):
+        if add and info.data.get("messages") is not None:
+            raise ValueError("add_special_tokens must be false with messages: the chat format adds its own")
+        return add
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _generation_prompt(cls, add, info: ValidationInfo):
+        if not add:
+            raise ValueError("add_generation_prompt false is not supported: the chat format ends with the "
+                             "assistant's header")
+        return add
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _no_continuation(cls, continue_final, info: ValidationInfo):
+        if continue_final:
+            raise ValueError("continue_final_message is not supported by this server")
+        return continue_final
+
+    @model_validator(mode="after")
+    def _something_to_tokenize(self):
+        if self.prompt is None and self.messages is None:
+            raise ValueError("pass prompt (a string) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: Text | None = None
+    tokens: list[int]
+
+
 # Responses.
 
 class PromptTokensDetails(BaseModel):
@@ -198,9 +256,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """An echoed prompt's tokens first (with echo), its first token's logprob and top_logprobs null."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -276,12 +336,39 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+def _honoured(request: type[_Request]) -> list[str]:
+    """A request's fields that change what is returned: all but those accepted as no-ops only."""
+    return sorted(name for name in request.model_fields if name not in NO_OPS)
+
+
 class ModelCard(BaseModel):
+    """OpenAI's Model (id, object, created, owned_by) with what this server supports beside it:
+    fields the openai client's Model keeps as extras, so its parsing is unchanged."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llama_jax"
+    root: str | None = None  # vLLM's: the served weights' name
     max_model_len: int
+    max_logprobs: int = MAX_LOGPROBS
+    endpoints: list[str] = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+    # Per endpoint, the request fields it takes (each value checked: one it cannot honour is a 400); an
+    # OpenAI field missing here is accepted only with a value that asks for nothing (NO_OPS).
+    parameters: dict[str, list[str]] = Field(default_factory=lambda: {
+        "/v1/completions": _honoured(CompletionRequest), "/v1/chat/completions": _honoured(ChatCompletionRequest),
+        "/tokenize": _honoured(TokenizeRequest), "/detokenize": _honoured(DetokenizeRequest)})
+    features: list[str] = ["stream", "logprobs", "echo_logprobs"]  # echo_logprobs: the prompt's tokens scored
 
 
 class ModelList(BaseModel):

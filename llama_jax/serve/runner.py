@@ -4,6 +4,10 @@ The engine is not thread-safe, so every call into it (add, abort, step) happens 
 the event loop posts commands to a queue and gets each request's TokenOutputs back on an
 asyncio.Queue through `loop.call_soon_threadsafe`. Idle, the thread sleeps on a condition variable
 that each command notifies.
+
+Prompt scoring (echo with logprobs: infer/score.py) runs here too, between steps, so the device
+runs one program at a time and a score never races a step for its memory; the prompts of every
+score posted since the last step go through the scorer in one call.
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ class EngineRequest:
 
 
 class EngineRunner:
-    def __init__(self, engine, metrics=None):
+    def __init__(self, engine, metrics=None, scorer=None):
+        """scorer: (prompts, top_n) -> a PromptLogprobs per prompt (infer/score.Scorer), or None."""
         self.engine = engine
         self.metrics = metrics
+        self.scorer = scorer
         self._commands: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._live: dict[str, tuple[asyncio.AbstractEventLoop, EngineRequest]] = {}  # engine thread only
@@ -116,6 +122,18 @@ class EngineRunner:
             raise
         return request
 
+    async def score(self, prompt_ids: Sequence[int], top_n: int):
+        """The prompt's PromptLogprobs, computed on the engine thread; raises ValueError for a prompt
+        the scorer refuses, EngineError when it fails."""
+        if not self.accepting or not self.alive():
+            raise ShuttingDownError("the server is shutting down")
+        if self.scorer is None:
+            raise ValueError("this server cannot score prompts (no scorer for its engine)")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.post("score", list(prompt_ids), top_n, loop, done)
+        return await done
+
     def post(self, *command) -> None:
         with self._wake:
             self._commands.append(command)
@@ -131,10 +149,12 @@ class EngineRunner:
                 commands = list(self._commands)
                 self._commands.clear()
             for i, command in enumerate(commands):
-                if command[0] == "stop":
-                    self._shut(commands[i + 1:])
+                if command[0] == "stop":  # the scores posted before it are not run either
+                    self._shut([c for c in commands[:i] if c[0] == "score"] + commands[i + 1:])
                     return
-                self._apply(*command)
+                if command[0] != "score":
+                    self._apply(*command)
+            self._score([command[1:] for command in commands if command[0] == "score"])
             new_tokens = self._step() if self.engine.has_work() else 0
             if self.metrics is not None:  # after aborts too: they free pages without a step
                 self.metrics.observe_step(self.engine.stats(), new_tokens)
@@ -163,6 +183,24 @@ class EngineRunner:
         elif kind == "abort_all":
             self._fail_all(EngineError("the server is shutting down and aborted this request after its grace period"))
 
+    def _score(self, scores) -> None:
+        """Every posted score in one scorer call (each future gets its own prompt's, with its own
+        number of alternatives), or each the call's error."""
+        if not scores:
+            return
+        try:
+            scored = self.scorer([prompt for prompt, *_ in scores], max(top_n for _, top_n, *_ in scores))
+        except Exception as e:  # noqa: BLE001 (handed to each request's handler)
+            if not isinstance(e, ValueError):
+                log.exception("prompt scoring failed")
+                e = EngineError(f"scoring the prompt failed: {type(e).__name__}: {e}")
+            for _, _, loop, done in scores:
+                loop.call_soon_threadsafe(_settle, done, e)
+            return
+        for (_, top_n, loop, done), result in zip(scores, scored):
+            result = result._replace(top=[None if t is None else t[:top_n] for t in result.top])
+            loop.call_soon_threadsafe(_settle, done, None, result)
+
     def _step(self) -> int:
         """One engine step, its outputs sent to their requests; the number of new tokens."""
         try:
@@ -189,9 +227,9 @@ class EngineRunner:
         self._fail_all(EngineError("the server stopped before this request finished"))
         self.drained.set()
         for kind, *args in unapplied:
-            if kind == "add":
-                _, _, loop, added = args
-                loop.call_soon_threadsafe(_settle, added, ShuttingDownError("the server is shutting down"))
+            if kind in ("add", "score"):
+                *_, loop, done = args
+                loop.call_soon_threadsafe(_settle, done, ShuttingDownError("the server is shutting down"))
 
     def _fail_all(self, error: EngineError) -> None:
         for request_id, (loop, request) in list(self._live.items()):
@@ -205,10 +243,10 @@ def _deliver(pairs) -> None:
         request.outputs.put_nowait(output)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
     if future.cancelled():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

@@ -217,7 +217,8 @@ def test_chat_request_errors(tokenizer, body, words, param):
     ({"model": MODEL, "prompt": ["a", "b"]}, ["one prompt per request"]),
     ({"model": MODEL, "prompt": ""}, ["the prompt is empty"]),
     ({"model": MODEL, "prompt": [5, 999999]}, ["999999", "outside the vocabulary"]),
-    ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, ["echo with logprobs"]),
+    ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, ["cannot score prompts"]),  # a fake: no weights
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, ["max_tokens 0 needs echo"]),
     ({"model": MODEL, "prompt": "x", "logprobs": 21}, ["logprobs"]),
 ])
 def test_completion_request_errors(tokenizer, body, words):
