@@ -54,9 +54,21 @@ class Turn:
     end: str = EOT
 
 
+def indented_json(value, depth: int = 0) -> str:
+    """JSON indented by 4 as Meta's JSON tool prompt shows it: objects and lists of objects one item a
+    line, lists of plain values on one line (`"required": ["n"]`)."""
+    pad, inner = "    " * depth, "    " * (depth + 1)
+    if isinstance(value, Mapping) and value:
+        items = [f"{inner}{json.dumps(k)}: {indented_json(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (Mapping, list)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{indented_json(v, depth + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value)
+
+
 def json_tools_prompt(definitions: Sequence[Mapping]) -> str:
     """Meta's JSON tool instructions; `definitions` are OpenAI {"type": "function", "function": ...} dicts."""
-    return JSON_TOOLS_HEAD + "\n".join(json.dumps(d, indent=4) for d in definitions) + JSON_TOOLS_TAIL
+    return JSON_TOOLS_HEAD + "\n".join(indented_json(d) for d in definitions) + JSON_TOOLS_TAIL
 
 
 def pythonic_tools_prompt(functions: Sequence[Mapping]) -> str:
@@ -65,12 +77,14 @@ def pythonic_tools_prompt(functions: Sequence[Mapping]) -> str:
 
 
 def ipython_system_text(builtins: Sequence[str], system: str, today: str | None) -> str:
-    """`Environment: ipython`, the `Tools:` line for search / Wolfram, the dates, then the system text
-    (Meta's "Builtin Tool Calling" system prompt)."""
+    """`Environment: ipython`, the `Tools:` line for search / Wolfram (else a blank line), the dates, then
+    the system text: the system prompts of Meta's built-in, JSON and code-interpreter examples."""
     text = "Environment: ipython\n"
     queries = [name for name in BUILTIN_QUERY_TOOLS if name in builtins]
     if queries:
         text += f"Tools: {', '.join(queries)}\n"
+    elif today is not None or system:
+        text += "\n"
     if today is not None:
         text += f"{KNOWLEDGE_CUTOFF}\nToday Date: {today}\n"
     return text + (f"\n{system}\n" if system else "")
@@ -160,22 +174,24 @@ def llama3_turns(messages: Sequence[Mapping], tools: Sequence[Mapping] | Sequenc
     custom = [t for t in tools if not t.builtin]
     system = turns[0].text if turns and turns[0].role == "system" else None
     rest = turns[1:] if system is not None else turns
-    system_text = system or ""
-    if builtins:
-        system_text = ipython_system_text(builtins, system_text, today)
-    elif today is not None:
-        system_text = f"{KNOWLEDGE_CUTOFF}\nToday Date: {today}\n" + (f"\n{system_text}" if system_text else "")
-    tools_turn = None
+    content, tools_turn = system or "", None
     if custom and tool_format == "pythonic":
         prompt = pythonic_tools_prompt([{"name": t.name, "description": t.description,
                                          "parameters": dict(t.parameters)} for t in custom])
-        system_text = prompt + (f"\n\n{system_text}" if system_text else "")
+        content = prompt + (f"\n\n{content}" if content else "")
     elif custom:
         prompt = json_tools_prompt([t.openai() for t in custom])
         if tools_in == "system":
-            system_text = (f"{system_text}\n" if system_text else "") + prompt
+            content = (f"{content}\n\n" if content else "") + prompt
         else:
             tools_turn = Turn("user", prompt)
+    # Meta's JSON example runs in the ipython environment too (the model may answer <|python_tag|>{...}).
+    if builtins or (custom and tool_format == "json"):
+        system_text = ipython_system_text(builtins, content, today)
+    elif today is not None:
+        system_text = f"{KNOWLEDGE_CUTOFF}\nToday Date: {today}\n" + (f"\n{content}\n" if content else "")
+    else:
+        system_text = content
     head = [Turn("system", system_text)] if system_text or system is not None else []
     if tools_turn is not None:
         first_user = next((k for k, t in enumerate(rest) if t.role == "user"), len(rest))
