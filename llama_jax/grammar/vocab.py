@@ -57,6 +57,9 @@ def grammar_vocabulary(tokenizer, vocab_size: int | None = None,
     vocab_size: the model's V (default the tokenizer's); smaller than the tokenizer's is a ValueError.
     stop_tokens: default `tokenizer.stop_tokens` (Llama 3: end_of_text, eom, eot).
     """
+    if not isinstance(tokenizer, (Llama3Tokenizer, HFTokenizer, Llama2Tokenizer)):
+        raise ValueError(f"no grammar vocabulary for a {type(tokenizer).__name__}: expected Llama3Tokenizer, "
+                         f"Llama2Tokenizer or HFTokenizer")
     vocab_size = tokenizer.vocab_size if vocab_size is None else int(vocab_size)
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
@@ -72,23 +75,26 @@ def grammar_vocabulary(tokenizer, vocab_size: int | None = None,
             pattern=LLAMA3_PAT_STR, eos_token=list(stops), n_vocab=vocab_size)
     elif isinstance(tokenizer, HFTokenizer):
         ll = llguidance.LLTokenizer(Path(tokenizer.path).read_text(), n_vocab=vocab_size, eos_token=list(stops))
-    elif isinstance(tokenizer, Llama2Tokenizer):
+    else:  # n_vocab is not read from a TokenizerWrapper: GrammarMatcher.fill zeroes the padding
         ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceTokens(tokenizer)),
                                     eos_token=list(stops))
-    else:
-        raise ValueError(f"no grammar vocabulary for a {type(tokenizer).__name__}: expected Llama3Tokenizer, "
-                         f"Llama2Tokenizer or HFTokenizer")
     return GrammarVocabulary(ll, vocab_size, stops)
 
 
 class _SentencePieceTokens:
-    """What `llguidance.TokenizerWrapper` reads: every id's bytes, the special ids, an encoder."""
+    """What `llguidance.TokenizerWrapper` reads: every id's bytes, the special ids, an encoder.
+
+    The encoder is the model's without sentencepiece's dummy prefix: llguidance tokenizes pieces of
+    the middle of a response (forced bytes), where `{` must stay `{`, not become `▁{`."""
 
     def __init__(self, tokenizer: Llama2Tokenizer):
         import sentencepiece  # only Llama 2 needs it
+        from sentencepiece import sentencepiece_model_pb2  # protobuf comes with tensorboardX
 
-        sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer.path)
-        self._tokenizer = tokenizer
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(tokenizer.path).read_bytes())
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._sp = sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = sorted(tokenizer.special_tokens.values())
@@ -97,7 +103,7 @@ class _SentencePieceTokens:
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):  # TokenizerWrapper probes with bytes, then falls back to str
             raise TypeError("sentencepiece encodes str")
-        return self._tokenizer.encode(text, bos=False, eos=False)
+        return self._sp.encode(text)
 
 
 def _piece_bytes(sp, token_id: int) -> bytes:
