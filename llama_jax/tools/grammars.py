@@ -24,6 +24,9 @@ from llama_jax.tools.llama3 import python_literal
 from llama_jax.tools.syntaxes import HERMES_CLOSE, HERMES_OPEN
 
 PYTHON_TAG = "<|python_tag|>"
+# White space between JSON tokens: room for Meta's indented calls (a newline and the indent), not for
+# a model that pads forever.
+JSON_WHITESPACE = r"[ \n]{0,16}"
 _PY_TERMINALS = r"""
 PYSTR: /"([^"\\\n\r]|\\["\\'nrt])*"/ | /'([^'\\\n\r]|\\["\\'nrt])*'/
 PYINT: /-?(0|[1-9][0-9]{0,15})/
@@ -47,7 +50,8 @@ def _json_call_rules(tools: Sequence[Tool], arguments_key: str) -> tuple[str, li
     rules, names = [], []
     for i, tool in enumerate(tools):
         schema = {"type": "object", "properties": {"name": {"const": tool.name}, arguments_key: tool.call_schema()},
-                  "required": ["name", arguments_key], "additionalProperties": False}
+                  "required": ["name", arguments_key], "additionalProperties": False,
+                  "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
         rules.append(f"call_{i}: %json {json.dumps(schema)}")
         names.append(f"call_{i}")
     return "\n".join(rules), names

@@ -37,36 +37,42 @@ def lltokenizer(tokenizer, stop_ids) -> llguidance.LLTokenizer:
     return llguidance.LLTokenizer(wrapper, eos_token=list(stop_ids))
 
 
-def random_walk(ll: llguidance.LLTokenizer, grammar: str, tokenizer, rng: random.Random, *, stop_ids,
-                first=None, max_tokens: int = 600) -> list[int]:
-    """Tokens a grammar allows, chosen at random (closers and stop tokens often), until a stop token."""
-    matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
-    assert not matcher.is_error(), matcher.get_error()
-    closers = {i for i in (tokenizer.encode(c, bos=False, eos=False) for c in CLOSERS) if len(i) == 1 for i in i}
-    short = np.array([i for i in range(tokenizer.vocab_size) if len(tokenizer.token_bytes(i)) <= 2])
-    out = []
-    for step in range(max_tokens):
-        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
-        allowed = np.flatnonzero(bits[:tokenizer.vocab_size])
-        assert len(allowed), f"nothing allowed after {tokenizer.decode(out)!r}"
-        stops = [s for s in stop_ids if bits[s]]
-        good_closers = [c for c in closers if bits[c]]
-        short_allowed = short[bits[short] == 1]
-        if step == 0 and first is not None and bits[first]:
-            token = first
-        elif stops and rng.random() < 0.3:
-            token = rng.choice(stops)
-        elif good_closers and rng.random() < 0.5:
-            token = rng.choice(good_closers)
-        elif len(short_allowed) and rng.random() < 0.9:
-            token = int(rng.choice(short_allowed))
-        else:
-            token = int(rng.choice(allowed))
-        out.append(int(token))
-        if token in stop_ids:
-            return out
-        assert matcher.consume_token(int(token)), matcher.get_error()
-    raise AssertionError(f"no stop token in {max_tokens} tokens: {tokenizer.decode(out)!r}")
+class RandomWalk:
+    """Tokens a grammar allows, chosen at random (closers and stop tokens often, else mostly tokens of
+    at most 2 bytes, so strings stay short), until a stop token."""
+
+    def __init__(self, tokenizer, ll: llguidance.LLTokenizer, stop_ids):
+        self.tokenizer, self.ll, self.stop_ids = tokenizer, ll, list(stop_ids)
+        encoded = (tokenizer.encode(c, bos=False, eos=False) for c in CLOSERS)
+        self.closers = np.array(sorted({ids[0] for ids in encoded if len(ids) == 1}))
+        sizes = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)])
+        self.short = np.flatnonzero(sizes <= 2)
+
+    def __call__(self, grammar: str, rng: random.Random, *, first=(), max_tokens: int = 600) -> list[int]:
+        """`first`: tokens to take first, each while the grammar allows it (to reach a given branch)."""
+        matcher = llguidance.LLMatcher(self.ll, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        out = []
+        for step in range(max_tokens):
+            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+            stops = [s for s in self.stop_ids if bits[s]]
+            closers = self.closers[bits[self.closers] == 1]
+            if step < len(first) and bits[first[step]]:
+                token = first[step]
+            elif stops and rng.random() < 0.3:
+                token = rng.choice(stops)
+            elif len(closers) and rng.random() < 0.5:
+                token = int(closers[rng.randrange(len(closers))])
+            else:
+                pool = self.short[bits[self.short] == 1] if rng.random() < 0.9 else np.array([])
+                pool = pool if len(pool) else np.flatnonzero(bits[:self.tokenizer.vocab_size])
+                assert len(pool), f"nothing allowed after {self.tokenizer.decode(out)!r}"
+                token = int(pool[rng.randrange(len(pool))])
+            out.append(int(token))
+            if token in self.stop_ids:
+                return out
+            assert matcher.consume_token(int(token)), matcher.get_error()
+        raise AssertionError(f"no stop token in {max_tokens} tokens: {self.tokenizer.decode(out)!r}")
 
 
 def feed_tokens(syntax, tokenizer, ids, seed: int = 0):
