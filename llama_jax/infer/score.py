@@ -15,16 +15,20 @@ weights (weights.DecodeParams), so it holds no second copy of the model.
 Prompts are rows of one call, right-padded: causal attention keeps the padding from touching the
 positions read. Lengths are padded to powers of two (at least MIN_TOKENS) and row counts to powers
 of two, so a server compiles a program per (rows, tokens) pair it meets, a handful, and prompts
-waiting together are scored in one call. The vocabulary projection and its log-softmax run over
+waiting together are scored in one call. A server's scorer compiles off the thread that runs it
+(`prepare` on the request's side, batched programs on a worker of its own), so a score never holds
+the engine's steps for a compile: a batch whose program is not ready yet is run one prompt a time. The vocabulary projection and its log-softmax run over
 LOGIT_CHUNK positions at a time (lax.map): a [tokens, 128k] float32 block for a whole batch would be
 gigabytes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -94,18 +98,32 @@ class Scorer:
     device: the server calls it on the engine's thread, between steps (serve/runner.py)."""
 
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, attention_impl: str = "auto",
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, background_compile: bool = False):
         """params: the model's (split per layer here, a copy) or DecodeParams (the engine's, shared).
-        attention_impl: the whole-sequence attention (the engine's own is a paged one)."""
+        attention_impl: the whole-sequence attention (the engine's own is a paged one).
+        background_compile: a call never compiles a batch's program; it scores that batch's prompts
+        one at a time (their programs compiled by `prepare`, or now) while a worker thread compiles
+        the batch's for later calls (the server's: its calls run between the engine's steps)."""
         cfg, self.params = decode_params(cfg, params, mesh)
         self.cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
         self.mesh, self.max_batch_tokens = mesh, max_batch_tokens
         self.multiple = batch_split(mesh)
+        self._programs: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, tokens) -> compiled score_step
+        self._compiling: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama_jax-score-compile") \
+            if background_compile else None
 
     @classmethod
     def for_engine(cls, engine, **kwargs) -> Scorer:
-        """A scorer on a BatchingEngine's weights and mesh."""
-        return cls(engine.cfg, engine.params, mesh=engine.mesh, **kwargs)
+        """A scorer on a BatchingEngine's weights and mesh, compiling in the background."""
+        return cls(engine.cfg, engine.params, mesh=engine.mesh, **{"background_compile": True, **kwargs})
+
+    def prepare(self, lengths: Sequence[int]) -> None:
+        """Compile now, on the calling thread, the programs that score a prompt of each length alone."""
+        for n in lengths:
+            self._check_length(n)
+            self._program(self.padded_rows(1), self.padded_length(n))
 
     def __call__(self, prompts: Sequence[Sequence[int]], top_n: int = 0) -> list[PromptLogprobs]:
         """Each prompt's PromptLogprobs, in order. top_n: alternatives per token, in [0, MAX_LOGPROBS]."""
@@ -113,17 +131,25 @@ class Scorer:
             raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
         prompts = [[int(t) for t in prompt] for prompt in prompts]
         for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt to score is empty")
-            if len(prompt) > self.cfg.max_seq_len:
-                raise ValueError(f"a prompt of {len(prompt)} tokens is longer than the model's context "
-                                 f"of {self.cfg.max_seq_len}")
+            self._check_length(len(prompt))
             check_token_ids(prompt, self.cfg.vocab_size)
         results: list[PromptLogprobs | None] = [None] * len(prompts)
         for group in self._groups([len(p) for p in prompts]):
-            for i, scored in zip(group, self._score([prompts[i] for i in group], top_n)):
-                results[i] = scored
+            shape = self.padded_rows(len(group)), self.padded_length(len(prompts[group[0]]))
+            calls = [group]
+            if self._compiler is not None and len(group) > 1 and not self._ready(shape):
+                self._compile_later(shape)
+                calls = [[i] for i in group]
+            for call in calls:
+                for i, scored in zip(call, self._score([prompts[i] for i in call], top_n)):
+                    results[i] = scored
         return results
+
+    def _check_length(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("a prompt to score is empty")
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"a prompt of {n} tokens is longer than the model's context of {self.cfg.max_seq_len}")
 
     def padded_length(self, n: int) -> int:
         return max(MIN_TOKENS, 1 << (n - 1).bit_length())
@@ -147,13 +173,36 @@ class Scorer:
             groups.append([i])
         return groups
 
+    def _ready(self, shape: tuple[int, int]) -> bool:
+        with self._lock:
+            return shape in self._programs
+
+    def _compile_later(self, shape: tuple[int, int]) -> None:
+        with self._lock:
+            if shape in self._compiling:
+                return
+            self._compiling.add(shape)
+        self._compiler.submit(self._program, *shape)
+
+    def _program(self, B: int, T: int) -> jax.stages.Compiled:
+        """score_step compiled for B rows of T tokens, once (two threads may both compile it: the
+        first one stored is kept)."""
+        with self._lock:
+            program = self._programs.get((B, T))
+        if program is None:
+            # The arguments as _score passes them, so the program takes their placement.
+            program = score_step_jit.lower(self.params, *_inputs(np.zeros((B, T), np.int32), False),
+                                           cfg=self.cfg, mesh=self.mesh).compile()
+            with self._lock:
+                program = self._programs.setdefault((B, T), program)
+        return program
+
     def _score(self, prompts: list[list[int]], top_n: int) -> list[PromptLogprobs]:
         B, T = self.padded_rows(len(prompts)), self.padded_length(max(len(p) for p in prompts))
         tokens_BT = np.zeros((B, T), np.int32)
         for row, prompt in enumerate(prompts):
             tokens_BT[row, :len(prompt)] = prompt
-        out = jax.device_get(score_step_jit(self.params, jnp.asarray(tokens_BT), jnp.asarray(top_n > 0),
-                                            cfg=self.cfg, mesh=self.mesh))
+        out = jax.device_get(self._program(B, T)(self.params, *_inputs(tokens_BT, top_n > 0)))
         scored = []
         for row, prompt in enumerate(prompts):
             n = len(prompt)
@@ -162,6 +211,12 @@ class Scorer:
                             zip(out.top_ids_BTK[row, :n - 1], out.top_logprobs_BTK[row, :n - 1])]
             scored.append(PromptLogprobs(logprobs, top))
         return scored
+
+
+def _inputs(tokens_BT: np.ndarray, want_top: bool):
+    """score_step's token and flag arguments on the device: device_put, as jnp.asarray traces a
+    small program of its own for every new shape (on the engine thread, a compile like any other)."""
+    return jax.device_put(tokens_BT), jax.device_put(np.asarray(want_top))
 
 
 def prompt_logprobs(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], top_n: int = 0, *,

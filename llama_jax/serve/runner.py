@@ -70,7 +70,7 @@ class EngineRequest:
 
 class EngineRunner:
     def __init__(self, engine, metrics=None, scorer=None):
-        """scorer: (prompts, top_n) -> a PromptLogprobs per prompt (infer/score.Scorer), or None."""
+        """scorer: an infer/score.Scorer (called with (prompts, top_n), prepared with prompt lengths), or None."""
         self.engine = engine
         self.metrics = metrics
         self.scorer = scorer
@@ -124,11 +124,13 @@ class EngineRunner:
 
     async def score(self, prompt_ids: Sequence[int], top_n: int):
         """The prompt's PromptLogprobs, computed on the engine thread; raises ValueError for a prompt
-        the scorer refuses, EngineError when it fails."""
+        the scorer refuses, EngineError when it fails. Its program is compiled first, in a worker
+        thread (scorer.prepare), so the engine thread runs it without stalling the steps."""
         if not self.accepting or not self.alive():
             raise ShuttingDownError("the server is shutting down")
         if self.scorer is None:
             raise ValueError("this server cannot score prompts (no scorer for its engine)")
+        await asyncio.to_thread(self.scorer.prepare, [len(prompt_ids)])
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self.post("score", list(prompt_ids), top_n, loop, done)

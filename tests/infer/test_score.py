@@ -1,5 +1,8 @@
 """Prompt logprobs (infer/score.py) against log_softmax of the model's full forward pass."""
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +83,58 @@ def test_top_n_zero_reports_no_alternatives(tiny, scorer):
 def test_bad_input_is_one_value_error(scorer, prompts, top_n, words):
     with pytest.raises(ValueError, match=words):
         scorer(prompts, top_n=top_n)
+
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+
+
+@pytest.fixture
+def compiles_here():
+    """The compile events on this thread while the test runs."""
+    here, events = threading.get_ident(), []
+
+    def on_event(event, duration, **kwargs):
+        if event in COMPILE_EVENTS and threading.get_ident() == here:
+            events.append((event, kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def test_background_compile_keeps_calls_compile_free(tiny, compiles_here):
+    """A server's scorer: `prepare` compiles a prompt's own program beforehand; a batch whose
+    program is not ready runs prompt by prompt while a worker compiles it, then runs batched."""
+    cfg, params = tiny
+    scorer = Scorer(cfg, params, background_compile=True)
+    prompts = prompts_of([5, 9, 12], cfg.vocab_size, seed=3)
+    alone = [prompt_logprobs(cfg, params, [p], top_n=1)[0] for p in prompts]
+    scorer.prepare([len(p) for p in prompts])  # one program: (1 row, 16 tokens)
+    compiles_here.clear()
+    first = scorer(prompts, top_n=1)
+    assert compiles_here == []
+    deadline = time.monotonic() + 120
+    while not scorer._ready((4, 16)):  # the worker's compile of the batch of three (padded to four rows)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = scorer(prompts, top_n=1)
+    assert compiles_here == []
+    for a, b, c in zip(alone, first, second):
+        np.testing.assert_allclose(np.array(b.logprobs[1:], float), np.array(a.logprobs[1:], float), atol=1e-5)
+        np.testing.assert_allclose(np.array(c.logprobs[1:], float), np.array(a.logprobs[1:], float), atol=1e-5)
+        assert b.top == c.top or all(x[0][0] == y[0][0] for x, y in zip(b.top[1:], c.top[1:]))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
+def test_sharded_weights_score_as_one_device(tiny):
+    """On a dp2 x tp4 mesh (the engine's weights placed as the rules say): rows padded to the batch
+    split, the same scores."""
+    from llama_jax.sharding import make_mesh
+
+    cfg, params = tiny
+    prompts = prompts_of([7, 3, 11], cfg.vocab_size, seed=4)
+    sharded = Scorer(cfg, jax.device_get(params), mesh=make_mesh("dp2,tp4"))(prompts, top_n=3)
+    for prompt, scored, alone in zip(prompts, sharded, prompt_logprobs(cfg, params, prompts, top_n=3)):
+        np.testing.assert_allclose(np.array(scored.logprobs[1:], float), np.array(alone.logprobs[1:], float),
+                                   atol=1e-5, rtol=0)
+        assert [[i for i, _ in t] for t in scored.top[1:]] == [[i for i, _ in t] for t in alone.top[1:]]

@@ -26,21 +26,33 @@ def params():
     return random_params(LLAMA3_TINY, 0)
 
 
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+
+
 class RecordingScorer:
-    """The real scorer, each call's prompts and thread recorded."""
+    """The real scorer as the server makes one (compiling in the background), each call's prompts
+    and thread recorded, and every compile on the engine thread."""
 
     def __init__(self, params):
-        self.scorer = Scorer(LLAMA3_TINY, params)
-        self.calls = []
+        self.scorer = Scorer(LLAMA3_TINY, params, background_compile=True)
+        self.calls, self.engine_compiles = [], []
+        self.prepare = self.scorer.prepare
 
     def __call__(self, prompts, top_n):
         self.calls.append(([list(p) for p in prompts], top_n, threading.current_thread().name))
         return self.scorer(prompts, top_n)
 
+    def on_event(self, event, duration, **kwargs):
+        if event in COMPILE_EVENTS and threading.current_thread().name == "llama_jax-engine":
+            self.engine_compiles.append((event, kwargs.get("fun_name")))
+
 
 @pytest.fixture(scope="module")
 def scorer(params):
-    return RecordingScorer(params)
+    recording = RecordingScorer(params)
+    jax.monitoring.register_event_duration_secs_listener(recording.on_event)
+    yield recording
+    jax.monitoring.unregister_event_duration_listener(recording.on_event)
 
 
 def reference(params, ids):
@@ -137,6 +149,8 @@ def test_concurrent_scores_share_one_scorer_call(tokenizer, params, scorer):
         _, _, results = asyncio.run(everything(url))
     calls = scorer.calls[before:]
     assert sorted(len(p) for p, _, _ in calls) == [3] and all(t == "llama_jax-engine" for *_, t in calls)
+    # Their batch's program was not compiled yet: they ran one by one, none compiled on the engine thread.
+    assert scorer.engine_compiles == []
     for prompt, result in zip(prompts, results):
         ids = tokenizer.encode(prompt, bos=True, eos=False)
         check_prompt_logprobs(result.choices[0].logprobs, ids, reference(params, ids), tokenizer, 1)
