@@ -144,7 +144,7 @@ class Generation:
             prompt_text = self.tokenizer.decode(prompt_ids)
         echo = prompt_text if body.echo else ""
         echo_logprobs = None
-        if body.prompt_logprobs:
+        if body.scores_prompt:
             self._check_context(len(prompt_ids), body.max_tokens, "prompt")  # before scoring it
             scored = await self._score(prompt_ids, body.logprobs)
             echo_logprobs = self.logprobs.prompt(prompt_ids, scored, TextOffsets(), printed_from)

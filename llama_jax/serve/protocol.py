@@ -140,7 +140,7 @@ class CompletionRequest(SamplingRequest):
         return self
 
     @property
-    def prompt_logprobs(self) -> bool:
+    def scores_prompt(self) -> bool:
         """Echo with logprobs: the prompt's tokens are scored too (what lm-eval's loglikelihood reads)."""
         return self.echo and self.logprobs is not None
 

@@ -94,6 +94,22 @@ def test_echo_logprobs_with_no_new_tokens_score_the_prompt(tokenizer, params, sc
     assert scorer.calls[-1][2] == "llama_jax-engine"
 
 
+def test_echo_alone_streamed_and_without_logprobs(tokenizer, scorer):
+    with server(tokenizer, app_options={"scorer": scorer}) as (engine, url):
+        api = client(url)
+        chunks = list(api.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=0, max_tokens=0,
+                                             stream=True, stream_options={"include_usage": True}))
+        whole = api.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=0, max_tokens=0)
+        plain = api.completions.create(model=MODEL, prompt=PROMPT, echo=True, max_tokens=0)
+    assert not engine.added
+    first, usage = chunks
+    assert (first.choices[0].text, first.choices[0].finish_reason) == (PROMPT, "length")
+    assert first.choices[0].logprobs == whole.choices[0].logprobs
+    assert whole.choices[0].logprobs.top_logprobs[1:] == [{}] * (len(whole.choices[0].logprobs.tokens) - 1)
+    assert usage.choices == [] and usage.usage == whole.usage
+    assert (plain.choices[0].text, plain.choices[0].logprobs) == (PROMPT, None)
+
+
 def test_echo_logprobs_then_generated_tokens(tokenizer, params, scorer):
     ids = tokenizer.encode(PROMPT, bos=False, eos=False)  # a token prompt, without BOS
     with server(tokenizer, app_options={"scorer": scorer}, reply="a b c d") as (engine, url):
