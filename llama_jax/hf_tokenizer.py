@@ -149,6 +149,7 @@ class HFTokenizer:
         self._eos_id = eos_ids[0] if eos_ids else None
         self._pad_id = ids.get("pad_token", -1)
         source = _chat_template_source(directory, config)
+        self.chat_template = source  # its text: tools.template reads the call syntax off it
         self._template = None if source is None else compile_chat_template(source, str(directory))
         end_of_turn = self._end_of_turn_id() if self._template is not None else None
         self._stop_tokens = tuple(dict.fromkeys([*eos_ids, *([end_of_turn] if end_of_turn is not None else [])]))
@@ -214,23 +215,29 @@ class HFTokenizer:
         check_token_ids(ids, self._vocab_size, "cannot decode: token id")
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """The chat template's text of `messages`; ValueError with the template's message if it raises."""
+    def render_chat(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping] | None = None) -> str:
+        """The chat template's text of `messages`; ValueError with the template's message if it raises.
+        `tools` (OpenAI definitions) go to the template as transformers' `tools=` does, or, for a
+        template that renders no tools, into a system message (`tools.template.chat_with_tools`)."""
         import jinja2
+
+        from llama_jax.tools.template import chat_with_tools
 
         if self._template is None:
             raise ValueError(f"{self.path.parent} has no chat template ({TOKENIZER_CONFIG} chat_template or "
                              f"{CHAT_TEMPLATE_FILE}): chat needs a chat model's tokenizer")
+        messages, tools = chat_with_tools(self.chat_template, messages, tools)
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         **self._names)
+            return self._template.render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self._names)
         except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
             raise ValueError(f"the chat template of {self.path.parent} failed: {_one_line(e)}") from None
 
-    def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """`apply_chat_template(messages, add_generation_prompt=True)`: the rendered text, its
-        special-token strings as their ids, no special tokens added around it."""
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_dialog(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[int]:
+        """`apply_chat_template(messages, tools=tools, add_generation_prompt=True)`: the rendered text,
+        its special-token strings as their ids, no special tokens added around it."""
+        return self._tok.encode(self.render_chat(messages, tools=tools), add_special_tokens=False).ids
 
     def encode_dialog_for_training(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[float]]:
         """The ids of the whole conversation as the template renders it (no generation prompt), and

@@ -72,8 +72,11 @@ def _content(raw: str, final: bool) -> str:
 class ToolCallParser:
     """Feeds text pieces to a syntax, emits events; `finish()` gives the whole turn."""
 
-    def __init__(self, syntax, call_ids: Callable[[], str] | None = None):
+    def __init__(self, syntax, call_ids: Callable[[], str] | None = None, *, end_tokens=END_TOKENS):
+        """end_tokens: the names of the special tokens that end a turn (Llama 3's by default; an HF
+        model's: its stop tokens' names)."""
         self.syntax = syntax
+        self.end_tokens = frozenset(end_tokens)
         self._call_ids = call_ids or CallIds()
         self._text = []
         self._content = ""
@@ -93,7 +96,7 @@ class ToolCallParser:
     def feed_special(self, name: str) -> list:
         """A special token: <|python_tag|> starts a Llama call; an end token (<|eot_id|>, <|eom_id|>)
         is recorded (it ends the turn, the caller then calls finish()); any other is its name as text."""
-        if name in END_TOKENS:
+        if name in self.end_tokens:
             self._end_token = name
             return []
         return self.feed(PYTHON_TAG if name == PYTHON_TAG_NAME else name)

@@ -48,7 +48,7 @@ class RandomWalk:
         sizes = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)])
         self.short = np.flatnonzero(sizes <= 2)
 
-    def __call__(self, grammar: str, rng: random.Random, *, first=(), max_tokens: int = 600) -> list[int]:
+    def __call__(self, grammar: str, rng: random.Random, *, first=(), max_tokens: int = 1000) -> list[int]:
         """`first`: tokens to take first, each while the grammar allows it (to reach a given branch)."""
         matcher = llguidance.LLMatcher(self.ll, grammar, log_level=0)
         assert not matcher.is_error(), matcher.get_error()
@@ -59,7 +59,7 @@ class RandomWalk:
             closers = self.closers[bits[self.closers] == 1]
             if step < len(first) and bits[first[step]]:
                 token = first[step]
-            elif stops and rng.random() < 0.3:
+            elif stops and rng.random() < 0.5:
                 token = rng.choice(stops)
             elif len(closers) and rng.random() < 0.5:
                 token = int(closers[rng.randrange(len(closers))])
@@ -79,7 +79,7 @@ def feed_tokens(syntax, tokenizer, ids, seed: int = 0):
     """The parser fed one token at a time, as a server streams: special tokens by name, text through an
     incremental UTF-8 decoder. Returns (turn, every event)."""
     specials = {i: name for name, i in tokenizer.special_tokens.items()}
-    parser = ToolCallParser(syntax, CallIds(seed))
+    parser = ToolCallParser(syntax, CallIds(seed), end_tokens=[specials[i] for i in tokenizer.stop_tokens])
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     events = []
     for token in ids:
