@@ -33,11 +33,15 @@ CACHE_SIZE = 128  # distinct grammars kept compiled; a server sees a few schemas
 GRAMMAR_KINDS = ("json_schema", "json_object", "lark", "regex")
 
 
+MAX_ERROR_CHARS = 300  # an unknown special token's error lists all the vocabulary's: a 400 says less
+
+
 def _one_line(message: str) -> str:
     """llguidance's errors span lines (a regex error draws a caret under the pattern): one line,
-    without the caret rows."""
+    without the caret rows, cut to MAX_ERROR_CHARS."""
     lines = (line.strip() for line in message.splitlines())
-    return " ".join(line for line in lines if line and not re.fullmatch(r"\^+", line))
+    text = " ".join(line for line in lines if line and not re.fullmatch(r"\^+", line))
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 4] + " ..."
 
 
 def _schema_value(schema) -> dict | bool:

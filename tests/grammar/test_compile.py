@@ -51,13 +51,13 @@ def test_lenient_schema_ignores_what_strict_refuses(compiler):
 
 @pytest.mark.parametrize("kind, source, message", [
     ("lark", 'start: "a" undefined_rule', "lark: .*undefined_rule"),
-    ("lark", "start: <|no_such_token|>", "lark: .*no_such_token"),
+    ("lark", "start: <|no_such_token|>", r'lark: at 1\(8\): unknown special token: "<\|no_such_token\|>"'),
     ("regex", "[a-", "regex: .*unclosed character class"),
 ])
 def test_bad_lark_or_regex(compiler, kind, source, message):
     with pytest.raises(ValueError, match=message) as raised:
         getattr(compiler, kind)(source)
-    assert "\n" not in str(raised.value)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) <= 320  # the token error lists 256 names
 
 
 def test_response_format_errors(compiler):
