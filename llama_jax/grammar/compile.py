@@ -30,7 +30,6 @@ JSON_WHITESPACE = r"\n?[ \t]{0,20}"
 # unbound the whitespace.
 JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
 CACHE_SIZE = 128  # distinct grammars kept compiled; a server sees a few schemas repeated many times
-GRAMMAR_KINDS = ("json_schema", "json_object", "lark", "regex")
 
 
 MAX_ERROR_CHARS = 300  # an unknown special token's error lists all the vocabulary's: a 400 says less
@@ -174,4 +173,4 @@ class GrammarCompiler:
         return len(self._cache)
 
 
-__all__ = ["JSON_WHITESPACE", "CACHE_SIZE", "GRAMMAR_KINDS", "CompiledGrammar", "GrammarCompiler", "json_schema_source"]
+__all__ = ["JSON_WHITESPACE", "CACHE_SIZE", "CompiledGrammar", "GrammarCompiler", "json_schema_source"]
