@@ -191,7 +191,7 @@ def main():
         compiler = GrammarCompiler(vocabulary)
         cases = [(name, (lambda c, s=schema: c.json_schema(s)), schema, ()) for name, schema in SCHEMAS.items()]
         cases.append(("auto tool call (Lark), free text", lambda c: c.lark(AUTO_TOOL_LARK), "tool", ()))
-        cases.append(("auto tool call (Lark), after <|python_tag|>", lambda c: c.lark(AUTO_TOOL_LARK), "tool",
+        cases.append(("auto tool call (Lark), after the trigger token", lambda c: c.lark(AUTO_TOOL_LARK), "tool",
                       (tokenizer.python_tag_id,)))
         for name, make, source, prefix in cases:
             compile_s, first_s, fills, sequences = llguidance_run(compiler, make, args.runs, args.max_tokens, 0, prefix)
