@@ -79,6 +79,7 @@ class ToolCallParser:
         self.end_tokens = frozenset(end_tokens)
         self._call_ids = call_ids or CallIds()
         self._text = []
+        self._memo = {}  # the syntax's scanning state, resumed as the text grows
         self._content = ""
         self._calls = []  # [id, name, arguments emitted, done]
         self._end_token = None
@@ -113,7 +114,7 @@ class ToolCallParser:
         return self._finished
 
     def _update(self, final: bool) -> list:
-        snap: Snapshot = self.syntax.snapshot("".join(self._text), final)
+        snap: Snapshot = self.syntax.snapshot("".join(self._text), final, self._memo)
         events = []
         content = _content(snap.content, final)
         if content.startswith(self._content) and len(content) > len(self._content):

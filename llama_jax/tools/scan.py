@@ -17,6 +17,8 @@ _PY_STRING_BODY = {'"': re.compile(r'(?:[^"\\\n]|\\.)*'), "'": re.compile(r"(?:[
 _SCALAR = re.compile(r"[^\s,:\]\}\)\[\{\"']*")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _OPEN = {"{": "}", "[": "]", "(": ")"}
+# The characters a nested value's end depends on; the rest is skipped by the regex engine.
+_INTERESTING = {'"': re.compile(r'["{}\[\]()]'), "\"'": re.compile(r'["\'{}\[\]()]')}
 
 
 def skip_ws(text: str, i: int) -> int:
@@ -29,22 +31,27 @@ def string_end(text: str, i: int, quote: str = '"') -> int | None:
     return body + 1 if body < len(text) and text[body] == quote else None
 
 
-def value_end(text: str, i: int, quotes: str = '"') -> int | None:
+def value_end(text: str, i: int, quotes: str = '"', memo: dict | None = None) -> int | None:
     """Index after the JSON (or, with quotes="\\"'", Python literal) value starting at `i`; None if it
-    may go on. A scalar at the very end of the text may go on (`12` -> `123`)."""
+    may go on. A scalar at the very end of the text may go on (`12` -> `123`).
+
+    memo: where scanning an unfinished nested value stopped, by its start, so the next call (on the
+    same text grown longer) resumes there: a long argument is scanned once, not once per token."""
     if text[i] in quotes:
         return string_end(text, i, text[i])
     if text[i] not in _OPEN:
         end = _SCALAR.match(text, i).end()
         return None if end == len(text) else end
-    closers = []
-    j = i
-    while j < len(text):
+    j, closers = memo.get(i, (i, [])) if memo is not None else (i, [])
+    closers = list(closers)
+    interesting = _INTERESTING[quotes]
+    while (m := interesting.search(text, j)) is not None:
+        j = m.start()
         c = text[j]
         if c in quotes:
             end = string_end(text, j, c)
             if end is None:
-                return None
+                break
             j = end
             continue
         if c in _OPEN:
@@ -54,6 +61,10 @@ def value_end(text: str, i: int, quotes: str = '"') -> int | None:
             if not closers:
                 return j + 1
         j += 1
+    else:
+        j = len(text)
+    if memo is not None:
+        memo[i] = (j, closers)
     return None
 
 
@@ -73,8 +84,8 @@ class ObjectScan:
         return text[start:end] if end is not None else text[start:]
 
 
-def scan_object(text: str, i: int) -> ObjectScan:
-    """Scans the object whose `{` is at `i` as far as the text goes."""
+def scan_object(text: str, i: int, memo: dict | None = None) -> ObjectScan:
+    """Scans the object whose `{` is at `i` as far as the text goes (memo: as value_end's)."""
     fields = {}
     j = skip_ws(text, i + 1)
     while j < len(text):
@@ -95,7 +106,7 @@ def scan_object(text: str, i: int) -> ObjectScan:
         j = skip_ws(text, j + 1)
         if j == len(text):
             return ObjectScan(fields, None)
-        end = value_end(text, j)
+        end = value_end(text, j, memo=memo)
         fields.setdefault(key, (j, end))
         if end is None:
             return ObjectScan(fields, None)

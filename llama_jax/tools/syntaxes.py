@@ -43,10 +43,11 @@ def _visible(text: str) -> str:
     return text.replace(PYTHON_TAG, PYTHON_TAG_NAME)
 
 
-def read_json_call(text: str, i: int, final: bool, tools: frozenset) -> tuple[str, CallSnap | None, int | None]:
+def read_json_call(text: str, i: int, final: bool, tools: frozenset,
+                   memo: dict | None = None) -> tuple[str, CallSnap | None, int | None]:
     """The JSON call object at `i` ({"name": ..., "parameters" or "arguments": {...}}): ("call", call,
     end or None while open), ("hold", ...) while it may still become one, ("text", ...) if it is not one."""
-    obj = scan_object(text, i)
+    obj = scan_object(text, i, memo)
     name = None
     if "name" in obj.fields and obj.fields["name"][1] is not None:
         try:
@@ -102,7 +103,7 @@ class _Tagged:
     builtins: frozenset = frozenset()
     code_interpreter: bool = False
 
-    def snapshot(self, text: str, final: bool) -> Snapshot:
+    def snapshot(self, text: str, final: bool, memo: dict | None = None) -> Snapshot:
         i = skip_ws(text, 0)
         if i == len(text):
             return Snapshot()
@@ -112,7 +113,7 @@ class _Tagged:
             if i == len(text):
                 return Snapshot()
         if text[i] == self.opener:
-            return self.calls(text, i, final)
+            return self.calls(text, i, final, memo)
         if not tagged:
             return Snapshot(_visible(text[i:]))
         status, call, end = read_builtin_call(text, i, final, self.builtins)
@@ -133,7 +134,7 @@ class JsonCalls(_Tagged):
 
     opener = "{"
 
-    def calls(self, text: str, i: int, final: bool) -> Snapshot:
+    def calls(self, text: str, i: int, final: bool, memo: dict | None) -> Snapshot:
         snap = Snapshot()
         while True:
             j = skip_ws(text, i)
@@ -144,7 +145,7 @@ class JsonCalls(_Tagged):
             if text[j] != "{":
                 snap.content = _visible(text[j:])
                 return snap
-            status, call, end = read_json_call(text, j, final, self.tools)
+            status, call, end = read_json_call(text, j, final, self.tools, memo)
             if status == "hold":
                 return snap
             if status == "text":
@@ -169,7 +170,7 @@ class PythonicCalls(_Tagged):
 
     opener = "["
 
-    def calls(self, text: str, i: int, final: bool) -> Snapshot:
+    def calls(self, text: str, i: int, final: bool, memo: dict | None) -> Snapshot:
         snap = Snapshot()
         j = i + 1
         while True:
@@ -186,7 +187,7 @@ class PythonicCalls(_Tagged):
                 return snap
             call = CallSnap(m.group(), "{")
             snap.calls.append(call)
-            j, closed = self._arguments(text, m.end() + 1, call)
+            j, closed = self._arguments(text, m.end() + 1, call, memo)
             if not closed:
                 call.done = final
                 return snap
@@ -203,7 +204,7 @@ class PythonicCalls(_Tagged):
             return snap
 
     @staticmethod
-    def _arguments(text: str, j: int, call: CallSnap) -> tuple[int, bool]:
+    def _arguments(text: str, j: int, call: CallSnap, memo: dict | None) -> tuple[int, bool]:
         """Reads `k=v, ...)` from `j` into call.arguments, one whole keyword at a time."""
         first = True
         while True:
@@ -221,7 +222,7 @@ class PythonicCalls(_Tagged):
             v = skip_ws(text, k + 1)
             if v == len(text):
                 return j, False
-            end = value_end(text, v, quotes="\"'")
+            end = value_end(text, v, quotes="\"'", memo=memo)
             if end is None:
                 return j, False
             after = skip_ws(text, end)
@@ -240,7 +241,7 @@ class HermesCalls:
 
     tools: frozenset
 
-    def snapshot(self, text: str, final: bool) -> Snapshot:
+    def snapshot(self, text: str, final: bool, memo: dict | None = None) -> Snapshot:
         snap, pos = Snapshot(), 0
         while True:
             k = text.find(HERMES_OPEN, pos)
@@ -256,7 +257,8 @@ class HermesCalls:
                 if final:
                     snap.content += _visible(text[k:])
                 return snap
-            status, call, end = ("text", None, None) if text[j] != "{" else read_json_call(text, j, final, self.tools)
+            status, call, end = (read_json_call(text, j, final, self.tools, memo) if text[j] == "{"
+                                 else ("text", None, None))
             if status == "hold":
                 return snap
             if status == "text":
