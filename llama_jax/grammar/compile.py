@@ -9,7 +9,8 @@ JSON whitespace: llguidance's default (any run of JSON whitespace between tokens
 that has lost its way emit newlines forever inside an object that is otherwise bounded. We allow
 at each place JSON permits whitespace one optional newline then at most 20 spaces or tabs
 (`JSON_WHITESPACE`): compact output, json.dumps' `", "` / `": "`, and pretty-printed objects up to
-five levels of four-space indent all parse; unbounded runs and blank lines do not.
+five levels of four-space indent all parse; unbounded runs and blank lines do not (llguidance 1.8
+and later match the pattern once per place; 1.7 repeated it).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ JSON_WHITESPACE = r"\n?[ \t]{0,20}"
 # unbound the whitespace.
 JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
 CACHE_SIZE = 128  # distinct grammars kept compiled; a server sees a few schemas repeated many times
-
-
 MAX_ERROR_CHARS = 300  # an unknown special token's error lists all the vocabulary's: a 400 says less
 
 
@@ -66,7 +65,10 @@ def json_schema_source(schema, *, strict: bool = True) -> str:
     if value is True:
         value = {}
     options = {**JSON_OPTIONS, **({} if strict else {"lenient": True})}
-    return json.dumps({**value, "x-guidance": options}, ensure_ascii=False)
+    try:
+        return json.dumps({**value, "x-guidance": options}, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:  # a set, an object, NaN: nothing a JSON request could carry
+        raise ValueError(f"json_schema: not JSON ({e})") from None
 
 
 class CompiledGrammar:

@@ -12,6 +12,7 @@ BAD_SCHEMAS = {
     "not an object": ([1, 2], r"json_schema: a schema is a JSON object \(or true / false\), got list"),
     "JSON text not an object": ('"hello"', r"json_schema: a schema is a JSON object .* got str"),
     "not JSON": ("{'type': 'object'}", r"json_schema: not JSON"),
+    "not JSON values": ({"enum": [float("nan")]}, r"json_schema: not JSON \(Out of range float values"),
     "false": (False, "json_schema: false matches no value"),
     "ref to nothing": ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
                        r"json_schema: Pointer '/\$defs/missing' does not exist"),
