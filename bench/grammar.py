@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -181,6 +182,7 @@ def main():
     p.add_argument("--no-append", action="store_true", help="print only, do not append to bench/RESULTS.md")
     args = p.parse_args()
 
+    load_before = os.getloadavg()[0]
     tokenizers = {"Llama 3 (128,256)": Llama3Tokenizer(default_tokenizer_path()),
                   "bytes (512)": Llama3Tokenizer(write_byte_tokenizer(tempfile.mkdtemp() + "/tokenizer.model"))}
     rows = []
@@ -218,7 +220,8 @@ def main():
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
               f"commit {commit}, llguidance {llguidance.__version__}")
     notes = (f"{args.runs} random walks per grammar (uniform among allowed tokens, seed 0, at most "
-             f"{args.max_tokens} tokens); compile: median of 3 fresh compilers; mask: one row's fill, every step.")
+             f"{args.max_tokens} tokens); compile: median of 3 fresh compilers; mask: one row's fill, every step; "
+             f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (a shared host).")
     table = [notes, "", "| vocabulary | grammar | engine | compile ms | first mask ms | mask mean ms | mask p99 ms "
              "| steps | note |", "|---|---|---|---|---|---|---|---|---|"]
     for vocab_name, name, engine, compile_s, first_s, fills, note in rows:
