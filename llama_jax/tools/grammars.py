@@ -8,7 +8,8 @@
   what follows it;
 - "none": no grammar (None).
 
-Each tool's parameters schema is embedded with `%json {...}`, so arguments satisfy it; the pythonic
+Each tool's parameters schema is embedded with `%json {...}` (grammar.compile.json_schema_source: the
+bounded JSON white space of response_format), so arguments satisfy it; the pythonic
 syntax writes Python literals, so there only strings, numbers, booleans, None, enums and arrays of
 those follow the schema, other values are any Python literal. What these grammars allow is exactly
 what `syntaxes` reads back (tests/tools/test_grammars.py drives them with random tokens).
@@ -19,14 +20,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from llama_jax.grammar.compile import json_schema_source
 from llama_jax.tools.definitions import BUILTIN_QUERY_TOOLS, CODE_INTERPRETER, Tool, ToolChoice
 from llama_jax.tools.llama3 import python_literal
 from llama_jax.tools.syntaxes import HERMES_CLOSE, HERMES_OPEN
 
 PYTHON_TAG = "<|python_tag|>"
-# White space between JSON tokens: room for Meta's indented calls (a newline and the indent), not for
-# a model that pads forever.
-JSON_WHITESPACE = r"[ \n]{0,16}"
 _PY_TERMINALS = r"""
 PYSTR: /"([^"\\\n\r]|\\["\\'nrt])*"/ | /'([^'\\\n\r]|\\["\\'nrt])*'/
 PYINT: /-?(0|[1-9][0-9]{0,15})/
@@ -50,9 +49,9 @@ def _json_call_rules(tools: Sequence[Tool], arguments_key: str) -> tuple[str, li
     rules, names = [], []
     for i, tool in enumerate(tools):
         schema = {"type": "object", "properties": {"name": {"const": tool.name}, arguments_key: tool.call_schema()},
-                  "required": ["name", arguments_key], "additionalProperties": False,
-                  "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-        rules.append(f"call_{i}: %json {json.dumps(schema)}")
+                  "required": ["name", arguments_key], "additionalProperties": False}
+        # Lenient: a keyword llguidance cannot enforce in a tool's schema is ignored, not a refusal.
+        rules.append(f"call_{i}: %json {json_schema_source(schema, strict=False)}")
         names.append(f"call_{i}")
     return "\n".join(rules), names
 

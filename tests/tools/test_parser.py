@@ -31,6 +31,8 @@ CASES = {
     "json_text": (JSON, "Hello, {\"name\": \"f\"} is how I call.\n", 'Hello, {"name": "f"} is how I call.', []),
     "json_unknown_tool_is_text": (JSON, '{"name": "nope", "parameters": {}} ok', '{"name": "nope", "parameters": {}} ok',
                                   []),
+    # sglang#35562: JSON at the start of a text answer is content, not deleted.
+    "leading_json_kept": (JSON, '{"a": 1, "b": [2]} is a JSON object.', '{"a": 1, "b": [2]} is a JSON object.', []),
     "json_text_after_call": (JSON, '{"name": "f", "parameters": {}} Done.', "Done.", [("f", "{}")]),
     "json_truncated": (JSON, '{"name": "f", "parameters": {"x": "unfinis', None, [("f", '{"x": "unfinis')]),
     "brave": (JSON, '<|python_tag|>brave_search.call(query="gold \\"1oz\\" price")<|eom_id|>', None,
@@ -51,6 +53,8 @@ CASES = {
     "hermes": (HERMES, 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": "</tool_call>"}}\n</tool_call>\n'
                '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', "Let me check.",
                [("f", '{"a": "</tool_call>"}'), ("get_weather", "{}")]),
+    "hermes_leading_json_kept": (HERMES, '{"x": 1} first.\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
+                                 '{"x": 1} first.', [("f", "{}")]),
     "hermes_lookalikes": (HERMES, "a <tool_ca b <tool_call>x</tool_call> <tool_", "a <tool_ca b <tool_call>x</tool_call> <tool_",
                           []),
     "empty": (JSON, "", "", []),
