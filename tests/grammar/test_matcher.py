@@ -118,3 +118,20 @@ def test_fill_rows_matches_row_by_row(llama3):
         fill_rows([(matchers[0], 0)], np.zeros((2, words), np.int32))
     with pytest.raises(ValueError, match=f"bitmask row must be a contiguous uint32 array of shape \\({words},\\)"):
         matchers[0].fill(batch[:, 0])
+
+
+def test_engine_mask_reads_our_rows(llama3):
+    """sampling.apply_token_mask (the engine's step) leaves finite exactly the ids a filled row allows."""
+    from llama_jax.infer.sampling import apply_token_mask
+
+    tokenizer, compiler = llama3
+    matcher = compiler.json_schema(SCHEMA).matcher()
+    assert all(matcher.accept(t) for t in tokenizer.encode('{"a": 1', False, False))
+    vocabulary = compiler.vocabulary
+    allowed_LW = np.full((2, vocabulary.mask_words), 0xFFFFFFFF, np.uint32)  # row 1: no grammar
+    fill_rows([(matcher, 0)], allowed_LW)
+    logits_LV = np.random.default_rng(0).normal(size=(2, vocabulary.vocab_size)).astype(np.float32)
+    masked = np.asarray(apply_token_mask(logits_LV, allowed_LW))
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(masked[0])), allowed_ids(allowed_LW[0], vocabulary.vocab_size))
+    np.testing.assert_array_equal(masked[1], logits_LV[1])
+    assert 1000 < np.isfinite(masked[0]).sum() < 2000  # the 1,110 number tokens, whitespace, "," and "}"
