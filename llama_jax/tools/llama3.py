@@ -120,14 +120,13 @@ def call_text(call: ToolCall, tool_format: str) -> str:
 
 
 def _content_text(message: Mapping, where: str) -> str:
+    """A message's text; None (an assistant message that only calls) is empty."""
     content = message.get("content")
-    if content is None:
+    if content is None and (message.get("tool_calls") or "content" in message):
         return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
+    return content
 
 
 def message_turn(message: Mapping, tool_format: str = "json", where: str = "message") -> Turn:
