@@ -27,7 +27,7 @@ from llama_jax.tools.syntaxes import HERMES_CLOSE, HERMES_OPEN
 
 PYTHON_TAG = "<|python_tag|>"
 _PY_TERMINALS = r"""
-PYSTR: /"([^"\\\n\r]|\\["\\'nrt])*"/ | /'([^'\\\n\r]|\\["\\'nrt])*'/
+PYSTR: /"([^"\\\x00-\x1f]|\\["\\'nrt])*"/ | /'([^'\\\x00-\x1f]|\\["\\'nrt])*'/
 PYINT: /-?(0|[1-9][0-9]{0,15})/
 PYNUM: /-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?/
 pyval: PYSTR | PYNUM | "True" | "False" | "None" | "[" (pyval (", " pyval)*)? "]" | "{" (PYSTR ": " pyval (", " PYSTR ": " pyval)*)? "}"

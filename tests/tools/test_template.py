@@ -119,17 +119,22 @@ def test_hf_grammars_parse_into_valid_calls(hermes_dir, hf_chat_model, template,
     grammar = make(tools, choice)
     assert llguidance.LLMatcher.validate_grammar(grammar, ll) == ""
     syntax = hf_call_syntax(tokenizer.chat_template, tools)
-    starts = [[], tokenizer.encode("<tool_call>" if template == "hermes" else "{", bos=False, eos=False)]
+    call = "<tool_call>" if template == "hermes" else "{"
+    starts = [[], tokenizer.encode(call, bos=False, eos=False),
+              tokenizer.encode("Let me see. " + call, bos=False, eos=False)]
     kinds = set()
     for seed in range(6):
-        ids = walk(grammar, random.Random(seed), first=starts[seed % 2])
+        ids = walk(grammar, random.Random(seed), first=starts[seed % 3])
         turn, _ = feed_tokens(syntax, vocabulary, ids, seed)
         if choice.mode == "auto" and not turn.tool_calls:
             assert turn.content == tokenizer.decode(ids[:-1]).strip()
             kinds.add("text")
             continue
         assert turn.tool_calls and turn.finish_reason == "tool_calls"
-        if template == "none" or choice.mode != "auto":
+        if template == "hermes" and choice.mode == "auto" and seed % 3 == 2:
+            assert turn.content == "Let me see."  # the text before the lazy trigger
+            kinds.add("text then call")
+        elif template == "none" or choice.mode != "auto":
             assert turn.content is None
         for call in turn.tool_calls:
             assert choice.function in (None, call["function"]["name"])
@@ -137,3 +142,4 @@ def test_hf_grammars_parse_into_valid_calls(hermes_dir, hf_chat_model, template,
             jsonschema.validate(json.loads(call["function"]["arguments"]), tool.call_schema())
         kinds.add("call")
     assert "call" in kinds and (choice.mode != "auto" or "text" in kinds)
+    assert "text then call" in kinds or not (template == "hermes" and choice.mode == "auto")
