@@ -17,9 +17,9 @@ positions read. Lengths are padded to powers of two (at least MIN_TOKENS) and ro
 of two, so a server compiles a program per (rows, tokens) pair it meets, a handful, and prompts
 waiting together are scored in one call. A server's scorer compiles off the thread that runs it
 (`prepare` on the request's side, batched programs on a worker of its own), so a score never holds
-the engine's steps for a compile: a batch whose program is not ready yet is run one prompt a time. The vocabulary projection and its log-softmax run over
-LOGIT_CHUNK positions at a time (lax.map): a [tokens, 128k] float32 block for a whole batch would be
-gigabytes.
+the engine's steps for a compile: a batch whose program is not ready yet runs one prompt at a time.
+The vocabulary projection and its log-softmax run over LOGIT_CHUNK positions at a time (lax.map): a
+[tokens, 128k] float32 block for a whole batch would be gigabytes.
 """
 
 from __future__ import annotations
