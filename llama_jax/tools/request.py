@@ -34,17 +34,18 @@ class ToolCalling:
     syntax: object
     grammar: str | None
     end_tokens: tuple[str, ...]
+    definitions: tuple = ()  # the request's tools as given (what an HF template receives)
 
     def parser(self, call_ids=None) -> ToolCallParser:
         """A parser for one output (call_ids: CallIds(seed) for reproducible ids)."""
         return ToolCallParser(self.syntax, call_ids or CallIds(), end_tokens=self.end_tokens)
 
-    def encode_dialog(self, tokenizer, messages: Sequence[Mapping]) -> list[int]:
-        """The prompt ids, the tools rendered as this format renders them."""
-        definitions = [t.openai() for t in self.tools]
+    def encode_dialog(self, tokenizer, messages: Sequence[Mapping], **llama3_options) -> list[int]:
+        """The prompt ids, the tools rendered as this format renders them (llama3_options: `today`,
+        `tools_in` of Llama3Tokenizer.encode_dialog)."""
         if hasattr(tokenizer, "chat_template"):
-            return tokenizer.encode_dialog(messages, definitions or None)
-        return tokenizer.encode_dialog(messages, self.tools or None, tool_format=self.tool_format)
+            return tokenizer.encode_dialog(messages, list(self.definitions) or None)
+        return tokenizer.encode_dialog(messages, self.tools or None, tool_format=self.tool_format, **llama3_options)
 
 
 def tool_calling(tokenizer, tools: Sequence[Mapping] | None, tool_choice=None, *, parallel_tool_calls: bool = True,
@@ -67,7 +68,7 @@ def tool_calling(tokenizer, tools: Sequence[Mapping] | None, tool_choice=None, *
         else:
             grammar = json_grammar(parsed, choice, parallel=parallel_tool_calls)
         return ToolCalling(parsed, choice, parallel_tool_calls, kind, hf_call_syntax(tokenizer.chat_template, callable_tools),
-                           grammar, tuple(names[i] for i in tokenizer.stop_tokens if i in names))
+                           grammar, tuple(names[i] for i in tokenizer.stop_tokens if i in names), tuple(tools or ()))
     if not hasattr(tokenizer, "python_tag_id"):
         raise ValueError("tools need a Llama 3 tokenizer or a Hugging Face tokenizer with a chat template")
     if tool_format not in ("json", "pythonic"):

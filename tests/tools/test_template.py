@@ -143,3 +143,24 @@ def test_hf_grammars_parse_into_valid_calls(hermes_dir, hf_chat_model, template,
         kinds.add("call")
     assert "call" in kinds and (choice.mode != "auto" or "text" in kinds)
     assert "text then call" in kinds or not (template == "hermes" and choice.mode == "auto")
+
+
+def test_tool_calling_with_an_hf_tokenizer(hermes_dir, hf_chat_model):
+    from llama_jax.tools.request import tool_calling
+    from llama_jax.tools.syntaxes import HermesCalls, JsonCalls
+
+    hermes = HFTokenizer(hermes_dir / "tokenizer.json")
+    calling = tool_calling(hermes, TOOLS, "auto")
+    assert calling.tool_format == "hermes" and isinstance(calling.syntax, HermesCalls)
+    assert "<|im_end|>" in calling.end_tokens and "head[lazy]" in calling.grammar
+    theirs = transformers.AutoTokenizer.from_pretrained(hermes_dir)
+    assert calling.encode_dialog(hermes, DIALOG) == theirs.apply_chat_template(
+        DIALOG, tools=TOOLS, add_generation_prompt=True, return_dict=False)
+    parser = calling.parser()
+    parser.feed('Sure.\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    parser.feed_special("<|im_end|>")
+    turn = parser.finish()
+    assert (turn.content, turn.tool_calls[0]["function"], turn.end_token) == (
+        "Sure.", {"name": "now", "arguments": "{}"}, "<|im_end|>")
+    plain = tool_calling(HFTokenizer(hf_chat_model / "tokenizer.json"), TOOLS, "required")
+    assert plain.tool_format == "json" and isinstance(plain.syntax, JsonCalls) and '"arguments"' in plain.grammar
