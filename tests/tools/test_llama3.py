@@ -131,6 +131,12 @@ DIALOGS = {
         [("user", "Is 7 prime?", [], None),
          ("assistant", "", [("code_interpreter", {"code": "print(all(7 % d for d in range(2, 7)))"})], "eom"),
          ("tool", "True", [], None)]),
+    "definitions_in_the_system_message": (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}],
+        [WEATHER, SEARCH], "json",
+        [("system", ipython_system_text(["brave_search"], "Be brief.\n\n" + json_tools_prompt(
+            [parse_tools([WEATHER])[0].openai()]), "7 Dec 2026"), [], None),
+         ("user", "Weather in Oslo?", [], None)]),
     "pythonic_call": (
         [{"role": "user", "content": "Weather in SF?"},
          {"role": "assistant", "tool_calls": [call("p", "get_weather", {"city": "SF", "days": 3})]},
@@ -144,6 +150,7 @@ DIALOGS = {
 @pytest.mark.parametrize("name", DIALOGS)
 def test_dialog_with_tool_calls_matches_chat_format(ours, meta_format, name):
     messages, tools, tool_format, expected = DIALOGS[name]
+    options = {"tools_in": "system", "today": "7 Dec 2026"} if name == "definitions_in_the_system_message" else {}
     raw = [datatypes.RawMessage(
         role=role, content=content,
         stop_reason=datatypes.StopReason.end_of_message if stop == "eom" else datatypes.StopReason.end_of_turn,
@@ -151,7 +158,7 @@ def test_dialog_with_tool_calls_matches_chat_format(ours, meta_format, name):
         for role, content, calls, stop in expected]
     prompt_format = datatypes.ToolPromptFormat.python_list if tool_format == "pythonic" else None
     reference = meta_format.encode_dialog_prompt(raw, prompt_format).tokens
-    assert ours.encode_dialog(messages, tools, tool_format=tool_format) == reference
+    assert ours.encode_dialog(messages, tools, tool_format=tool_format, **options) == reference
 
 
 def test_several_pythonic_calls_are_one_list(ours):
