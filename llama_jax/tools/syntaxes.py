@@ -24,6 +24,7 @@ PYTHON_TAG = "\ue000"  # a private-use character standing for the <|python_tag|>
 PYTHON_TAG_NAME = "<|python_tag|>"
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _BUILTIN_CALL = re.compile(r'(\w+)\.call\(query=')
+CALL_KEYS = ("name", "parameters", "arguments", "type")  # a call object's first key is one of these
 
 
 @dataclasses.dataclass
@@ -48,6 +49,8 @@ def read_json_call(text: str, i: int, final: bool, tools: frozenset,
     """The JSON call object at `i` ({"name": ..., "parameters" or "arguments": {...}}): ("call", call,
     end or None while open), ("hold", ...) while it may still become one, ("text", ...) if it is not one."""
     obj = scan_object(text, i, memo)
+    if next((k not in CALL_KEYS for k in obj.fields), False):
+        return "text", None, None  # a JSON answer, streamed as content from its first key
     name = None
     if "name" in obj.fields and obj.fields["name"][1] is not None:
         try:

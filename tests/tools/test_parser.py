@@ -155,3 +155,13 @@ def test_metas_model_responses_parse_as_metas_decoder_reads_them(tokenizer):
             assert turn.content is None and turn.end_token in ("<|eom_id|>", "<|eot_id|>")
             seen += 1
     assert seen == 6
+
+
+def test_a_json_answer_streams_from_its_first_key():
+    parser = ToolCallParser(JSON, CallIds(0))
+    assert parser.feed('{"na') == [] and parser.feed('me": "') == []  # may still be a call
+    assert [type(e) for e in parser.feed('f", "par')] == [CallStarted]
+    answer = ToolCallParser(JSON, CallIds(0))
+    assert answer.feed('{"result": [1, ') == [ContentDelta('{"result": [1,')]
+    answer.feed("2]}")
+    assert answer.finish().content == '{"result": [1, 2]}'
