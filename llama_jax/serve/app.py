@@ -291,6 +291,8 @@ class Generation:
                      logprobs: int | None, prompt_param: str):
         """Check the request against the engine's limits and add it: the engine's Request."""
         self._check_context(len(prompt_ids), max_tokens, prompt_param)
+        if body.n != 1:
+            raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
         budget = self.engine.max_seq_len - len(prompt_ids)
         try:  # RequestParams checks what the engine can sample with (e.g. its largest top_k)
             params = RequestParams(
@@ -299,10 +301,15 @@ class Generation:
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=max(body.top_k or 0, 0),
                 seed=body.seed,
-                stop_token_ids=tuple(self.tokenizer.stop_tokens),
-                logprobs=logprobs)
+                stop_token_ids=() if body.ignore_eos else tuple(self.tokenizer.stop_tokens),
+                logprobs=logprobs,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=body.logit_bias or {},
+                min_tokens=body.min_tokens or 0)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=_param_named(str(e))) from None
         request_id = f"{kind}-{uuid.uuid4().hex}"
         try:
             request = await self.runner.submit(request_id, prompt_ids, params)
@@ -361,6 +368,13 @@ class Generation:
                                            finish_reason=d.finish_reason)])
         if body.include_usage:
             yield chunk([], self._usage(request, counts))
+
+
+def _param_named(message: str) -> str | None:
+    """The request field a RequestParams error names (its messages start with the field's name)."""
+    first = message.split(" ", 1)[0]
+    return first if first in p.ChatCompletionRequest.model_fields or first in p.CompletionRequest.model_fields \
+        else None
 
 
 def _chat_messages(messages: list[p.ChatMessage]) -> list[dict]:

@@ -1,10 +1,9 @@
 """The OpenAI API's request and response bodies, with OpenAI's field names (pydantic v2).
 
 Requests validate what this server can honour: a value it would have to ignore or could not
-sample with (n > 1, temperature 3, an empty stop string) is a 400, never silently changed. No
-field is dropped: each is honoured; or one this server does not implement (NO_OPS: tools,
-logit_bias, frequency_penalty, ...) accepted only with a value that asks for nothing (OpenAI's
-default, or null); or an identifier that never changes what is generated (user,
+sample with (temperature 3, an empty stop string) is a 400, never silently changed. No field is
+dropped: each is honoured; or one this server does not implement (NO_OPS: best_of, functions,
+store, ...) accepted only with a value that asks for nothing (OpenAI's default, or null); or an identifier that never changes what is generated (user,
 safety_identifier, prompt_cache_key); any other field, OpenAI's or not, is a 400 naming it.
 """
 
@@ -19,11 +18,11 @@ from llama_jax.infer.requests import MAX_LOGPROBS  # the alternatives per token 
 # OpenAI request fields this server does not implement, with the values that change nothing (what
 # OpenAI does when the field is left out, or asks for without tools or a stored completion).
 NO_OPS: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
     "best_of": (1,), "suffix": ("",),  # completions
-    "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
-    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "modalities": (["text"],),
-    "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+    "functions": ([],), "function_call": ("none", "auto"),  # chat: the deprecated forms of tools and tool_choice
+    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
 }
 
 
@@ -62,16 +61,20 @@ class SamplingRequest(_Request):
     top_k: int | None = Field(None, ge=-1, description="vLLM's extension; 0 or -1: off")
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, description="choices sampled from the prompt, prefilled once")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Identify the caller (OpenAI's abuse monitoring, prompt cache routing); they change no token.
     user: Text | None = None
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
-    frequency_penalty: Any = None  # these three and each subclass's NO_OPS: see _no_op
-    presence_penalty: Any = None
-    logit_bias: Any = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # {token id (a JSON key, so a string): bias in [-100, 100]}
+    # vLLM's extensions.
+    repetition_penalty: float | None = Field(None, gt=0, description="1: off; > 1 discourages prompt and output tokens")
+    min_tokens: int | None = Field(None, ge=0, description="the stop tokens cannot end the output before this many")
+    ignore_eos: bool = Field(False, description="generate through the stop tokens, up to max_tokens")
 
     @field_validator(*NO_OPS, check_fields=False)
     @classmethod
@@ -82,13 +85,6 @@ class SamplingRequest(_Request):
             raise ValueError(f"{info.field_name} is not supported by this server: only {spelled} (which changes "
                              f"nothing) or null, got {value!r:.100}")
         return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n must be 1 (one choice per request), got {n}")
-        return n
 
     @field_validator("stop")
     @classmethod

@@ -31,13 +31,9 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(tokenizer, path, body, param
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "logit_bias", {"123": 5}),
-    ("/v1/chat/completions", "frequency_penalty", 0.5),
-    ("/v1/chat/completions", "presence_penalty", -1),
     ("/v1/chat/completions", "store", True),
     ("/v1/completions", "best_of", 3),
     ("/v1/completions", "suffix", " the end"),
-    ("/v1/completions", "logit_bias", {"5": -100}),
 ])
 def test_an_unsupported_openai_field_is_a_400_naming_it(tokenizer, path, field, value):
     body = {**(CHAT if "chat" in path else COMPLETION), field: value}
@@ -91,4 +87,34 @@ def test_an_unexpected_failure_is_a_json_500(tokenizer, monkeypatch):
         assert_error(post(url, "/v1/chat/completions", CHAT), 500, "internal server error (RuntimeError)")
         with pytest.raises(openai.InternalServerError):
             client(url).chat.completions.create(**CHAT)
+    assert not engine.added
+
+
+def test_penalties_biases_and_vllm_s_extensions_reach_the_engine(tokenizer):
+    with server(tokenizer) as (engine, url):
+        api = client(url)
+        api.chat.completions.create(model=MODEL, messages=CHAT["messages"], presence_penalty=0.5,
+                                    frequency_penalty=-1, logit_bias={"7": 5, "3": -100},
+                                    extra_body={"repetition_penalty": 1.2, "min_tokens": 2})
+        api.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
+        plain = api.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+    (_, _, chat), (_, _, ignoring), (_, _, default) = engine.added
+    assert (chat.presence_penalty, chat.frequency_penalty, chat.repetition_penalty, chat.min_tokens) == (0.5, -1, 1.2, 2)
+    assert chat.logit_bias == ((3, -100.0), (7, 5.0))
+    assert ignoring.stop_token_ids == () and default.stop_token_ids == tuple(tokenizer.stop_tokens)
+    assert plain.choices[0].text
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("presence_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -3, "greater than or equal to -2"),
+    ("logit_bias", {"x": 1}, "logit_bias keys must be token ids"),
+    ("logit_bias", {"5": 101}, "logit_bias values must be in [-100, 100]"),
+    ("repetition_penalty", 0, "greater than 0"),
+    ("min_tokens", 99, "min_tokens must be an integer in [0, max_tokens=4]"),
+])
+def test_a_penalty_out_of_range_is_a_400_naming_it(tokenizer, field, value, says):
+    with server(tokenizer) as (engine, url):
+        assert_error(post(url, "/v1/completions", {**COMPLETION, "max_tokens": 4, field: value}), 400, says,
+                     param=field)
     assert not engine.added

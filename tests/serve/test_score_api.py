@@ -234,5 +234,6 @@ def test_model_card_lists_what_the_server_supports(tokenizer, scorer):
     assert "echo_logprobs" in card.features and "echo_logprobs" not in fake.features
     assert card.max_logprobs == 20
     assert {"echo", "logprobs", "max_tokens", "top_k"} <= set(card.parameters["/v1/completions"])
-    assert "logit_bias" not in card.parameters["/v1/completions"]  # a no-op only
+    assert {"logit_bias", "presence_penalty", "min_tokens"} <= set(card.parameters["/v1/completions"])
+    assert "best_of" not in card.parameters["/v1/completions"]  # a no-op only
     assert card.parameters["/detokenize"] == ["model", "tokens"]
