@@ -72,6 +72,9 @@ class RequestParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs; a dict is accepted
     min_tokens: int = 0  # the stop tokens cannot be drawn before this many tokens (<= max_tokens)
     n: int = 1  # samples of the prompt, prefilled once (1 <= n <= the engine's max_batch)
+    # A compiled grammar (llama_jax.grammar.CompiledGrammar: `.matcher()` per sample) its tokens must
+    # follow, or None. Plain data here: the scheduler asks it for matchers and never imports it.
+    grammar: object | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
