@@ -109,7 +109,7 @@ class LlamaJaxRun:
         start = time.perf_counter()
         for b, row in enumerate(self.tokens):
             engine.add(str(b), row.tolist(), self.greedy)
-        while any(r.prefilling for r in engine.requests.values()):
+        while any(s.prefilling for samples in engine.requests.values() for s in samples):
             engine.step()
         prefilled = time.perf_counter()
         engine.step()  # settles the first decode step after a prefill
@@ -122,7 +122,8 @@ class LlamaJaxRun:
         """KV slots a decode step read: the XLA paged attention reads blocks of PAGES_PER_BLOCK
         pages up to the furthest position."""
         block = PAGES_PER_BLOCK * PAGE_SIZE
-        return -(-max(r.written for r in self.engine.requests.values()) // block) * block
+        written = max(s.written for samples in self.engine.requests.values() for s in samples)
+        return -(-written // block) * block
 
 
 def hf_model(cfg, params):

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off; at most 256")
     p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="in [-2, 2]: subtracted from the logit of every token already generated (OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="in [-2, 2]: subtracted from a token's logit once per time it was generated (OpenAI's)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 0, 1 is off: the logit of a prompt or generated token divided by R if positive, "
+                        "multiplied by R otherwise (Hugging Face's and vLLM's)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="the stop tokens cannot end a completion before N new tokens")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
                         "float32 on CPU, where XLA's bfloat16 matmuls are much slower; bfloat16 there halves the "
@@ -109,7 +118,9 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
-    RequestParams(1, args.temperature, args.top_p, args.top_k)
+    RequestParams(max(1, args.min_tokens), args.temperature, args.top_p, args.top_k,
+                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                  repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
 
     def check_budget(stored):  # as the server, before the weights load
@@ -124,7 +135,9 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
                                attention_impl=args.attention_impl, check_config=check_budget)
     cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
     options = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate)
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate,
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                   repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
 
     # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
     # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).

@@ -13,8 +13,10 @@ Every step is one call in one layout: the decode rows (padded to the smallest of
 that holds them) plus, when a prompt has tokens to prefill, a chunk of R rows of C tokens (one of
 `chunk_shapes`). So the compiled programs are, per decode batch size, one without a chunk and one
 per chunk shape, all compiled by `warm_up`; no prompt length, output length or per-request setting
-(temperature, top-k, top-p, seed, logprobs) compiles anything after that. `serving_shapes` gives
-the server's few shapes, `prefill_shapes` the chunk shapes of offline generation.
+(temperature, top-k, top-p, seed, logprobs) compiles anything after that; the step's hooks do, once
+each, when a batch first uses them: penalties and biases (one program per padded list length,
+penalties.py) and the page copies of n > 1 samples. `serving_shapes` gives the server's few shapes,
+`prefill_shapes` the chunk shapes of offline generation.
 
 Logprobs are those of the model's distribution (log_softmax of the logits, before temperature and
 filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
@@ -129,6 +131,7 @@ class BatchingEngine:
 
     @property
     def requests(self) -> dict:
+        """request id -> its sequences not finished yet (one, or a forked request's samples)."""
         return self.scheduler.requests
 
     @property
@@ -164,7 +167,8 @@ class BatchingEngine:
                              f"{prompt_len + max_tokens} tokens, more than the context of {self.max_seq_len}")
 
     def add(self, request_id: str, prompt_ids: Sequence[int], params: RequestParams, *, stream: int = 0) -> None:
-        """Queue a request. stream: folded into its sampling keys (sampling.sampling_keys)."""
+        """Queue a request. stream: folded into its sampling keys (sampling.sampling_keys); sample i of
+        its params.n draws with stream + i, so it equals an n = 1 request with that stream."""
         prompt = [int(t) for t in prompt_ids]
         self.check(len(prompt), params.max_tokens)
         check_token_ids(prompt, self.cfg.vocab_size)
@@ -246,12 +250,18 @@ def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
     sample_at[:len(plan.sample_at)] = plan.sample_at
     seeds, streams, temperature = np.zeros(L, np.uint32), np.zeros(L, np.uint32), np.zeros(L, np.float32)
     top_k, top_p, top_logprobs = np.zeros(L, np.int32), np.ones(L, np.float32), np.zeros(L, np.int32)
-    for row, seq in enumerate(plan.sampled):
+    for row, (seq, stream) in enumerate(zip(plan.sampled, plan.streams)):
         p = seq.params
-        seeds[row], streams[row] = seq.seed, seq.stream
+        seeds[row], streams[row] = seq.seed, stream
         temperature[row], top_k[row], top_p[row], top_logprobs[row] = p.temperature, p.top_k, p.top_p, p.logprobs or 0
     inputs = StepInputs(tokens, positions, decode_table, chunk_table, sample_at, seeds, streams, temperature, top_k,
                         top_p, top_logprobs)
+    if plan.page_copies:
+        # Padded to the most a step can have, a copy per batch row (rows with source -1 copy nothing):
+        # one more program per step shape, not one per count.
+        copies = np.full((page_table.shape[0], 2), -1, np.int32)
+        copies[:len(plan.page_copies)] = plan.page_copies
+        inputs = inputs._replace(page_copies_C2=copies)
     if not any(s.params.shapes_logits for s in plan.sampled):
         return inputs
     terms = [row_terms(s.params, s.prompt_tokens, s.counts, s.generated) if s.params.shapes_logits else None

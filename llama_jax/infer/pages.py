@@ -80,6 +80,11 @@ class PageAllocator:
             pages.append(page)
         return pages
 
+    def share(self, pages: Sequence[int]) -> None:
+        """Hold pages that a sequence holds once more (the samples of one prompt share its full pages)."""
+        for page in pages:
+            self.refs[page] += 1
+
     def register(self, page: int, key: bytes) -> None:
         """Offer a held, full, written page to later sequences under `key` (a no-op when another
         page already holds those tokens)."""

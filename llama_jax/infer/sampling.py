@@ -49,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # a {token id: bias} dict is accepted
     min_tokens: int = 0
+    n: int = 1  # samples per prompt (stream_tokens, generate), the prompt prefilled once
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_p, self.top_k)
@@ -56,6 +57,8 @@ class SamplingParams:
                                                                self.repetition_penalty, self.logit_bias))
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,15 @@ sequence is preempted: its pages are released (its registered ones stay cached) 
 ahead of the requests that arrived after it, to be recomputed from its prompt and the tokens it had
 produced. The oldest sequence always makes progress, so a request that fits the pool alone always
 finishes.
+
+A request for n > 1 samples is one sequence until its prompt is prefilled: it is admitted when n
+slots are free and the pages of its context are available, plus one spare page per other sample
+when the context ends inside a page. The step that finishes its prefill samples n first tokens from
+its last token's logits (stream + i for sample i), and the sequence forks into n: every sample holds
+the prompt's full pages (the allocator's reference counts), sample 0 keeps the last, partial page
+and every other sample gets a spare page, copied from it by the next step before any row writes
+(StepPlan.page_copies). From then on each sample is a sequence of its own, decoded, preempted
+(recomputed from its own tokens) and finished independently; the request ends when all have.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ class SequenceState:
     prefilling: bool = True  # until the logits at its last context token are sampled
     cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     reported: bool = False  # its first output is out
+    index: int = 0  # which of its request's samples it is
+    samples: int = 1  # the sequences it forks into when its prefill ends (a request's n, until it forks)
+    spare_slots: list[int] = dataclasses.field(default_factory=list)  # held for the samples it forks into
+    spare_pages: list[int] = dataclasses.field(default_factory=list)  # their copies of its last partial page
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # generated tokens'
     prompt_tokens: frozenset[int] = frozenset()  # the prompt's distinct tokens, for a repetition penalty
 
@@ -73,7 +86,9 @@ class StepPlan:
     """One step: `decoding` are decode rows 0.., padded to `decode_batch` rows; `pieces` fill the
     chunk of `chunk_shape` (R, C) rows, row r from token b + r * C (None: no chunk). `sampled[l]`
     is the sequence whose next token sample row l draws, from the logits of token `sample_at[l]`
-    (index into the step's rows); the rows past len(sampled) are padding."""
+    (index into the step's rows); the rows past len(sampled) are padding. A request forking into n
+    samples is in `sampled` n times, each row with its own key stream (`streams[l]`, row l's).
+    `page_copies`: (source, destination) pages the step copies before any row writes."""
 
     decoding: list[SequenceState]
     decode_batch: int
@@ -81,6 +96,8 @@ class StepPlan:
     pieces: list[Piece]
     sampled: list[SequenceState]
     sample_at: list[int]
+    streams: list[int] = dataclasses.field(default_factory=list)
+    page_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def fed(self) -> dict[int, tuple[SequenceState, int]]:
@@ -102,8 +119,10 @@ class Scheduler:
         self.allocator = PageAllocator(num_pages, prefix_caching=prefix_caching)
         self.page_table = np.zeros((max_batch, pages_per_seq), np.int32)
         self.slots: list[SequenceState | None] = [None] * max_batch
+        self.reserved: set[int] = set()  # empty slots held for the samples a prefilling request forks into
         self.waiting: collections.deque[SequenceState] = collections.deque()
-        self.requests: dict[str, SequenceState] = {}
+        self.requests: dict[str, list[SequenceState]] = {}  # a request's sequences not finished yet
+        self._copies: dict[int, tuple[int, int]] = {}  # id(sample) -> its page copy, for the next step
         self._added = self._admitted = 0
         self.counters = collections.Counter(prefilled_tokens=0, cached_tokens=0, preemptions=0, generated_tokens=0)
 
@@ -112,23 +131,30 @@ class Scheduler:
     def add(self, request_id: str, prompt: list[int], params: RequestParams, *, stream: int = 0) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not params.n <= self.max_batch:
+            raise ValueError(f"n must be at most max_batch={self.max_batch} (a sample decodes in a batch row), "
+                             f"got {params.n}")
+        spares = params.n - 1 if len(prompt) % self.page_size else 0
+        if -(-len(prompt) // self.page_size) + spares > self.allocator.num_pages:
+            raise ValueError(f"n={params.n} samples of a {len(prompt)}-token prompt need more pages than the pool's "
+                             f"{self.allocator.num_pages}")
         if len(self.waiting) >= self.max_waiting:
             raise EngineFullError(f"{len(self.waiting)} requests are waiting, the most this engine queues")
         seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
         seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added,
-                            prompt_tokens=frozenset(prompt) if params.repetition_penalty != 1 else frozenset())
+                            prompt_tokens=frozenset(prompt) if params.repetition_penalty != 1 else frozenset(),
+                            samples=params.n)
         self._added += 1
-        self.requests[request_id] = seq
+        self.requests[request_id] = [seq]
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return
-        if seq.slot is None:
-            self.waiting.remove(seq)
-        else:
-            self._vacate(seq)
+        """Drop a request: every one of its samples, waiting or running."""
+        for seq in self.requests.pop(request_id, ()):
+            if seq.slot is None:
+                self.waiting.remove(seq)
+            else:
+                self._vacate(seq)
 
     def has_work(self) -> bool:
         return bool(self.requests)
@@ -157,42 +183,54 @@ class Scheduler:
             if seq.slot is not None:  # not preempted for an older sequence's page
                 self._reserve_next_page(seq)
         decoding = [s for s in decoding if s.slot is not None]
+        # Copies for samples forked in the last update (a preempted sample's went with its pages).
+        copies, self._copies = list(self._copies.values()), {}
         shape, pieces = self._plan_chunk()
         if not decoding and not pieces:
             return None
         finishing = []
         for seq, n in _fed_by(pieces).values():
             if seq.written + n >= len(seq.tokens):
-                finishing.append(seq)
+                finishing += [seq] * seq.samples
         b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
         sample_at = list(range(len(decoding)))
         if pieces:
             C = shape[1]
             for row, piece in enumerate(pieces):
                 if piece.start + piece.length == len(piece.seq.tokens):
-                    sample_at.append(b + row * C + piece.length - 1)
-        return StepPlan(decoding, b, shape if pieces else None, pieces, decoding + finishing, sample_at)
+                    sample_at += [b + row * C + piece.length - 1] * piece.seq.samples
+        streams = [s.stream for s in decoding]
+        for seq in dict.fromkeys(finishing):
+            streams += [seq.stream + i for i in range(seq.samples)]
+        return StepPlan(decoding, b, shape if pieces else None, pieces, decoding + finishing, sample_at, streams,
+                        copies)
 
     def _by_admission(self) -> list[SequenceState]:
         return sorted((s for s in self.slots if s is not None), key=lambda s: s.admitted)
 
+    def _free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None and i not in self.reserved]
+
     def _admit(self) -> None:
         P = self.page_size
-        while self.waiting and None in self.slots:
+        while self.waiting and len(free := self._free_slots()) >= self.waiting[0].samples:
             seq = self.waiting[0]
             # At least the last context token is prefilled: its logits give the next token.
             keys = page_keys(seq.tokens[:-1], P)
             hits = self.allocator.lookup(keys)
             needed = -(-len(seq.tokens) // P) - len(hits)
-            if self.allocator.available() < needed:
+            spares = seq.samples - 1 if len(seq.tokens) % P else 0
+            if self.allocator.available() < needed + spares:
                 self.allocator.release(hits)
                 return
             self.waiting.popleft()
-            seq.slot = self.slots.index(None)
+            seq.slot, *seq.spare_slots = free[:seq.samples]
             self.slots[seq.slot] = seq
+            self.reserved.update(seq.spare_slots)
             seq.admitted, self._admitted = self._admitted, self._admitted + 1
             # Its whole context's pages now, so its prefill never waits for pages.
             seq.pages = hits + [self.allocator.allocate() for _ in range(needed)]
+            seq.spare_pages = [self.allocator.allocate() for _ in range(spares)]
             seq.keys, seq.written = keys[:len(hits)], len(hits) * P
             self.page_table[seq.slot, :len(seq.pages)] = seq.pages
             if not seq.reported:
@@ -222,10 +260,12 @@ class Scheduler:
         self.counters["preemptions"] += 1
 
     def _vacate(self, seq: SequenceState) -> None:
-        self.allocator.release(seq.pages)
+        self.allocator.release(seq.pages + seq.spare_pages)
+        self.reserved.difference_update(seq.spare_slots)
+        self._copies.pop(id(seq), None)
         self.slots[seq.slot] = None
         self.page_table[seq.slot] = 0
-        seq.slot = None
+        seq.slot, seq.spare_slots, seq.spare_pages = None, [], []
 
     def _plan_chunk(self) -> tuple[tuple[int, int] | None, list[Piece]]:
         """The chunk shape feeding the most prompt tokens of the oldest prefilling sequences (of
@@ -247,7 +287,9 @@ class Scheduler:
         """Account for the tokens the plan fed and emit each sample row's token (row l of tokens,
         logprobs [L], top_ids and top_logprobs [L, K]; the last three may be None when no request
         asked for log-probabilities)."""
-        row_of = {id(s): row for row, s in enumerate(plan.sampled)}
+        row_of = {}  # id(seq) -> its first sample row (a forking request has n consecutive ones)
+        for row, seq in enumerate(plan.sampled):
+            row_of.setdefault(id(seq), row)
         outputs = []
         for seq, n in plan.fed.values():
             if seq.prefilling:
@@ -257,11 +299,37 @@ class Scheduler:
             if seq.written < len(seq.tokens):
                 continue  # more of its context to prefill
             seq.prefilling = False
-            row = row_of[id(seq)]
-            top = () if top_ids is None else zip(top_ids[row].tolist(), top_logprobs[row].tolist())
-            outputs.append(self._emit(seq, int(tokens[row]), None if logprobs is None else float(logprobs[row]),
-                                      top))
+            first = row_of[id(seq)]
+            for row, sample in enumerate(self._fork(seq) if seq.samples > 1 else [seq], start=first):
+                top = () if top_ids is None else zip(top_ids[row].tolist(), top_logprobs[row].tolist())
+                outputs.append(self._emit(sample, int(tokens[row]),
+                                          None if logprobs is None else float(logprobs[row]), top))
         return outputs
+
+    def _fork(self, seq: SequenceState) -> list[SequenceState]:
+        """The sequence (sample 0) and its samples 1 .. n-1, in their reserved slots: each holds the
+        prompt's full pages once more, and a spare page that the next step fills with a copy of the
+        last, partial one (which sample 0 keeps)."""
+        full = len(seq.tokens) // self.page_size
+        samples = [seq]
+        for index, slot in enumerate(seq.spare_slots, start=1):
+            pages = seq.pages[:full]
+            self.allocator.share(pages)
+            sample = SequenceState(seq.id, list(seq.tokens), seq.prompt_len, seq.params, seq.seed, seq.stream + index,
+                                   order=seq.order, slot=slot, admitted=self._admitted, pages=pages,
+                                   keys=list(seq.keys), written=seq.written, prefilling=False,
+                                   cached_tokens=seq.cached_tokens, prompt_tokens=seq.prompt_tokens, index=index)
+            self._admitted += 1
+            if seq.spare_pages:
+                sample.pages = pages + [seq.spare_pages[index - 1]]
+                self._copies[id(sample)] = (seq.pages[full], sample.pages[-1])
+            self.slots[slot] = sample
+            self.page_table[slot, :len(sample.pages)] = sample.pages
+            samples.append(sample)
+        self.reserved.difference_update(seq.spare_slots)
+        seq.spare_slots, seq.spare_pages, seq.samples = [], [], 1
+        self.requests[seq.id] += samples[1:]
+        return samples
 
     def _register_pages(self, seq: SequenceState) -> None:
         """Offer the sequence's newly filled pages to the prefix cache."""
@@ -282,10 +350,14 @@ class Scheduler:
         reason = "stop" if token in p.stop_token_ids else "length" if seq.generated >= p.max_tokens else None
         out = TokenOutput(seq.id, token, logprob=None if p.logprobs is None else logprob,
                           top_logprobs=tuple(list(top)[:p.logprobs]) if p.logprobs else None,
-                          finish_reason=reason, prompt_tokens=seq.prompt_len, cached_prompt_tokens=seq.cached_tokens)
+                          finish_reason=reason, prompt_tokens=seq.prompt_len, cached_prompt_tokens=seq.cached_tokens,
+                          index=seq.index)
         seq.reported = True
         if reason is not None:
-            del self.requests[seq.id]
+            samples = self.requests[seq.id]
+            samples.remove(seq)
+            if not samples:
+                del self.requests[seq.id]
             self._vacate(seq)
         return out
 

@@ -82,62 +82,70 @@ def check_tokenizer(cfg: LlamaConfig, tokenizer) -> None:
 def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequence[int]], *,
                      max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0,
                      seed: int = 0, batch_size: int | None = None, mesh=None, truncate: bool = False,
-                     on_text: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, Completion]]:
-    """(prompt index, Completion) as each prompt finishes; `on_text(index, piece)` streams the text."""
+                     on_text: Callable[[int, str], None] | None = None, n: int = 1,
+                     **penalties) -> Iterator[tuple[int, Completion]]:
+    """(index, Completion) as each completion finishes; `on_text(index, piece)` streams the text. The
+    index of prompt p's sample i (of n) is p * n + i. penalties: SamplingParams' presence_penalty,
+    frequency_penalty, repetition_penalty, logit_bias, min_tokens."""
     check_tokenizer(cfg, tokenizer)
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, n=n, **penalties)
     cfg, params = decode_params(cfg, params, mesh)
     events = token_generation.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
                                   batch_size=batch_size, mesh=mesh, truncate=truncate)
-    yield from _completions(events, tokenizer, on_text)
+    yield from _completions(events, tokenizer, on_text, n)
 
 
-def _completions(events, tokenizer, on_text) -> Iterator[tuple[int, Completion]]:
-    """TokenEvents -> (prompt index, Completion) as each prompt finishes, streaming text to on_text."""
-    running: dict[int, tuple[list[int], TextStream]] = {}  # prompt index -> (its new ids, its text stream)
+def _completions(events, tokenizer, on_text, n: int = 1) -> Iterator[tuple[int, Completion]]:
+    """TokenEvents -> (prompt index * n + sample, Completion) as each finishes, streaming text to on_text."""
+    running: dict[int, tuple[list[int], TextStream]] = {}  # completion index -> (its new ids, its text stream)
     for event in events:
-        ids, stream = running.setdefault(event.index, ([], TextStream(tokenizer)))
+        index = event.index * n + event.sample
+        ids, stream = running.setdefault(index, ([], TextStream(tokenizer)))
         if event.finish_reason is None:
             ids.append(event.token)
             piece = stream.push(event.token) if on_text is not None else ""
         else:
             piece = stream.flush() if on_text is not None else ""
         if piece:
-            on_text(event.index, piece)
+            on_text(index, piece)
         if event.finish_reason is not None:
-            del running[event.index]
+            del running[index]
             # The streamed pieces concatenate to this same text (TextStream's invariant).
-            yield event.index, Completion(tokenizer.decode(ids), ids, event.finish_reason)
+            yield index, Completion(tokenizer.decode(ids), ids, event.finish_reason)
 
 
 def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequence[int]], *,
              max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0,
              seed: int = 0, batch_size: int | None = None, mesh=None, truncate: bool = False,
-             on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+             on_text: Callable[[int, str], None] | None = None, n: int = 1, **penalties) -> GenerationResult:
     """Complete every prompt (text, encoded with bos; or a list of token ids, e.g. a dialog).
 
     temperature 0 is greedy; otherwise top-k (0: off) then top-p sampling, reproducible for a seed
     and independent of batch_size. Generation stops at the tokenizer's stop tokens, after
-    `max_new_tokens`, or at the end of the model's context.
+    `max_new_tokens`, or at the end of the model's context. n: completions per prompt (the prompt
+    prefilled once), prompt p's sample i at index p * n + i of the result's lists. penalties:
+    SamplingParams' presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens.
 
     Computes in cfg.dtype with the params as given: from `llama_jax.load`, float32 on a CPU backend
     unless a dtype was named there (config.compute_dtype, the infer CLI's rule too).
     """
     done = dict(iter_completions(cfg, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                 batch_size=batch_size, mesh=mesh, truncate=truncate, on_text=on_text))
-    ordered = [done[i] for i in range(len(prompts))]
+                                 batch_size=batch_size, mesh=mesh, truncate=truncate, on_text=on_text, n=n,
+                                 **penalties))
+    ordered = [done[i] for i in range(len(prompts) * n)]
     return GenerationResult([c.text for c in ordered], [c.token_ids for c in ordered],
                             [c.finish_reason for c in ordered])
 
 
 def reply(conversation: token_generation.Conversation, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
           temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
-          on_text: Callable[[int, str], None] | None = None) -> Completion:
+          on_text: Callable[[int, str], None] | None = None, **penalties) -> Completion:
     """Complete `prompt_ids` (a whole dialog) in a Conversation: only the tokens after what its cache
-    already holds from earlier turns are prefilled. Same tokens as `generate` on the same ids."""
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    already holds from earlier turns are prefilled. Same tokens as `generate` on the same ids.
+    penalties: as generate's."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, **penalties)
     events = conversation.stream(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  stop_ids=tokenizer.stop_tokens, seed=seed)
     (_, completion), = _completions(events, tokenizer, on_text)

@@ -7,7 +7,9 @@
 `stream_tokens` runs a list of prompts through a BatchingEngine of `batch_size` rows: a prompt
 joins as soon as a row is free, and its tokens stream out as they come. Each prompt's sampling
 keys are fold_in(fold_in(key(seed), prompt index), position) (the engine's `stream` is the prompt's
-index), so a prompt's tokens do not depend on the batch it lands in, nor on the batch size.
+index), so a prompt's tokens do not depend on the batch it lands in, nor on the batch size. With
+`sampling.n` > 1, sample i of prompt p draws with stream p * n + i (so n = 1 keeps the keys above),
+the prompt prefilled once and its pages shared by the samples.
 
 The engine is sized for the call: its context is the power of two (at least MIN_BUCKET) that holds
 the longest prompt and its new tokens, its pool holds that for every row, and its prefill chunks
@@ -44,6 +46,7 @@ class TokenEvent(NamedTuple):
     index: int  # the prompt's index in the caller's list
     token: int | None  # a new token (never a stop token), or None when the prompt finishes
     finish_reason: str | None = None  # "stop" (a stop token came) or "length" (token limit or context end)
+    sample: int = 0  # which of the prompt's sampling.n samples (0 .. n-1)
 
 
 def bucket_length(n: int, cap: int) -> int:
@@ -85,7 +88,8 @@ def request_params(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int, sampl
     return RequestParams(max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                          seed=seed, stop_token_ids=tuple(stop_ids), presence_penalty=sampling.presence_penalty,
                          frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
-                         logit_bias=sampling.logit_bias, min_tokens=min(sampling.min_tokens, max_tokens))
+                         logit_bias=sampling.logit_bias, min_tokens=min(sampling.min_tokens, max_tokens),
+                         n=sampling.n)
 
 
 def paged_attention_impl(cfg: LlamaConfig) -> str:
@@ -112,7 +116,8 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
     prompts decoding together interleave. params: the model's, or DecodeParams from `weights.decode_params`
     (which places them on `mesh` and splits them per layer once, instead of at every call). The
-    batch is rounded up to a multiple of the mesh's batch split. Computes in cfg.dtype: from
+    batch is rounded up to a multiple of the mesh's batch split, and to at least sampling.n rows (the
+    samples of a prompt decode together). Computes in cfg.dtype: from
     `llama_jax.load`, float32 on a CPU backend unless a dtype was named there (config.compute_dtype).
     """
     prompts = check_prompts(cfg, prompts, max_new_tokens, truncate)
@@ -122,18 +127,19 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
         return
     if max_new_tokens == 0:
         for i in range(len(prompts)):
-            yield TokenEvent(i, None, "length")
+            for sample in range(sampling.n):
+                yield TokenEvent(i, None, "length", sample)
         return
     requests = [request_params(cfg, len(p), max_new_tokens, sampling, stop_ids, seed) for p in prompts]
     multiple = batch_split(mesh)
-    rows = -(-(batch_size or len(prompts)) // multiple) * multiple
+    rows = -(-max(batch_size or len(prompts) * sampling.n, sampling.n) // multiple) * multiple
     longest = max(len(p) for p in prompts)
     # A chunk that holds the first rows' prompts in one step, when prefill_chunk allows.
     chunk = min(prefill_chunk, rows * bucket_length(longest, cfg.max_seq_len))
     engine = _engine(cfg, params, mesh, max_batch=rows, prefill_chunk=chunk, max_waiting=len(prompts),
                      max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len))
     for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
-        engine.add(str(i), prompt, params_i, stream=i)
+        engine.add(str(i), prompt, params_i, stream=i * sampling.n)
     yield from _events(engine)
 
 
@@ -142,13 +148,13 @@ def _events(engine: BatchingEngine) -> Iterator[TokenEvent]:
     TokenEvents: a stop token is not returned, its request just finishes."""
     while engine.has_work():
         for out in engine.step():
-            index = int(out.request_id)
+            index, sample = int(out.request_id), out.index
             if out.finish_reason == "stop":
-                yield TokenEvent(index, None, "stop")
+                yield TokenEvent(index, None, "stop", sample)
                 continue
-            yield TokenEvent(index, out.token_id)
+            yield TokenEvent(index, out.token_id, None, sample)
             if out.finish_reason is not None:
-                yield TokenEvent(index, None, out.finish_reason)
+                yield TokenEvent(index, None, out.finish_reason, sample)
 
 
 class Conversation:
@@ -174,6 +180,8 @@ class Conversation:
     def stream(self, prompt: Sequence[int], *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                stop_ids: Sequence[int] = (), seed: int = 0) -> Iterator[TokenEvent]:
         cfg = self.cfg
+        if sampling.n != 1:
+            raise ValueError(f"a Conversation continues one sequence: sampling.n must be 1, got {sampling.n}")
         (prompt,) = check_prompts(cfg, [prompt], max_new_tokens)
         if max_new_tokens == 0:
             yield TokenEvent(0, None, "length")

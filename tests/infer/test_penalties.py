@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax.infer import __main__ as cli
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.penalties import pack_terms, padded_length, row_terms
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.sampling import SamplingParams
+from llama_jax.infer.text import generate
 from llama_jax.infer.tokens import stream_tokens
 from tests.infer.common import _forward, collect
 
@@ -160,3 +162,30 @@ def test_a_bias_outside_the_vocabulary_is_refused_by_the_engine(engine):
     with pytest.raises(ValueError, match="logit_bias token id 512 is outside the vocabulary"):
         engine.add("x", PROMPT, RequestParams(3, logit_bias={512: 1.0}))
     assert RequestParams(3, logit_bias={"7": 1}).logit_bias == ((7, 1.0),)  # JSON's string keys
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of an in-process `python -m llama_jax.infer`."""
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_the_cli_s_penalty_flags_reach_the_engine(capsys, checkpoint_dir, llama3_tiny, tokenizer):
+    cfg, params = llama3_tiny
+    flags = ["--temperature", "0", "--max-new-tokens", "8", "--presence-penalty", "-2", "--repetition-penalty", "0.05"]
+    status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--prompt", "the the the", *flags)
+    want = generate(cfg, params, tokenizer, ["the the the"], max_new_tokens=8, temperature=0.0,
+                    presence_penalty=-2.0, repetition_penalty=0.05).texts[0]
+    plain = generate(cfg, params, tokenizer, ["the the the"], max_new_tokens=8, temperature=0.0).texts[0]
+    assert status == 0 and out == want + "\n" and want != plain
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--presence-penalty", 3, "presence_penalty must be in [-2, 2], got 3.0"),
+    ("--repetition-penalty", 0, "repetition_penalty must be > 0 (1 is off), got 0.0"),
+    ("--min-tokens", -1, "min_tokens must be an integer in [0, max_tokens=1], got -1"),
+])
+def test_a_bad_penalty_flag_is_one_line_before_the_model_loads(capsys, tmp_path, flag, value, message):
+    status, out, err = run_cli(capsys, "--checkpoint", tmp_path, "--prompt", "hi", flag, value)
+    assert (status, out, err) == (1, "", f"error: {message}\n")
