@@ -4,7 +4,7 @@ stop string, held back only as far as a stop string could still be starting."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from llama_jax.infer.requests import TokenOutput
 from llama_jax.infer.text import TextStream
@@ -60,20 +60,26 @@ class Counts:
     cached_prompt_tokens: int = 0
 
 
-async def deltas(request, tokenizer, stops: Sequence[str], counts: Counts) -> AsyncIterator[Delta]:
-    """The request's text in pieces, each non-empty except perhaps the last (which carries the
-    finish reason). However it ends early (a stop string in the text, the consumer gone), the
-    request is aborted in the engine."""
+async def deltas(request, tokenizer, stops: Sequence[str], counts: Counts, index: int = 0,
+                 special_text: Mapping[int, str] | None = None) -> AsyncIterator[Delta]:
+    """Sample `index` of the request as text in pieces, each non-empty except perhaps the last (which
+    carries the finish reason). special_text: token ids whose text is replaced (a tool-call parser's
+    stand-in for <|python_tag|>, which the model can also spell in plain text). However it ends early
+    (a stop string in the text, the consumer gone), the sample is aborted in the engine."""
     text_stream, stop_strings, pending, stop_token = TextStream(tokenizer), StopStrings(stops), [], None
+    special_text = special_text or {}
     try:
         while True:
-            out = await request.next()
+            out = await request.next(index)
             counts.completion_tokens += 1
             if counts.completion_tokens == 1:
                 counts.cached_prompt_tokens = out.cached_prompt_tokens
             if out.finish_reason == "stop" and out.token_id in request.params.stop_token_ids:
                 piece = text_stream.flush()  # the stop token ends the text; its own text is not sent
                 stop_token = out
+            elif out.token_id in special_text:
+                pending.append(out)
+                piece = text_stream.flush() + special_text[out.token_id]
             else:
                 pending.append(out)
                 piece = text_stream.push(out.token_id) + (text_stream.flush() if out.finish_reason else "")
@@ -86,4 +92,4 @@ async def deltas(request, tokenizer, stops: Sequence[str], counts: Counts) -> As
                 yield Delta(text, pending, None)
                 pending = []
     finally:
-        request.abort()  # a stop string, a client gone, or a cancelled task: free the slot (no-op once finished)
+        request.abort(index)  # a stop string, a client gone, a cancelled task: free it (no-op once finished)

@@ -20,8 +20,6 @@ from llama_jax.infer.requests import MAX_LOGPROBS  # the alternatives per token 
 NO_OPS: dict[str, tuple] = {
     "best_of": (1,), "suffix": ("",),  # completions
     "functions": ([],), "function_call": ("none", "auto"),  # chat: the deprecated forms of tools and tool_choice
-    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
 }
 
@@ -148,17 +146,33 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: [{id, type: "function", function: {name, arguments}}]
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     @field_validator("content")
     @classmethod
     def _unicode(cls, content):
-        _valid_unicode(content if isinstance(content, str) else [part.text for part in content])
+        if content is not None:
+            _valid_unicode(content if isinstance(content, str) else [part.text for part in content])
         return content
 
+    @model_validator(mode="after")
+    def _fields_of_the_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message that calls tools "
+                             f"may leave it out)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role}")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id belongs to tool messages, not {self.role}")
+        return self
+
     @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -166,12 +180,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None  # NO_OPS
-    functions: Any = None
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None  # checked by llama_jax.tools (a 400 naming the bad field)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (compiled by llama_jax.grammar)
+    functions: Any = None  # NO_OPS
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
     modalities: Any = None
     store: Any = None
     metadata: Any = None
@@ -184,6 +198,14 @@ class ChatCompletionRequest(SamplingRequest):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("pass max_tokens or max_completion_tokens, not both")
         return self
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, response_format):
+        if response_format is not None and response_format.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got "
+                             f"{response_format.get('type')!r:.60}")
+        return response_format
 
 
 class TokenizeRequest(_Request):
@@ -290,16 +312,31 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -311,16 +348,31 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has its id, type and name; the next ones add to its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -33,38 +33,51 @@ class EngineError(RuntimeError):
 
 
 class EngineRequest:
-    """One request's view of the engine: its TokenOutputs in order, and abort()."""
+    """One request's view of the engine: each of its n samples' TokenOutputs in order, and abort()."""
 
     def __init__(self, runner: EngineRunner, request_id: str, prompt_len: int, params: RequestParams):
         self.runner, self.id, self.prompt_len, self.params = runner, request_id, prompt_len, params
-        self.outputs: asyncio.Queue = asyncio.Queue()  # TokenOutput, or an EngineError
-        self.finished = False
-        self._last_token_time = self.arrival = time.monotonic()
-        self._tokens = 0
+        n = getattr(params, "n", 1)
+        self.queues = [asyncio.Queue() for _ in range(n)]  # per sample: TokenOutput, or an EngineError
+        self.done = [False] * n  # per sample: its last output read, or it was aborted
+        self.running_samples = n  # the engine thread's count of samples the engine has not finished
+        self.arrival = time.monotonic()
+        self._last_token_time = [self.arrival] * n
+        self._first_token = True
 
-    async def next(self):
-        """The next TokenOutput; raises EngineError when the engine failed or stopped under it."""
-        output = await self.outputs.get()
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    async def next(self, index: int = 0):
+        """Sample `index`'s next TokenOutput; raises EngineError when the engine failed or stopped under it."""
+        output = await self.queues[index].get()
         if isinstance(output, BaseException):
-            self.finished = True
+            self.done = [True] * len(self.done)
             raise output
         if output.finish_reason is not None:
-            self.finished = True
-        self._observe_latency()
+            self.done[index] = True
+        self._observe_latency(index)
         return output
 
-    def _observe_latency(self) -> None:
+    def _observe_latency(self, index: int) -> None:
         metrics, now = self.runner.metrics, time.monotonic()
-        if metrics is not None:
-            latency = metrics.time_per_output_token if self._tokens else metrics.time_to_first_token
-            latency.observe(now - self._last_token_time)
-        self._tokens += 1
-        self._last_token_time = now
+        if metrics is not None:  # the request's first token, then each sample's gaps between its tokens
+            first, self._first_token = self._first_token, False
+            latency = metrics.time_to_first_token if first else metrics.time_per_output_token
+            latency.observe(now - (self.arrival if first else self._last_token_time[index]))
+        self._last_token_time[index] = now
 
-    def abort(self) -> None:
-        """Free the request's slot and pages (no-op once it finished)."""
-        if not self.finished:
-            self.finished = True
+    def abort(self, index: int | None = None) -> None:
+        """Stop sample `index` (None: every sample); once none is left running, the request's slots
+        and pages are freed. A no-op for samples that finished. A sample stopped while others run
+        (a stop string in its text) is dropped here: the engine finishes it with its request."""
+        indices = range(len(self.done)) if index is None else [index]
+        if all(self.done[i] for i in indices):
+            return
+        for i in indices:
+            self.done[i] = True
+        if self.finished:
             self.runner.post("abort", self.id)
 
 
@@ -219,7 +232,9 @@ class EngineRunner:
             if request is None:  # aborted since the step began
                 continue
             if output.finish_reason is not None:
-                del self._live[output.request_id]
+                request.running_samples -= 1  # only this thread counts them
+                if not request.running_samples:
+                    del self._live[output.request_id]
             deliveries[loop].append((request, output))
         for loop, pairs in deliveries.items():
             loop.call_soon_threadsafe(_deliver, pairs)
@@ -236,13 +251,18 @@ class EngineRunner:
     def _fail_all(self, error: EngineError) -> None:
         for request_id, (loop, request) in list(self._live.items()):
             self.engine.abort(request_id)
-            loop.call_soon_threadsafe(request.outputs.put_nowait, error)
+            loop.call_soon_threadsafe(_fail, request, error)
         self._live.clear()
+
+
+def _fail(request: EngineRequest, error: EngineError) -> None:
+    for queue in request.queues:
+        queue.put_nowait(error)
 
 
 def _deliver(pairs) -> None:
     for request, output in pairs:
-        request.outputs.put_nowait(output)
+        request.queues[output.index].put_nowait(output)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:

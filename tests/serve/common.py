@@ -77,7 +77,8 @@ class FakeEngine:
             logprob = -(i + 1) / 10 if params.logprobs is not None else None
             top = (tuple((token + k, logprob - k) for k in range(params.logprobs))
                    if params.logprobs is not None else None)
-            outputs.append(TokenOutput(request_id, token, logprob, top, finish, len(prompt_ids), 0))
+            for index in range(params.n):  # n samples of one request: the same reply each
+                outputs.append(TokenOutput(request_id, token, logprob, top, finish, len(prompt_ids), 0, index=index))
             if finish is not None:
                 del self.requests[request_id]
         return outputs

@@ -191,7 +191,7 @@ def test_completion_logprobs_streamed_and_not(tokenizer):
 @pytest.mark.parametrize("body, words, param", [
     ('{"model": ', ["not valid JSON"], None),
     ({"messages": CHAT["messages"]}, ["model", "Field required"], "model"),
-    ({**CHAT, "n": 2}, ["n must be 1"], "n"),
+    ({**CHAT, "n": 0}, ["greater than or equal to 1"], "n"),
     ({**CHAT, "temperature": 3}, ["temperature", "less than or equal to 2"], "temperature"),
     ({**CHAT, "top_p": 0}, ["top_p", "greater than 0"], "top_p"),
     ({**CHAT, "top_k": -2}, ["top_k"], "top_k"),

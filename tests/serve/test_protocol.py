@@ -28,9 +28,6 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(tokenizer, path, body, param
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "store", True),
     ("/v1/completions", "best_of", 3),
     ("/v1/completions", "suffix", " the end"),
