@@ -171,3 +171,84 @@ def test_the_scheduler_plans_n_sample_rows_with_their_streams_and_copies():
     assert plan.streams == [5, 6, 7] and sched.schedule is not None
     sched.update(plan, np.array([1, 2, 3, 0]))
     assert sched.schedule().page_copies == []
+
+
+VOCAB = 97
+
+
+def fake_token(context, stream):
+    """A deterministic 'model' of the whole context and the row's key stream."""
+    return (sum((i + 1) * t for i, t in enumerate(context)) * 31 + 7 + 13 * stream) % VOCAB
+
+
+class PagedFakeDevice:
+    """Runs a plan as the device step does, on pages of token ids: the copies first, then every row
+    writes its tokens at its positions through its page table, then each sample row reads its
+    sequence's context back from the pages and draws fake_token(context, its stream). A page shared
+    or copied wrongly gives a wrong context, so wrong tokens."""
+
+    def __init__(self, sched):
+        self.sched, self.pages = sched, {}
+
+    def run(self, plan):
+        P, table = self.sched.page_size, self.sched.page_table
+        for src, dst in plan.page_copies:
+            self.pages[dst] = list(self.pages[src])
+        writes = [(s, s.written, s.tokens[-1]) for s in plan.decoding]
+        writes += [(p.seq, p.start + k, p.seq.tokens[p.start + k]) for p in plan.pieces for k in range(p.length)]
+        for seq, position, token in writes:
+            self.pages.setdefault(int(table[seq.slot, position // P]), [None] * P)[position % P] = token
+        out = []
+        for seq, stream in zip(plan.sampled, plan.streams):
+            context = [self.pages[int(table[seq.slot, q // P])][q % P] for q in range(len(seq.tokens))]
+            assert context == seq.tokens, (seq.id, seq.index)
+            out.append(fake_token(context, stream))
+        return out + [0] * (plan.decode_batch - len(out))
+
+
+def expected_sample(prompt, max_tokens, stream, stop=()):
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(fake_token(tokens, stream))
+        if tokens[-1] in stop:
+            return tokens[len(prompt):], "stop"
+    return tokens[len(prompt):], "length"
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+@pytest.mark.parametrize("num_pages", [14, 40])
+def test_forked_samples_read_their_own_context_back_through_shared_and_copied_pages(prefix_caching, num_pages):
+    """Requests of n = 1..4 arriving over time, prompts ending inside and at the end of a page, one
+    repeated (the prefix cache), a pool small enough to preempt, and samples 0 that stop at their
+    first token (the page the others copy is let go before the copy): every sample gets the tokens
+    of its stream alone, and every page and slot comes back."""
+    rng = np.random.default_rng(0)
+    sched = Scheduler(max_batch=4, page_size=4, pages_per_seq=12, num_pages=num_pages, decode_batches=[1, 2, 4],
+                      chunk_shapes=[(2, 4)], prefix_caching=prefix_caching)
+    shared = rng.integers(0, VOCAB, 9).tolist()
+    requests = {f"r{i}": (shared if i % 3 == 0 else rng.integers(0, VOCAB, 5 + 2 * i).tolist(), 1 + i % 4, 10 + i)
+                for i in range(8)}  # id -> (prompt, n, max_tokens)
+    stops = {r: (fake_token(prompt, 10 * int(r[1:])),) if r in ("r3", "r6") else ()
+             for r, (prompt, _, _) in requests.items()}
+    arrivals = {2 * i: (r, *spec) for i, (r, spec) in enumerate(requests.items())}
+    device, got, step = PagedFakeDevice(sched), {}, 0
+    while sched.has_work() or step in arrivals or step < max(arrivals):
+        if step in arrivals:
+            r, prompt, n, max_tokens = arrivals[step]
+            sched.add(r, prompt, RequestParams(max_tokens, n=n, stop_token_ids=stops[r]), stream=10 * int(r[1:]))
+        plan = sched.schedule()
+        if plan is not None:
+            for out in sched.update(plan, device.run(plan)):
+                tokens, reason = got.get((out.request_id, out.index), ([], None))
+                assert reason is None
+                got[(out.request_id, out.index)] = (tokens + [out.token_id], out.finish_reason)
+        step += 1
+        assert step < 5000
+    for r, (prompt, n, max_tokens) in requests.items():
+        for i in range(n):
+            assert got[(r, i)] == expected_sample(prompt, max_tokens, 10 * int(r[1:]) + i, stops[r]), (r, i)
+    assert got[("r3", 0)][1] == got[("r6", 0)][1] == "stop" and got[("r3", 1)][1] == "length"
+    assert len(got) == sum(n for _, n, _ in requests.values())
+    if num_pages == 14:
+        assert sched.counters["preemptions"] > 0
+    assert sched.allocator.used == 0 and not sched.reserved and sched.slots == [None] * 4
