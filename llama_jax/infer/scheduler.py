@@ -65,7 +65,7 @@ class SequenceState:
     spare_slots: list[int] = dataclasses.field(default_factory=list)  # held for the samples it forks into
     spare_pages: list[int] = dataclasses.field(default_factory=list)  # their copies of its last partial page
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # generated tokens'
-    prompt_tokens: frozenset[int] = frozenset()  # the prompt's distinct tokens, for a repetition penalty
+    prompt_tokens: np.ndarray | None = None  # the prompt's distinct tokens, for a repetition penalty
 
     @property
     def generated(self) -> int:
@@ -142,7 +142,7 @@ class Scheduler:
             raise EngineFullError(f"{len(self.waiting)} requests are waiting, the most this engine queues")
         seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
         seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added,
-                            prompt_tokens=frozenset(prompt) if params.repetition_penalty != 1 else frozenset(),
+                            prompt_tokens=np.unique(prompt) if params.repetition_penalty != 1 else None,
                             samples=params.n)
         self._added += 1
         self.requests[request_id] = [seq]

@@ -136,15 +136,15 @@ def test_generate_s_sampling_params_carry_the_penalties(tiny):
 def test_the_row_lists_are_distinct_tokens_padded_to_powers_of_two():
     params = RequestParams(9, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0,
                            logit_bias={5: 1.0, 11: -2.0}, min_tokens=3, stop_token_ids=(2,))
-    terms = row_terms(params, frozenset([5, 6]), {6: 2, 9: 1}, generated=3)
+    terms = row_terms(params, np.array([5, 6]), {6: 2, 9: 1}, generated=3)
     got = {t: (b, p) for t, b, p in zip(*terms)}
     assert got == {5: (1.0, True), 6: (-1.0, True), 9: (-0.75, True), 11: (-2.0, False)}
-    early = dict(zip(row_terms(params, frozenset(), {}, generated=2).ids, row_terms(params, frozenset(), {}, 2).bias))
+    early = dict(zip(row_terms(params, None, {}, generated=2).ids, row_terms(params, None, {}, 2).bias))
     assert early[2] == -np.inf
     assert [padded_length(n) for n in (0, 3, 16, 17, 100)] == [16, 16, 16, 32, 128]
     ids, bias, penalized, repetition = pack_terms([terms, None], [2.0, 1.0], L=4)
     assert ids.shape == (4, 16) and (ids[1:] == -1).all() and repetition.tolist() == [2.0, 1.0, 1.0, 1.0]
-    assert pack_terms([None, row_terms(RequestParams(3), frozenset(), {}, 0)], [1.0, 1.0], 2) == (None,) * 4
+    assert pack_terms([None, row_terms(RequestParams(3), None, {}, 0)], [1.0, 1.0], 2) == (None,) * 4
 
 
 @pytest.mark.parametrize("bad, message", [
