@@ -36,7 +36,7 @@ from llama_jax.infer.kv_cache import empty_pages, grow_pages
 from llama_jax.infer.penalties import pack_terms, row_terms
 from llama_jax.infer.requests import RequestParams, TokenOutput
 from llama_jax.infer.scheduler import Scheduler, StepPlan
-from llama_jax.infer.step import StepInputs, model_step_jit
+from llama_jax.infer.step import StepInputs, model_logits_jit, model_step_jit, sample_step_jit
 from llama_jax.infer.weights import decode_params, weights_device
 from llama_jax.sharding import axes, batch_split, logical_to_sharding
 from llama_jax.vocab import check_token_ids
@@ -207,10 +207,24 @@ class BatchingEngine:
         return self.scheduler.update(plan, out.tokens_L, out.logprobs_L, out.top_ids_LK, out.top_logprobs_LK)
 
     def _run(self, plan: StepPlan):
-        """The step's StepOutputs (on the device) for the plan; the pages are updated in place."""
+        """The step's StepOutputs (on the device) for the plan; the pages are updated in place.
+
+        With grammar rows the step is two calls: the model's forward is dispatched first, and while
+        the device runs it the host fills the rows' token masks (each needs the row's previous
+        token, so it cannot be built a step ahead); sampling then takes them."""
         inputs = self._place(step_arrays(plan, self.scheduler.page_table))
-        self.pages, out = model_step_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
-        return out
+        constrained = [(seq.matcher, row) for row, seq in enumerate(plan.sampled) if seq.matcher is not None]
+        if not constrained:
+            self.pages, out = model_step_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
+            return out
+        self.pages, logits = model_logits_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
+        allowed = token_masks(constrained, len(inputs.sample_at_L), self.cfg.vocab_size)
+        return sample_step_jit(logits, inputs._replace(allowed_LW=self._place_rows(allowed)))
+
+    def _place_rows(self, x: np.ndarray):
+        if self.mesh is None:
+            return x
+        return jax.device_put(x, logical_to_sharding((axes.ACTIVATION_BATCH, None), self.mesh, x.shape))
 
     def _place(self, inputs: StepInputs) -> StepInputs:
         """Every input split on its rows as the batch is, but the page copies: their rows are not
@@ -225,6 +239,23 @@ class BatchingEngine:
         if inputs.page_copies_C2 is None:
             return placed
         return placed._replace(page_copies_C2=place(inputs.page_copies_C2, rows=None))
+
+
+def token_masks(constrained: list[tuple[object, int]], rows: int, vocab_size: int) -> np.ndarray:
+    """allowed_LW (uint32 [rows, ceil(V / 32)]): each (matcher, row)'s grammar mask, every token allowed
+    in the other rows. A matcher sampled in several rows (a request forking into n samples) fills one
+    and the others are copies (one matcher is not filled from two threads at once)."""
+    from llama_jax.grammar import fill_rows
+
+    allowed = np.full((rows, -(-vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+    first: dict[int, int] = {}
+    for matcher, row in constrained:
+        first.setdefault(id(matcher), row)
+    fill_rows([(matcher, row) for matcher, row in constrained if first[id(matcher)] == row], allowed)
+    for matcher, row in constrained:
+        if first[id(matcher)] != row:
+            allowed[row] = allowed[first[id(matcher)]]
+    return allowed
 
 
 def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:

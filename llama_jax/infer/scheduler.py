@@ -66,6 +66,7 @@ class SequenceState:
     spare_pages: list[int] = dataclasses.field(default_factory=list)  # their copies of its last partial page
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # generated tokens'
     prompt_tokens: np.ndarray | None = None  # the prompt's distinct tokens, for a repetition penalty
+    matcher: object | None = None  # its grammar's state (params.grammar.matcher()): fills its token masks
 
     @property
     def generated(self) -> int:
@@ -143,7 +144,7 @@ class Scheduler:
         seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
         seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added,
                             prompt_tokens=np.unique(prompt) if params.repetition_penalty != 1 else None,
-                            samples=params.n)
+                            samples=params.n, matcher=_matcher(params))
         self._added += 1
         self.requests[request_id] = [seq]
         self.waiting.append(seq)
@@ -318,7 +319,8 @@ class Scheduler:
             sample = SequenceState(seq.id, list(seq.tokens), seq.prompt_len, seq.params, seq.seed, seq.stream + index,
                                    order=seq.order, slot=slot, admitted=self._admitted, pages=pages,
                                    keys=list(seq.keys), written=seq.written, prefilling=False,
-                                   cached_tokens=seq.cached_tokens, prompt_tokens=seq.prompt_tokens, index=index)
+                                   cached_tokens=seq.cached_tokens, prompt_tokens=seq.prompt_tokens, index=index,
+                                   matcher=_matcher(seq.params))  # forked before its first token: at the start
             self._admitted += 1
             if seq.spare_pages:
                 sample.pages = pages + [seq.spare_pages[index - 1]]
@@ -348,6 +350,11 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         p = seq.params
         reason = "stop" if token in p.stop_token_ids else "length" if seq.generated >= p.max_tokens else None
+        if seq.matcher is not None and reason != "stop":
+            # A grammar that allows nothing more ends the answer; a token it refused (its mask makes that
+            # impossible, unless a penalty's -inf row left nothing) ends it too, rather than going on unconstrained.
+            if not seq.matcher.accept(token) or seq.matcher.is_finished():
+                reason = "stop"
         out = TokenOutput(seq.id, token, logprob=None if p.logprobs is None else logprob,
                           top_logprobs=tuple(list(top)[:p.logprobs]) if p.logprobs else None,
                           finish_reason=reason, prompt_tokens=seq.prompt_len, cached_prompt_tokens=seq.cached_tokens,
@@ -360,6 +367,10 @@ class Scheduler:
                 del self.requests[seq.id]
             self._vacate(seq)
         return out
+
+
+def _matcher(params: RequestParams):
+    return None if params.grammar is None else params.grammar.matcher()
 
 
 def _fill(prefilling: list[SequenceState], rows: int, width: int) -> list[Piece]:

@@ -69,6 +69,14 @@ class StepOutputs(NamedTuple):
 
 def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaConfig, mesh=None):
     """(pages, StepOutputs): pages is a tuple per layer of (k, v) [N, P, K, E] (donated by the jit)."""
+    pages, logits_LV = model_logits(params, pages, inputs, cfg=cfg, mesh=mesh)
+    return pages, sample_step(logits_LV, inputs)
+
+
+def model_logits(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaConfig, mesh=None):
+    """(pages, logits_LV): the step up to its sample rows' logits. The engine runs it apart from
+    sample_step when a row's grammar mask is still being computed on the host: the device runs
+    the model meanwhile, and the mask joins at sampling."""
     dt = cfg.compute_dtype
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
         if inputs.page_copies_C2 is not None:
@@ -87,7 +95,7 @@ def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaCon
     new_pages = tuple(new_pages)
     if mesh is not None:
         new_pages = jax.lax.with_sharding_constraint(new_pages, page_shardings(new_pages, mesh))
-    return new_pages, sample_step(logits_LV, inputs)
+    return new_pages, logits_LV
 
 
 def sample_step(logits_LV, inputs: StepInputs) -> StepOutputs:
@@ -111,6 +119,9 @@ def sample_step(logits_LV, inputs: StepInputs) -> StepOutputs:
 
 
 model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
+model_logits_jit = jax.jit(model_logits, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))
+sample_step_jit = jax.jit(sample_step)
 
 
-__all__ = ["StepInputs", "StepOutputs", "model_step", "model_step_jit", "sample_step"]
+__all__ = ["StepInputs", "StepOutputs", "model_step", "model_step_jit", "model_logits", "model_logits_jit",
+           "sample_step", "sample_step_jit"]
