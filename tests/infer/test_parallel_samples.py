@@ -3,15 +3,23 @@ pages (and copy its last partial one), each then decoded, preempted and finished
 must equal an n = 1 request with the same seed and stream i; greedy samples equal greedy decoding
 of the full forward pass."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
+from llama_jax import LlamaConfig
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.scheduler import Scheduler
+from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import generate
+from llama_jax.infer.tokens import stream_tokens
+from llama_jax.params import param_shardings
+from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import Llama3Tokenizer, write_byte_tokenizer
-from tests.infer.common import greedy_reference
+from tests.infer.common import greedy_reference, random_params
 
 PAGE = 8
 PROMPT = [1] + [(17 * i + 5) % 500 + 3 for i in range(42)]  # 43 tokens: 5 full pages and a partial one
@@ -252,3 +260,25 @@ def test_forked_samples_read_their_own_context_back_through_shared_and_copied_pa
     if num_pages == 14:
         assert sched.counters["preemptions"] > 0
     assert sched.allocator.used == 0 and not sched.reserved and sched.slots == [None] * 4
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
+def test_samples_and_penalties_on_a_mesh_equal_one_device():
+    """The new step inputs (page copies, penalty lists) placed on a dp2,tp4 mesh: the same tokens."""
+    cfg = dataclasses.replace(LlamaConfig.preset("tiny"), n_heads=16, n_kv_heads=8, dim=128)
+    params = random_params(cfg, 3)
+    sampling = SamplingParams(temperature=1.0, n=2, presence_penalty=1.0, repetition_penalty=1.3,
+                              logit_bias={5: 2.0})
+    prompts = [PROMPT[:21], PROMPT[:9]]
+
+    def run_on(mesh):
+        placed = params if mesh is None else jax.device_put(params, param_shardings(cfg, mesh, params))
+        events = stream_tokens(cfg, placed, prompts, max_new_tokens=6, sampling=sampling, seed=1, mesh=mesh)
+        out = {}
+        for e in events:
+            out.setdefault((e.index, e.sample), []).append((e.token, e.finish_reason))
+        return out
+
+    single = run_on(None)
+    assert len(single) == 4 and single[(0, 0)] != single[(0, 1)]
+    assert run_on(make_mesh("dp2,tp4")) == single
