@@ -144,8 +144,8 @@ def test_generate_with_n_returns_every_sample_as_the_prompts_repeated(tiny, tmp_
     prompts = [PROMPT, PROMPT[:30]]
     settings = dict(max_new_tokens=6, seed=7, batch_size=6, temperature=1.0, top_p=1.0)
     streamed = {}
-    got = generate(cfg, params, tokenizer, prompts, n=3, on_text=lambda i, piece: streamed.setdefault(i, []).append(piece),
-                   **settings)
+    got = generate(cfg, params, tokenizer, prompts, n=3,
+                   on_text=lambda i, piece: streamed.setdefault(i, []).append(piece), **settings)
     # Prompt p's sample i is at index p * n + i, drawn with stream p * n + i: as the same index of a
     # list of n = 1 prompts, each prompt repeated n times.
     want = generate(cfg, params, tokenizer, [prompt for prompt in prompts for _ in range(3)], **settings)
