@@ -15,7 +15,7 @@ from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.scheduler import Scheduler
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import generate
-from llama_jax.infer.tokens import stream_tokens
+from llama_jax.infer.tokens import Conversation, stream_tokens
 from llama_jax.params import param_shardings
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import Llama3Tokenizer, write_byte_tokenizer
@@ -156,6 +156,10 @@ def test_generate_with_n_returns_every_sample_as_the_prompts_repeated(tiny, tmp_
 def test_n_beyond_the_batch_or_the_pool_is_refused(tiny, engine):
     with pytest.raises(ValueError, match="n must be at most max_batch=4"):
         engine.add("x", PROMPT, RequestParams(4, n=5))
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match="a Conversation continues one sequence: sampling.n must be 1, got 2"):
+        next(Conversation(*tiny).stream(PROMPT, max_new_tokens=2, sampling=SamplingParams(n=2)))
     with pytest.raises(ValueError, match="need more pages than the pool"):
         Scheduler(max_batch=8, page_size=4, pages_per_seq=4, num_pages=6, decode_batches=[8],
                   chunk_shapes=[(1, 4)]).add("x", [1] * 14, RequestParams(2, n=4))
