@@ -184,13 +184,20 @@ class BatchingEngine:
     def stats(self) -> dict:
         return self.scheduler.stats()
 
-    def warm_up(self) -> None:
+    def warm_up(self, *, grammars: bool = False) -> None:
         """Compile every step program now (each decode batch, alone and with each chunk shape),
-        before requests wait on them: rows of padding only, the pages are left as they are."""
+        before requests wait on them: rows of padding only, the pages are left as they are.
+        grammars: also the two calls a step with grammar rows runs (a server that may get JSON schemas
+        or tools: its first such request would otherwise stall every stream while they compile)."""
         for b in self.decode_batches:
             for shape in [None, *self.chunk_shapes]:
                 plan = StepPlan([], b, shape, [], [], [])
                 jax.block_until_ready(self._run(plan))
+                if grammars:
+                    inputs = self._place(step_arrays(plan, self.scheduler.page_table))
+                    self.pages, logits = model_logits_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
+                    allowed = np.full((b, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+                    jax.block_until_ready(sample_step_jit(logits, inputs._replace(allowed_LW=self._place_rows(allowed))))
 
     # Stepping ----------------------------------------------------------------------------------
 

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         engine, tokenizer = load_engine(args, before_weights=lambda: bound.append(listen(args.host, args.port)))
         sock, = bound
         print(kv_cache_summary(engine), file=sys.stderr, flush=True)
-        engine.warm_up()  # compiled now, not while the first requests wait
+        engine.warm_up(grammars=True)  # compiled now, not while the first requests wait (JSON and tools too)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -93,3 +93,29 @@ def test_max_tokens_before_the_grammar_completes_is_length_and_not_json(engine, 
     assert finish == "length" and len(tokens) == 4
     with pytest.raises(json.JSONDecodeError):
         json.loads(answer(byte_tokenizer, tokens, stops))
+
+
+def test_warm_up_compiles_the_grammar_step_so_no_request_waits_on_a_compile(tiny, compiler, byte_tokenizer):
+    import jax
+
+    cfg, params = tiny
+    engine = BatchingEngine(cfg, params, max_batch=2, max_seq_len=256, page_size=16, decode_batches=[2],
+                            chunk_shapes=[(2, 8)])  # shapes no other test compiles
+    engine.warm_up(grammars=True)
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        stops = tuple(byte_tokenizer.stop_tokens)
+        engine.add("j", PROMPT, RequestParams(max_tokens=248, temperature=1.0, seed=1, stop_token_ids=stops,
+                                              grammar=compiler.json_schema(SCHEMA)))
+        engine.add("free", PROMPT, RequestParams(max_tokens=4, temperature=0.0))
+        while engine.has_work():
+            engine.step()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiles == []
