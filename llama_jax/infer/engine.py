@@ -175,8 +175,9 @@ class BatchingEngine:
         check_token_ids([t for t, _ in params.logit_bias], self.cfg.vocab_size, what="logit_bias token id")
         self.scheduler.add(request_id, prompt, params, stream=stream)
 
-    def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Drop the request (every sample), or only its sample `index` (scheduler.abort)."""
+        self.scheduler.abort(request_id, index)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

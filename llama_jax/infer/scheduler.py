@@ -149,9 +149,19 @@ class Scheduler:
         self.requests[request_id] = [seq]
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> None:
-        """Drop a request: every one of its samples, waiting or running."""
-        for seq in self.requests.pop(request_id, ()):
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Drop a request: every one of its samples, waiting or running; or only sample `index` once
+        the request has forked (a client's stop string ended that one). A no-op for what finished."""
+        if index is not None:
+            samples = self.requests.get(request_id, [])
+            seq = next((s for s in samples if s.index == index and s.samples == 1), None)
+            if seq is None or len(samples) == 1:  # not forked yet, finished, or the last one: all of it
+                if seq is not None:
+                    self.abort(request_id)
+                return
+            samples.remove(seq)
+            self.requests[request_id] = samples
+        for seq in [seq] if index is not None else self.requests.pop(request_id, ()):
             if seq.slot is None:
                 self.waiting.remove(seq)
             else:

@@ -41,6 +41,7 @@ class EngineRequest:
         self.queues = [asyncio.Queue() for _ in range(n)]  # per sample: TokenOutput, or an EngineError
         self.done = [False] * n  # per sample: its last output read, or it was aborted
         self.running_samples = n  # the engine thread's count of samples the engine has not finished
+        self.ended_samples: set[int] = set()  # (engine thread) those it finished or was told to abort
         self.arrival = time.monotonic()
         self._last_token_time = [self.arrival] * n
         self._first_token = True
@@ -69,9 +70,8 @@ class EngineRequest:
         self._last_token_time[index] = now
 
     def abort(self, index: int | None = None) -> None:
-        """Stop sample `index` (None: every sample); once none is left running, the request's slots
-        and pages are freed. A no-op for samples that finished. A sample stopped while others run
-        (a stop string in its text) is dropped here: the engine finishes it with its request."""
+        """Stop sample `index` (None: every sample), freeing its slot and pages; once none is left
+        running, the whole request's. A no-op for samples that finished."""
         indices = range(len(self.done)) if index is None else [index]
         if all(self.done[i] for i in indices):
             return
@@ -79,6 +79,8 @@ class EngineRequest:
             self.done[i] = True
         if self.finished:
             self.runner.post("abort", self.id)
+        else:  # a stop string ended this sample while the others go on
+            self.runner.post("abort", self.id, index)
 
 
 class EngineRunner:
@@ -190,9 +192,15 @@ class EngineRunner:
             self._live[request.id] = (loop, request)
             loop.call_soon_threadsafe(_settle, added, None)
         elif kind == "abort":
-            (request_id,) = args
-            self.engine.abort(request_id)
-            self._live.pop(request_id, None)
+            request_id, *index = args
+            if not index:
+                self.engine.abort(request_id)
+                self._live.pop(request_id, None)
+                return
+            loop, request = self._live.get(request_id, (None, None))
+            if request is not None and index[0] not in request.ended_samples:
+                self.engine.abort(request_id, index[0])
+                self._sample_ended(request, index[0])
         elif kind == "drain":
             pass  # the loop sets `drained` when nothing is left
         elif kind == "abort_all":
@@ -229,16 +237,21 @@ class EngineRunner:
         deliveries = collections.defaultdict(list)
         for output in outputs:
             loop, request = self._live.get(output.request_id, (None, None))
-            if request is None:  # aborted since the step began
+            if request is None or output.index in request.ended_samples:  # aborted since the step began
                 continue
             if output.finish_reason is not None:
-                request.running_samples -= 1  # only this thread counts them
-                if not request.running_samples:
-                    del self._live[output.request_id]
+                self._sample_ended(request, output.index)
             deliveries[loop].append((request, output))
         for loop, pairs in deliveries.items():
             loop.call_soon_threadsafe(_deliver, pairs)
         return len(outputs)
+
+    def _sample_ended(self, request: EngineRequest, index: int) -> None:
+        """Count a sample out (only this thread counts); the request leaves with its last."""
+        request.ended_samples.add(index)
+        request.running_samples -= 1
+        if not request.running_samples:
+            del self._live[request.id]
 
     def _shut(self, unapplied) -> None:
         self._fail_all(EngineError("the server stopped before this request finished"))

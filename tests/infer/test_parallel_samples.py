@@ -286,3 +286,21 @@ def test_samples_and_penalties_on_a_mesh_equal_one_device():
     single = run_on(None)
     assert len(single) == 4 and single[(0, 0)] != single[(0, 1)]
     assert run_on(make_mesh("dp2,tp4")) == single
+
+
+def test_one_sample_aborted_frees_its_pages_and_the_others_go_on(engine):
+    params = RequestParams(max_tokens=12, temperature=1.0, seed=3, n=3)
+    whole = run(engine, {"r": (PROMPT, params, 0)})
+    engine.add("r", PROMPT, params)
+    out, aborted = {}, False
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.index, []).append(o.token_id)
+        if len(out.get(1, [])) == 2 and not aborted:
+            aborted, used = True, engine.scheduler.allocator.used
+            engine.abort("r", 1)
+            assert engine.scheduler.allocator.used < used  # its own pages went back
+            engine.abort("r", 1)  # again: a no-op
+    assert len(out[1]) == 2
+    assert out[0] == whole[("r", 0)][0] and out[2] == whole[("r", 2)][0]
+    assert engine.scheduler.allocator.used == 0

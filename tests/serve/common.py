@@ -51,9 +51,11 @@ class FakeEngine:
         self.requests[request_id] = [list(prompt_ids), params, 0]
         self.added.append((request_id, list(prompt_ids), params))
 
-    def abort(self, request_id):
+    def abort(self, request_id, index=None):
         self.threads.add(threading.get_ident())
-        if self.requests.pop(request_id, None) is not None:
+        if index is not None:  # one sample: the fake's samples run in lockstep, so it keeps the request
+            self.aborted.append((request_id, index))
+        elif self.requests.pop(request_id, None) is not None:
             self.aborted.append(request_id)
 
     def has_work(self):

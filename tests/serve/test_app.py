@@ -351,3 +351,18 @@ def test_metrics(tokenizer):
     assert f"llama_jax_time_per_output_token_seconds_count {reply_tokens - 1:.1f}" in text
     for gauge in ("requests_running", "requests_waiting", "kv_pages_used"):
         assert f"llama_jax_{gauge} 0.0" in text
+
+
+def test_n_choices_a_stop_string_ends_each_choice_alone(tokenizer):
+    with server(tokenizer) as (engine, url):
+        result = client(url).completions.create(model=MODEL, prompt="Hi", n=3, stop=["world"])
+        streamed = {}
+        for chunk in client(url).completions.create(model=MODEL, prompt="Hi", n=3, stop=["world"], stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [(c.index, c.text, c.finish_reason) for c in result.choices] == [(i, "Hello ", "stop") for i in range(3)]
+    assert streamed == {0: "Hello ", 1: "Hello ", 2: "Hello "}
+    request_id = engine.added[0][0]
+    # The first two choices to stop end their own samples; the last ends the request.
+    assert sum(isinstance(a, tuple) and a[0] == request_id for a in engine.aborted) == 2
+    assert request_id in engine.aborted
