@@ -4,6 +4,8 @@
     python -m llama_jax.infer --checkpoint DIR --chat [--system "You are terse."]
     python -m llama_jax.infer --checkpoint DIR --prompts-file prompts.txt --batch-size 16 > out.jsonl
     python -m llama_jax.infer --checkpoint BASE --lora RUN/adapters --chat   # a LoRA adapter, unmerged
+    python -m llama_jax.infer --checkpoint DIR --prompt "A person:" --json-schema person.json
+    python -m llama_jax.infer --checkpoint DIR --chat --tools tools.json   # then "tool: RESULT" lines
 
 Errors are one line on stderr with exit status 1 (2 for bad flags), never a traceback.
 """
@@ -17,13 +19,17 @@ from pathlib import Path
 
 import jax
 
-from llama_jax import kernels
+from llama_jax import checkpoint, kernels
 from llama_jax.abandoned_reads import quiet_abandoned_reads
 from llama_jax.infer import huge_pages
-from llama_jax.infer.load import load_for_inference
+from llama_jax.infer.load import load_for_inference, tokenizer_path
 from llama_jax.infer.requests import RequestParams
-from llama_jax.infer.text import Chat, iter_completions, reply
+from llama_jax.infer.structured import grammar_compiler, output_grammar
+from llama_jax.infer.text import Chat, check_tokenizer, iter_completions
 from llama_jax.infer.tokens import Conversation, PromptTooLongError
+from llama_jax.jsonfile import read_json_object, read_json_text
+from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tools.turn import turn_grammar
 from llama_jax.quantize import QUANTIZED_DTYPES
 from llama_jax.sharding import batch_split, make_mesh
 
@@ -59,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiplied by R otherwise (Hugging Face's and vLLM's)")
     p.add_argument("--min-tokens", type=int, default=0, metavar="N",
                    help="the stop tokens cannot end a completion before N new tokens")
+    structure = p.add_mutually_exclusive_group()
+    structure.add_argument("--json-schema", metavar="FILE", type=Path,
+                           help="answers follow this JSON schema (a file), valid by construction; a keyword the "
+                                "grammar engine cannot enforce is an error, as the server's response_format")
+    structure.add_argument("--json-object", action="store_true", help="answers are a JSON object")
+    p.add_argument("--tools", metavar="FILE", type=Path,
+                   help="with --chat: a JSON list of OpenAI tool definitions ({type: function, function: {name, "
+                        "description, parameters}}). A turn that calls tools prints one line per call, 'tool call: "
+                        "NAME ARGUMENTS-JSON'; answer each call with a line 'tool: RESULT' (in order), and the "
+                        "model goes on once every call has its result")
+    p.add_argument("--tool-choice", metavar="C", default=None,
+                   help="auto (default with --tools), required, none, or a tool's name (that tool, called once)")
+    p.add_argument("--no-parallel-tool-calls", dest="parallel_tool_calls", action="store_false",
+                   help="at most one call a turn")
+    p.add_argument("--tool-format", choices=("json", "pythonic"), default="json",
+                   help="Llama 3's call syntax: json (3.1, 3.3) or pythonic (3.2 1B / 3B); an HF chat template "
+                        "defines its own")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="compute and weight dtype (default, as llama_jax.load's: the checkpoint's compute dtype; "
                         "float32 on CPU, where XLA's bfloat16 matmuls are much slower; bfloat16 there halves the "
@@ -109,6 +132,72 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def read_tools(path: Path) -> list:
+    """The tool definitions in the file: a JSON list (or an object with a "tools" list, a request body)."""
+    try:
+        value = json.loads(read_json_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tools {path}: not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"--tools {e}") from None
+    if isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"--tools {path}: expected a non-empty JSON list of tool definitions")
+    return value
+
+
+def tool_choice(choice: str | None):
+    """--tool-choice as OpenAI's tool_choice: a mode, or a tool's name as a named choice."""
+    if choice is None or choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def structure_options(args) -> dict:
+    """--json-schema / --json-object as text.Chat.reply's and generate's keyword arguments."""
+    if args.json_schema is not None:
+        try:
+            return {"json_schema": read_json_object(args.json_schema)}
+        except ValueError as e:
+            raise ValueError(f"--json-schema {e}") from None
+    return {"response_format": {"type": "json_object"}} if args.json_object else {}
+
+
+def check_structure(args, stored, structure: dict, tools: list | None) -> None:
+    """The schema and the tools compiled for the checkpoint's tokenizer before a weight loads (into the
+    process's grammar cache, so the turns compile nothing): a bad one is one line, not a late failure."""
+    if not structure and tools is None and args.tool_choice is None:
+        return
+    tokenizer = load_tokenizer(tokenizer_path(checkpoint.find(args.checkpoint), args.tokenizer))
+    check_tokenizer(stored, tokenizer)
+    compiler = grammar_compiler(tokenizer, stored.vocab_size)
+    if structure:
+        try:
+            output_grammar(tokenizer, stored.vocab_size, **structure)
+        except ValueError as e:
+            message = str(e).removeprefix("json_schema: ")
+            raise ValueError(f"--json-schema {args.json_schema}: {message}" if args.json_schema else message) from None
+    if not args.chat:
+        return
+    where = f"--tools {args.tools}" if args.tools else "--tool-choice"
+    try:
+        calling = new_chat(args, tokenizer, tools).calling
+        turn_grammar(compiler, calling, None)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if calling is not None and calling.grammar is not None and structure:
+        raise ValueError(f"{'--json-schema' if args.json_schema else '--json-object'} with --tools: pass "
+                         f"--tool-choice none for a structured answer")
+
+
+def new_chat(args, tokenizer, tools: list | None) -> Chat:
+    if tools is None and args.tool_choice is None:
+        return Chat(tokenizer, args.system)
+    return Chat(tokenizer, args.system, tools=tools, tool_choice=tool_choice(args.tool_choice),
+                parallel_tool_calls=args.parallel_tool_calls, tool_format=args.tool_format)
+
+
 def run(args, stdin=None, stdout=None, stderr=None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if not (args.prompt is not None or args.prompts_file or args.chat):
@@ -117,53 +206,73 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if (args.tools or args.tool_choice) and not args.chat:
+        raise ValueError("--tools and --tool-choice need --chat")
+    if args.tools and args.prompts_file:
+        raise ValueError("--tools answers one chat (--chat, with --prompt or on stdin), not a --prompts-file")
     # Bad sampling values fail before the model loads (the engine's limits: top_k <= MAX_TOP_K).
     RequestParams(max(1, args.min_tokens), args.temperature, args.top_p, args.top_k,
                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                   repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    structure = structure_options(args)
+    tools = read_tools(args.tools) if args.tools else None
 
     def check_budget(stored):  # as the server, before the weights load
         context = stored.max_seq_len
         if args.max_new_tokens is not None and args.max_new_tokens >= context:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {context} tokens (at most {context - 1})")
+        check_structure(args, stored, structure, tools)
 
     mesh = make_mesh(args.mesh) if args.mesh else None
     model = load_for_inference(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize, lora=args.lora,
                                merge_lora=args.merge_lora, tokenizer=args.tokenizer,
                                attention_impl=args.attention_impl, check_config=check_budget)
     cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
-    options = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, mesh=mesh, truncate=args.truncate,
-                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                   repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
+    sampling = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                    min_tokens=args.min_tokens, **structure)
+    options = dict(sampling, mesh=mesh, truncate=args.truncate)
 
-    # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
-    # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).
-    interactive = prompts is None and args.prompt is None
-    conversation = (Conversation(cfg, params, mesh=mesh)
-                    if interactive and batch_split(mesh) == 1 and not args.truncate else None)
-
-    def complete(prompt_ids) -> str:
-        """Stream one completion to stdout; return its text."""
-        write = lambda _, piece: (stdout.write(piece), stdout.flush())  # noqa: E731
-        if conversation is None:
-            (_, completion), = iter_completions(cfg, params, tokenizer, [prompt_ids], on_text=write, **options)
-        else:
-            sampling = {k: v for k, v in options.items() if k not in ("mesh", "truncate")}
-            completion = reply(conversation, tokenizer, prompt_ids, on_text=write, **sampling)
-        stdout.write("\n")
+    def write(*index_and_piece):  # on_text of iter_completions (index, piece) and of Chat.reply (piece)
+        stdout.write(index_and_piece[-1])
         stdout.flush()
-        return completion.text
 
     if prompts is not None:
-        model_prompts = [Chat(tokenizer, args.system).user_turn(p) for p in prompts] if args.chat else prompts
+        model_prompts = [new_chat(args, tokenizer, None).user_turn(p) for p in prompts] if args.chat else prompts
         write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout)
-    elif args.prompt is not None:
-        complete(Chat(tokenizer, args.system).user_turn(args.prompt) if args.chat else args.prompt)
+    elif not args.chat:
+        (_, _), = iter_completions(cfg, params, tokenizer, [args.prompt], on_text=write, **options)
+        stdout.write("\n")
     else:
-        chat_loop(Chat(tokenizer, args.system), complete, stdin, stderr)
+        # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
+        # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).
+        interactive = args.prompt is None
+        target = (Conversation(cfg, params, mesh=mesh)
+                  if interactive and batch_split(mesh) == 1 and not args.truncate else model)
+        truncate = args.truncate if target is model else False
+
+        def answer(chat: Chat, message: str | None):
+            """Stream one turn's content to stdout, then its calls, one line each."""
+            turn = chat.reply(target, message, on_text=write, truncate=truncate, **sampling)
+            if turn.content is not None or not turn.tool_calls:
+                stdout.write("\n")
+            calls = turn.complete_calls()
+            for call in calls:  # one line each: the arguments as compact JSON, whatever white space the model wrote
+                arguments = json.dumps(json.loads(call["function"]["arguments"]), ensure_ascii=False)
+                stdout.write(f"tool call: {call['function']['name']} {arguments}\n")
+            stdout.flush()
+            if len(calls) < len(turn.tool_calls):
+                stderr.write(f"(a call to {turn.tool_calls[len(calls)]['function']['name']} was cut at "
+                             f"--max-new-tokens: left out)\n")
+
+        chat = new_chat(args, tokenizer, tools)
+        if args.prompt is not None:
+            answer(chat, args.prompt)
+        else:
+            chat_loop(chat, answer, stdin, stderr)
     return 0
 
 
@@ -187,8 +296,10 @@ def write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, s
             out.close()
 
 
-def chat_loop(chat: Chat, complete, stdin, stderr):
-    """One user message per line until EOF or /exit; each answer streams to stdout."""
+def chat_loop(chat: Chat, answer, stdin, stderr):
+    """One user message per line until EOF or /exit; each answer streams to stdout. With tools, a line
+    'tool: RESULT' is the result of the next call of the last turn that has none; once every call has
+    its result, the model answers."""
     interactive = stdin.isatty()
     while True:
         if interactive:
@@ -199,13 +310,21 @@ def chat_loop(chat: Chat, complete, stdin, stderr):
             return
         if not line.strip():
             continue
+        message = line.rstrip("\n")
+        if chat.calling is not None and message.startswith("tool:"):
+            if not chat.pending_calls():
+                stderr.write("error: no tool call waits for a result (a 'tool:' line answers the last turn's calls)\n")
+                continue
+            chat.tool_result(message[len("tool:"):].strip())
+            if chat.pending_calls():
+                continue
+            message = None
+        elif interactive and chat.pending_calls():
+            stderr.write("(the calls above wait for results: 'tool: RESULT' lines)\n")
         try:
-            answer = complete(chat.user_turn(line.rstrip("\n")))
-        except PromptTooLongError as e:
-            chat.messages.pop()
+            answer(chat, message)
+        except PromptTooLongError as e:  # the dialog is left as it was before this line
             stderr.write(f"error: {e} (the conversation is too long; --truncate keeps its end)\n")
-            continue
-        chat.assistant_turn(answer)
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ from llama_jax.infer.requests import MAX_LOGPROBS, MAX_TOP_K, check_penalties, c
 class SamplingParams:
     """How generate / stream_tokens / Conversation sample (hashable: `sample` takes it as a static
     argument, and uses temperature, top_p and top_k only). The penalties, logit_bias and min_tokens
-    are the engine's (requests.RequestParams has their definitions)."""
+    are the engine's (requests.RequestParams has their definitions), and so is the grammar."""
 
     temperature: float = 0.6
     top_p: float = 0.9  # 1.0 keeps every token
@@ -50,6 +50,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # a {token id: bias} dict is accepted
     min_tokens: int = 0
     n: int = 1  # samples per prompt (stream_tokens, generate), the prompt prefilled once
+    # A llama_jax.grammar.CompiledGrammar every sample's tokens follow (the engine masks each step's
+    # logits with it and ends the answer when it completes), or None. Not part of the hash: `sample`
+    # never reads it.
+    grammar: object | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_p, self.top_k)

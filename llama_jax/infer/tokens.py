@@ -89,7 +89,7 @@ def request_params(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int, sampl
                          seed=seed, stop_token_ids=tuple(stop_ids), presence_penalty=sampling.presence_penalty,
                          frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
                          logit_bias=sampling.logit_bias, min_tokens=min(sampling.min_tokens, max_tokens),
-                         n=sampling.n)
+                         n=sampling.n, grammar=sampling.grammar)
 
 
 def paged_attention_impl(cfg: LlamaConfig) -> str:
@@ -140,16 +140,18 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
                      max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len))
     for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
         engine.add(str(i), prompt, params_i, stream=i * sampling.n)
-    yield from _events(engine)
+    yield from _events(engine, stop_ids)
 
 
-def _events(engine: BatchingEngine) -> Iterator[TokenEvent]:
+def _events(engine: BatchingEngine, stop_ids: Sequence[int]) -> Iterator[TokenEvent]:
     """Step the engine until it is idle, turning its outputs (request id = prompt index) into
-    TokenEvents: a stop token is not returned, its request just finishes."""
+    TokenEvents: a stop token is not returned, its request just finishes; the token that completes a
+    grammar (also "stop") is returned, then the finish."""
+    stop_ids = frozenset(stop_ids)
     while engine.has_work():
         for out in engine.step():
             index, sample = int(out.request_id), out.index
-            if out.finish_reason == "stop":
+            if out.finish_reason == "stop" and out.token_id in stop_ids:
                 yield TokenEvent(index, None, "stop", sample)
                 continue
             yield TokenEvent(index, out.token_id, None, sample)
@@ -197,7 +199,7 @@ class Conversation:
         self.engine.add("0", prompt, params)
         generated = []
         try:
-            for event in _events(self.engine):
+            for event in _events(self.engine, stop_ids):
                 if event.token is not None:
                     generated.append(event.token)
                 yield event

@@ -90,78 +90,41 @@ def _tool_calling(gen: Generation, body: p.ChatCompletionRequest, messages: list
 
 async def _grammar(gen: Generation, body: p.ChatCompletionRequest, calling):
     """The compiled grammar that constrains every choice, or None."""
-    response_format = body.response_format or {"type": "text"}
-    tool_grammar = calling.grammar if calling is not None else None
-    if tool_grammar is None and response_format.get("type") == "text":
+    from llama_jax.tools.turn import constrains, turn_grammar
+
+    if not constrains(calling, body.response_format):
         return None
-    if tool_grammar is not None and response_format.get("type") != "text":
-        raise APIError(400, "response_format with tools is not supported: pass tool_choice 'none' for a "
-                            "structured answer, or no response_format", param="response_format")
     compiler = await gen.grammars()
     try:
-        if tool_grammar is not None:
-            return await asyncio.to_thread(compiler.lark, tool_grammar)
-        if response_format.get("type") == "json_schema":
-            spec = response_format.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise ValueError("response_format.json_schema must be an object with a 'schema' object")
-            return await asyncio.to_thread(compiler.json_schema, spec["schema"], strict=True)
-        return await asyncio.to_thread(compiler.response_format, response_format)
+        return await asyncio.to_thread(turn_grammar, compiler, calling, body.response_format)
     except ValueError as e:
-        param = "tools" if tool_grammar is not None else "response_format"
-        raise APIError(400, f"{param}: {e}" if not str(e).startswith(param) else str(e), param=param) from None
+        raise APIError(400, str(e), param=_field(str(e))) from None
 
 
 def _field(message: str) -> str | None:
     """The top-level request field a tools error names: `tools[0].function.name ...` -> tools."""
-    head = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0]
+    head = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":")
     return head if head in p.ChatCompletionRequest.model_fields else None
 
 
-class _Turn:
-    """A choice's parse so far: content, tool calls, and (at the end) its finish reason."""
-
-    def __init__(self, content, tool_calls, finish_reason):
-        self.content, self.tool_calls, self.finish_reason = content, tool_calls, finish_reason
-
-
 async def _turn(gen: Generation, request, body: p.ChatCompletionRequest, calling, counts: Counts,
-                index: int) -> AsyncIterator[tuple[list, list, _Turn | None]]:
+                index: int) -> AsyncIterator[tuple[list, list, object]]:
     """Sample `index` as (events, its tokens, turn): the parser's events for each piece of text
-    (ContentDelta / CallStarted / ArgumentsDelta / CallFinished), the last with the whole turn.
-    Without tools every piece is content."""
-    from llama_jax.tools import parser as events_of
+    (ContentDelta / CallStarted / ArgumentsDelta / CallFinished), the last with the whole turn
+    (tools.parser.ParsedTurn). Without tools every piece is content."""
+    from llama_jax.tools.turn import TurnReader
 
-    parser = calling.parser() if calling is not None else None
-    special = {}
-    if parser is not None and hasattr(gen.tokenizer, "python_tag_id"):
-        from llama_jax.tools.syntaxes import PYTHON_TAG
-
-        special = {gen.tokenizer.python_tag_id: PYTHON_TAG}
-    names = {i: name for name, i in gen.tokenizer.special_tokens.items()}
-    content = []
-    async for d in deltas(request, gen.tokenizer, body.stop_strings, counts, index, special):
-        if parser is None:
-            events = [events_of.ContentDelta(d.text)] if d.text else []
-            content.append(d.text)
-        else:
-            events = parser.feed(d.text)
-            if d.stop_token is not None and d.stop_token.token_id in names:
-                events += parser.feed_special(names[d.stop_token.token_id])
+    reader = TurnReader(gen.tokenizer, calling)
+    async for d in deltas(request, gen.tokenizer, body.stop_strings, counts, index, reader.special_text):
+        events = reader.feed(d.text, d.stop_token.token_id if d.stop_token is not None else None)
         if d.finish_reason is None:
             yield events, d.tokens, None
             continue
-        if parser is None:
-            turn = _Turn("".join(content), [], d.finish_reason)
-        else:
-            parsed = parser.finish()
-            events += parsed.events
-            reason = "length" if d.finish_reason == "length" else parsed.finish_reason
-            turn = _Turn(parsed.content, parsed.tool_calls, reason)
-        yield events, d.tokens, turn
+        turn = reader.finish(d.finish_reason)
+        yield events + turn.events, d.tokens, turn
 
 
-def _message(turn: _Turn) -> p.AssistantMessage:
+def _message(turn) -> p.AssistantMessage:
     calls = [p.ToolCallOut(**call) for call in turn.tool_calls] or None
     return p.AssistantMessage(content=turn.content, tool_calls=calls)
 

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import checkpoint, save
 from llama_jax.infer.text import Chat, generate
-from llama_jax.infer import __main__ as cli
+from llama_jax.infer import __main__ as cli, text
 from llama_jax.infer.weights import DecodeParams
 from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import quantize_params
@@ -56,14 +56,14 @@ def test_chat_prompt_answers_one_user_turn(capsys, checkpoint_dir, llama3_tiny, 
 
 def test_interactive_chat_keeps_the_conversation(capsys, monkeypatch, checkpoint_dir, llama3_tiny, tokenizer):
     prompts, offsets = [], []
-    real = cli.reply
+    real = text.reply
 
     def spy(conversation, tok, prompt_ids, **kw):
         prompts.append(prompt_ids)
         offsets.append(len(conversation.cached_ids))
         return real(conversation, tok, prompt_ids, **kw)
 
-    monkeypatch.setattr(cli, "reply", spy)
+    monkeypatch.setattr(text, "reply", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\n\nHow are you?\n"))
     status, out, _ = run_cli(capsys, "--checkpoint", checkpoint_dir, "--chat", "--system", "Be brief.", *GREEDY)
     assert status == 0 and len(prompts) == 2  # the blank line is skipped
@@ -325,13 +325,13 @@ def test_chat_model_interactive_chat_keeps_the_conversation(capsys, monkeypatch,
     prefilled after the first turn's cache, and answered as transformers answers it."""
     ours, model, hf_tokenizer = chat_model
     prompts = []
-    real = cli.reply
+    real = text.reply
 
     def spy(conversation, tok, prompt_ids, **kw):
         prompts.append((prompt_ids, len(conversation.cached_ids)))
         return real(conversation, tok, prompt_ids, **kw)
 
-    monkeypatch.setattr(cli, "reply", spy)
+    monkeypatch.setattr(text, "reply", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there!\nMore, please.\n"))
     status, out, _ = run_cli(capsys, "--checkpoint", ours, "--chat", "--temperature", "0", "--max-new-tokens", "6")
     first, second = out.split("\n")[:2]
