@@ -19,11 +19,13 @@ tokens back, the matchers' accept). Mask ms: the host time of `engine.token_mask
 fill of the step's rows, wrapped with a clock), which a constrained step runs after dispatching the
 model's forward and before sampling.
 
-Where the time goes (one constrained step's inputs, re-run piece by piece, each blocked until done,
-medians): the plain step (forward and sampling in one program), the forward alone, sampling without
-and with the mask (the mask's transfer and `apply_token_mask`), the transfer of allowed_LW alone,
-the masks alone, and the masks filled while the forward runs (as the engine does). On CPU the
-"device" is this host's cores: the masks' threads and XLA's share them.
+Where the time goes: one constrained step's inputs re-run as a ladder, each variant blocked once at
+its end as the engine's step is, round-robin, medians: the plain step (forward and sampling in one
+program), the forward and sampling as two programs without a mask, with a ready mask (its transfer
+and `apply_token_mask`), and with the masks filled on the host between the two (the engine's
+constrained step); then the pieces alone. The masks are filled by fresh matchers replaying the
+rows' tokens (llguidance keeps a state's mask: a second fill of one state costs nothing). On CPU
+the "device" is this host's cores: the masks' threads and XLA's share them.
 
 Random weights: the speed of a step does not depend on their values (the grammar's walk does a
 little: a random model's tokens are about uniform among those allowed). Prints the tables and
@@ -50,6 +52,7 @@ from llama_jax.grammar import GrammarCompiler, grammar_vocabulary
 from llama_jax.infer import engine as engine_module
 from llama_jax.infer.engine import BatchingEngine, token_masks
 from llama_jax.infer.requests import RequestParams
+from llama_jax.infer.sampling import apply_token_mask
 from llama_jax.infer.step import model_logits_jit, model_step_jit, sample_step_jit
 from llama_jax.infer.tokens import PAGE_SIZE
 from llama_jax.infer.weights import decode_params
@@ -99,15 +102,16 @@ class Replay:
     def __len__(self):
         return min(map(len, self.tokens))
 
-    def __call__(self) -> tuple[float, float]:
-        """(seconds of the step's token_masks, seconds of accepting its tokens)."""
+    def __call__(self) -> tuple[float, float, np.ndarray]:
+        """(seconds of the step's token_masks, seconds of accepting its tokens, the masks)."""
         start = time.perf_counter()
-        token_masks(list(zip(self.matchers, range(len(self.matchers)))), len(self.matchers), self.vocab_size)
+        allowed = token_masks(list(zip(self.matchers, range(len(self.matchers)))), len(self.matchers),
+                              self.vocab_size)
         filled = time.perf_counter()
         for matcher, tokens in zip(self.matchers, self.tokens):
             matcher.accept(tokens[self.t])
         self.t += 1
-        return filled - start, time.perf_counter() - filled
+        return filled - start, time.perf_counter() - filled, allowed
 
 
 class System:
@@ -141,19 +145,11 @@ class System:
         return seconds, sum(self.clock.seconds)
 
 
-def median_time(fn, reps: int) -> float:
-    fn()  # untimed: compiles a program the engine never ran (sampling without a mask)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def step_parts(system: System, reps: int) -> dict[str, float]:
-    """Seconds of each piece of a step of `system` (every row constrained), on the inputs of its
-    last step. The forward's re-runs write the same keys and values at the same positions."""
+    """Seconds of a step of `system` (every row constrained) built up piece by piece on the inputs of
+    its last step, each variant blocked once at its end as the engine's step is (median of `reps`
+    round-robin rounds, after an untimed one). The forward's re-runs write the same keys and values
+    at the same positions; the masks are filled by fresh matchers replaying the rows' tokens."""
     engine, grammar, vocab_size = system.engine, system.params[0].grammar, system.engine.cfg.vocab_size
     system.rep()
     tokens = [s.tokens[s.prompt_len:] for samples in engine.requests.values() for s in samples]
@@ -170,39 +166,47 @@ def step_parts(system: System, reps: int) -> dict[str, float]:
     finally:
         engine_module.model_logits_jit = model_logits_jit
     kw = dict(cfg=engine.cfg, mesh=engine.mesh)
-    replay = Replay(grammar, tokens, vocab_size)
-    walked = [replay() for _ in range(len(replay))]
+    walked = Replay(grammar, tokens, vocab_size)
+    walked = [walked() for _ in range(len(walked))]
     allowed = token_masks([(grammar.matcher(), row) for row in range(len(tokens))], len(tokens), vocab_size)
     with_mask = inputs._replace(allowed_LW=allowed)
-
-    def plain():
-        engine.pages, out = model_step_jit(engine.params, engine.pages, inputs, **kw)
-        jax.block_until_ready(out)
+    replay = Replay(grammar, tokens, vocab_size)
 
     def forward():
         engine.pages, logits = model_logits_jit(engine.params, engine.pages, inputs, **kw)
-        return jax.block_until_ready(logits)
+        return logits
 
-    logits = forward()
-    replay, overlapped_masks = Replay(grammar, tokens, vocab_size), []
+    def one_program():
+        engine.pages, out = model_step_jit(engine.params, engine.pages, inputs, **kw)
+        return out.tokens_L
 
-    def overlapped():
-        engine.pages, logits = model_logits_jit(engine.params, engine.pages, inputs, **kw)
-        overlapped_masks.append(replay()[0])
-        jax.block_until_ready(logits)
+    def engine_step():  # the engine's constrained step: the masks filled while the forward runs
+        logits = forward()
+        return sample_step_jit(logits, inputs._replace(allowed_LW=replay()[2])).tokens_L
 
-    reps = min(reps, len(replay) - 1)
-    parts = {
-        "plain step": median_time(plain, reps),
-        "forward": median_time(forward, reps),
-        "sample, no mask": median_time(lambda: jax.block_until_ready(sample_step_jit(logits, inputs)), reps),
-        "sample, mask": median_time(lambda: jax.block_until_ready(sample_step_jit(logits, with_mask)), reps),
-        "allowed_LW transfer": median_time(lambda: jax.device_put(allowed).block_until_ready(), reps),
-        "masks alone": statistics.fmean(m for m, _ in walked),
-        "accepts": statistics.fmean(a for _, a in walked),
-        "forward with masks": median_time(overlapped, reps),
+    logits = jax.block_until_ready(forward())
+    apply_mask = jax.jit(apply_token_mask)
+    variants = {
+        "plain step (one program)": one_program,
+        "two programs, no mask": lambda: sample_step_jit(forward(), inputs).tokens_L,
+        "two programs, a mask": lambda: sample_step_jit(forward(), with_mask).tokens_L,
+        "two programs, the masks filled meanwhile": engine_step,
+        "forward": forward,
+        "sample, no mask": lambda: sample_step_jit(logits, inputs).tokens_L,
+        "sample, a mask": lambda: sample_step_jit(logits, with_mask).tokens_L,
+        "apply_token_mask": lambda: apply_mask(logits, allowed),
+        "allowed_LW transfer": lambda: jax.device_put(allowed),
     }
-    parts["masks during forward"] = statistics.fmean(overlapped_masks)
+    times = {name: [] for name in variants}
+    for round in range(min(reps, len(replay) - 1) + 1):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if round:  # the first: programs the engine never ran (sampling without a mask) compile
+                times[name].append(time.perf_counter() - start)
+    parts = {name: statistics.median(t) for name, t in times.items()}
+    parts["masks (host)"] = statistics.fmean(m for m, _, _ in walked)
+    parts["accepts (host)"] = statistics.fmean(a for _, a, _ in walked)
     return parts
 
 
@@ -280,7 +284,7 @@ def main():
     parts = {}
     for batch, engine in engines.items():
         every_row = next(s for s in systems if s.batch == batch and s.constrained == batch)
-        parts[batch] = step_parts(every_row, reps=max(args.reps, 10))
+        parts[batch] = step_parts(every_row, reps=max(args.reps, 15))
         print(batch, parts[batch])
 
     rows = ["| batch | rows with a grammar | decode tokens/s | / plain | step ms | mask ms per step | mask / step |",
@@ -294,10 +298,11 @@ def main():
         rows.append(f"| {system.batch} | {system.constrained} | {rate:,.0f} | {rate / plain_rate[system.batch]:.3f} "
                     f"| {1e3 * seconds / steps:.2f} | {1e3 * mask / steps:.3f} | {100 * mask / seconds:.1f}% |")
     names = list(next(iter(parts.values())))
-    rows += ["", "Where a constrained step's time goes (ms, every row constrained; medians of blocked re-runs):", "",
-             "| batch | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for batch, measured in parts.items():
-        rows.append(f"| {batch} | " + " | ".join(f"{1e3 * measured[n]:.3f}" for n in names) + " |")
+    rows += ["", "Where a constrained step's time goes (ms, every row constrained; the step's inputs re-run, "
+             "round-robin medians; the masks and accepts: means over the rows' replayed tokens):", "",
+             "| part | " + " | ".join(f"batch {batch}" for batch in parts) + " |", "|---|" + "---|" * len(parts)]
+    for name in names:
+        rows.append(f"| {name} | " + " | ".join(f"{1e3 * measured[name]:.2f}" for measured in parts.values()) + " |")
     rows += ["", "Grammar compile (ms, medians of 5): cold = a fresh GrammarCompiler's json_schema; cached = the "
              "same call again (its LRU cache); first mask = the first fill (llguidance builds its lexer lazily):", "",
              "| schema | cold | cached | first mask |", "|---|---|---|---|"]
