@@ -354,7 +354,9 @@ def test_metrics(tokenizer):
 
 
 def test_n_choices_a_stop_string_ends_each_choice_alone(tokenizer):
-    with server(tokenizer) as (engine, url):
+    # A reply that goes on long after the stop string, a step at a time: the aborts reach the engine
+    # while the request still runs (a fake that finished first would never see them).
+    with server(tokenizer, reply="Hello world! " + "and so on " * 30, step_seconds=0.02) as (engine, url):
         result = client(url).completions.create(model=MODEL, prompt="Hi", n=3, stop=["world"])
         streamed = {}
         for chunk in client(url).completions.create(model=MODEL, prompt="Hi", n=3, stop=["world"], stream=True):
