@@ -79,11 +79,8 @@ def accelerator_installed() -> bool:
     namespace package and entry point group; libtpu) without importing jax."""
     if importlib.util.find_spec("libtpu") is not None or importlib.metadata.entry_points(group="jax_plugins"):
         return True
-    try:
-        import jax_plugins
-    except ImportError:
-        return False
-    return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+    plugins = importlib.util.find_spec("jax_plugins")  # a namespace package that only plugins install
+    return plugins is not None and any(True for _ in pkgutil.iter_modules(plugins.submodule_search_locations))
 
 
 def wanted(environ: Mapping[str, str] | None = None) -> bool:
