@@ -30,7 +30,6 @@ from llama_jax.serve.generation import Generation
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from llama_jax.serve.metrics import ServerMetrics
 from llama_jax.serve.runner import EngineRunner
-from llama_jax.vocab import check_token_ids
 
 
 def uvicorn_config(app, **kwargs) -> uvicorn.Config:
@@ -143,10 +142,7 @@ class Tokens:
     async def detokenize(self, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         if body.model is not None:
             self.gen.check_model(body.model)
-        try:
-            check_token_ids(body.tokens, self.gen.tokenizer.vocab_size, "tokens: token id")
-        except ValueError as e:
-            raise APIError(400, str(e), param="tokens") from None
+        self.gen.check_token_ids(body.tokens, "tokens", "tokens: token id")
         return p.DetokenizeResponse(prompt=await asyncio.to_thread(self.gen.tokenizer.decode, body.tokens))
 
 

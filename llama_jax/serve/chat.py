@@ -22,7 +22,7 @@ from fastapi.responses import Response
 
 from llama_jax.serve import protocol as p
 from llama_jax.serve.errors import APIError
-from llama_jax.serve.generation import Generation, all_choices, interleaved, stream_response
+from llama_jax.serve.generation import Generation, all_choices, interleaved, param_named, stream_response
 from llama_jax.serve.output import Counts, deltas
 
 
@@ -85,7 +85,7 @@ def _tool_calling(gen: Generation, body: p.ChatCompletionRequest, messages: list
         return tool_calling(gen.tokenizer, body.tools, body.tool_choice,
                             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls)
     except ValueError as e:
-        raise APIError(400, str(e), param=_field(str(e))) from None
+        raise APIError(400, str(e), param=param_named(str(e))) from None
 
 
 async def _grammar(gen: Generation, body: p.ChatCompletionRequest, calling):
@@ -94,17 +94,10 @@ async def _grammar(gen: Generation, body: p.ChatCompletionRequest, calling):
 
     if not constrains(calling, body.response_format):
         return None
-    compiler = await gen.grammars()
-    try:
-        return await asyncio.to_thread(turn_grammar, compiler, calling, body.response_format)
+    try:  # in a worker thread: the first compiler is built there, and a grammar compiles in it
+        return await asyncio.to_thread(turn_grammar, gen.grammars, calling, body.response_format)
     except ValueError as e:
-        raise APIError(400, str(e), param=_field(str(e))) from None
-
-
-def _field(message: str) -> str | None:
-    """The top-level request field a tools error names: `tools[0].function.name ...` -> tools."""
-    head = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":")
-    return head if head in p.ChatCompletionRequest.model_fields else None
+        raise APIError(400, str(e), param=param_named(str(e))) from None
 
 
 async def _turn(gen: Generation, request, body: p.ChatCompletionRequest, calling, counts: Counts,

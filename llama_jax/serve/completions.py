@@ -31,7 +31,7 @@ async def complete(gen: Generation, body: p.CompletionRequest, http: Request):
     else:
         prompt_ids = list(body.prompt)
         gen.check_context(len(prompt_ids), body.max_tokens, "prompt")  # before reading them
-        gen.check_token_ids(prompt_ids, "prompt")
+        gen.check_token_ids(prompt_ids, "prompt", "prompt token id")
         prompt_text = gen.tokenizer.decode(prompt_ids)
     echo = prompt_text if body.echo else ""
     echo_logprobs = None

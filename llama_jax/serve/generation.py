@@ -35,23 +35,20 @@ class Generation:
         self.runner, self.metrics = runner, metrics
         self.logprobs = Logprobs(tokenizer)
         self.created = int(time.time())
-        self._grammars = None  # a grammar.GrammarCompiler, made on the first request that needs one
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    async def grammars(self):
-        """The server's grammar compiler (its cache of compiled grammars), over the tokenizer's vocabulary
-        and the model's logits width; built in a worker thread on first use (a second, for Llama 3's vocabulary)."""
-        if self._grammars is None:
-            from llama_jax.grammar import GrammarCompiler, grammar_vocabulary
+    def grammars(self):
+        """The process's grammar compiler for the tokenizer and the model's logits width (infer.structured:
+        the Python API's too), with its cache of compiled grammars. Its first call builds llguidance's
+        view of the vocabulary (a second for Llama 3's): call it off the event loop."""
+        from llama_jax.infer.structured import grammar_compiler
 
-            vocab_size = getattr(getattr(self.engine, "cfg", None), "vocab_size", self.tokenizer.vocab_size)
-            vocabulary = await asyncio.to_thread(grammar_vocabulary, self.tokenizer, vocab_size=vocab_size)
-            self._grammars = self._grammars or GrammarCompiler(vocabulary)
-        return self._grammars
+        vocab_size = getattr(getattr(self.engine, "cfg", None), "vocab_size", self.tokenizer.vocab_size)
+        return grammar_compiler(self.tokenizer, vocab_size)
 
     async def tokenize(self, encode: Callable[[], list[int]], chars: int, param: str) -> list[int]:
         """encode() in a worker thread: a long prompt takes seconds to tokenize, and on the event loop,
@@ -73,10 +70,10 @@ class Generation:
                                 f"context of {context} tokens holds", param=param, code="context_length_exceeded")
         return ids
 
-    def check_token_ids(self, ids: list[int], param: str) -> None:
+    def check_token_ids(self, ids: list[int], param: str, what: str) -> None:
+        """Each id within the tokenizer's vocabulary, else a 400 naming `param` (`what`: an id's name in it)."""
         try:
-            check_token_ids(ids, self.tokenizer.vocab_size, f"{param}: token id" if param == "tokens" else
-                            f"{param} token id")
+            check_token_ids(ids, self.tokenizer.vocab_size, what)
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
 
@@ -121,7 +118,7 @@ class Generation:
                 n=body.n,
                 grammar=grammar)
         except ValueError as e:
-            raise APIError(400, str(e), param=_param_named(str(e))) from None
+            raise APIError(400, str(e), param=param_named(str(e))) from None
 
     async def start(self, kind: str, prompt_ids: list[int], params: RequestParams, prompt_param: str) -> EngineRequest:
         """Check the request against the engine's limits and add it: the engine's Request."""
@@ -135,7 +132,7 @@ class Generation:
         except ShuttingDownError as e:
             raise APIError(503, str(e), "service_unavailable") from None
         except ValueError as e:
-            raise APIError(400, str(e), param=_param_named(str(e))) from None
+            raise APIError(400, str(e), param=param_named(str(e))) from None
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return request
 
@@ -147,10 +144,11 @@ class Generation:
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached))
 
 
-def _param_named(message: str) -> str | None:
-    """The request field an engine's error names (RequestParams' messages start with the field's name)."""
-    first = message.split(" ", 1)[0]
-    return first if first in p.ChatCompletionRequest.model_fields or first in p.CompletionRequest.model_fields \
+def param_named(message: str) -> str | None:
+    """The request field an error names by its first word (`presence_penalty must be ...`,
+    `tools[0].function.name ...`, `response_format: ...`), or None when it names none."""
+    head = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":")
+    return head if head in p.ChatCompletionRequest.model_fields or head in p.CompletionRequest.model_fields \
         else None
 
 
