@@ -193,12 +193,8 @@ class BatchingEngine:
         for b in self.decode_batches:
             for shape in [None, *self.chunk_shapes]:
                 plan = StepPlan([], b, shape, [], [], [])
-                jax.block_until_ready(self._run(plan))
-                if grammars:
-                    inputs = self._place(step_arrays(plan, self.scheduler.page_table))
-                    self.pages, logits = model_logits_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
-                    allowed = np.full((b, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
-                    jax.block_until_ready(sample_step_jit(logits, inputs._replace(allowed_LW=self._place_rows(allowed))))
+                for masked in (False, True) if grammars else (False,):
+                    jax.block_until_ready(self._run(plan, masked=masked))
 
     # Stepping ----------------------------------------------------------------------------------
 
@@ -214,15 +210,15 @@ class BatchingEngine:
         out = jax.device_get(out)
         return self.scheduler.update(plan, out.tokens_L, out.logprobs_L, out.top_ids_LK, out.top_logprobs_LK)
 
-    def _run(self, plan: StepPlan):
+    def _run(self, plan: StepPlan, *, masked: bool = False):
         """The step's StepOutputs (on the device) for the plan; the pages are updated in place.
 
-        With grammar rows the step is two calls: the model's forward is dispatched first, and while
-        the device runs it the host fills the rows' token masks (each needs the row's previous
-        token, so it cannot be built a step ahead); sampling then takes them."""
+        With grammar rows (or `masked`: warm-up) the step is two calls: the model's forward is
+        dispatched first, and while the device runs it the host fills the rows' token masks (each
+        needs the row's previous token, so it cannot be built a step ahead); sampling then takes them."""
         inputs = self._place(step_arrays(plan, self.scheduler.page_table))
         constrained = [(seq.matcher, row) for row, seq in enumerate(plan.sampled) if seq.matcher is not None]
-        if not constrained:
+        if not (constrained or masked):
             self.pages, out = model_step_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
             return out
         self.pages, logits = model_logits_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)

@@ -152,16 +152,19 @@ class Scheduler:
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Drop a request: every one of its samples, waiting or running; or only sample `index` once
         the request has forked (a client's stop string ended that one). A no-op for what finished."""
-        if index is not None:
+        if index is None:
+            doomed = self.requests.pop(request_id, [])
+        else:
             samples = self.requests.get(request_id, [])
             seq = next((s for s in samples if s.index == index and s.samples == 1), None)
-            if seq is None or len(samples) == 1:  # not forked yet, finished, or the last one: all of it
-                if seq is not None:
-                    self.abort(request_id)
+            if seq is None:  # not forked yet, or finished
+                return
+            if len(samples) == 1:  # its last sample: the whole request
+                self.abort(request_id)
                 return
             samples.remove(seq)
-            self.requests[request_id] = samples
-        for seq in [seq] if index is not None else self.requests.pop(request_id, ()):
+            doomed = [seq]
+        for seq in doomed:
             if seq.slot is None:
                 self.waiting.remove(seq)
             else:

@@ -40,8 +40,7 @@ class EngineRequest:
         n = getattr(params, "n", 1)
         self.queues = [asyncio.Queue() for _ in range(n)]  # per sample: TokenOutput, or an EngineError
         self.done = [False] * n  # per sample: its last output read, or it was aborted
-        self.running_samples = n  # the engine thread's count of samples the engine has not finished
-        self.ended_samples: set[int] = set()  # (engine thread) those it finished or was told to abort
+        self.ended_samples: set[int] = set()  # (engine thread only) those the engine finished or was told to abort
         self.arrival = time.monotonic()
         self._last_token_time = [self.arrival] * n
         self._first_token = True
@@ -249,8 +248,7 @@ class EngineRunner:
     def _sample_ended(self, request: EngineRequest, index: int) -> None:
         """Count a sample out (only this thread counts); the request leaves with its last."""
         request.ended_samples.add(index)
-        request.running_samples -= 1
-        if not request.running_samples:
+        if len(request.ended_samples) == len(request.queues):
             del self._live[request.id]
 
     def _shut(self, unapplied) -> None:
