@@ -56,3 +56,15 @@ def collect(events):
         else:
             reasons[e.index] = e.finish_reason
     return {i: (tokens[i], reasons[i]) for i in reasons}
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of an in-process `python -m llama_jax.infer` (argparse's exits too)."""
+    from llama_jax.infer import __main__ as cli
+
+    try:
+        status = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err

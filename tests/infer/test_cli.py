@@ -17,25 +17,16 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import checkpoint, save
 from llama_jax.infer.text import Chat, generate
-from llama_jax.infer import __main__ as cli, text
+from llama_jax.infer import text
 from llama_jax.infer.weights import DecodeParams
 from llama_jax.infer.load import load_for_inference
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import default_tokenizer_path
 from tests.reference import hf_logits, hf_model
+from tests.infer.common import run_cli
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
-
-
-def run_cli(capsys, *argv):
-    """(exit status, stdout, stderr) of an in-process run."""
-    try:
-        status = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_prompt_prints_the_greedy_continuation(capsys, checkpoint_dir, llama3_tiny, tokenizer):

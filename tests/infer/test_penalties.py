@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.infer import __main__ as cli
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.penalties import pack_terms, padded_length, row_terms
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.infer.text import generate
 from llama_jax.infer.tokens import stream_tokens
-from tests.infer.common import _forward, collect
+from tests.infer.common import _forward, collect, run_cli
 
 PROMPT = [1, 7, 9, 30, 31, 32, 33, 40, 41, 7, 9]
 STEPS = 12
@@ -162,13 +161,6 @@ def test_a_bias_outside_the_vocabulary_is_refused_by_the_engine(engine):
     with pytest.raises(ValueError, match="logit_bias token id 512 is outside the vocabulary"):
         engine.add("x", PROMPT, RequestParams(3, logit_bias={512: 1.0}))
     assert RequestParams(3, logit_bias={"7": 1}).logit_bias == ((7, 1.0),)  # JSON's string keys
-
-
-def run_cli(capsys, *argv):
-    """(exit status, stdout, stderr) of an in-process `python -m llama_jax.infer`."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_the_cli_s_penalty_flags_reach_the_engine(capsys, checkpoint_dir, llama3_tiny, tokenizer):

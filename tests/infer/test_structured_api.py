@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from llama_jax import LlamaConfig, checkpoint, save
-from llama_jax.infer import __main__ as cli, text
+from llama_jax.infer import text
 from llama_jax.infer.load import load_for_inference
 from llama_jax.infer.structured import grammar_compiler
 from llama_jax.infer.text import Chat, ChatTurn, Completion, generate
 from llama_jax.tokenizer import Llama3Tokenizer, default_tokenizer_path
 from tests.grammar.validator import errors
-from tests.infer.common import random_params
+from tests.infer.common import random_params, run_cli
 
 # The Llama 3 tiny model with room for a tool prompt (~160 tokens) and a call after it.
 CFG = LlamaConfig(vocab_size=128256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=256,
@@ -31,16 +31,6 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"], "additionalProperties": False}}}
 BUDGET = 150  # new tokens: prompt + budget fall in one context bucket (256) for the API and the CLI alike
 SAMPLED = ["--temperature", "1", "--max-new-tokens", BUDGET]
-
-
-def run_cli(capsys, *argv):
-    """(exit status, stdout, stderr) of an in-process run."""
-    try:
-        status = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
