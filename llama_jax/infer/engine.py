@@ -24,6 +24,7 @@ filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ from llama_jax.infer.kv_cache import empty_pages, grow_pages
 from llama_jax.infer.penalties import pack_terms, row_terms
 from llama_jax.infer.requests import RequestParams, TokenOutput
 from llama_jax.infer.scheduler import Scheduler, StepPlan
+from llama_jax.infer.speculation import SpeculativeConfig
 from llama_jax.infer.step import StepInputs, model_logits_jit, model_step_jit, sample_step_jit
 from llama_jax.infer.weights import decode_params, weights_device
 from llama_jax.sharding import axes, batch_split, logical_to_sharding
@@ -76,11 +78,14 @@ class BatchingEngine:
     def __init__(self, cfg: LlamaConfig, params, *, mesh=None, max_batch: int = 64, max_seq_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, decode_batches: Sequence[int] | None = None,
                  chunk_shapes: Sequence[tuple[int, int]] | None = None, max_waiting: int = 1024,
-                 prefix_caching: bool = True, attention_impl: str = "auto"):
+                 prefix_caching: bool = True, attention_impl: str = "auto",
+                 speculative: SpeculativeConfig | None = None, proposer=None):
         """params: the model's (split here, a copy: see weights.decode_params) or DecodeParams.
         decode_batches: the decode row counts compiled (max_batch is added); a step takes the
         smallest that holds its rows (None: always max_batch). chunk_shapes: the (rows, tokens)
-        shapes of a step's prompt chunk (None: prefill_shapes(256))."""
+        shapes of a step's prompt chunk (None: prefill_shapes(256)). speculative: propose tokens
+        for the decode rows and verify them in the step (speculation.py; None: off); proposer: what
+        proposes them (None: the method's own; see Scheduler)."""
         # "auto" is the XLA path everywhere until a Pallas paged kernel has run on a device: the
         # Triton (GPU) and Mosaic (TPU) kernels equal the reference in the interpreter and lower
         # for cuda / tpu, but neither has been compiled or timed on a GPU or TPU yet.
@@ -118,7 +123,8 @@ class BatchingEngine:
         self.mesh, self.max_batch, self.page_size = mesh, max_batch, page_size
         self.scheduler = Scheduler(max_batch=max_batch, page_size=page_size, pages_per_seq=pages_per_seq,
                                    num_pages=num_pages, decode_batches=decode_batches, chunk_shapes=chunk_shapes,
-                                   max_waiting=max_waiting, prefix_caching=prefix_caching)
+                                   max_waiting=max_waiting, prefix_caching=prefix_caching, speculative=speculative,
+                                   proposer=proposer)
         self.pages = self._empty_pages(num_pages)
 
     @property
@@ -190,11 +196,14 @@ class BatchingEngine:
         before requests wait on them: rows of padding only, the pages are left as they are.
         grammars: also the two calls a step with grammar rows runs (a server that may get JSON schemas
         or tools: its first such request would otherwise stall every stream while they compile)."""
+        speculative = self.scheduler.speculative
+        widths = [1, *speculative.widths] if speculative is not None else [1]
         for b in self.decode_batches:
             for shape in [None, *self.chunk_shapes]:
-                plan = StepPlan([], b, shape, [], [], [])
-                for masked in (False, True) if grammars else (False,):
-                    jax.block_until_ready(self._run(plan, masked=masked))
+                for width in widths:
+                    plan = StepPlan([], b, shape, [], [], [], width=width)
+                    for masked in (False, True) if grammars else (False,):
+                        jax.block_until_ready(self._run(plan, masked=masked))
 
     # Stepping ----------------------------------------------------------------------------------
 
@@ -206,9 +215,11 @@ class BatchingEngine:
             return []
         out = self._run(plan)
         if not any(s.params.logprobs is not None for s in plan.sampled):
-            return self.scheduler.update(plan, jax.device_get(out.tokens_L))
+            tokens, accepted = jax.device_get((out.tokens_L, out.accepted_b))
+            return self.scheduler.update(plan, tokens, accepted=accepted)
         out = jax.device_get(out)
-        return self.scheduler.update(plan, out.tokens_L, out.logprobs_L, out.top_ids_LK, out.top_logprobs_LK)
+        return self.scheduler.update(plan, out.tokens_L, out.logprobs_L, out.top_ids_LK, out.top_logprobs_LK,
+                                     accepted=out.accepted_b)
 
     def _run(self, plan: StepPlan, *, masked: bool = False):
         """The step's StepOutputs (on the device) for the plan; the pages are updated in place.
@@ -222,7 +233,8 @@ class BatchingEngine:
             self.pages, out = model_step_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
             return out
         self.pages, logits = model_logits_jit(self.params, self.pages, inputs, cfg=self.cfg, mesh=self.mesh)
-        allowed = token_masks(constrained, len(inputs.sample_at_L), self.cfg.vocab_size)
+        allowed = token_masks(constrained, len(inputs.sample_at_L), self.cfg.vocab_size, width=plan.width,
+                              proposals=plan.proposals)
         return sample_step_jit(logits, inputs._replace(allowed_LW=self._place_rows(allowed)))
 
     def _place_rows(self, x: np.ndarray):
@@ -245,52 +257,80 @@ class BatchingEngine:
         return placed._replace(page_copies_C2=place(inputs.page_copies_C2, rows=None))
 
 
-def token_masks(constrained: list[tuple[object, int]], rows: int, vocab_size: int) -> np.ndarray:
-    """allowed_LW (uint32 [rows, ceil(V / 32)]): each (matcher, row)'s grammar mask, every token allowed
-    in the other rows. A matcher sampled in several rows (a request forking into n samples) fills one
-    and the others are copies (one matcher is not filled from two threads at once)."""
+def token_masks(constrained: list[tuple[object, int]], rows: int, vocab_size: int, *, width: int = 1,
+                proposals: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """allowed_LW (uint32 [rows, ceil(V / 32)]): each (matcher, sample row)'s grammar mask, every token
+    allowed in the other rows. A matcher sampled in several rows (a request forking into n samples)
+    fills one and the others are copies (one matcher is not filled from two threads at once).
+
+    With speculation (width T > 1) sample row l's masks are rows l * T .. l * T + T - 1: the mask
+    after each proposal of proposals[l] the grammar allows, the matcher advanced through them and
+    rolled back after; a proposal it refuses gets a mask without it (so verification rejects it)."""
     from llama_jax.grammar import fill_rows
 
     allowed = np.full((rows, -(-vocab_size // 32)), 0xFFFFFFFF, np.uint32)
     first: dict[int, int] = {}
     for matcher, row in constrained:
         first.setdefault(id(matcher), row)
-    fill_rows([(matcher, row) for matcher, row in constrained if first[id(matcher)] == row], allowed)
+    fill_rows([(matcher, row * width) for matcher, row in constrained if first[id(matcher)] == row], allowed)
     for matcher, row in constrained:
         if first[id(matcher)] != row:
-            allowed[row] = allowed[first[id(matcher)]]
+            allowed[row * width] = allowed[first[id(matcher)] * width]
+    drafts = [(matcher, row, list(proposals[row][:matcher.valid_prefix(proposals[row])]))
+              for matcher, row in constrained if row < len(proposals) and proposals[row]]
+    for j in range(width - 1):
+        live = [(matcher, row, draft) for matcher, row, draft in drafts if len(draft) > j]
+        for matcher, _, draft in live:
+            matcher.accept(draft[j])
+        fill_rows([(matcher, row * width + j + 1) for matcher, row, _ in live], allowed)
+    for matcher, _, draft in drafts:
+        matcher.rollback(len(draft))
     return allowed
 
 
 def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
-    """The plan as the step's input arrays (numpy): decode rows, then the chunk's rows."""
-    b, M = plan.decode_batch, page_table.shape[1]
+    """The plan as the step's input arrays (numpy): decode rows, then the chunk's rows. With
+    speculation (plan.width T > 1) each decode row is T tokens (its last, its proposals, padding) and
+    each sample row has T entries, the settings repeated and the penalties as they would be after
+    each proposal."""
+    b, M, T = plan.decode_batch, page_table.shape[1], plan.width
     R, C = plan.chunk_shape or (0, 0)
-    B = b + R * C
+    B = b * T + R * C
     tokens, positions = np.zeros((B, 1), np.int32), np.full((B, 1), -1, np.int32)
     decode_table = np.zeros((b, M), np.int32)
-    for row, seq in enumerate(plan.decoding):
-        tokens[row, 0], positions[row, 0] = seq.tokens[-1], seq.written
+    proposals = plan.proposals or [[] for _ in plan.decoding]
+    for row, (seq, guess) in enumerate(zip(plan.decoding, proposals)):
+        fed = [seq.tokens[-1], *guess]
+        tokens[row * T:row * T + len(fed), 0] = fed
+        positions[row * T:row * T + len(fed), 0] = np.arange(seq.written, seq.written + len(fed))
         decode_table[row] = page_table[seq.slot]
     chunk_table = None
     if plan.chunk_shape is not None:
         chunk_table = np.zeros((R, M), np.int32)
         for row, piece in enumerate(plan.pieces):
-            first, start, n = b + row * C, piece.start, piece.length
+            first, start, n = b * T + row * C, piece.start, piece.length
             tokens[first:first + n, 0] = piece.seq.tokens[start:start + n]
             positions[first:first + n, 0] = np.arange(start, start + n)
             chunk_table[row] = page_table[piece.seq.slot]
-    L = b
+    L = b * T
     sample_at = np.zeros(L, np.int32)
-    sample_at[:len(plan.sample_at)] = plan.sample_at
+    for row, at in enumerate(plan.sample_at):
+        # A decode row's T positions; a finishing prompt's sample row reads its last token's logits only.
+        sample_at[row * T:row * T + T] = at + np.arange(T) if row < len(plan.decoding) else at
     seeds, streams, temperature = np.zeros(L, np.uint32), np.zeros(L, np.uint32), np.zeros(L, np.float32)
     top_k, top_p, top_logprobs = np.zeros(L, np.int32), np.ones(L, np.float32), np.zeros(L, np.int32)
     for row, (seq, stream) in enumerate(zip(plan.sampled, plan.streams)):
-        p = seq.params
-        seeds[row], streams[row] = seq.seed, stream
-        temperature[row], top_k[row], top_p[row], top_logprobs[row] = p.temperature, p.top_k, p.top_p, p.logprobs or 0
+        p, rows = seq.params, slice(row * T, row * T + T)
+        seeds[rows], streams[rows] = seq.seed, stream
+        temperature[rows], top_k[rows], top_p[rows], top_logprobs[rows] = (p.temperature, p.top_k, p.top_p,
+                                                                           p.logprobs or 0)
     inputs = StepInputs(tokens, positions, decode_table, chunk_table, sample_at, seeds, streams, temperature, top_k,
                         top_p, top_logprobs)
+    if T > 1:
+        proposals_bK = np.full((b, T - 1), -1, np.int32)
+        for row, guess in enumerate(proposals):
+            proposals_bK[row, :len(guess)] = guess
+        inputs = inputs._replace(proposals_bK=proposals_bK)
     if plan.page_copies:
         # Padded to the most a step can have, a copy per batch row (rows with source -1 copy nothing):
         # one more program per step shape, not one per count.
@@ -299,9 +339,17 @@ def step_arrays(plan: StepPlan, page_table: np.ndarray) -> StepInputs:
         inputs = inputs._replace(page_copies_C2=copies)
     if not any(s.params.shapes_logits for s in plan.sampled):
         return inputs
-    terms = [row_terms(s.params, s.prompt_tokens, s.counts, s.generated) if s.params.shapes_logits else None
-             for s in plan.sampled]
-    ids, bias, penalized, repetition = pack_terms(terms, [s.params.repetition_penalty for s in plan.sampled], L)
+    terms = [None] * L
+    for row, seq in enumerate(plan.sampled):
+        if seq.params.shapes_logits:
+            guess = proposals[row] if row < len(plan.decoding) else []
+            counts = seq.counts
+            for j in range(len(guess) + 1):  # as they would be after the row's first j proposals
+                if j:
+                    counts = counts + collections.Counter(guess[j - 1:j])
+                terms[row * T + j] = row_terms(seq.params, seq.prompt_tokens, counts, seq.generated + j)
+    repetition = np.repeat([s.params.repetition_penalty for s in plan.sampled], T)
+    ids, bias, penalized, repetition = pack_terms(terms, repetition, L)
     return inputs._replace(bias_ids_LN=ids, bias_LN=bias, penalized_LN=penalized, repetition_L=repetition)
 
 

@@ -48,31 +48,36 @@ class PagedKV(NamedTuple):
 
 
 class MixedPagedKV(NamedTuple):
-    """One layer's pages seen by the engine's one-call step: B = b + R * C rows of one token, the
-    first b decode rows (page tables decode_table_bM), then a chunk of R rows of C tokens each
-    (chunk_table_RM), several rows possibly holding consecutive pieces of one prompt, or a
-    sequence's several new tokens (speculative verification). Every row's keys and values are
-    written before any row attends, so a piece sees the pieces before it."""
+    """One layer's pages seen by the engine's one-call step: B = b * T + R * C rows of one token, the
+    first b * T the decode rows (b rows of T tokens, page tables decode_table_bM: T = 1, or a
+    sequence's last token and its proposals to verify, speculative decoding), then a chunk of R rows
+    of C tokens each (chunk_table_RM; None: no chunk), several rows possibly holding consecutive
+    pieces of one prompt. Every row's keys and values are written before any row attends, so a piece
+    sees the pieces before it and a proposal the ones before it."""
 
     k_pages: jax.Array  # [N, P, K, E]
     v_pages: jax.Array  # [N, P, K, E]
     decode_table_bM: jax.Array  # [b, M] int32
-    chunk_table_RM: jax.Array  # [R, M] int32
+    chunk_table_RM: jax.Array | None  # [R, M] int32
+    decode_width: int = 1  # T
 
     def attend(self, q_BTHE, k_BTKE, v_BTKE, positions_BT, **which):
-        b, R = self.decode_table_bM.shape[0], self.chunk_table_RM.shape[0]
-        C = (q_BTHE.shape[0] - b) // R
+        b, T = self.decode_table_bM.shape[0], self.decode_width
+        tables = [self.decode_table_bM] + ([] if self.chunk_table_RM is None else [self.chunk_table_RM])
+        R = 0 if self.chunk_table_RM is None else self.chunk_table_RM.shape[0]
+        C = (q_BTHE.shape[0] - b * T) // max(R, 1)
 
         def split(x_B1Z):
-            return x_B1Z[:b], x_B1Z[b:].reshape(R, C, *x_B1Z.shape[2:])
+            groups = [x_B1Z[:b * T].reshape(b, T, *x_B1Z.shape[2:])]
+            return groups + ([x_B1Z[b * T:].reshape(R, C, *x_B1Z.shape[2:])] if R else [])
 
-        (q_b, q_R), (k_b, k_R), (v_b, v_R), (pos_b, pos_R) = map(split, (q_BTHE, k_BTKE, v_BTKE, positions_BT))
-        kv = PagedKV(self.k_pages, self.v_pages, self.decode_table_bM).write(k_b, v_b, pos_b)
-        kv = kv._replace(page_table=self.chunk_table_RM).write(k_R, v_R, pos_R)
-        out_b = kernels.paged_attention(q_b, kv.k_pages, kv.v_pages, self.decode_table_bM, pos_b, **which)
-        out_R = kernels.paged_attention(q_R, kv.k_pages, kv.v_pages, self.chunk_table_RM, pos_R, **which)
-        out_BTHE = jnp.concatenate([out_b, out_R.reshape(R * C, 1, *out_R.shape[2:])])
-        return out_BTHE, self._replace(k_pages=kv.k_pages, v_pages=kv.v_pages)
+        q, k, v, pos = map(split, (q_BTHE, k_BTKE, v_BTKE, positions_BT))
+        kv = PagedKV(self.k_pages, self.v_pages, self.decode_table_bM)
+        for table, k_g, v_g, pos_g in zip(tables, k, v, pos):
+            kv = kv._replace(page_table=table).write(k_g, v_g, pos_g)
+        outs = [kernels.paged_attention(q_g, kv.k_pages, kv.v_pages, table, pos_g, **which).reshape(
+            -1, 1, *q_BTHE.shape[2:]) for table, q_g, pos_g in zip(tables, q, pos)]
+        return jnp.concatenate(outs), self._replace(k_pages=kv.k_pages, v_pages=kv.v_pages)
 
 
 def empty_pages(cfg: LlamaConfig, num_pages: int, page_size: int, *, mesh=None, device=None):

@@ -46,14 +46,15 @@ class NgramIndex:
             self._end[gram] = end
 
     def propose(self, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest recurring suffix
-        (n from max_n down to min_n); [] when none of them occurred before."""
+        """k tokens that followed the latest earlier occurrence of the longest recurring suffix (n from
+        max_n down to min_n), continued periodically past the end (_copy); [] when none of them
+        occurred before."""
         if k < 1:
             return []
         for n in range(min(self.max_n, len(self.tokens)), self.min_n - 1, -1):
             end = self._earlier.get(n)
             if end is not None:
-                return self.tokens[end:end + k]
+                return _copy(self.tokens, end, k)
         return []
 
 
@@ -65,8 +66,19 @@ def propose_ngram(tokens: Sequence[int], k: int, *, max_n: int = 4, min_n: int =
         suffix = tokens[len(tokens) - n:]
         for start in range(len(tokens) - n - 1, -1, -1):  # latest first, the suffix itself excluded
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
+                return _copy(tokens, start + n, k)
     return []
+
+
+def _copy(tokens: list[int], start: int, k: int) -> list[int]:
+    """k tokens copied from `start` on, the copy running on into itself past the end (as LZ77's
+    overlapping copies do): text that repeats with a period p, whose latest earlier match ends p
+    tokens before the end, is proposed k tokens ahead, not p."""
+    out = tokens[start:start + k]
+    period = len(tokens) - start
+    while len(out) < k:
+        out.append(out[len(out) - period])
+    return out
 
 
 __all__ = ["NgramIndex", "propose_ngram"]

@@ -219,11 +219,15 @@ def top_logprobs(logits_LV, wanted_L):
     """(log-probabilities [L, MAX_LOGPROBS] descending, their ids) of each row's most likely tokens;
     zeros unless some row wants them (wanted_L > 0): a top-k over the vocabulary costs about as much
     as a small model's whole step on CPU."""
-    L = logits_LV.shape[0]
-    return jax.lax.cond(
-        jnp.any(wanted_L > 0),
-        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits_LV, axis=-1), MAX_LOGPROBS)),
-        lambda: (jnp.zeros((L, MAX_LOGPROBS), jnp.float32), jnp.zeros((L, MAX_LOGPROBS), jnp.int32)))
+    L, V = logits_LV.shape
+    pad = ((0, 0), (0, max(0, MAX_LOGPROBS - V)))  # a vocabulary smaller than that (tests): -inf, id 0 after it
+
+    def top():
+        values_LK, ids_LK = jax.lax.top_k(jax.nn.log_softmax(logits_LV, axis=-1), min(MAX_LOGPROBS, V))
+        return jnp.pad(values_LK, pad, constant_values=-jnp.inf), jnp.pad(ids_LK, pad)
+
+    return jax.lax.cond(jnp.any(wanted_L > 0), top,
+                        lambda: (jnp.zeros((L, MAX_LOGPROBS), jnp.float32), jnp.zeros((L, MAX_LOGPROBS), jnp.int32)))
 
 
 __all__ = ["SamplingParams", "keep_mask", "sample", "sample_rows", "argmax_rows", "sampling_keys", "apply_token_mask",

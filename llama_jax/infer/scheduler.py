@@ -39,6 +39,7 @@ import numpy as np
 
 from llama_jax.infer.pages import PageAllocator, page_keys
 from llama_jax.infer.requests import EngineFullError, RequestParams, TokenOutput
+from llama_jax.infer.speculation import Adaptive, NgramProposer, SpeculativeConfig
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,6 +68,8 @@ class SequenceState:
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # generated tokens'
     prompt_tokens: np.ndarray | None = None  # the prompt's distinct tokens, for a repetition penalty
     matcher: object | None = None  # its grammar's state (params.grammar.matcher()): fills its token masks
+    speculation: Adaptive | None = None  # its proposals per step, with speculative decoding
+    proposer_state: object | None = None  # the proposer's own record of it (an n-gram index)
 
     @property
     def generated(self) -> int:
@@ -89,7 +92,9 @@ class StepPlan:
     is the sequence whose next token sample row l draws, from the logits of token `sample_at[l]`
     (index into the step's rows); the rows past len(sampled) are padding. A request forking into n
     samples is in `sampled` n times, each row with its own key stream (`streams[l]`, row l's).
-    `page_copies`: (source, destination) pages the step copies before any row writes."""
+    `page_copies`: (source, destination) pages the step copies before any row writes. With
+    speculation (`width` > 1) every decode row is `width` tokens: its last token, its proposals and
+    padding; `sample_at[l]` is then the first of sample row l's `width` logits."""
 
     decoding: list[SequenceState]
     decode_batch: int
@@ -99,6 +104,10 @@ class StepPlan:
     sample_at: list[int]
     streams: list[int] = dataclasses.field(default_factory=list)
     page_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Speculative decoding: decode row r feeds its last token and then proposals[r], each decode
+    # row `width` tokens wide (1: plain decode rows); sample row l's tokens come from l * width on.
+    proposals: list[list[int]] = dataclasses.field(default_factory=list)
+    width: int = 1
 
     @property
     def fed(self) -> dict[int, tuple[SequenceState, int]]:
@@ -112,8 +121,16 @@ class Scheduler:
 
     def __init__(self, *, max_batch: int, page_size: int, pages_per_seq: int, num_pages: int,
                  decode_batches: Sequence[int], chunk_shapes: Sequence[tuple[int, int]], max_waiting: int = 1024,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative: SpeculativeConfig | None = None, proposer=None):
+        """speculative: propose tokens for the decode rows to verify (None: off); proposer: what
+        proposes them (`propose(seqs, ks) -> lists`; None: speculative.method "ngram"'s NgramProposer)."""
         self.max_batch, self.page_size, self.pages_per_seq = max_batch, page_size, pages_per_seq
+        self.speculative = speculative
+        if speculative is not None and proposer is None:
+            if speculative.method != "ngram":
+                raise ValueError(f"speculative method {speculative.method!r} needs its proposer")
+            proposer = NgramProposer(speculative.max_ngram, speculative.min_ngram)
+        self.proposer = proposer
         self.decode_batches = sorted(set(decode_batches) | {max_batch})
         self.chunk_shapes = sorted({(int(r), int(c)) for r, c in chunk_shapes})
         self.max_waiting = max_waiting
@@ -125,7 +142,8 @@ class Scheduler:
         self.requests: dict[str, list[SequenceState]] = {}  # a request's sequences not finished yet
         self._copies: dict[int, tuple[int, int]] = {}  # id(sample) -> its page copy, for the next step
         self._added = self._admitted = 0
-        self.counters = collections.Counter(prefilled_tokens=0, cached_tokens=0, preemptions=0, generated_tokens=0)
+        self.counters = collections.Counter(prefilled_tokens=0, cached_tokens=0, preemptions=0, generated_tokens=0,
+                                            proposed_tokens=0, accepted_tokens=0)
 
     # Requests ----------------------------------------------------------------------------------
 
@@ -144,7 +162,7 @@ class Scheduler:
         seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
         seq = SequenceState(request_id, list(prompt), len(prompt), params, seed, stream, order=self._added,
                             prompt_tokens=np.unique(prompt) if params.repetition_penalty != 1 else None,
-                            samples=params.n, matcher=_matcher(params))
+                            samples=params.n, matcher=_matcher(params), speculation=self._adaptive())
         self._added += 1
         self.requests[request_id] = [seq]
         self.waiting.append(seq)
@@ -197,6 +215,9 @@ class Scheduler:
             if seq.slot is not None:  # not preempted for an older sequence's page
                 self._reserve_next_page(seq)
         decoding = [s for s in decoding if s.slot is not None]
+        proposals = self._propose(decoding)
+        longest = max(map(len, proposals), default=0)
+        width = 1 if not longest else next(w for w in self.speculative.widths if w > longest)
         # Copies for samples forked in the last update (a preempted sample's went with its pages).
         copies, self._copies = list(self._copies.values()), {}
         shape, pieces = self._plan_chunk()
@@ -207,17 +228,42 @@ class Scheduler:
             if seq.written + n >= len(seq.tokens):
                 finishing += [seq] * seq.samples
         b = next(b for b in self.decode_batches if b >= len(decoding) + len(finishing))
-        sample_at = list(range(len(decoding)))
+        sample_at = [row * width for row in range(len(decoding))]
         if pieces:
             C = shape[1]
             for row, piece in enumerate(pieces):
                 if piece.start + piece.length == len(piece.seq.tokens):
-                    sample_at += [b + row * C + piece.length - 1] * piece.seq.samples
+                    sample_at += [b * width + row * C + piece.length - 1] * piece.seq.samples
         streams = [s.stream for s in decoding]
         for seq in dict.fromkeys(finishing):
             streams += [seq.stream + i for i in range(seq.samples)]
         return StepPlan(decoding, b, shape if pieces else None, pieces, decoding + finishing, sample_at, streams,
-                        copies)
+                        copies, proposals if width > 1 else [], width)
+
+    def _adaptive(self) -> Adaptive | None:
+        return None if self.speculative is None else Adaptive(self.speculative.num_tokens)
+
+    def _propose(self, decoding: list[SequenceState]) -> list[list[int]]:
+        """Each decode row's proposals: up to its adaptive k, never past its max_tokens, as many as the
+        pages it holds or free ones can take (a proposal never preempts anything)."""
+        if self.proposer is None:
+            return [[] for _ in decoding]
+        wanted = [min(seq.speculation.wanted() if self.speculative.adaptive else self.speculative.num_tokens,
+                      seq.params.max_tokens - seq.generated - 1) for seq in decoding]
+        asked = [i for i, k in enumerate(wanted) if k > 0]
+        proposals = [[] for _ in decoding]
+        got = self.proposer.propose([decoding[i] for i in asked], [wanted[i] for i in asked]) if asked else []
+        for i, guess in zip(asked, got):
+            seq, guess = decoding[i], [int(t) for t in guess[:wanted[i]]]
+            while guess and len(seq.pages) * self.page_size <= seq.written + len(guess):
+                page = self.allocator.allocate()
+                if page is None:
+                    guess = guess[:len(seq.pages) * self.page_size - seq.written - 1]
+                    break
+                self.page_table[seq.slot, len(seq.pages)] = page
+                seq.pages.append(page)
+            proposals[i] = guess
+        return proposals
 
     def _by_admission(self) -> list[SequenceState]:
         return sorted((s for s in self.slots if s is not None), key=lambda s: s.admitted)
@@ -297,15 +343,21 @@ class Scheduler:
 
     # Results -----------------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, tokens, logprobs=None, top_ids=None, top_logprobs=None) -> list[TokenOutput]:
+    def update(self, plan: StepPlan, tokens, logprobs=None, top_ids=None, top_logprobs=None,
+               accepted=None) -> list[TokenOutput]:
         """Account for the tokens the plan fed and emit each sample row's token (row l of tokens,
         logprobs [L], top_ids and top_logprobs [L, K]; the last three may be None when no request
-        asked for log-probabilities)."""
+        asked for log-probabilities). With speculation (plan.width T > 1) every sample row l has T
+        entries from l * T, and decode row r's new tokens are its first accepted[r] + 1."""
+        T = plan.width
         row_of = {}  # id(seq) -> its first sample row (a forking request has n consecutive ones)
         for row, seq in enumerate(plan.sampled):
             row_of.setdefault(id(seq), row)
         outputs = []
         for seq, n in plan.fed.values():
+            if T > 1 and not seq.prefilling:
+                outputs += self._verified(seq, row_of[id(seq)], plan, tokens, logprobs, top_ids, top_logprobs, accepted)
+                continue
             if seq.prefilling:
                 self.counters["prefilled_tokens"] += n
             seq.written += n
@@ -315,9 +367,27 @@ class Scheduler:
             seq.prefilling = False
             first = row_of[id(seq)]
             for row, sample in enumerate(self._fork(seq) if seq.samples > 1 else [seq], start=first):
-                top = () if top_ids is None else zip(top_ids[row].tolist(), top_logprobs[row].tolist())
-                outputs.append(self._emit(sample, int(tokens[row]),
-                                          None if logprobs is None else float(logprobs[row]), top))
+                outputs.append(self._emit(sample, int(tokens[row * T]), *_logprobs(row * T, logprobs, top_ids,
+                                                                                   top_logprobs)))
+        return outputs
+
+    def _verified(self, seq, row, plan, tokens, logprobs, top_ids, top_logprobs, accepted) -> list[TokenOutput]:
+        """A decode row's tokens after verification: the accepted proposals and the target's token,
+        up to the first that ends the request."""
+        proposed, kept = plan.proposals[row], int(accepted[row])
+        T = plan.width
+        new = [int(t) for t in tokens[row * T:row * T + kept + 1]]
+        seq.written += kept + 1  # its last token and the kept proposals: their keys and values are right
+        self._register_pages(seq, pending=new[:kept])
+        self.counters["proposed_tokens"] += len(proposed)
+        self.counters["accepted_tokens"] += kept
+        if self.speculative.adaptive:
+            seq.speculation.update(len(proposed), kept, self.speculative.num_tokens)
+        outputs = []
+        for i, token in enumerate(new):
+            outputs.append(self._emit(seq, token, *_logprobs(row * T + i, logprobs, top_ids, top_logprobs)))
+            if outputs[-1].finish_reason is not None:
+                break
         return outputs
 
     def _fork(self, seq: SequenceState) -> list[SequenceState]:
@@ -333,7 +403,8 @@ class Scheduler:
                                    order=seq.order, slot=slot, admitted=self._admitted, pages=pages,
                                    keys=list(seq.keys), written=seq.written, prefilling=False,
                                    cached_tokens=seq.cached_tokens, prompt_tokens=seq.prompt_tokens, index=index,
-                                   matcher=_matcher(seq.params))  # forked before its first token: at the start
+                                   matcher=_matcher(seq.params),  # forked before its first token: at the start
+                                   speculation=self._adaptive())
             self._admitted += 1
             if seq.spare_pages:
                 sample.pages = pages + [seq.spare_pages[index - 1]]
@@ -346,13 +417,15 @@ class Scheduler:
         self.requests[seq.id] += samples[1:]
         return samples
 
-    def _register_pages(self, seq: SequenceState) -> None:
-        """Offer the sequence's newly filled pages to the prefix cache."""
+    def _register_pages(self, seq: SequenceState, pending: list[int] | tuple = ()) -> None:
+        """Offer the sequence's newly filled pages to the prefix cache (pending: its tokens written
+        but not appended yet, accepted proposals)."""
         full = seq.written // self.page_size
         if not self.allocator.prefix_caching or full <= len(seq.keys):
             return
         parent = seq.keys[-1] if seq.keys else b""
-        keys = page_keys(seq.tokens[:full * self.page_size], self.page_size, len(seq.keys), parent)
+        tokens = seq.tokens + list(pending) if pending else seq.tokens
+        keys = page_keys(tokens[:full * self.page_size], self.page_size, len(seq.keys), parent)
         for page, key in zip(seq.pages[len(seq.keys):full], keys):
             self.allocator.register(page, key)
         seq.keys += keys
@@ -380,6 +453,12 @@ class Scheduler:
                 del self.requests[seq.id]
             self._vacate(seq)
         return out
+
+
+def _logprobs(row: int, logprobs, top_ids, top_logprobs) -> tuple:
+    """(logprob, top pairs) of sample row `row`, as _emit takes them."""
+    top = () if top_ids is None else zip(top_ids[row].tolist(), top_logprobs[row].tolist())
+    return None if logprobs is None else float(logprobs[row]), top
 
 
 def _matcher(params: RequestParams):

@@ -1,6 +1,6 @@
-"""Speculative verification (issue #26; not wired into the engine yet): the target model scores a
-row's K proposed tokens in one step, and the standard rule keeps a prefix of them so that the tokens
-out are distributed exactly as the target's own samples, at any temperature, top-k and top-p.
+"""Speculative verification: the target model scores a row's K proposed tokens in one step, and the
+standard rule keeps a prefix of them so that the tokens out are distributed exactly as the target's
+own samples, at any temperature, top-k and top-p.
 
 For proposals that are a point mass (prompt lookup: q(d) = 1 for the proposed d), proposal j is
 accepted with probability min(1, p_j(d_j) / q(d_j)) = p_j(d_j); at the first rejection the token is
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.infer.requests import MAX_TOP_K
+from llama_jax.infer import sampling
 from llama_jax.infer.sampling import argmax_rows
 
 
@@ -41,34 +42,62 @@ def target_probs(logits_BV, temperature_B, top_k_B, top_p_B):
                      jnp.where(filtering_B[:, None], filtered_BV, full_BV))
 
 
+def proposal_probs(logits_NV, ids_N, temperature_N, top_k_N, top_p_N):
+    """target_probs(...)[n, ids_N[n]] without the [N, V] scatter when it is not needed: one-hot for
+    greedy rows, the softmax's entry for rows without top-k / top-p (lax.cond: a batch of greedy rows
+    computes neither the softmax nor a top-k)."""
+    logits_NV = logits_NV.astype(jnp.float32)
+    greedy_N = (argmax_rows(logits_NV) == ids_N).astype(jnp.float32)
+
+    def drawn():
+        scaled_NV = logits_NV / jnp.where(temperature_N == 0, 1.0, temperature_N)[:, None]
+        at_N = jnp.take_along_axis(scaled_NV, ids_N[:, None], axis=-1)[:, 0]
+        full_N = jnp.exp(at_N - jax.nn.logsumexp(scaled_NV, axis=-1))
+        filtering_N = (top_k_N > 0) | (top_p_N < 1)
+        filtered_N = jax.lax.cond(jnp.any(filtering_N & (temperature_N > 0)), lambda: jnp.take_along_axis(
+            target_probs(logits_NV, temperature_N, top_k_N, top_p_N), ids_N[:, None], axis=-1)[:, 0], lambda: full_N)
+        return jnp.where(temperature_N == 0, greedy_N, jnp.where(filtering_N, filtered_N, full_N))
+
+    return jax.lax.cond(jnp.any(temperature_N > 0), drawn, lambda: greedy_N)
+
+
 def verify(logits_LPV, proposals_LK, proposed_L, keys_LP, temperature_L, top_k_L, top_p_L):
     """(accepted_L, tokens_LP): row l keeps its first accepted_L[l] proposals (of proposed_L[l] <= K)
     and then one token of the target's (the residual's draw at the first rejection, or the bonus
     draw after them all), so tokens_LP[l, :accepted + 1] are its new tokens (-1 after them).
 
     logits_LPV: the target's logits at the P = K + 1 positions of each row (position j predicts the
-    token after proposal j - 1); keys_LP: a PRNG key per row and position (the acceptance test and
-    the residual draw of a position fold it in two ways)."""
+    token after proposal j - 1); keys_LP: each position's sampling key (sampling.sampling_keys). The
+    bonus token is `sampling.sample_rows` with its position's key, so a row with no proposals draws
+    exactly the token a plain decode step draws; the acceptance test and the residual draw fold the
+    key in two other ways."""
     L, P, V = logits_LPV.shape
     K = P - 1
-    flat = lambda x: jnp.repeat(x, P)  # noqa: E731 (each row's setting at each of its positions)
-    probs_LPV = target_probs(logits_LPV.reshape(L * P, V), flat(temperature_L), flat(top_k_L),
-                             flat(top_p_L)).reshape(L, P, V)
-    j_K = jnp.arange(K)
-    live_LK = j_K[None, :] < proposed_L[:, None]
+    flat = lambda x: jnp.repeat(x, K)  # noqa: E731 (each row's setting at each of its proposals)
+    live_LK = jnp.arange(K)[None, :] < proposed_L[:, None]
     proposals_LK = jnp.where(live_LK, proposals_LK, 0)
-    p_at_proposal_LK = jnp.take_along_axis(probs_LPV[:, :K], proposals_LK[..., None], axis=-1)[..., 0]
-    test_keys_LK = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, 0)))(keys_LP[:, :K])
-    draw_keys_LP = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, 1)))(keys_LP)
-    uniform_LK = jax.vmap(jax.vmap(jax.random.uniform))(test_keys_LK)
-    accept_LK = live_LK & (uniform_LK < p_at_proposal_LK)
+    p_LK = proposal_probs(logits_LPV[:, :K].reshape(L * K, V), proposals_LK.reshape(-1), flat(temperature_L),
+                          flat(top_k_L), flat(top_p_L)).reshape(L, K)
+    uniform_LK = jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0))))(keys_LP[:, :K])
+    accept_LK = live_LK & (uniform_LK < p_LK)
     accepted_L = jnp.sum(jnp.cumprod(accept_LK, axis=-1), axis=-1).astype(jnp.int32)
-    # The residual at a rejected position: p without the proposal (a point mass's max(p - q, 0)).
-    rejected_LPV = jnp.pad(jax.nn.one_hot(proposals_LK, V, dtype=jnp.bool_) & live_LK[..., None],
-                           ((0, 0), (0, 1), (0, 0)))
-    residual_LPV = jnp.where(rejected_LPV, 0.0, probs_LPV)
-    drawn_LP = jax.vmap(jax.vmap(jax.random.categorical))(draw_keys_LP, jnp.log(residual_LPV)).astype(jnp.int32)
-    final_L = jnp.take_along_axis(drawn_LP, accepted_L[:, None], axis=-1)[:, 0]
+    # The last position's logits and key: after a rejection, or after every proposal (the bonus).
+    at_L = jnp.take_along_axis(logits_LPV, accepted_L[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    key_L = jnp.take_along_axis(keys_LP, accepted_L[:, None], axis=1)[:, 0]
+    bonus_L = sampling.sample_rows(at_L, key_L, temperature_L, top_k_L, top_p_L)
+    rejected_L = accepted_L < proposed_L
+    rejected_id_L = jnp.take_along_axis(jnp.pad(proposals_LK, ((0, 0), (0, 1))), accepted_L[:, None], axis=1)[:, 0]
+
+    def residual():
+        # At a rejection the token comes from the target without the proposal: a point mass's
+        # max(p - q, 0), normalized. Greedy rows get the argmax (the rejected proposal was not it).
+        probs_LV = target_probs(at_L, temperature_L, top_k_L, top_p_L)
+        probs_LV = jnp.where(jax.nn.one_hot(rejected_id_L, V, dtype=jnp.bool_), 0.0, probs_LV)
+        keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(key_L)
+        return jax.vmap(jax.random.categorical)(keys, jnp.log(probs_LV)).astype(jnp.int32)
+
+    drawn_L = jax.lax.cond(jnp.any(rejected_L & (temperature_L > 0)), residual, lambda: argmax_rows(at_L))
+    final_L = jnp.where(rejected_L, drawn_L, bonus_L)
     j_P = jnp.arange(P)
     padded_LP = jnp.pad(proposals_LK, ((0, 0), (0, 1)))
     tokens_LP = jnp.where(j_P[None, :] < accepted_L[:, None], padded_LP,
@@ -76,4 +105,4 @@ def verify(logits_LPV, proposals_LK, proposed_L, keys_LP, temperature_L, top_k_L
     return accepted_L, tokens_LP
 
 
-__all__ = ["target_probs", "verify"]
+__all__ = ["target_probs", "proposal_probs", "verify"]

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
 from llama_jax.infer import sampling
+from llama_jax.infer.speculative import verify
 from llama_jax.infer.kv_cache import MixedPagedKV, PagedKV, copy_pages, page_shardings
 from llama_jax.infer.weights import DecodeParams
 from llama_jax.model import Block, embed, rms_norm, unembed
@@ -58,6 +59,10 @@ class StepInputs(NamedTuple):
     # listed token (sampling.apply_repetition_penalty); the ids of a row are then distinct.
     penalized_LN: jax.Array | None = None  # [L, N] bool
     repetition_L: jax.Array | None = None  # [L] float32
+    # Speculative verification: decode row r holds its last token and then its proposals_bK[r] (-1:
+    # none after them), b rows of T = K + 1 tokens; L = b * T sample rows, row r * T + j reading the
+    # logits after the row's j-th token (speculative.verify keeps a prefix of the proposals).
+    proposals_bK: jax.Array | None = None  # [b, K] int32
 
 
 class StepOutputs(NamedTuple):
@@ -65,6 +70,8 @@ class StepOutputs(NamedTuple):
     logprobs_L: jax.Array  # [L] float32: the sampled token's log-probability under the model
     top_ids_LK: jax.Array  # [L, MAX_LOGPROBS] int32 (zeros unless a row wants them)
     top_logprobs_LK: jax.Array  # [L, MAX_LOGPROBS] float32
+    # With proposals: the proposals each decode row kept; its new tokens are tokens_L[r * T: r * T + accepted + 1].
+    accepted_b: jax.Array | None = None  # [b] int32
 
 
 def model_step(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaConfig, mesh=None):
@@ -82,10 +89,11 @@ def model_logits(params: DecodeParams, pages, inputs: StepInputs, *, cfg: LlamaC
         if inputs.page_copies_C2 is not None:
             pages = copy_pages(pages, inputs.page_copies_C2)
         x_BTD = embed(params.tok_embeddings, inputs.tokens_B1, dt)
+        width = 1 if inputs.proposals_bK is None else inputs.proposals_bK.shape[1] + 1
         new_pages = []
         for layer, (k_pages, v_pages) in zip(params.layers, pages):
-            kv = (PagedKV(k_pages, v_pages, inputs.decode_table_bM) if inputs.chunk_table_RM is None
-                  else MixedPagedKV(k_pages, v_pages, inputs.decode_table_bM, inputs.chunk_table_RM))
+            kv = (PagedKV(k_pages, v_pages, inputs.decode_table_bM) if inputs.chunk_table_RM is None and width == 1
+                  else MixedPagedKV(k_pages, v_pages, inputs.decode_table_bM, inputs.chunk_table_RM, width))
             x_BTD, kv = Block(cfg).apply({"params": layer}, x_BTD, inputs.positions_B1, None, kv)
             new_pages.append((kv.k_pages, kv.v_pages))
         B, T, D = x_BTD.shape
@@ -113,9 +121,19 @@ def sample_step(logits_LV, inputs: StepInputs) -> StepOutputs:
     # The drawn token's position: one past the token whose logits it comes from.
     drawn_at_L = jnp.take(inputs.positions_B1.reshape(-1), inputs.sample_at_L) + 1
     keys_L = sampling.sampling_keys(inputs.seeds_L, inputs.streams_L, drawn_at_L)
-    tokens_L = sampling.sample_rows(shaped_LV, keys_L, inputs.temperature_L, inputs.top_k_L, inputs.top_p_L)
+    accepted_b = None
+    if inputs.proposals_bK is None:
+        tokens_L = sampling.sample_rows(shaped_LV, keys_L, inputs.temperature_L, inputs.top_k_L, inputs.top_p_L)
+    else:
+        b, T = inputs.proposals_bK.shape[0], inputs.proposals_bK.shape[1] + 1
+        first = lambda x_L: x_L.reshape(b, T)[:, 0]  # noqa: E731 (a row's setting: the same at each position)
+        accepted_b, tokens_bT = verify(shaped_LV.reshape(b, T, -1), inputs.proposals_bK,
+                                       jnp.sum(inputs.proposals_bK >= 0, axis=1), keys_L.reshape(b, T),
+                                       first(inputs.temperature_L), first(inputs.top_k_L), first(inputs.top_p_L))
+        tokens_L = tokens_bT.reshape(-1)
     top_logprobs_LK, top_ids_LK = sampling.top_logprobs(logits_LV, inputs.top_logprobs_L)
-    return StepOutputs(tokens_L, sampling.chosen_logprobs(logits_LV, tokens_L), top_ids_LK, top_logprobs_LK)
+    chosen_L = sampling.chosen_logprobs(logits_LV, jnp.maximum(tokens_L, 0))
+    return StepOutputs(tokens_L, chosen_L, top_ids_LK, top_logprobs_LK, accepted_b)
 
 
 model_step_jit = jax.jit(model_step, static_argnames=("cfg", "mesh"), donate_argnames=("pages",))

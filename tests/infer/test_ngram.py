@@ -16,7 +16,8 @@ def test_the_tokens_after_the_latest_occurrence_of_the_longest_suffix():
     assert NgramIndex(tokens).propose(3) == [1, 5, 6]
     assert NgramIndex(tokens).propose(1) == [1]
     assert NgramIndex([1, 2, 3]).propose(4) == []  # nothing recurs
-    assert NgramIndex([4, 4, 4]).propose(2) == [4]  # overlapping: only what exists after it
+    assert NgramIndex([4, 4, 4]).propose(2) == [4, 4]  # overlapping: the copy runs on into itself
+    assert NgramIndex([7, 1, 2, 1, 2]).propose(5) == [1, 2, 1, 2, 1]  # period 2, proposed 5 ahead
     assert NgramIndex(tokens, min_n=3).propose(2) == []  # no 3-gram recurs
 
 
