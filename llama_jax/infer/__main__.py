@@ -6,22 +6,27 @@
     python -m llama_jax.infer --checkpoint BASE --lora RUN/adapters --chat   # a LoRA adapter, unmerged
     python -m llama_jax.infer --checkpoint DIR --prompt "A person:" --json-schema person.json
     python -m llama_jax.infer --checkpoint DIR --chat --tools tools.json   # then "tool: RESULT" lines
+    python -m llama_jax.infer --checkpoint DIR --prompt "..." --speculative ngram   # exact, faster on repeats
 
-Errors are one line on stderr with exit status 1 (2 for bad flags), never a traceback.
+At the end a line on stderr says how many tokens were generated, in how many seconds (compiling
+included), and with speculation how many proposed tokens were accepted. Errors are one line on
+stderr with exit status 1 (2 for bad flags), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
 
 from llama_jax import checkpoint, kernels
 from llama_jax.abandoned_reads import quiet_abandoned_reads
-from llama_jax.infer import huge_pages
+from llama_jax.infer import draft, huge_pages
 from llama_jax.infer.load import load_for_inference, tokenizer_path
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.structured import grammar_compiler, output_grammar
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="keep the first and last tokens of a prompt too long for the context, instead of failing")
     p.add_argument("--output", metavar="F", type=Path, help="JSONL results of --prompts-file (default: stdout)")
+    draft.add_arguments(p)
     return p
 
 
@@ -214,6 +220,7 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
     RequestParams(max(1, args.min_tokens), args.temperature, args.top_p, args.top_k,
                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                   repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
+    speculative = draft.check_arguments(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     structure = structure_options(args)
     tools = read_tools(args.tools) if args.tools else None
@@ -224,22 +231,28 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {context} tokens (at most {context - 1})")
         check_structure(args, stored, structure, tools)
+        if args.draft_checkpoint:
+            draft.check_draft_tokenizer(args.draft_checkpoint,
+                                        load_tokenizer(tokenizer_path(checkpoint.find(args.checkpoint), args.tokenizer)))
 
     mesh = make_mesh(args.mesh) if args.mesh else None
     model = load_for_inference(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize, lora=args.lora,
                                merge_lora=args.merge_lora, tokenizer=args.tokenizer,
                                attention_impl=args.attention_impl, check_config=check_budget)
     cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
+    speculative = draft.with_draft(speculative, args, model)
+    counters, seconds = collections.Counter(), [0.0]  # the engines' counters; the seconds spent generating
     sampling = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
                     min_tokens=args.min_tokens, **structure)
-    options = dict(sampling, mesh=mesh, truncate=args.truncate)
+    options = dict(sampling, mesh=mesh, truncate=args.truncate, speculative=speculative, counters=counters)
 
     def write(*index_and_piece):  # on_text of iter_completions (index, piece) and of Chat.reply (piece)
         stdout.write(index_and_piece[-1])
         stdout.flush()
 
+    start = time.perf_counter()
     if prompts is not None:
         model_prompts = [new_chat(args, tokenizer, None).user_turn(p) for p in prompts] if args.chat else prompts
         write_jsonl(cfg, params, tokenizer, prompts, model_prompts, args, options, stdout)
@@ -250,13 +263,18 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
         # An interactive chat keeps its KV cache between turns, so each turn prefills only its own
         # tokens (one sequence: not with a mesh that splits the batch, nor with --truncate).
         interactive = args.prompt is None
-        target = (Conversation(cfg, params, mesh=mesh)
+        target = (Conversation(cfg, params, mesh=mesh, speculative=speculative)
                   if interactive and batch_split(mesh) == 1 and not args.truncate else model)
         truncate = args.truncate if target is model else False
+        generating = {} if target is not model else dict(speculative=speculative, counters=counters)
 
         def answer(chat: Chat, message: str | None):
             """Stream one turn's content to stdout, then its calls, one line each."""
-            turn = chat.reply(target, message, on_text=write, truncate=truncate, **sampling)
+            began = time.perf_counter()
+            try:
+                turn = chat.reply(target, message, on_text=write, truncate=truncate, **sampling, **generating)
+            finally:
+                seconds[0] += time.perf_counter() - began
             if turn.content is not None or not turn.tool_calls:
                 stdout.write("\n")
             calls = turn.complete_calls()
@@ -273,6 +291,11 @@ def run(args, stdin=None, stdout=None, stderr=None) -> int:
             answer(chat, args.prompt)
         else:
             chat_loop(chat, answer, stdin, stderr)
+        if target is not model and target.engine is not None:
+            counters.update(target.engine.counters)
+    if not args.chat or prompts is not None:
+        seconds[0] = time.perf_counter() - start
+    stderr.write(draft.summary(counters, seconds[0]) + "\n")
     return 0
 
 

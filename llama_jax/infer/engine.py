@@ -121,11 +121,30 @@ class BatchingEngine:
         cfg, self.params = decode_params(cfg, params, mesh)
         self.cfg = dataclasses.replace(cfg, attention_impl=impl)
         self.mesh, self.max_batch, self.page_size = mesh, max_batch, page_size
+        self.draft_engine = None
+        if speculative is not None and speculative.method == "draft" and proposer is None:
+            proposer = self._draft_proposer(speculative, mesh=mesh, max_batch=max_batch, page_size=page_size,
+                                            decode_batches=decode_batches, chunk_shapes=chunk_shapes,
+                                            attention_impl=attention_impl)
         self.scheduler = Scheduler(max_batch=max_batch, page_size=page_size, pages_per_seq=pages_per_seq,
                                    num_pages=num_pages, decode_batches=decode_batches, chunk_shapes=chunk_shapes,
                                    max_waiting=max_waiting, prefix_caching=prefix_caching, speculative=speculative,
                                    proposer=proposer)
         self.pages = self._empty_pages(num_pages)
+
+    def _draft_proposer(self, speculative: SpeculativeConfig, **shapes):
+        """The draft model's proposer: an engine of its own over the draft's weights, in the target's shapes."""
+        from llama_jax.infer.draft import DraftProposer
+
+        if speculative.draft is None:
+            raise ValueError("speculative method 'draft' needs its draft model (SpeculativeConfig.draft)")
+        draft = speculative.draft
+        cfg, params = (draft.cfg, draft.params) if hasattr(draft, "cfg") else draft
+        if cfg.vocab_size != self.cfg.vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {cfg.vocab_size} ids, the target's {self.cfg.vocab_size}")
+        self.draft_engine = BatchingEngine(cfg, params, max_seq_len=min(self.max_seq_len, cfg.max_seq_len),
+                                           **shapes)
+        return DraftProposer(self.draft_engine)
 
     @property
     def decode_batches(self) -> list[int]:
@@ -160,6 +179,8 @@ class BatchingEngine:
         extra = self.scheduler.grow(pages_per_seq, self.max_batch * pages_per_seq)
         if extra:
             self.pages = grow_pages(self.pages, self._empty_pages(extra), mesh=self.mesh)
+        if self.draft_engine is not None:
+            self.draft_engine.grow(min(max_seq_len, self.draft_engine.cfg.max_seq_len))
 
     # Requests ----------------------------------------------------------------------------------
 
@@ -196,6 +217,8 @@ class BatchingEngine:
         before requests wait on them: rows of padding only, the pages are left as they are.
         grammars: also the two calls a step with grammar rows runs (a server that may get JSON schemas
         or tools: its first such request would otherwise stall every stream while they compile)."""
+        if self.draft_engine is not None:
+            self.draft_engine.warm_up()
         speculative = self.scheduler.speculative
         widths = [1, *speculative.widths] if speculative is not None else [1]
         for b in self.decode_batches:

@@ -24,13 +24,17 @@ MAX_PAUSE = 32  # steps a sequence whose proposals keep failing waits at most be
 class SpeculativeConfig:
     """method: "ngram" (prompt lookup: the tokens that followed the latest earlier occurrence of the
     sequence's last n tokens, n from max_ngram down to min_ngram) or "draft" (a smaller model with
-    the same tokenizer, engine-side). num_tokens: K, proposals per step at most."""
+    the same tokenizer, `draft`: greedy proposals, draft.py). num_tokens: K, proposals per step at
+    most; adaptive: K per sequence as the module says (False: always K, when the proposer has them)."""
 
     method: str = "ngram"
     num_tokens: int = 4
     adaptive: bool = True
     max_ngram: int = 4
     min_ngram: int = 2
+    # method "draft": the draft model, a load_for_inference InferenceModel or a (cfg, params) pair
+    # (draft.load_draft checks its tokenizer against the target's).
+    draft: object | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -40,6 +44,8 @@ class SpeculativeConfig:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
                              f"{self.max_ngram}")
+        if (self.draft is not None) != (self.method == "draft") and self.draft is not None:
+            raise ValueError(f"a draft model is for method 'draft', not {self.method!r}")
 
     @property
     def widths(self) -> list[int]:

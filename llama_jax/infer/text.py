@@ -97,12 +97,14 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
                      seed: int = 0, batch_size: int | None = None, mesh=None, truncate: bool = False,
                      on_text: Callable[[int, str], None] | None = None, n: int = 1, json_schema=None,
                      response_format: Mapping | None = None, grammar=None,
-                     special_text: Mapping[int, str] | None = None, **penalties) -> Iterator[tuple[int, Completion]]:
+                     special_text: Mapping[int, str] | None = None, speculative=None, counters=None,
+                     **penalties) -> Iterator[tuple[int, Completion]]:
     """(index, Completion) as each completion finishes; `on_text(index, piece)` streams the text. The
     index of prompt p's sample i (of n) is p * n + i. json_schema / response_format / grammar: what
     every answer follows (structured.output_grammar). special_text: token ids streamed to on_text as
     this text instead of theirs (a tool-call reader's stand-in for <|python_tag|>). penalties:
-    SamplingParams' presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens."""
+    SamplingParams' presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens.
+    speculative, counters: tokens.stream_tokens' (speculative decoding; the engine's counters)."""
     check_tokenizer(cfg, tokenizer)
     constraint = output_grammar(tokenizer, cfg.vocab_size, json_schema=json_schema, response_format=response_format,
                                 grammar=grammar)
@@ -110,7 +112,8 @@ def iter_completions(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str 
     cfg, params = decode_params(cfg, params, mesh)
     events = token_generation.stream_tokens(cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                                   sampling=sampling, stop_ids=tokenizer.stop_tokens, seed=seed,
-                                  batch_size=batch_size, mesh=mesh, truncate=truncate)
+                                  batch_size=batch_size, mesh=mesh, truncate=truncate, speculative=speculative,
+                                  counters=counters)
     yield from _completions(events, tokenizer, on_text, n, special_text)
 
 
@@ -144,7 +147,8 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
              max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0,
              seed: int = 0, batch_size: int | None = None, mesh=None, truncate: bool = False,
              on_text: Callable[[int, str], None] | None = None, n: int = 1, json_schema=None,
-             response_format: Mapping | None = None, grammar=None, **penalties) -> GenerationResult:
+             response_format: Mapping | None = None, grammar=None, speculative=None,
+             **penalties) -> GenerationResult:
     """Complete every prompt (text, encoded with bos; or a list of token ids, e.g. a dialog).
 
     temperature 0 is greedy; otherwise top-k (0: off) then top-p sampling, reproducible for a seed
@@ -159,6 +163,10 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
     answer follows it, ending ("stop") as soon as it is complete; an answer that runs out of tokens
     first is "length" (and not valid).
 
+    speculative: a speculation.SpeculativeConfig (prompt lookup, or a draft model with the same
+    tokenizer, draft.load_draft): several tokens per step where the guesses hold, the same tokens for
+    greedy and the same distribution when sampling.
+
     Computes in cfg.dtype with the params as given: from `llama_jax.load`, float32 on a CPU backend
     unless a dtype was named there (config.compute_dtype, the infer CLI's rule too).
     """
@@ -166,7 +174,7 @@ def generate(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str | Sequen
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  batch_size=batch_size, mesh=mesh, truncate=truncate, on_text=on_text, n=n,
                                  json_schema=json_schema, response_format=response_format, grammar=grammar,
-                                 **penalties))
+                                 speculative=speculative, **penalties))
     ordered = [done[i] for i in range(len(prompts) * n)]
     return GenerationResult([c.text for c in ordered], [c.token_ids for c in ordered],
                             [c.finish_reason for c in ordered])

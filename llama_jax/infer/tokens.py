@@ -23,6 +23,7 @@ cache, so a turn prefills only the tokens past the full pages it shares with wha
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.infer.engine import BatchingEngine, prefill_shapes
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.sampling import SamplingParams
+from llama_jax.infer.speculation import SpeculativeConfig
 from llama_jax.sharding import batch_split
 from llama_jax.vocab import check_token_ids
 
@@ -110,7 +112,8 @@ def _engine(cfg: LlamaConfig, params, mesh, *, max_batch: int, max_seq_len: int,
 def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), seed: int = 0,
                   batch_size: int | None = None, mesh=None, truncate: bool = False,
-                  prefill_chunk: int = PREFILL_CHUNK) -> Iterator[TokenEvent]:
+                  prefill_chunk: int = PREFILL_CHUNK, speculative: SpeculativeConfig | None = None,
+                  counters: collections.Counter | None = None) -> Iterator[TokenEvent]:
     """Generate for every prompt (lists of token ids), `batch_size` prompts decoding at a time.
 
     Yields TokenEvents as tokens arrive: tokens of one prompt in order, then its finish event;
@@ -119,6 +122,9 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     batch is rounded up to a multiple of the mesh's batch split, and to at least sampling.n rows (the
     samples of a prompt decode together). Computes in cfg.dtype: from
     `llama_jax.load`, float32 on a CPU backend unless a dtype was named there (config.compute_dtype).
+    speculative: speculative decoding's settings (speculation.SpeculativeConfig; the same tokens for
+    greedy, the same distribution when sampling). counters: updated with the engine's counters
+    (generated, proposed and accepted tokens, ...) once every prompt is done.
     """
     prompts = check_prompts(cfg, prompts, max_new_tokens, truncate)
     if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
@@ -137,10 +143,13 @@ def stream_tokens(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *,
     # A chunk that holds the first rows' prompts in one step, when prefill_chunk allows.
     chunk = min(prefill_chunk, rows * bucket_length(longest, cfg.max_seq_len))
     engine = _engine(cfg, params, mesh, max_batch=rows, prefill_chunk=chunk, max_waiting=len(prompts),
-                     max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len))
+                     max_seq_len=bucket_length(min(longest + max_new_tokens, cfg.max_seq_len), cfg.max_seq_len),
+                     speculative=speculative)
     for i, (prompt, params_i) in enumerate(zip(prompts, requests)):
         engine.add(str(i), prompt, params_i, stream=i * sampling.n)
     yield from _events(engine, stop_ids)
+    if counters is not None:
+        counters.update(engine.counters)
 
 
 def _events(engine: BatchingEngine, stop_ids: Sequence[int]) -> Iterator[TokenEvent]:
@@ -169,13 +178,15 @@ class Conversation:
 
     Tokens equal `stream_tokens` on the same prompt (same seed, prompt index 0). The engine's context
     grows by powers of two up to the model's, keeping its pages. Computes in cfg.dtype, as
-    `stream_tokens` does.
+    `stream_tokens` does. speculative: as stream_tokens'; `engine.counters` add up over the turns.
     """
 
-    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, cfg: LlamaConfig, params, *, mesh=None, prefill_chunk: int = PREFILL_CHUNK,
+                 speculative: SpeculativeConfig | None = None):
         if batch_split(mesh) != 1:
             raise ValueError("a Conversation is one sequence: its mesh cannot split the batch (use tp only)")
         self.cfg, self.params, self.mesh, self.chunk = cfg, params, mesh, prefill_chunk
+        self.speculative = speculative
         self.engine: BatchingEngine | None = None
         self.cached_ids: list[int] = []  # the ids the last turn fed the engine (prompt, reply but its last token)
 
@@ -192,7 +203,7 @@ class Conversation:
         context = bucket_length(len(prompt) + params.max_tokens, cfg.max_seq_len)
         if self.engine is None:
             self.engine = _engine(cfg, self.params, self.mesh, max_batch=1, max_seq_len=context,
-                                  prefill_chunk=self.chunk)
+                                  prefill_chunk=self.chunk, speculative=self.speculative)
             self.params = self.engine.params  # split once, for every turn
         elif self.engine.max_seq_len < context:
             self.engine.grow(context)

@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,14 @@ def collect(events):
     return {i: (tokens[i], reasons[i]) for i in reasons}
 
 
-def run_cli(capsys, *argv):
-    """(exit status, stdout, stderr) of an in-process `python -m llama_jax.infer` (argparse's exits too)."""
+SUMMARY = re.compile(r"generated (\d+) tokens in [\d.]+ s \([\d.]+ tokens/s\)"
+                     r"(?:; speculative: (\d+) of (\d+) proposed tokens accepted \(\d+%\))?\n\Z")
+
+
+def run_cli(capsys, *argv, summary: list | None = None):
+    """(exit status, stdout, stderr) of an in-process `python -m llama_jax.infer` (argparse's exits too).
+    A run that succeeds ends stderr with its summary line, checked and left out of the stderr returned
+    (appended to `summary` as (generated, accepted, proposed) when given)."""
     from llama_jax.infer import __main__ as cli
 
     try:
@@ -67,4 +74,11 @@ def run_cli(capsys, *argv):
     except SystemExit as e:  # argparse
         status = e.code
     out, err = capsys.readouterr()
+    if status == 0:
+        last = err[err.rfind("\n", 0, len(err) - 1) + 1:]
+        match = SUMMARY.match(last)
+        assert match, f"no summary line at the end of stderr: {err!r}"
+        err = err[:len(err) - len(last)]
+        if summary is not None:
+            summary.append(tuple(int(g) if g else None for g in match.groups()))
     return status, out, err

@@ -195,3 +195,19 @@ def test_sampled_tokens_are_distributed_as_the_target_model():
     expected = np.append(expected[big], expected[~big].sum())
     chi2 = ((observed - expected) ** 2 / expected).sum()
     assert stats.chi2.sf(chi2, len(observed) - 1) > 1e-3, (counts, joint * N)
+
+
+def test_a_draft_model_proposes_and_greedy_equals_greedy_without(tiny, models):
+    cfg, params = tiny
+    plain, plain_steps = run(BatchingEngine(cfg, params, **SETTINGS), arrivals(stop_token=300))
+    for draft, most_accepted in ((params, True), (random_params(cfg, 1), False)):
+        spec = SpeculativeConfig("draft", num_tokens=4, draft=(cfg, draft))
+        engine = BatchingEngine(cfg, params, **SETTINGS, speculative=spec)
+        speculated, steps = run(engine, arrivals(stop_token=300))
+        assert_same(plain, speculated)
+        proposed, accepted = engine.counters["proposed_tokens"], engine.counters["accepted_tokens"]
+        if most_accepted:  # the target drafting for itself: every greedy guess is right
+            assert accepted == proposed > 0 and steps < 0.6 * plain_steps, (proposed, accepted, steps, plain_steps)
+        else:
+            assert proposed > 0
+        assert not engine.draft_engine.has_work() and engine.draft_engine.scheduler.allocator.used == 0
