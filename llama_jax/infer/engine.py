@@ -155,6 +155,10 @@ class BatchingEngine:
         return self.scheduler.chunk_shapes
 
     @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return self.scheduler.speculative
+
+    @property
     def requests(self) -> dict:
         """request id -> its sequences not finished yet (one, or a forked request's samples)."""
         return self.scheduler.requests
@@ -219,7 +223,7 @@ class BatchingEngine:
         or tools: its first such request would otherwise stall every stream while they compile)."""
         if self.draft_engine is not None:
             self.draft_engine.warm_up()
-        speculative = self.scheduler.speculative
+        speculative = self.speculative
         widths = [1, *speculative.widths] if speculative is not None else [1]
         for b in self.decode_batches:
             for shape in [None, *self.chunk_shapes]:

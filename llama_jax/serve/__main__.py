@@ -25,13 +25,15 @@ import jax
 import uvicorn
 
 from llama_jax.abandoned_reads import quiet_abandoned_reads
-from llama_jax.infer import huge_pages
+from llama_jax.infer import draft, huge_pages
 from llama_jax.infer.engine import BatchingEngine, serving_shapes
-from llama_jax.infer.load import InferenceModel, load_for_inference
+from llama_jax import checkpoint
+from llama_jax.infer.load import InferenceModel, load_for_inference, tokenizer_path
 from llama_jax.quantize import QUANTIZED_DTYPES
 from llama_jax.serve.app import create_app, uvicorn_config
 from llama_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from llama_jax.sharding import batch_split, make_mesh
+from llama_jax.tokenizer import load_tokenizer
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
 
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are aborted "
                         "(default: %(default)s)")
+    draft.add_arguments(p)
     return p
 
 
@@ -90,6 +93,7 @@ def check_args(args) -> None:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    draft.check_arguments(args)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -117,18 +121,22 @@ def load_engine(args, before_weights=None):
         if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
             raise ValueError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of "
                              f"{cfg.max_seq_len}")
+        if args.draft_checkpoint:
+            target = load_tokenizer(tokenizer_path(checkpoint.find(args.checkpoint), args.tokenizer))
+            draft.check_draft_tokenizer(args.draft_checkpoint, target)
         if before_weights is not None:
             before_weights()
 
     model = load_for_inference(args.checkpoint, mesh=mesh, quantize=args.quantize, lora=args.lora,
                                merge_lora=args.merge_lora, tokenizer=args.tokenizer, check_config=check_config)
-    return make_engine(model, args), model.tokenizer
+    return make_engine(model, args, draft.with_draft(draft.check_arguments(args), args, model)), model.tokenizer
 
 
-def make_engine(model: InferenceModel, args) -> BatchingEngine:
+def make_engine(model: InferenceModel, args, speculative=None) -> BatchingEngine:
     """The serving engine over the loaded model: the one place the server constructs it."""
     return BatchingEngine(model.cfg, model.params, mesh=model.mesh, max_batch=args.max_batch,
                           max_seq_len=args.max_seq_len, page_size=args.page_size, num_pages=args.kv_pages,
+                          speculative=speculative,
                           # One call per step, decode rows and a prefill chunk together; a few
                           # running requests do not pay for a full decode batch of padding, in a
                           # handful of programs compiled at start (12 at --max-batch 64).

@@ -73,7 +73,8 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
     @v1.get("/models")
     async def models() -> p.ModelList:
         features = ["stream", "logprobs", "n", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-                    "json_schema", "penalties", "logit_bias"] + (["echo_logprobs"] if runner.scorer is not None else [])
+                    "json_schema", "penalties", "logit_bias"] + (["echo_logprobs"] if runner.scorer is not None else []) \
+            + ([f"speculative_decoding:{engine.speculative.method}"] if getattr(engine, "speculative", None) else [])
         return p.ModelList(data=[p.ModelCard(id=model_name, root=model_name, created=generation.created,
                                              max_model_len=engine.max_seq_len, features=features)])
 

@@ -25,6 +25,12 @@ class ServerMetrics:
         self.time_to_first_token = Histogram(f"{PREFIX}_time_to_first_token_seconds",
                                              "From a request's arrival to its first token", registry=r,
                                              buckets=LATENCY_BUCKETS)
+        # vLLM's spec_decode_num_draft_tokens / _num_accepted_tokens: accepted / draft is the acceptance rate.
+        self.spec_draft_tokens = Counter(f"{PREFIX}_spec_decode_num_draft_tokens",
+                                         "Tokens proposed by speculative decoding", registry=r)
+        self.spec_accepted_tokens = Counter(f"{PREFIX}_spec_decode_num_accepted_tokens",
+                                            "Proposed tokens the model accepted", registry=r)
+        self._counted = {"proposed_tokens": 0, "accepted_tokens": 0}  # the engine's counts already added
         self.time_per_output_token = Histogram(f"{PREFIX}_time_per_output_token_seconds",
                                                "Between consecutive tokens of a request", registry=r,
                                                buckets=LATENCY_BUCKETS)
@@ -36,6 +42,10 @@ class ServerMetrics:
         self.kv_pages_used.set(stats.get("pages_used", 0))
         self.kv_pages_total.set(stats.get("pages_total", 0))
         self.generation_tokens.inc(new_tokens)
+        for name, counter in (("proposed_tokens", self.spec_draft_tokens), ("accepted_tokens", self.spec_accepted_tokens)):
+            total = stats.get(name, 0)
+            counter.inc(max(0, total - self._counted[name]))
+            self._counted[name] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
