@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bench.speculative import next_tokens, repeating_params
 from llama_jax import Llama, LlamaConfig
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.requests import RequestParams
@@ -26,34 +27,11 @@ SETTINGS = dict(max_batch=4, max_seq_len=64, page_size=8, num_pages=12, decode_b
 NGRAM = SpeculativeConfig("ngram", num_tokens=4)
 
 
-def next_tokens(vocab_size, seed=0):
-    """nxt[t]: the token a repeating model puts after t, the vocabulary in cycles of 2 to 6 tokens."""
-    rng = np.random.default_rng(seed)
-    order, nxt, i = rng.permutation(vocab_size), np.zeros(vocab_size, int), 0
-    while i < vocab_size:
-        cycle = order[i:i + 2 + i % 5]
-        nxt[cycle] = np.roll(cycle, -1)
-        i += len(cycle)
-    return nxt
-
-
-def repeating_params(cfg, seed=0, strength=0.1):
-    """Random weights whose unembedding maps each token's (normed) embedding to its next_tokens one:
-    the greedy text repeats a cycle, which prompt lookup guesses. The layers keep their random
-    weights, so every logit still depends on the whole context (through the keys and values a wrong
-    cache would get wrong), a little."""
-    params = random_params(cfg, seed)
-    embedding = np.asarray(params["tok_embeddings"])
-    normed = embedding / np.sqrt((embedding ** 2).mean(-1, keepdims=True))
-    output = np.zeros((cfg.dim, cfg.vocab_size), np.float32)
-    output[:, next_tokens(cfg.vocab_size, seed)] = strength * normed.T
-    return {**params, "output": jnp.asarray(output)}
-
-
 @pytest.fixture(scope="module")
 def models(tiny):
     cfg, params = tiny
-    return {"random": params, "repeating": repeating_params(cfg)}
+    # The repeating model (bench/speculative.py's): greedy text going round cycles of 2 to 6 tokens.
+    return {"random": params, "repeating": repeating_params(cfg, params)}
 
 
 def run(engine, arrivals):
