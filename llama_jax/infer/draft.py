@@ -1,47 +1,17 @@
-"""Speculative decoding's draft model, and the speculative flags the infer and serve CLIs share.
+"""Speculative decoding's draft model as the CLIs load it, and the flags the infer and serve CLIs share.
 
     draft = load_draft("ckpt/llama3.2-1b", target)          # same tokenizer as the target, or a ValueError
     spec = SpeculativeConfig("draft", num_tokens=4, draft=draft)
     engine = BatchingEngine(target.cfg, target.params, speculative=spec)
 
-The draft runs in an engine of its own (the target's shapes, its own paged cache and prefix cache):
-each step, every decode row that proposes becomes a draft request whose prompt is the row's tokens
-so far, decoded greedily for k tokens. Its prefix cache holds the pages of the tokens it saw in the
-step before, so a request prefills only the tokens since then (the accepted ones and the last page's
-rest); nothing of the draft's cache has to follow the target's preemptions or rejections, since
-every request rebuilds its state from the tokens. Greedy proposals are a deterministic function of
-the tokens, a point mass, so the target's verification rule (speculative.verify) keeps its output
-distribution exact at any temperature.
+The engine runs the draft through speculation.DraftProposer (which says how).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 
-from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.speculation import METHODS, SpeculativeConfig
-
-
-class DraftProposer:
-    """Greedy proposals of a draft model's engine (a BatchingEngine over the draft's weights)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self._ids = itertools.count()
-
-    def propose(self, seqs, ks: list[int]) -> list[list[int]]:
-        requests = []
-        for seq, k in zip(seqs, ks):
-            k = min(k, self.engine.max_seq_len - len(seq.tokens))  # a draft of a shorter context
-            requests.append(f"draft-{next(self._ids)}" if k > 0 else None)
-            if k > 0:
-                self.engine.add(requests[-1], seq.tokens, RequestParams(k, temperature=0.0))
-        proposals = {request_id: [] for request_id in requests}
-        while self.engine.has_work():
-            for out in self.engine.step():
-                proposals[out.request_id].append(out.token_id)
-        return [proposals[request_id] if request_id else [] for request_id in requests]
 
 
 def same_tokenizer(a, b) -> bool:
@@ -135,5 +105,5 @@ def summary(counters, seconds: float) -> str:
     return line
 
 
-__all__ = ["DraftProposer", "same_tokenizer", "check_draft_tokenizer", "load_draft", "add_arguments",
+__all__ = ["same_tokenizer", "check_draft_tokenizer", "load_draft", "add_arguments",
            "check_arguments", "with_draft", "summary"]

@@ -37,7 +37,7 @@ from llama_jax.infer.kv_cache import empty_pages, grow_pages
 from llama_jax.infer.penalties import pack_terms, row_terms
 from llama_jax.infer.requests import RequestParams, TokenOutput
 from llama_jax.infer.scheduler import Scheduler, StepPlan
-from llama_jax.infer.speculation import SpeculativeConfig
+from llama_jax.infer.speculation import DraftProposer, SpeculativeConfig
 from llama_jax.infer.step import StepInputs, model_logits_jit, model_step_jit, sample_step_jit
 from llama_jax.infer.weights import decode_params, weights_device
 from llama_jax.sharding import axes, batch_split, logical_to_sharding
@@ -134,8 +134,6 @@ class BatchingEngine:
 
     def _draft_proposer(self, speculative: SpeculativeConfig, **shapes):
         """The draft model's proposer: an engine of its own over the draft's weights, in the target's shapes."""
-        from llama_jax.infer.draft import DraftProposer
-
         if speculative.draft is None:
             raise ValueError("speculative method 'draft' needs its draft model (SpeculativeConfig.draft)")
         draft = speculative.draft

@@ -13,8 +13,10 @@ steps (reset by any acceptance), so text the proposer cannot guess runs as plain
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from llama_jax.infer.ngram import NgramIndex
+from llama_jax.infer.requests import RequestParams
 
 METHODS = ("ngram", "draft")
 MAX_PAUSE = 32  # steps a sequence whose proposals keep failing waits at most before proposing again
@@ -101,4 +103,33 @@ class NgramProposer:
         return proposals
 
 
-__all__ = ["SpeculativeConfig", "Adaptive", "NgramProposer", "METHODS", "MAX_PAUSE"]
+class DraftProposer:
+    """Greedy proposals of a draft model, run in an engine of its own (a BatchingEngine over the
+    draft's weights in the target's shapes, with its own paged cache and prefix cache): every decode
+    row that proposes becomes a draft request whose prompt is the row's tokens so far, decoded
+    greedily for k tokens. The prefix cache holds the pages of what the draft saw the step before, so
+    a request prefills only the tokens since then (the accepted ones, the last page's rest); nothing
+    of the draft's cache follows the target's preemptions or rejections, since every request is
+    rebuilt from the tokens. Greedy proposals are a deterministic function of the tokens, a point
+    mass, so the target's verification rule (speculative.verify) keeps its output exact at any
+    temperature."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._ids = itertools.count()
+
+    def propose(self, seqs, ks: list[int]) -> list[list[int]]:
+        requests = []
+        for seq, k in zip(seqs, ks):
+            k = min(k, self.engine.max_seq_len - len(seq.tokens))  # a draft of a shorter context
+            requests.append(f"draft-{next(self._ids)}" if k > 0 else None)
+            if k > 0:
+                self.engine.add(requests[-1], seq.tokens, RequestParams(k, temperature=0.0))
+        proposals = {request_id: [] for request_id in requests}
+        while self.engine.has_work():
+            for out in self.engine.step():
+                proposals[out.request_id].append(out.token_id)
+        return [proposals[request_id] if request_id else [] for request_id in requests]
+
+
+__all__ = ["SpeculativeConfig", "Adaptive", "NgramProposer", "DraftProposer", "METHODS", "MAX_PAUSE"]
