@@ -92,8 +92,10 @@ class System:
         start = time.perf_counter()
         for i, prompt in enumerate(prompts):
             engine.add(str(i), prompt, RequestParams(self.new_tokens, temperature=self.temperature, seed=i))
+        self.tokens = {}  # request id -> its tokens, of the last run
         while engine.has_work():
-            engine.step()
+            for out in engine.step():
+                self.tokens.setdefault(out.request_id, []).append(out.token_id)
         seconds = time.perf_counter() - start
         return (seconds, engine.counters["proposed_tokens"] - before["proposed_tokens"],
                 engine.counters["accepted_tokens"] - before["accepted_tokens"])

@@ -24,6 +24,8 @@ def test_quick_run_passes_every_correctness_check_and_reports_every_section(tmp_
     assert {"paged_attention (triton, ours)", "paged_attention(impl=pallas)"} <= {r.check for r in correctness}
     paged_decode = next(r for r in results if r.check == "paged decode pallas (ours)")
     assert paged_decode.status == "INFO" and paged_decode.value.endswith("GB/s")
+    speculative = next(r for r in results if r.check == "speculative decode (ngram) vs plain")
+    assert speculative.status == "INFO" and "guesses kept" in speculative.compare, speculative
     assert "flash_attention by positions, cp shard (ours)" in {r.check for r in correctness}
 
     table = results_md.read_text()
