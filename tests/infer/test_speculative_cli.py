@@ -65,3 +65,24 @@ def test_generate_takes_the_speculative_settings(llama3_tiny, tokenizer):
     spec = SpeculativeConfig("draft", num_tokens=2, draft=(cfg, params))
     assert generate(cfg, params, tokenizer, prompts, max_new_tokens=10, temperature=0, speculative=spec) == plain
     assert same_tokenizer(tokenizer, _llama3())
+
+
+def test_a_conversation_with_a_draft_keeps_its_turns_as_without(llama3_tiny, tokenizer):
+    from llama_jax.infer.tokens import Conversation
+    from llama_jax.infer.text import reply
+
+    cfg, params = llama3_tiny
+    spec = SpeculativeConfig("draft", num_tokens=3, draft=(cfg, params))
+    turns = {}
+    for speculative in (None, spec):
+        conversation, ids, texts = Conversation(cfg, params, speculative=speculative), [], []
+        for message in ("a b a b a b", "c d c d"):  # the second turn grows both engines' context
+            ids = ids + tokenizer.encode(message, bos=not ids, eos=False)
+            completion = reply(conversation, tokenizer, ids, max_new_tokens=12, temperature=0)
+            texts.append(completion.text)
+            ids = ids + completion.token_ids
+        turns[speculative] = texts
+        if speculative is not None:
+            assert conversation.engine.counters["accepted_tokens"] == conversation.engine.counters["proposed_tokens"] > 0
+            assert conversation.engine.draft_engine.max_seq_len == conversation.engine.max_seq_len
+    assert turns[None] == turns[spec]
