@@ -18,6 +18,7 @@ from llama_jax import Llama, LlamaConfig
 from llama_jax.infer.engine import BatchingEngine
 from llama_jax.infer.requests import RequestParams
 from llama_jax.infer.speculation import SpeculativeConfig
+from llama_jax.sharding import make_mesh
 from tests.grammar.validator import errors
 from tests.infer.common import random_params
 from tests.infer.test_constrained import PROMPT as JSON_PROMPT, SCHEMA, answer, byte_tokenizer, compiler  # noqa: F401
@@ -189,3 +190,14 @@ def test_a_draft_model_proposes_and_greedy_equals_greedy_without(tiny, models):
         else:
             assert proposed > 0
         assert not engine.draft_engine.has_work() and engine.draft_engine.scheduler.allocator.used == 0
+
+
+def test_a_mesh_verifies_as_one_device(tiny, models):
+    cfg, _ = tiny
+    mesh = make_mesh("dp2,tp2", jax.devices()[:4])  # the rows split over dp, the heads over tp
+    requests = {0: [(f"r{i}", prompt(5 + 3 * i, 20 * i), RequestParams(20, temperature=0.0, logprobs=0))
+                    for i in range(3)]}
+    one = run(BatchingEngine(cfg, models["repeating"], **SETTINGS, speculative=NGRAM), requests)[0]
+    engine = BatchingEngine(cfg, models["repeating"], mesh=mesh, **SETTINGS, speculative=NGRAM)
+    assert_same(one, run(engine, requests)[0])
+    assert engine.counters["accepted_tokens"] > 0
