@@ -18,6 +18,11 @@ each, when a batch first uses them: penalties and biases (one program per padded
 penalties.py) and the page copies of n > 1 samples. `serving_shapes` gives the server's few shapes,
 `prefill_shapes` the chunk shapes of offline generation.
 
+With `speculative` (speculation.SpeculativeConfig) the scheduler asks a proposer for each decode
+row's guesses (prompt lookup, or a draft model's engine) and the step verifies them: a row gains 1 to
+K + 1 tokens, exactly as decoding without guesses would give them (docs/speculative.md); a step
+with guesses compiles its own program per step shape (decode rows 2 or K + 1 tokens wide).
+
 Logprobs are those of the model's distribution (log_softmax of the logits, before temperature and
 filters), for the sampled token and the MAX_LOGPROBS most likely tokens.
 """

@@ -3,16 +3,16 @@ model, writing their keys and values into the paged cache, and samples the next 
 
     pages, out = model_step_jit(params, pages, inputs, cfg=cfg, mesh=mesh)   # StepInputs -> StepOutputs
 
-One layout serves every step (the scheduler's plan, scheduler.py): B = b + R * C rows of one token,
-the first b are decode rows (one token per running sequence, page tables decode_table_bM), the
-rest a chunk of R rows of C tokens (chunk_table_RM): the next pieces of prompts being prefilled, a
-prompt possibly spread over several rows, or a sequence's several new tokens to verify
-(speculative decoding). Without a chunk (chunk_table_RM None) the call is the decode rows alone.
-Every row writes before any row attends (kv_cache.MixedPagedKV), so a piece sees the pieces
-before it. Only the L rows named by sample_at_L go through the final norm and the vocabulary
-projection (on CPU a row of a 128k vocabulary costs about what a token row through a small model's
-layers costs): decode rows, the last token of each prompt finishing here, or every token of a
-verified row.
+One layout serves every step (the scheduler's plan, scheduler.py): B = b * T + R * C rows of one
+token, the first b * T the decode rows (b running sequences, page tables decode_table_bM, T tokens
+each: T = 1, or with speculative decoding the sequence's last token and its guesses to verify,
+proposals_bK), the rest a chunk of R rows of C tokens (chunk_table_RM): the next pieces of prompts
+being prefilled, a prompt possibly spread over several rows. Without a chunk (chunk_table_RM None)
+the call is the decode rows alone. Every row writes before any row attends (kv_cache.MixedPagedKV),
+so a piece sees the pieces before it. Only the L rows named by sample_at_L go through the final
+norm and the vocabulary projection (on CPU a row of a 128k vocabulary costs about what a token row
+through a small model's layers costs): decode rows (every position of a verified one), and the
+last token of each prompt finishing here.
 
 Hooks the step applies before sampling, each None when no row of the batch uses it (a separate
 compiled program only then), in this order: the repetition penalty on the raw logits of a sparse
@@ -20,6 +20,8 @@ list of tokens per row, sparse additive logit biases (logit_bias, presence / fre
 and -inf on the stop tokens while a request is short of its min_tokens), allowed-token bitmasks
 per sampled row (grammars, JSON schemas); then temperature, top-k and top-p. Page copies are done
 before any write (copy-on-write of a prompt's last partial page that several samples share).
+With proposals, sampling is speculative.verify's: each decode row keeps a prefix of its guesses and
+one token of the model's, the hooks applied at every position as the host built them for it.
 """
 
 from __future__ import annotations
