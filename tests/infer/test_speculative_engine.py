@@ -99,8 +99,8 @@ def test_penalties_and_biases_apply_at_every_verified_position(tiny, models):
     two = next(t for t in range(2, 500) if nxt[nxt[t]] == t)
     requests = {0: [(f"f{penalty}", prompt(9, 4) + [two], RequestParams(32, **greedy, frequency_penalty=penalty))
                     for penalty in (0.3, 0.6, 0.9)]
-                + [("p", prompt(6, 8), RequestParams(24, **greedy, presence_penalty=1.5, repetition_penalty=1.3,
-                                                     logit_bias={7: 2.0, 400: -50.0}, min_tokens=12,
+                + [("p", prompt(6, 8), RequestParams(10, **greedy, presence_penalty=1.5, repetition_penalty=1.3,
+                                                     logit_bias={7: 2.0, 400: -50.0}, min_tokens=6,
                                                      stop_token_ids=(300,)))]}
     cfg, _ = tiny
     plain, _ = run(BatchingEngine(cfg, models["repeating"], **SETTINGS), requests)
@@ -118,7 +118,8 @@ def test_json_schema_rows_are_verified_through_their_grammar(tiny, compiler, byt
     requests = {0: [("g", JSON_PROMPT, RequestParams(240, temperature=0.0, logprobs=0, stop_token_ids=stops,
                                                      grammar=grammar)),
                     ("free", prompt(7, 1), RequestParams(40, temperature=0.0, logprobs=0))]}
-    settings = SETTINGS | dict(max_seq_len=256, num_pages=None)
+    # test_constrained's engine shapes: its plain programs come from the run's compilation cache.
+    settings = dict(max_batch=8, max_seq_len=256, page_size=16, decode_batches=[8], chunk_shapes=[(2, 16)])
     plain = run(BatchingEngine(cfg, params, **settings), requests)[0]
     engine = BatchingEngine(cfg, params, **settings, speculative=NGRAM)
     speculated = run(engine, requests)[0]
