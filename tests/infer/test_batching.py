@@ -1,7 +1,8 @@
-"""The continuous-batching engine under load against each prompt alone (`stream_tokens`, whose tokens
-tests/infer/test_engine.py checks against the model's full forward pass):
-greedy and seeded tokens of requests arriving over time, finish reasons, logprobs, aborts, page
-accounting, the prefix cache, preemption under a tiny page budget, compile counts and meshes."""
+"""The continuous-batching engine under load against each prompt alone: greedy tokens against the
+model's full forward pass (`greedy_reference`, one compiled forward per power-of-two length), sampled
+ones against `stream_tokens` (whose tokens tests/infer/test_engine.py checks against that forward):
+tokens of requests arriving over time, finish reasons, logprobs, aborts, page accounting, the prefix
+cache, preemption under a tiny page budget, compile counts and meshes."""
 
 import collections
 import dataclasses
@@ -20,7 +21,7 @@ from llama_jax.infer.tokens import stream_tokens
 from llama_jax.infer.sampling import SamplingParams
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh
-from tests.infer.common import collect, random_params
+from tests.infer.common import collect, greedy_reference, random_params
 
 # Shared by most tests, so they share compiled programs: 4 slots, pages of 8 tokens, prompt chunks of
 # 32 tokens (as 1x32, 2x16 or 4x8) riding with the decode rows.
@@ -39,12 +40,16 @@ def prompt(n, start):
     return [1] + [(start + i) % 500 + 2 for i in range(n - 1)]
 
 
-def alone(cfg, params, ids, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=()):
-    """The tokens and finish reason of one prompt generated alone (`stream_tokens`)."""
+def greedy(cfg, params, ids, max_tokens):
+    """The tokens and finish reason of one greedy prompt alone, without stop tokens: the argmax of the
+    full forward pass at each step (which takes int8 weights too)."""
+    return greedy_reference(cfg, params, ids, max_tokens), "length"
+
+
+def alone(cfg, params, ids, max_tokens, temperature, top_p, top_k, seed):
+    """The tokens and finish reason of one sampled prompt generated alone (`stream_tokens`)."""
     sampling = SamplingParams(temperature, top_p, top_k)
-    events = stream_tokens(cfg, params, [ids], max_new_tokens=max_tokens, sampling=sampling, seed=seed,
-                           stop_ids=stop)
-    return collect(events)[0]
+    return collect(stream_tokens(cfg, params, [ids], max_new_tokens=max_tokens, sampling=sampling, seed=seed))[0]
 
 
 def drain(engine, arrivals=None):
@@ -89,14 +94,15 @@ def test_greedy_requests_arriving_over_time_equal_each_prompt_alone(tiny, layout
         arrivals[step].append((request_id, ids, RequestParams(max_tokens, **GREEDY)))
     outputs, steps = drain(engine, arrivals)
     for request_id, ids, max_tokens, _ in REQUESTS:
-        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+        assert tokens_and_reason(outputs[request_id]) == greedy(cfg, params, ids, max_tokens), request_id
         assert all(o.prompt_tokens == len(ids) for o in outputs[request_id])
     # r6 arrives at step 8 and starts while r0 (30 tokens from step 1) still runs.
     assert steps["r6"][0] < steps["r0"][1]
     assert engine.stats() | dict(pages_cached=0) == dict(
         running=0, waiting=0, pages_used=0, pages_cached=0, pages_total=4 * 32, preemptions=0,
         prefilled_tokens=sum(len(ids) for _, ids, _, _ in REQUESTS),
-        generated_tokens=sum(m for _, _, m, _ in REQUESTS), cached_tokens=0)
+        generated_tokens=sum(m for _, _, m, _ in REQUESTS), cached_tokens=0, proposed_tokens=0,
+        accepted_tokens=0)
 
 
 def test_a_long_prompt_does_not_stall_running_requests(tiny):
@@ -131,7 +137,7 @@ def test_seeded_sampling_depends_on_the_seed_only(tiny):
 def test_stop_ids_and_max_tokens_set_the_finish_reason(tiny):
     cfg, params = tiny
     ids = prompt(11, 30)
-    reference, _ = alone(cfg, params, ids, 10)
+    reference, _ = greedy(cfg, params, ids, 10)
     k = next(k for k in range(2, 10) if reference[k] not in reference[:k])
     engine = BatchingEngine(cfg, params, **SETTINGS)
     engine.add("stop", ids, RequestParams(10, stop_token_ids=(reference[k], 499), **GREEDY))
@@ -181,7 +187,7 @@ def test_abort_frees_the_slot_and_pages(tiny):
     assert set(outputs) == {"r0", "r2", "r3"} and engine.stats()["pages_used"] == 0
     for i in (0, 2, 3):
         outs = [o for o in early if o.request_id == f"r{i}"] + outputs[f"r{i}"]
-        assert tokens_and_reason(outs) == alone(cfg, params, prompt(20, i), 30)
+        assert tokens_and_reason(outs) == greedy(cfg, params, prompt(20, i), 30)
 
 
 def test_bad_requests_are_refused(tiny):
@@ -240,11 +246,12 @@ def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
     # A config of its own, so nothing compiled by other tests is reused.
     cfg = dataclasses.replace(LlamaConfig.preset("tiny"), norm_eps=4e-5)
     params = random_params(cfg)
-    engine = BatchingEngine(cfg, params, **SETTINGS | dict(chunk_shapes=[(2, 16)]), decode_batches=[1, 2])
-    assert engine.decode_batches == [1, 2, 4]
+    # Steps of 1 decode row: test_no_request_compiles_anything_after_warm_up (the server's [1, 4]).
+    engine = BatchingEngine(cfg, params, **SETTINGS | dict(chunk_shapes=[(2, 16)]), decode_batches=[2])
+    assert engine.decode_batches == [2, 4]
     _compiles.clear()
     engine.warm_up()
-    assert _compiles["jit(model_step)"] == 3 + 3  # steps of 1, 2, 4 decode rows, alone and with a 2x16 chunk
+    assert _compiles["jit(model_step)"] == 2 + 2  # steps of 2 and 4 decode rows, alone and with a 2x16 chunk
     _compiles.clear()
     arrivals = collections.defaultdict(list)
     for request_id, ids, max_tokens, step in REQUESTS:
@@ -252,7 +259,7 @@ def test_smaller_decode_batches_compile_at_warm_up_and_give_the_same_tokens():
     outputs, _ = drain(engine, arrivals)
     assert sum(_compiles.values()) == 0, _compiles
     for request_id, ids, max_tokens, _ in REQUESTS:
-        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+        assert tokens_and_reason(outputs[request_id]) == greedy(cfg, params, ids, max_tokens), request_id
     with pytest.raises(ValueError, match="decode_batches must be multiples of 1 in \\[1, max_batch=4\\], got \\[5\\]"):
         BatchingEngine(cfg, params, **SETTINGS, decode_batches=[5])
 
@@ -273,7 +280,7 @@ def test_a_shared_prefix_is_prefilled_once(tiny):
         outputs, _ = drain(engine)
         runs[caching] = (tokens_and_reason(outputs["second"]), engine.stats()["prefilled_tokens"] - before,
                          outputs["second"][0].cached_prompt_tokens)
-    assert runs[True][0] == runs[False][0] == alone(cfg, params, second, 7)
+    assert runs[True][0] == runs[False][0] == greedy(cfg, params, second, 7)
     assert runs[True][1:] == (len(second) - 24, 24)
     assert runs[False][1:] == (len(second), 0)
 
@@ -291,21 +298,22 @@ def test_a_tiny_page_budget_evicts_and_preempts_but_loses_no_request(tiny, layou
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and stats["pages_used"] == 0
     for request_id, (ids, max_tokens) in requests.items():
-        assert tokens_and_reason(outputs[request_id]) == alone(cfg, params, ids, max_tokens), request_id
+        assert tokens_and_reason(outputs[request_id]) == greedy(cfg, params, ids, max_tokens), request_id
 
 
 # Meshes ---------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
-@pytest.mark.parametrize("spec, layout", [("tp2", {}), ("dp2,tp2", {}), ("dp2,tp2", SMALL_CHUNK)],
-                         ids=["tp2", "dp2,tp2", "dp2,tp2 small chunk"])
+# dp2,tp2 only: tp alone (tp8) and dp2,tp4 give the single device's tokens in tests/infer/test_sharded.py.
+@pytest.mark.parametrize("spec, layout", [("dp2,tp2", {}), ("dp2,tp2", SMALL_CHUNK)],
+                         ids=["dp2,tp2", "dp2,tp2 small chunk"])
 def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
     cfg, params = tiny
     arrivals = {0: [("a", prompt(3, 0), RequestParams(8, **GREEDY)),
                     ("b", prompt(40, 1), RequestParams(6, temperature=0.9, top_k=20, seed=4))],
                 2: [("c", prompt(12, 2), RequestParams(7, temperature=1.0, seed=5, logprobs=2))]}
     single, _ = drain(BatchingEngine(cfg, params, **SETTINGS), {k: list(v) for k, v in arrivals.items()})
-    mesh = make_mesh(spec, jax.devices()[:4 if "dp" in spec else 2])
+    mesh = make_mesh(spec, jax.devices()[:4])
     # The mesh's batch split (dp2: 2) divides every chunk's rows.
     chunks = dict(chunk_shapes=prefill_shapes(32, multiple=batch_split(mesh), max_rows=4))
     engine = BatchingEngine(cfg, params, mesh=mesh, **SETTINGS | chunks | layout)
@@ -315,19 +323,33 @@ def test_a_mesh_gives_the_single_device_tokens(tiny, spec, layout):
     assert engine.pages[0][0].sharding.spec == P(None, None, "tp")
 
 
+# The pallas tests' engine: 2 slots, prompts in chunks of 2 rows of 8 tokens (a dp2 mesh's split divides them).
+PALLAS_SETTINGS = dict(max_batch=2, page_size=8, chunk_shapes=[(2, 8)], max_seq_len=64)
+
+
+def pallas_arrivals():
+    return {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),  # more tokens than a chunk holds
+                ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}
+
+
+@pytest.fixture(scope="module")
+def xla_tokens(tiny):
+    """The pallas tests' requests on the XLA attention, one device (test_a_mesh_gives_the_single_device_tokens:
+    a mesh gives these tokens too)."""
+    cfg, params = tiny
+    xla, _ = drain(BatchingEngine(cfg, params, **PALLAS_SETTINGS), pallas_arrivals())
+    return {k: tokens_and_reason(v) for k, v in xla.items()}
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
 @pytest.mark.parametrize("spec", [None, "dp2,tp2"])
-def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, spec):
+def test_the_pallas_kernel_in_the_interpreter_gives_the_xla_tokens(tiny, xla_tokens, spec):
     cfg, params = tiny
     mesh = None if spec is None else make_mesh(spec, jax.devices()[:4])
-    chunks = prefill_shapes(16, multiple=batch_split(mesh), max_rows=2)
-    settings = dict(max_batch=2, page_size=8, chunk_shapes=chunks, max_seq_len=64, mesh=mesh)
-    arrivals = {0: [("a", prompt(20, 0), RequestParams(4, **GREEDY)),
-                    ("b", prompt(5, 1), RequestParams(3, temperature=1.0, seed=2))]}
-    xla, _ = drain(BatchingEngine(cfg, params, **settings), {0: list(arrivals[0])})
     in_interpreter = dataclasses.replace(cfg, attention_interpret=True)
-    pallas, _ = drain(BatchingEngine(in_interpreter, params, attention_impl="pallas", **settings), arrivals)
-    assert {k: tokens_and_reason(v) for k, v in pallas.items()} == {k: tokens_and_reason(v) for k, v in xla.items()}
+    engine = BatchingEngine(in_interpreter, params, attention_impl="pallas", mesh=mesh, **PALLAS_SETTINGS)
+    pallas, _ = drain(engine, pallas_arrivals())
+    assert {k: tokens_and_reason(v) for k, v in pallas.items()} == xla_tokens
 
 
 def test_int8_weights_and_tied_embeddings_give_each_prompt_alones_tokens():
@@ -336,4 +358,4 @@ def test_int8_weights_and_tied_embeddings_give_each_prompt_alones_tokens():
     engine = BatchingEngine(cfg, params, **SETTINGS)
     ids = prompt(21, 9)
     engine.add("q", ids, RequestParams(8, **GREEDY))
-    assert tokens_and_reason(drain(engine)[0]["q"]) == alone(cfg, params, ids, 8)
+    assert tokens_and_reason(drain(engine)[0]["q"]) == greedy(cfg, params, ids, 8)
