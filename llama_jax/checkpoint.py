@@ -1,7 +1,8 @@
 """The self-contained checkpoint directory: everything needed to run a model, in one place.
 
     DIR/config.json       LlamaConfig as JSON (readable, editable)
-    DIR/params/           Orbax checkpoint of the parameter tree
+    DIR/params/           Orbax checkpoint of the parameter tree: a causal LM's, or a reward model's, whose
+                          `score` in place of `output` is what tells the two apart (model.HEADS)
     DIR/tokenizer.model   the tokenizer, when known: Llama 3's (tiktoken) or Llama 2's (sentencepiece);
     DIR/tokenizer.json    or, for another model, its Hugging Face tokenizer files as it ships them
                           (with tokenizer_config.json, chat_template.jinja, generation_config.json)
@@ -29,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import LlamaConfig, compute_dtype
-from llama_jax.params import param_shapes, param_shardings
+from llama_jax.params import head_of, param_shapes, param_shardings
 from llama_jax.tokenizer import TOKENIZER_MODEL, find_tokenizer, tokenizer_files
 
 CONFIG_FILE = "config.json"
@@ -42,8 +43,10 @@ TRAINED_MODEL_DIR = "model"
 
 def check_params(cfg: LlamaConfig, params, *, what: str = "params") -> None:
     """Raise ValueError naming the first parameter whose presence, shape or dtype disagrees with cfg.
-    `params` may be arrays or anything with .shape and .dtype (ShapeDtypeStruct, Orbax metadata)."""
-    expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
+    `params` may be arrays or anything with .shape and .dtype (ShapeDtypeStruct, Orbax metadata), of
+    a causal LM or a reward model (params.head_of)."""
+    shapes = param_shapes(cfg, head_of(params))
+    expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(shapes)}
     actual = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     missing, unexpected = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
     if missing or unexpected:
@@ -164,8 +167,33 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     return LlamaConfig.from_json(find(path) / CONFIG_FILE)
 
 
+def _stored_params(path: Path):
+    """The Orbax metadata tree of DIR/params (shapes and dtypes, no arrays)."""
+    try:
+        return ocp.StandardCheckpointer().metadata(path / PARAMS_DIR).item_metadata
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"{path}/{PARAMS_DIR}: unreadable Orbax checkpoint ({_first_line(e)})") from e
+
+
+def stored_head(path: str | os.PathLike) -> str:
+    """"score" for a reward model's checkpoint, "lm" for a causal LM's; reads no arrays."""
+    return head_of(_stored_params(find(path).absolute()))
+
+
+def check_head(path: str | os.PathLike, stored: str, expected: str) -> None:
+    """One line when a checkpoint is not the kind of model its caller needs."""
+    if stored == expected:
+        return
+    if stored == "score":
+        raise ValueError(f"{path} is a reward model (a score head, no next-token output): it scores sequences and "
+                         f"cannot stand in for a causal language model; pass it where a reward model is expected")
+    raise ValueError(f"{path} is a causal language model, not a reward model (it has no score head): train one "
+                     f"from it with `python -m llama_jax.train --objective reward --init-from {path}`, or convert "
+                     f"a Hugging Face LlamaForSequenceClassification")
+
+
 def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | None = None,
-         param_dtype: str | None = None, stored_config: LlamaConfig | None = None,
+         param_dtype: str | None = None, stored_config: LlamaConfig | None = None, head: str = "lm",
          **config_overrides) -> tuple[LlamaConfig, dict]:
     """Read (cfg, params), each device reading only its own shards. `path`: a checkpoint directory,
     or a training run's --out directory (its final model, OUT/model).
@@ -179,6 +207,8 @@ def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | Non
     whatever mesh saved the checkpoint. shardings: instead, a tree of jax.sharding.Sharding
     matching the params (or one Sharding for every leaf). Neither: the default device.
     stored_config: the checkpoint's config.json as the caller read it already (load_config), not read again.
+    head: the model the caller needs, a causal LM ("lm") or a reward model ("score"); the other is a
+    one-line ValueError (check_head).
     `config_overrides` replace other config fields that do not change shapes (e.g. attention_impl)."""
     path = find(path).absolute()
     stored_cfg = stored_config if stored_config is not None else load_config(path)
@@ -186,25 +216,22 @@ def load(path: str | os.PathLike, mesh=None, *, shardings=None, dtype: str | Non
     dtype = compute_dtype(dtype, stored_cfg.dtype)
     config_overrides.update(dtype=dtype, param_dtype=param_dtype or (stored_cfg.param_dtype if named else dtype))
     cfg = dataclasses.replace(stored_cfg, **config_overrides)
-    shapes = param_shapes(cfg)
+    stored = _stored_params(path)
+    check_head(path, head_of(stored), head)
+    # Compare shapes before reading: a mismatch found mid-restore surfaces as a pile of async errors.
+    check_params(stored_cfg, stored, what=f"{path}: stored params vs {CONFIG_FILE}")
+    shapes = param_shapes(cfg, head)
     if mesh is not None:
         if shardings is not None:
             raise ValueError("pass mesh or shardings, not both")
-        shardings = param_shardings(cfg, mesh)
+        shardings = param_shardings(cfg, mesh, head=head)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    checkpointer = ocp.StandardCheckpointer()
     try:
-        stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise ValueError(f"{path}/{PARAMS_DIR}: unreadable Orbax checkpoint ({_first_line(e)})") from e
-    # Compare shapes before reading: a mismatch found mid-restore surfaces as a pile of async errors.
-    check_params(stored_cfg, stored, what=f"{path}: stored params vs {CONFIG_FILE}")
-    try:
-        params = checkpointer.restore(path / PARAMS_DIR, target)
+        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
     except Exception as e:  # noqa: BLE001 (tensorstore read failures arrive as bare Exception)
         raise ValueError(f"{path}/{PARAMS_DIR}: damaged checkpoint ({_first_line(e)})") from e
     return cfg, params

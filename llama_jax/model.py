@@ -11,6 +11,10 @@ ffn_norm, norm, output) so converters are thin key maps. Layer parameters are st
 one layout serves both. Decoding is the engine's (infer/step.py): it holds its own per-layer
 weights and KV pages and runs `embed`, `Block` layer by layer and `unembed`, each attention writing
 to and reading from its layer's pages (the `cache_kv` view, infer/kv_cache.py).
+
+`Llama(cfg, head="score")` is a reward model: in place of `output` a `score` vector [D] gives one
+scalar per position (HF's LlamaForSequenceClassification with num_labels=1, `score.weight` [1, D]);
+llama_jax/reward reads it at each sequence's last token.
 """
 
 from __future__ import annotations
@@ -197,17 +201,23 @@ def _layer_stack(cfg: LlamaConfig):
     )(cfg, name="layers")
 
 
+HEADS = ("lm", "score")  # what Llama returns: next-token logits, or a reward model's score at every position
+
+
 class Llama(nn.Module):
     cfg: LlamaConfig
+    head: str = "lm"
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None):
-        """Logits [B, T, V] in float32.
+        """Logits [B, T, V] in float32; with head="score", scores [B, T] in float32.
 
         positions: absolute positions (default 0..T-1). segment_ids: packed documents, attention
         never crosses a document boundary; positions should then restart at 0 for each document.
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         B, T = _check_inputs(cfg, tokens, positions, segment_ids)
         tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids  # [B, T] each
         if positions_BT is None:
@@ -221,6 +231,10 @@ class Llama(nn.Module):
 
         x_BTD, _ = _layer_stack(cfg)(x_BTD, positions_BT, segment_ids_BT, None)
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
+        if self.head == "score":
+            score_D = _param(self, "score", (cfg.dim,), (axes.EMBED,), cfg)
+            scores_BT = jnp.einsum("btd,d->bt", x_BTD, score_D.astype(dt), preferred_element_type=jnp.float32)
+            return nn.with_logical_constraint(scores_BT, (axes.ACTIVATION_BATCH, axes.ACTIVATION_LENGTH))
 
         output_DV = None if cfg.tie_embeddings else _param(
             self, "output", (cfg.dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg)
