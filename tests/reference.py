@@ -8,13 +8,13 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.keymap import HF_KEYS, export_tensors
-from llama_jax.params import init_params
+from llama_jax.params import param_shapes
 
 
 def random_params(cfg: LlamaConfig, seed: int = 0):
     """Weights ~N(0, 0.1) and norm scales ~1 +- 0.2: large enough that logits are O(1-10), so a
     wrong rotary, mask or norm shows up well above float32 noise (0.02-std init gives ~0 logits)."""
-    shapes = init_params(cfg, seed)
+    shapes = param_shapes(cfg)  # shapes and dtypes only: no init program to compile
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     rng = np.random.default_rng(seed)
     out = []
