@@ -27,6 +27,8 @@ examples:
       --mesh fsdp2,cp4 --remat full --lr 1e-5 --steps 200     # long context: each row split over 4 devices
   python -m llama_jax.train --init-from ckpt/1b-instruct --objective dpo --dpo-beta 0.1 --data prefs.jsonl \\
       --lr 1e-6 --steps 200 --out runs/dpo
+  python -m llama_jax.train --init-from ckpt/1b-instruct --objective reward --data prefs.jsonl \\
+      --lr 1e-5 --steps 500 --out runs/rm      # a reward model: OUT/model scores sequences
   python -m llama_jax.train --init-from ckpt/llama3.2-1b --lora-rank 16 --quantize-base int8 --data chats.jsonl \\
       --lr 2e-4 --steps 500 --out runs/lora     # QLoRA: OUT/adapters + the merged OUT/model
   (rerun the same command to resume; SIGTERM, to any one process of a run, saves and stops them all cleanly)
@@ -35,8 +37,9 @@ data: .jsonl/.json files hold one record per line, {"text": ...} or {"messages":
 (chat: loss on assistant turns only); .parquet files and `datasets` directories (save_to_disk) give one
 document per row of their 'text' (or 'messages') column; any other file is plain text; directories are read
 recursively. For big corpora and multi-host runs, prepare once: python -m llama_jax.data prepare --help.
---objective dpo reads JSONL preference pairs, {"prompt": ..., "chosen": ..., "rejected": ...} (plain text) or
-{"messages": [...], "chosen": {assistant message}, "rejected": {...}} (the checkpoint's chat format).
+--objective dpo and --objective reward read JSONL preference pairs, {"prompt": ..., "chosen": ...,
+"rejected": ...} (plain text) or {"messages": [...], "chosen": {assistant message}, "rejected": {...}} (the
+checkpoint's chat format).
 """
 
 
@@ -100,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed (default %(default)s)")
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="lm: next-token loss (pre-training, SFT); dpo: Direct Preference Optimization on preference "
-                        "pairs, the initial weights as the reference (default %(default)s)")
+                        "pairs, the initial weights as the reference; reward: a reward model (a score head on the "
+                        "last token, zero at the start) trained with the Bradley-Terry loss on preference pairs "
+                        "(default %(default)s)")
     g.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
                    help="DPO's beta: how far the policy may move from the reference (default %(default)s)")
 

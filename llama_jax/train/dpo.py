@@ -50,7 +50,7 @@ REFERENCE_FILE = "reference_logprobs.npz"
 
 # Log-probs per sequence --------------------------------------------------------------------------
 
-def _segment_sums(x_BT, segment_ids_BT, num_segments: int):
+def segment_sums(x_BT, segment_ids_BT, num_segments: int):
     """[B, num_segments]: x summed per segment id within each row."""
     return jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=num_segments))(x_BT, segment_ids_BT)
 
@@ -66,7 +66,7 @@ def sequence_logprobs(cfg: LlamaConfig, params, batch: Batch):
                                   segment_ids=batch["segment_ids"]).astype(jnp.float32)
     target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     logp_BT = (target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)) * batch["weights"]
-    return _segment_sums(logp_BT, batch["segment_ids"], num_segments(batch["inputs"].shape[1]))
+    return segment_sums(logp_BT, batch["segment_ids"], num_segments(batch["inputs"].shape[1]))
 
 
 def reference_logprobs(cfg: LlamaConfig, params_ref, batch: Batch):
@@ -91,10 +91,10 @@ class DPO:
         seg_BT = batch["segment_ids"]
         S = num_segments(seg_BT.shape[1])
         policy_BS = sequence_logprobs(cfg, params, batch)
-        reference_BS = _segment_sums(batch["reference"], seg_BT, S)
+        reference_BS = segment_sums(batch["reference"], seg_BT, S)
         chosen_BP = (policy_BS - reference_BS)[:, 1::2]  # segments 1, 3, 5, ...
         rejected_BP = (policy_BS - reference_BS)[:, 2::2]  # segments 2, 4, 6, ...
-        present_BP = (_segment_sums(batch["weights"], seg_BT, S)[:, 1::2] > 0).astype(jnp.float32)
+        present_BP = (segment_sums(batch["weights"], seg_BT, S)[:, 1::2] > 0).astype(jnp.float32)
         h_BP = chosen_BP - rejected_BP
         losses_BP = -jax.nn.log_sigmoid(self.beta * h_BP)
         sums = {

@@ -7,7 +7,8 @@
     OUT/checkpoints/<step>/  Orbax: train state (params, Adam moments, step) + the data iterator (its step)
     OUT/metrics.jsonl        logged scalars; OUT/events.out.tfevents.* the same for TensorBoard
     OUT/reference_logprobs.npz  --objective dpo: the initial model's log-probs of every pair (dpo.py)
-    OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads
+    OUT/model/               the final model, a `llama_jax.save` checkpoint that infer reads (with
+                             --objective reward a reward model's, which llama_jax.reward reads)
     OUT/lora.json, OUT/adapters/   LoRA runs only (--lora-rank): see train/lora.py
 
 Rerunning the same command resumes from the newest complete checkpoint, exactly: the same
@@ -35,6 +36,7 @@ from llama_jax.train import lora as lora_lib
 from llama_jax.train.metrics import peak_flops
 from llama_jax.train.preemption import Preemption
 from llama_jax.train.report import NonFiniteLoss, Reporter
+from llama_jax.train.reward import flops_per_token as reward_flops_per_token, param_count
 from llama_jax.train.run_config import TrainConfig
 from llama_jax.train.setup import Run, build_run, checkpoint_args, checkpoint_manager, export_model, is_primary, \
     start_state
@@ -113,10 +115,11 @@ def _reporter(run: Run, start: int) -> Reporter:
     peak, peak_source = peak_flops(jax.devices(), cfg.compute_dtype)
     if is_primary():
         log.info("model %s: %.2fM params, %s; mesh %s over %d %s devices; tokenizer %s; peak %s",
-                 run.source, cfg.num_params() / 1e6, cfg.dtype, mesh_str(mesh), mesh.size, jax.devices()[0].platform,
-                 run.tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
+                 run.source, param_count(cfg, run.head) / 1e6, cfg.dtype, mesh_str(mesh), mesh.size,
+                 jax.devices()[0].platform, run.tokenizer_path, f"{peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source)
+    per_token = cfg.flops_per_token(tc.seq_len) if run.head == "lm" else reward_flops_per_token(cfg, tc.seq_len)
     return Reporter(run.out, steps=tc.steps, start=start, tokens_per_step=tc.batch_size * tc.seq_len,
-                    flops_per_step=cfg.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len,
+                    flops_per_step=per_token * tc.batch_size * tc.seq_len,
                     # a LoRA step does fewer FLOPs than the model's 6N per token: no MFU to report
                     peak_flops=None if run.lora is not None else peak,
                     log_every=tc.log_every, progress=tc.progress,
@@ -149,10 +152,11 @@ def _finish(run: Run, state, status: str, resumed_from: int | None, reporter: Re
     told = reporter.summary()
     summary = {"status": status, "steps": final_step, "resumed_from": resumed_from, "first_loss": told["first_loss"],
                "final_loss": told["final_loss"], "losses": told["losses"], "mesh": mesh_str(run.mesh),
-               "params": cfg.num_params(), "model": str(model_path) if model_path else None}
+               "params": param_count(cfg, run.head), "model": str(model_path) if model_path else None}
     if run.lora is not None:
         summary["trained_params"] = sum(x.size for x in jax.tree.leaves(state.params))
-        summary["adapters"] = str((out / lora_lib.ADAPTERS_DIR).absolute()) if model_path else None
+        adapters = out / lora_lib.ADAPTERS_DIR
+        summary["adapters"] = str(adapters.absolute()) if model_path and adapters.is_dir() else None
     if "tokens_per_s" in told:
         summary.update(tokens_per_s=told["tokens_per_s"], mfu=told["mfu"])
     if is_primary():

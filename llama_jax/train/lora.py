@@ -5,6 +5,10 @@
     OUT/adapters/        the final adapters (lora.save_adapters): `infer --checkpoint BASE --lora OUT/adapters`
     OUT/model/           the merged model W + alpha/r * A @ B in the base's dtype, an ordinary checkpoint
 
+A reward model (--objective reward) trains its score head whole beside the adapters (it starts at
+zero, where the adapters alone would get no gradient), and writes OUT/model only: its adapters
+without that head would score nothing.
+
 The base is read from its checkpoint at every start (fresh or resumed) and held frozen in its stored
 dtype, or as int8 with --quantize-base (QLoRA); the train step takes it as an argument that is
 neither donated nor differentiated, so it has no gradient and no optimizer state.
@@ -17,6 +21,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from llama_jax import checkpoint, lora
 from llama_jax.config import LlamaConfig
@@ -80,15 +85,23 @@ def write_run_file(out: Path, run: LoraRun) -> None:
     (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
 
-def load_base(run: LoraRun, cfg: LlamaConfig, mesh):
+def load_base(run: LoraRun, cfg: LlamaConfig, mesh, head: str = "lm"):
     """The frozen base on `mesh`, in the compute dtype (not float32 master weights: it is never
     updated; bfloat16 on accelerators), or int8 with --quantize-base.
 
     Not in its stored dtype when that differs (a bfloat16 checkpoint computed in float32 on CPU):
     XLA then converts the whole stacked base once, outside the layer loop of the backward pass,
-    holding a float32 copy for the step anyway (measured: bench/train.py's memory_analysis)."""
+    holding a float32 copy for the step anyway (measured: bench/train.py's memory_analysis).
+
+    head "score": a reward model's base, from a reward checkpoint as it is or from a causal LM's
+    without its output projection and with a zero score head (reward.model.from_causal_lm)."""
+    from llama_jax.reward.model import HEAD, from_causal_lm
+
+    stored = checkpoint.stored_head(run.base) if head == HEAD else head
     _, params = checkpoint.load(run.base, mesh, dtype=cfg.dtype, param_dtype=cfg.dtype,
-                                attention_impl=cfg.attention_impl, remat=cfg.remat)
+                                attention_impl=cfg.attention_impl, remat=cfg.remat, head=stored)
+    if stored != head:
+        params = from_causal_lm(dataclasses.replace(cfg, param_dtype=cfg.dtype), params, mesh)
     if run.quantize_base:
         from llama_jax.quantize import QuantizedArray, quantize_params
 
@@ -98,15 +111,38 @@ def load_base(run: LoraRun, cfg: LlamaConfig, mesh):
     return params
 
 
-def adapted(spec: lora.LoraConfig):
-    """`adapt(adapters, base)` for make_train_step: the weights the model applies, the frozen base
-    with each targeted weight adapted (whatever the objective: next-token or DPO)."""
-    return lambda adapters, base: lora.adapt(base, adapters, spec)
+def _split_score(trained):
+    """(the adapters, a reward model's trained score head or None)."""
+    return {k: v for k, v in trained.items() if k != "score"}, trained.get("score")
 
 
-def export(out: Path, run: LoraRun, cfg: LlamaConfig, base, adapters, tokenizer_path: str) -> Path:
-    """OUT/adapters, then OUT/model merged in the base's dtype; every process calls it."""
-    lora.save_adapters(out / ADAPTERS_DIR, run.spec, adapters, base=run.base, base_config=run.base_config)
+def adapted(spec: lora.LoraConfig, head: str = "lm"):
+    """`adapt(trained, base)` for make_train_step: the weights the model applies, the frozen base
+    with each targeted weight adapted (whatever the objective: next-token, DPO or a reward model's,
+    whose trained score head replaces the base's)."""
+    if head == "lm":
+        return lambda adapters, base: lora.adapt(base, adapters, spec)
+
+    def adapt(trained, base):
+        adapters, score = _split_score(trained)
+        return {**lora.adapt(base, adapters, spec), "score": score}
+    return adapt
+
+
+def initial_score(base, sharding):
+    """A reward model's trained score head at step 0: the base's, as float32 master weights, a copy
+    (the train state is donated; the base is not)."""
+    return jax.jit(lambda s: s.astype(jnp.float32), out_shardings=sharding)(base["score"])
+
+
+def export(out: Path, run: LoraRun, cfg: LlamaConfig, base, trained, tokenizer_path: str) -> Path:
+    """OUT/adapters (not for a reward model), then OUT/model merged in the base's dtype; every process
+    calls it."""
+    adapters, score = _split_score(trained)
+    if score is None:
+        lora.save_adapters(out / ADAPTERS_DIR, run.spec, adapters, base=run.base, base_config=run.base_config)
     merged_cfg = dataclasses.replace(cfg, dtype=run.base_config.dtype, param_dtype=run.base_config.param_dtype)
     merged = lora.merge(base, adapters, run.spec, dtype=merged_cfg.param_dtype)
+    if score is not None:
+        merged["score"] = score.astype(merged_cfg.param_dtype)
     return checkpoint.save(out / checkpoint.TRAINED_MODEL_DIR, merged_cfg, merged, tokenizer_path, overwrite=True)

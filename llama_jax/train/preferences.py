@@ -1,4 +1,5 @@
-"""Preference data for DPO: records -> tokenized (chosen, rejected) pairs -> packed, checkpointable batches.
+"""Preference data for DPO and reward models: records -> tokenized (chosen, rejected) pairs -> packed,
+checkpointable batches.
 
     JSONL records, one per line, either plain text (a base model's view: no chat format)
         {"prompt": "...", "chosen": "...", "rejected": "..."}
@@ -9,6 +10,9 @@
       -> packed whole pairs into rows: a pair's two sequences sit side by side in one row as
          segments 2k+1 (chosen) and 2k+2 (rejected), so a row holds pairs 0, 1, ... and every
          gradient-accumulation microbatch (a subset of rows) holds whole pairs
+
+A reward model (`scored`) reads each sequence whole instead, its last token included (the end of
+the response, which is the token scored), with weight 1 on that token only and no targets.
 
 Every record is read, checked and tokenized when the run starts, so a bad one stops the run before
 any step with one line naming it; a preference set is small next to a pre-training corpus. The
@@ -156,14 +160,22 @@ class Tokenized:
         ids_a = np.asarray(ids, np.int32)
         return cls(ids_a[:-1], ids_a[1:], np.asarray(weights[1:], np.float32))
 
+    @classmethod
+    def scored(cls, ids: list[int]) -> "Tokenized":
+        """The whole sequence as inputs, weight 1 on its last token (a reward model's score), no targets."""
+        weights = np.zeros(len(ids), np.float32)
+        weights[-1] = 1.0
+        return cls(np.asarray(ids, np.int32), np.zeros(len(ids), np.int32), weights)
+
     def __len__(self) -> int:
         return len(self.inputs)
 
 
 class PreferencePairs:
-    """The tokenized records: `pairs[i]` is record i's (chosen, rejected) pair of sequences."""
+    """The tokenized records: `pairs[i]` is record i's (chosen, rejected) pair of sequences, for DPO's
+    next-token log-probs, or `scored` whole for a reward model (Tokenized.scored)."""
 
-    def __init__(self, records: Sequence[PreferenceRecord], tokenizer, seq_len: int):
+    def __init__(self, records: Sequence[PreferenceRecord], tokenizer, seq_len: int, scored: bool = False):
         self.seq_len = seq_len
         self.pairs: list[tuple[Tokenized, Tokenized]] = []
         digest = hashlib.sha256()
@@ -174,9 +186,9 @@ class PreferencePairs:
                     ids, weights = response_ids_and_weights(tokenizer, record.prompt, getattr(record, name))
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"{record.where}: {name}: {e}") from None
-                seq = Tokenized.from_ids(ids, weights)
-                if not seq.weights.any():
+                if not any(weights[1:]):
                     raise ValueError(f"{record.where}: '{name}' renders to no response tokens")
+                seq = Tokenized.scored(ids) if scored else Tokenized.from_ids(ids, weights)
                 pair.append(seq)
                 digest.update(seq.inputs.tobytes() + seq.targets[-1:].tobytes() + seq.weights.tobytes())
             if len(pair[0]) + len(pair[1]) > seq_len:
@@ -235,6 +247,7 @@ class PreferenceDataConfig:
     seq_len: int = 256
     batch_size: int = 16  # global rows per step
     seed: int = 0
+    scored: bool = False  # whole sequences for a reward model (no "reference"), else DPO's
 
 
 _STATE_KEYS = ("seq_len", "batch_size", "seed")
@@ -245,13 +258,13 @@ class PreferenceBatches:
     reshuffled every epoch, with a JSON-able state: (epoch, pairs of it used).
 
     batch["reference"] needs `reference` ([num_pairs, 2] log-prob sums under the reference model)
-    set first: see dpo.prepare_reference.
+    set first: see dpo.prepare_reference. A reward model's batches (cfg.scored) have no "reference".
     """
 
     def __init__(self, cfg: PreferenceDataConfig, tokenizer, records: Sequence[PreferenceRecord] | None = None):
         self.cfg = cfg
         self.pairs = PreferencePairs(records if records is not None else read_preferences(cfg.paths), tokenizer,
-                                     cfg.seq_len)
+                                     cfg.seq_len, cfg.scored)
         self.reference: np.ndarray | None = None
         self._epoch, self._pos = 0, 0
         self._order_cache: tuple[int, np.ndarray | None] = (-1, None)
@@ -273,10 +286,12 @@ class PreferenceBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.reference is None:
+        if self.reference is None and not self.cfg.scored:
             raise RuntimeError("PreferenceBatches.reference is not set: compute the reference log-probs first")
         batch, placed = pack_pairs(self.pairs, self._upcoming(), self.cfg.batch_size, self.reference)
         self._epoch, self._pos = divmod(self._epoch * len(self.pairs) + self._pos + len(placed), len(self.pairs))
+        if self.cfg.scored:
+            del batch["reference"]
         return batch
 
     def state(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from llama_jax.train import lora as lora_lib
 
 DEFAULT_MODEL = "tiny-bytes"  # the byte-level demo preset (config.PRESETS says why)
-OBJECTIVES = ("lm", "dpo")
+OBJECTIVES = ("lm", "dpo", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     z_loss: float = 0.0
-    objective: str = "lm"  # "lm": next-token loss (pre-training, SFT); "dpo": preference pairs (see dpo.py)
+    objective: str = "lm"  # "lm": next-token loss (pre-training, SFT); "dpo" (dpo.py) or "reward" (reward.py): pairs
     dpo_beta: float = 0.1
     dtype: str | None = None  # compute dtype; default bfloat16 on accelerators, float32 on CPU
     remat: str | None = None
@@ -53,11 +53,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective == "dpo" and not self.data:
-            raise ValueError("--objective dpo needs --data: JSONL preference records (prompt or messages, chosen, "
-                             "rejected)")
-        if self.objective == "dpo" and self.z_loss:
-            raise ValueError("--z-loss belongs to the next-token objective, not to --objective dpo")
+        if self.objective != "lm" and not self.data:
+            raise ValueError(f"--objective {self.objective} needs --data: JSONL preference records (prompt or "
+                             f"messages, chosen, rejected)")
+        if self.objective != "lm" and self.z_loss:
+            raise ValueError(f"--z-loss belongs to the next-token objective, not to --objective {self.objective}")
         if self.lora_rank is not None:  # bad LoRA flags fail here, before OUT is touched
             from llama_jax.lora import TARGETS, LoraConfig
 

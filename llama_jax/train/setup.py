@@ -20,6 +20,7 @@ from llama_jax.train import lora as lora_lib
 from llama_jax.train.dpo import DPO, prepare_reference
 from llama_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
 from llama_jax.train.preferences import PreferenceBatches, PreferenceDataConfig
+from llama_jax.train.reward import RewardModeling, initial_params as initial_reward_params
 from llama_jax.train.run_config import DEFAULT_MODEL, TrainConfig
 from llama_jax.train.step import LanguageModeling, Objective, check_batch_shape, init_state, make_train_step, \
     put_batch, sharded_abstract_state
@@ -88,22 +89,27 @@ def runtime_overrides(tc: TrainConfig) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(cfg: LlamaConfig, optim: OptimConfig, mesh, batch_shape: tuple[int, int], grad_accum: int,
-                        objective: Objective, lora_spec=None):
+                        objective: Objective, lora_spec=None, head: str = "lm"):
     """One optimizer and jitted step per setting, so a process that calls `train` again (a resumed
     run in a notebook, the tests) reuses the compiled step instead of tracing it anew. With a LoRA
     spec the step trains adapters and takes the frozen base: step(state, batch, base)."""
     optimizer = make_optimizer(optim)
-    lora_args = {} if lora_spec is None else dict(trained=_trained(cfg, lora_spec, mesh),
-                                                  adapt=lora_lib.adapted(lora_spec))
+    lora_args = {} if lora_spec is None else dict(adapt=lora_lib.adapted(lora_spec, head))
     return optimizer, make_train_step(cfg, optimizer, mesh, batch_shape=batch_shape, grad_accum=grad_accum,
-                                      objective=objective, schedule=lr_schedule(optim), **lora_args)
+                                      objective=objective, schedule=lr_schedule(optim),
+                                      trained=_trained(cfg, lora_spec, mesh, head), **lora_args)
 
 
-def _trained(cfg: LlamaConfig, lora_spec, mesh):
-    """What the state's params are: the model's own (None), or LoRA adapters on `mesh`."""
+def _trained(cfg: LlamaConfig, lora_spec, mesh, head: str = "lm"):
+    """What the state's params are on `mesh`: the causal LM's own (None), a reward model's (head
+    "score"), or LoRA adapters, beside which a reward model trains its score head whole."""
     from llama_jax.lora import sharded_adapter_shapes
+    from llama_jax.params import sharded_param_shapes
 
-    return None if lora_spec is None else sharded_adapter_shapes(cfg, lora_spec, mesh)
+    if head == "lm":
+        return None if lora_spec is None else sharded_adapter_shapes(cfg, lora_spec, mesh)
+    model = sharded_param_shapes(cfg, mesh, head)
+    return model if lora_spec is None else {**sharded_adapter_shapes(cfg, lora_spec, mesh), "score": model["score"]}
 
 
 @dataclasses.dataclass
@@ -121,11 +127,12 @@ class Run:
     data: data_lib.TrainData | PreferenceBatches
     lora: lora_lib.LoraRun | None = None
     base: Any = None  # LoRA: the frozen base params, as the step reads them
+    head: str = "lm"  # the model trained: a causal LM, or a reward model ("score", --objective reward)
 
     @property
     def reads_rows(self) -> bool:
-        """TrainData: each process reads its own rows, placed on the mesh already; else DPO's pairs,
-        global numpy batches."""
+        """TrainData: each process reads its own rows, placed on the mesh already; else preference
+        pairs (DPO, reward models), global numpy batches."""
         return isinstance(self.data, data_lib.TrainData)
 
     def next_batch(self):
@@ -134,7 +141,7 @@ class Run:
 
     @property
     def trained(self):
-        return _trained(self.cfg, self.lora and self.lora.spec, self.mesh)
+        return _trained(self.cfg, self.lora and self.lora.spec, self.mesh, self.head)
 
 
 def build_run(tc: TrainConfig) -> Run:
@@ -142,6 +149,9 @@ def build_run(tc: TrainConfig) -> Run:
 
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
+    head = "score" if tc.objective == "reward" else "lm"
+    if tc.init_from and head == "lm":  # a reward model may start from either kind; the others need a causal LM
+        checkpoint.check_head(tc.init_from, checkpoint.stored_head(tc.init_from), head)
     mesh = make_mesh(tc.mesh)
     lora_run = lora_lib.resolve(out, rank=tc.lora_rank, alpha=tc.lora_alpha, targets=tc.lora_targets,
                                 quantize_base=tc.quantize_base, init_from=tc.init_from)
@@ -156,6 +166,8 @@ def build_run(tc: TrainConfig) -> Run:
     check_batch_shape(mesh, (tc.batch_size, tc.seq_len), tc.grad_accum)
     if tc.objective == "dpo":
         objective = DPO(tc.dpo_beta)
+    elif tc.objective == "reward":
+        objective = RewardModeling()
     else:  # checked before anything is written: bad data trains nothing
         objective = LanguageModeling(tc.z_loss)
         data_path = data_lib.data_dir(tuple(tc.data), tokenizer_path, tc.seq_len, out, tc.progress)
@@ -165,15 +177,16 @@ def build_run(tc: TrainConfig) -> Run:
         checkpoint.copy_tokenizer(tokenizer_path, out)
         if lora_run is not None:
             lora_lib.write_run_file(out, lora_run)
-    if tc.objective == "dpo":
-        data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed), tokenizer)
+    if tc.objective in ("dpo", "reward"):
+        data = PreferenceBatches(PreferenceDataConfig(tuple(tc.data), tc.seq_len, tc.batch_size, tc.seed,
+                                                      scored=head == "score"), tokenizer)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio,
                         b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     optimizer, step = _optimizer_and_step(cfg, optim, mesh, (tc.batch_size, tc.seq_len), tc.grad_accum, objective,
-                                          lora_run and lora_run.spec)
-    run = Run(tc, out, mesh, cfg, source, tokenizer_path, optimizer, step, data, lora_run)
+                                          lora_run and lora_run.spec, head)
+    run = Run(tc, out, mesh, cfg, source, tokenizer_path, optimizer, step, data, lora_run, head=head)
     if lora_run is not None:  # the frozen base, at every start: the step reads it, checkpoints do not hold it
-        run.base = lora_lib.load_base(lora_run, cfg, mesh)
+        run.base = lora_lib.load_base(lora_run, cfg, mesh, head)
         run.step = functools.partial(_with_base, step, run.base)
     return run
 
@@ -224,10 +237,14 @@ def start_state(run: Run, manager):
             from llama_jax.lora import init_adapters
 
             params = init_adapters(cfg, run.lora.spec, tc.seed, mesh)
+            if run.head == "score":  # trained whole, from the base's head (zero for a causal LM's)
+                params["score"] = lora_lib.initial_score(run.base, run.trained["score"].sharding)
+        elif run.head == "score":
+            params = initial_reward_params(cfg, mesh, init_from=tc.init_from, seed=tc.seed, **runtime_overrides(tc))
         elif tc.init_from:
             _, params = checkpoint.load(tc.init_from, mesh, **runtime_overrides(tc))
         state = init_state(cfg, run.optimizer, mesh, seed=tc.seed, params=params, trained=run.trained)
-    if isinstance(run.data, PreferenceBatches):  # the reference log-probs: of the initial model, once
+    if tc.objective == "dpo":  # the reference log-probs: of the initial model, once
         reference = state.params if run.lora is None else run.base  # with LoRA: the base without adapters
         prepare_reference(run.data, run.out, cfg, reference, mesh, resumed=latest is not None, primary=is_primary())
     return state, latest
