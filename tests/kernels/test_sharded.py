@@ -2,6 +2,7 @@
 (shard_map), and the numbers equal the unsharded XLA model's."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.extend
@@ -25,6 +26,24 @@ CFG = dataclasses.replace(PRESETS["tiny"], dim=128, n_heads=8, n_kv_heads=4)
 KERNEL_CFG = dataclasses.replace(CFG, attention_impl="pallas", attention_interpret=True)
 
 
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16))
+SEGMENT_IDS = np.repeat(np.array([[1, 2]] * 4), 8, axis=1)
+
+
+def loss(cfg, params):
+    logits = Llama(cfg).apply({"params": params}, TOKENS, segment_ids=SEGMENT_IDS)
+    return (jax.nn.log_softmax(logits)[..., 0]).mean(), logits
+
+
+@functools.cache
+def xla_reference(kv_heads):
+    """Params, and the grads and logits of the unsharded XLA model with that many kv heads (compiled once)."""
+    cfg = dataclasses.replace(CFG, n_kv_heads=kv_heads)
+    params = random_params(cfg, seed=8)
+    grads, logits = jax.jit(jax.grad(lambda p: loss(cfg, p), has_aux=True))(params)
+    return params, grads, logits
+
+
 def kernel_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
     """The shape of the first operand (q) of every pallas_call, however deeply nested."""
     shapes = []
@@ -43,16 +62,7 @@ def kernel_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
 def test_sharded_model_runs_the_kernels_per_shard_with_the_xla_numbers(spec, kv_heads, per_shard_q):
     cfg = dataclasses.replace(CFG, n_kv_heads=kv_heads)
     kernel_cfg = dataclasses.replace(cfg, attention_impl="pallas", attention_interpret=True)
-    params = random_params(cfg, seed=8)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (4, 16))
-    segment_ids = np.repeat(np.array([[1, 2]] * 4), 8, axis=1)
-
-    def loss(c, p):
-        logits = Llama(c).apply({"params": p}, tokens, segment_ids=segment_ids)
-        return (jax.nn.log_softmax(logits)[..., 0]).mean(), logits
-
-    ref_grads, ref_logits = jax.grad(lambda p: loss(cfg, p), has_aux=True)(params)
+    params, ref_grads, ref_logits = xla_reference(kv_heads)
     mesh = make_mesh(spec)
 
     @jax.jit
@@ -70,15 +80,7 @@ def test_sharded_model_runs_the_kernels_per_shard_with_the_xla_numbers(spec, kv_
 
 def test_sharded_model_runs_splash_per_shard_with_the_xla_numbers():
     """JAX's TPU kernel (interpreted), like ours: a pallas_call inside the shard_map over rows and heads."""
-    params = random_params(CFG, seed=8)
-    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16))
-    segment_ids = np.repeat(np.array([[1, 2]] * 4), 8, axis=1)
-
-    def loss(c, p):
-        logits = Llama(c).apply({"params": p}, tokens, segment_ids=segment_ids)
-        return (jax.nn.log_softmax(logits)[..., 0]).mean(), logits
-
-    ref_grads, ref_logits = jax.grad(lambda p: loss(CFG, p), has_aux=True)(params)
+    params, ref_grads, ref_logits = xla_reference(CFG.n_kv_heads)  # the dp2,tp4 case's above
     mesh, splash_cfg = make_mesh("dp2,tp4"), dataclasses.replace(CFG, attention_impl="splash", attention_interpret=True)
 
     @jax.jit
