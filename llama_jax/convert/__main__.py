@@ -35,7 +35,9 @@ or model.safetensors.index.json with its shards. HF's rotary permutation of q/k 
 embeddings stay tied. Any Llama-architecture model converts (SmolLM, TinyLlama, ...). The tokenizer
 comes along: original/tokenizer.model when present, else a Llama 3 tokenizer.json converted to
 tiktoken ranks, else any other tokenizer.json as it is, with its tokenizer_config.json (chat
-template), chat_template.jinja and generation_config.json, which infer and train then use.
+template), chat_template.jinja and generation_config.json, which infer and train then use. A reward
+model (LlamaForSequenceClassification with num_labels=1) becomes a llama_jax reward checkpoint
+(llama_jax.reward); other num_labels are refused.
 """
 
 _TO_HF_HELP = """\
@@ -44,7 +46,9 @@ transformers.LlamaForCausalLM.from_pretrained(DST) loads: config.json, generatio
 sharded safetensors with model.safetensors.index.json, and original/tokenizer.model. A Llama 3
 tokenizer also becomes tokenizer.json and tokenizer_config.json (with the chat template), which
 transformers.AutoTokenizer.from_pretrained(DST) loads; another model's tokenizer files, carried
-from `convert hf`, are copied as they are.
+from `convert hf`, are copied as they are. A reward checkpoint (llama_jax.reward) becomes a
+transformers.LlamaForSequenceClassification with num_labels=1 and a pad_token_id set, by which
+transformers finds each row's last token: pad batches with that id.
 """
 
 

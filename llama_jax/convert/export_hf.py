@@ -15,6 +15,10 @@ sentencepiece scores, byte fallback and a Metaspace normalizer), and the models 
 
 Tensors are read one layer slice at a time and written straight into their file, so memory stays
 near one tensor whatever the model size. Tied models get no lm_head (tie_word_embeddings: true).
+
+A reward checkpoint (llama_jax.reward) becomes a LlamaForSequenceClassification with num_labels 1: no
+lm_head, `score.weight` [1, D], and a pad_token_id (`reward_pad_id`), by which transformers finds
+each row's last token that is not padding, the one it scores.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from tqdm import tqdm
 from llama_jax import checkpoint
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
-from llama_jax.convert.hf import INDEX_FILE, ORIGINAL_TOKENIZER
+from llama_jax.convert.hf import INDEX_FILE, ORIGINAL_TOKENIZER, REWARD_ARCHITECTURE
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
-from llama_jax.convert.keymap import HF_KEYS, checkpoint_tensors
+from llama_jax.convert.keymap import checkpoint_tensors, hf_keys
 from llama_jax.convert.store import ParamsReader, check_paths, read_tokenizer
 from llama_jax.hf_tokenizer import GENERATION_CONFIG, HFTokenizer
 from llama_jax.tokenizer import Llama2Tokenizer, Llama3Tokenizer
@@ -67,6 +71,16 @@ def stop_ids(cfg: LlamaConfig, tokenizer: Llama3Tokenizer | Llama2Tokenizer | HF
     return ids
 
 
+def reward_pad_id(cfg: LlamaConfig, tokenizer) -> int:
+    """The pad_token_id of an exported reward model. transformers scores each row at its last token
+    that is not this id, so it must never end a sequence: the tokenizer's pad token (Llama 3's
+    <|finetune_right_pad_id|>) unless it has none or it is a stop token (some chat models pad with
+    their end of turn, the very token scored), else bos, which only ever starts one."""
+    pad = tokenizer.pad_id if tokenizer is not None else -1
+    stops = tokenizer.stop_tokens if tokenizer is not None else ()
+    return pad if 0 <= pad < cfg.vocab_size and pad not in (cfg.eos_id, *stops) else cfg.bos_id
+
+
 def _shard_groups(tensors, cfg: LlamaConfig, itemsize: int, max_bytes: int):
     groups, size = [[]], 0
     for t in tensors:
@@ -92,7 +106,9 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
     check_paths(src, dst)
     with checkpoint.staged_directory(dst, overwrite=overwrite) as staging:
         cfg = checkpoint.load_config(src)
-        reader = ParamsReader(src / checkpoint.PARAMS_DIR, cfg)
+        head = checkpoint.stored_head(src)
+        keys = hf_keys(head)
+        reader = ParamsReader(src / checkpoint.PARAMS_DIR, cfg, head)
         out_dtype = np.dtype(canonical_dtype_name(dtype, "dtype") if dtype else cfg.param_dtype)
         tokenizer_file = checkpoint.tokenizer_path(src)
         tokenizer = read_tokenizer(tokenizer_file) if tokenizer_file is not None else None
@@ -110,9 +126,11 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
             (staging / ORIGINAL_TOKENIZER).parent.mkdir()
             shutil.copyfile(tokenizer_file, staging / ORIGINAL_TOKENIZER)
         if isinstance(tokenizer, Llama3Tokenizer):
-            write_hf_tokenizer(tokenizer, staging, max_seq_len=cfg.max_seq_len, base=base)
+            names = {i: name for name, i in tokenizer.special_tokens.items()}
+            pad_token = names.get(reward_pad_id(cfg, tokenizer)) if head == "score" else None
+            write_hf_tokenizer(tokenizer, staging, max_seq_len=cfg.max_seq_len, base=base, pad_token=pad_token)
 
-        tensors = checkpoint_tensors(HF_KEYS, cfg)
+        tensors = checkpoint_tensors(keys, cfg)
         groups = _shard_groups(tensors, cfg, out_dtype.itemsize, max_shard_size)
         weight_map = {}
         with tqdm(total=len(tensors), desc=f"{src.name} -> {dst.name}", unit="tensor",
@@ -134,7 +152,11 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | No
         total = sum(out_dtype.itemsize * math.prod(t.entry.shape(cfg)) for t in tensors)
         _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eos = stops if len(stops) > 1 else stops[0]
-        _write_json(staging / "config.json", {**cfg.to_hf_config(dtype=out_dtype.name), "eos_token_id": eos})
+        hf_config = {**cfg.to_hf_config(dtype=out_dtype.name), "eos_token_id": eos}
+        if head == "score":
+            hf_config.update(architectures=[REWARD_ARCHITECTURE], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                             pad_token_id=reward_pad_id(cfg, tokenizer))
+        _write_json(staging / "config.json", hf_config)
         _write_json(staging / GENERATION_CONFIG, {**generation, "bos_token_id": cfg.bos_id, "eos_token_id": eos})
     return dst
 

@@ -7,6 +7,10 @@ the directory has one: Meta's original/tokenizer.model as is; else a Llama 3 tok
 byte-level BPE written out as tiktoken ranks; else any other tokenizer.json as it is, with its
 tokenizer_config.json, chat_template.jinja and generation_config.json (llama_jax.hf_tokenizer).
 The weights never depend on which.
+
+A reward model (config.json's architectures ["LlamaForSequenceClassification"], num_labels 1) becomes
+our reward checkpoint: the same network, its `score.weight` [1, D] our `score` (keymap.HF_REWARD_KEYS);
+any other num_labels is refused, since llama_jax.reward scores a sequence with one number.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from llama_jax.checkpoint import PARAMS_DIR, TOKENIZER_FILE, staged_directory, w
 from llama_jax.config import LlamaConfig, canonical_dtype_name
 from llama_jax.convert import safetensors_io
 from llama_jax.convert.hf_tokenizer import TOKENIZER_JSON, byte_level_alphabet
-from llama_jax.convert.keymap import HF_KEYS, embedding_name, match_tensors, output_name
+from llama_jax.convert.keymap import embedding_name, hf_keys, match_tensors, output_name
+from llama_jax.jsonfile import read_json_object
 from llama_jax.convert.store import check_paths, import_params, naming_file, read_tokenizer, same_bits
 
 CONFIG_FILE = "config.json"
@@ -40,6 +45,23 @@ def read_config(src: Path) -> LlamaConfig:
         return LlamaConfig.from_hf_config(path)
     except ValueError as e:
         raise naming_file(path, e) from None
+
+
+REWARD_ARCHITECTURE = "LlamaForSequenceClassification"
+
+
+def read_head(src: Path) -> str:
+    """"score" for a reward model (REWARD_ARCHITECTURE with num_labels 1), else "lm"; num_labels other
+    than 1 is a one-line ValueError. transformers writes num_labels as id2label's length (2 when absent)."""
+    path = src / CONFIG_FILE
+    raw = read_json_object(path)
+    if REWARD_ARCHITECTURE not in (raw.get("architectures") or []):
+        return "lm"
+    num_labels = raw["num_labels"] if "num_labels" in raw else len(raw["id2label"]) if "id2label" in raw else 2
+    if num_labels != 1:
+        raise ValueError(f"{path}: a {REWARD_ARCHITECTURE} with num_labels {num_labels}; only reward models, "
+                         f"num_labels 1 (one score per sequence), convert")
+    return "score"
 
 
 def safetensors_index(src: Path) -> dict[str, safetensors_io.TensorInfo]:
@@ -169,17 +191,20 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
         raise ValueError(f"{src}: no such directory")
     with staged_directory(dst, overwrite=overwrite) as staging:
         cfg = read_config(src)
+        head = read_head(src)
+        keys = hf_keys(head)
         infos = safetensors_index(src)
         tokenizer_file, ranks = _tokenizer(src, cfg)
-        embedding, output = embedding_name(HF_KEYS), output_name(HF_KEYS)
+        embedding = embedding_name(keys)
+        output = output_name(keys) if head == "lm" else None  # a reward model has no lm_head, tied or not
         if embedding not in infos:
             raise ValueError(f"{src}: missing tensor {embedding!r}")
         source_dtype = canonical_dtype_name(infos[embedding].dtype, embedding)
         cfg = dataclasses.replace(cfg, param_dtype=canonical_dtype_name(dtype, "dtype") if dtype else source_dtype)
         shapes = {name: info.shape for name, info in infos.items()}
-        tensors = match_tensors(HF_KEYS, cfg, shapes, where=lambda name: str(infos[name].path), source=str(src),
-                                config_file=CONFIG_FILE, ignore=(output,) if cfg.tie_embeddings else ())
-        if cfg.tie_embeddings and output in infos and not same_bits(
+        tensors = match_tensors(keys, cfg, shapes, where=lambda name: str(infos[name].path), source=str(src),
+                                config_file=CONFIG_FILE, ignore=(output,) if output and cfg.tie_embeddings else ())
+        if output and cfg.tie_embeddings and output in infos and not same_bits(
                 safetensors_io.read_tensor(infos[output]), safetensors_io.read_tensor(infos[embedding])):
             raise ValueError(f"{infos[output].path}: {output} differs from {embedding}, but {CONFIG_FILE} sets "
                              f"tie_word_embeddings")
@@ -189,7 +214,7 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
             yield safetensors_io.read_tensor(infos[name])
 
         import_params(staging / PARAMS_DIR, cfg, tensors, open_tensor, progress=progress,
-                      desc=f"{src.name} -> {dst.name}")
+                      desc=f"{src.name} -> {dst.name}", head=head)
         write_metadata(staging, cfg, tokenizer_file)
         if ranks is not None:
             (staging / TOKENIZER_FILE).write_bytes(ranks)

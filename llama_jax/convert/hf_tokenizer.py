@@ -133,10 +133,11 @@ def chat_template() -> str:
     )
 
 
-def tokenizer_config(*, max_seq_len: int, base: bool) -> dict:
+def tokenizer_config(*, max_seq_len: int, base: bool, pad_token: str | None = None) -> dict:
     """eos is what ends a reply: end_of_text for a base model, eot for an instruct one (as Meta's HF
-    repos set it); generation_config.json lists every stop id either way."""
-    return {
+    repos set it); generation_config.json lists every stop id either way. pad_token: a reward model's
+    (export_hf.reward_pad_id), so that padded batches pad with the id its config names."""
+    return {**({"pad_token": pad_token} if pad_token else {}),
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
         "eos_token": EOS if base else EOT,
@@ -147,11 +148,13 @@ def tokenizer_config(*, max_seq_len: int, base: bool) -> dict:
     }
 
 
-def write_hf_tokenizer(tokenizer: Llama3Tokenizer, directory: Path, *, max_seq_len: int, base: bool) -> None:
+def write_hf_tokenizer(tokenizer: Llama3Tokenizer, directory: Path, *, max_seq_len: int, base: bool,
+                       pad_token: str | None = None) -> None:
     """Write tokenizer.json and tokenizer_config.json of `tokenizer` into `directory`."""
     with open(directory / TOKENIZER_JSON, "w", encoding="utf-8") as f:
         json.dump(tokenizer_json(tokenizer), f, ensure_ascii=False, indent=2)
         f.write("\n")
     (directory / TOKENIZER_CONFIG).write_text(
-        json.dumps(tokenizer_config(max_seq_len=max_seq_len, base=base), indent=2, ensure_ascii=False) + "\n",
+        json.dumps(tokenizer_config(max_seq_len=max_seq_len, base=base, pad_token=pad_token), indent=2,
+                   ensure_ascii=False) + "\n",
         encoding="utf-8")

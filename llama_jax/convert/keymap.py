@@ -9,6 +9,9 @@ Layouts (torch Linear weights are [out, in]):
 HF's checkpoints reorder each head's q/k rows from Meta's interleaved pairs (x0,x1),(x2,x3)... to
 two halves (x0,x2,...),(x1,x3,...) so that HF's rotate-half rotary is equivalent; converters
 undo that on import and redo it on export (getting it wrong gives a model that loads and babbles).
+
+A reward model (model.HEADS "score") maps like the causal LM less lm_head, plus HF's
+LlamaForSequenceClassification head `score.weight` [1, D] <-> ours `score` [D] (HF_REWARD_KEYS).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ _META_BLOCK, _HF_BLOCK = _block_entries(hf=False), _block_entries(hf=True)
 _EMBEDDINGS = Entry(("tok_embeddings",), _VOCAB, _same, _same, per_layer=False)
 _FINAL_NORM = Entry(("norm", "scale"), _NORM, _same, _same, per_layer=False)
 _OUTPUT = Entry(("output",), _VOCAB, _transpose, _transpose, per_layer=False)
+_SCORE = Entry(("score",), lambda cfg: (1, cfg.dim), lambda w, cfg: w.reshape(cfg.dim),
+               lambda w, cfg: w.reshape(1, cfg.dim), per_layer=False)
 
 META_KEYS: dict[str, Entry] = {
     "tok_embeddings.weight": _EMBEDDINGS,
@@ -150,7 +155,9 @@ HF_KEYS: dict[str, Entry] = {
     "lm_head.weight": _OUTPUT,
     **{f"model.layers.{{i}}.{hf}.weight": _HF_BLOCK[ours] for ours, hf in _HF_BLOCK_NAMES.items()},
 }
-for _keys in (META_KEYS, HF_KEYS):  # each of our params comes from exactly one checkpoint tensor
+# HF's LlamaForSequenceClassification with num_labels=1: the same model less lm_head, plus its score head.
+HF_REWARD_KEYS: dict[str, Entry] = {**{k: e for k, e in HF_KEYS.items() if e is not _OUTPUT}, "score.weight": _SCORE}
+for _keys in (META_KEYS, HF_KEYS, HF_REWARD_KEYS):  # each of our params comes from exactly one checkpoint tensor
     assert len({entry.path for entry in _keys.values()}) == len(_keys)
 
 
@@ -181,6 +188,11 @@ def template_of(keys: dict[str, Entry], cfg: LlamaConfig) -> dict[str, str]:
     """Every tensor name of a (tie-agnostic) checkpoint of `cfg` -> its template in `keys`."""
     return {name.format(i=i): name for name, entry in keys.items()
             for i in (range(cfg.n_layers) if entry.per_layer else [None])}
+
+
+def hf_keys(head: str) -> dict[str, Entry]:
+    """The HF key map of a causal LM ("lm") or a reward model ("score")."""
+    return HF_REWARD_KEYS if head == "score" else HF_KEYS
 
 
 def output_name(keys: dict[str, Entry]) -> str:

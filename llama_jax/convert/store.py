@@ -75,9 +75,9 @@ class ParamsWriter:
         writer.close()   # raises if any slice was never written
     """
 
-    def __init__(self, params_dir: str | Path, cfg: LlamaConfig):
+    def __init__(self, params_dir: str | Path, cfg: LlamaConfig, head: str = "lm"):
         params_dir = Path(params_dir)
-        shapes = param_shapes(cfg)
+        shapes = param_shapes(cfg, head)
         self._leaves = _leaves(shapes)
         stand_ins = jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), s.dtype), shapes)
         with _absl_level(logging.ERROR):  # Orbax warns that a non-OCDBT save has no OCDBT files to merge
@@ -126,9 +126,10 @@ class ParamsWriter:
 
 
 class ParamsReader:
-    """Reads one layer slice (or one unstacked param) at a time from a checkpoint's params/ dir."""
+    """Reads one layer slice (or one unstacked param) at a time from a checkpoint's params/ dir (of a
+    causal LM, or of a reward model: head "score")."""
 
-    def __init__(self, params_dir: str | Path, cfg: LlamaConfig):
+    def __init__(self, params_dir: str | Path, cfg: LlamaConfig, head: str = "lm"):
         params_dir = Path(params_dir).absolute()
         try:
             meta = json.loads((params_dir / "_METADATA").read_text())
@@ -137,7 +138,7 @@ class ParamsReader:
         use_ocdbt = meta.get("use_ocdbt", (params_dir / "manifest.ocdbt").exists())
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self._arrays = {}
-        for path, leaf in _leaves(param_shapes(cfg)).items():
+        for path, leaf in _leaves(param_shapes(cfg, head)).items():
             name = _array_name(path)
             kvstore = ({"driver": "ocdbt", "base": {"driver": "file", "path": str(params_dir)}, "path": name}
                        if use_ocdbt else {"driver": "file", "path": str(params_dir / name)})
@@ -157,10 +158,11 @@ class ParamsReader:
 
 def import_params(params_dir: str | Path, cfg: LlamaConfig, tensors: list[Tensor],
                   open_tensor: Callable[[str], contextlib.AbstractContextManager[np.ndarray]], *,
-                  progress: bool = False, desc: str = "convert") -> None:
+                  progress: bool = False, desc: str = "convert", head: str = "lm") -> None:
     """Write every tensor of a checkpoint (in its layout, as `open_tensor(name)` yields it) into our
-    params tree at `params_dir`, transformed by its key-map entry and cast to cfg.param_dtype."""
-    writer = ParamsWriter(params_dir, cfg)
+    params tree at `params_dir` (a causal LM's, or a reward model's: head "score"), transformed by its
+    key-map entry and cast to cfg.param_dtype."""
+    writer = ParamsWriter(params_dir, cfg, head)
     dtype = np.dtype(cfg.weight_dtype)
     for t in tqdm(tensors, desc=desc, unit="tensor", disable=None if progress else True):
         with open_tensor(t.name) as value:
