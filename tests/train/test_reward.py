@@ -22,6 +22,8 @@ from llama_jax.train.preferences import PreferencePairs, pack_pairs, read_prefer
 from llama_jax.train.reward import RewardModeling
 from llama_jax.train.step import init_state, make_train_step, put_batch
 from tests.reference import random_params
+from tests.train.conftest import losses
+from tests.train.faults import sigterm_at
 from tests.train.test_dpo import some_records, write_jsonl
 
 CFG = LlamaConfig.preset("tiny")  # float32, V=512: the byte tokenizer's 256 bytes + 256 specials
@@ -94,6 +96,19 @@ def test_cli_lora_reward_model_from_a_converted_hf_chat_model(tmp_path, capsys, 
     ids = [rm.sequence_ids(tokenizer, records[0]["messages"], records[0][k]) for k in ("chosen", "rejected")]
     chosen, rejected = rm.score_sequences(cfg, params, ids, batch_size=2)
     assert chosen > rejected
+
+
+def test_sigterm_and_resume_continue_exactly(tmp_path, tokenizer):
+    """A resumed run restores the reward model's state (score in place of output) and its batches."""
+    cfg = LlamaConfig.preset("tiny", bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    lm = checkpoint.save(tmp_path / "lm", cfg, random_params(cfg, 2), write_byte_tokenizer(tmp_path / "t.model"))
+    run = dict(init_from=str(lm), data=(write_jsonl(tmp_path / "p.jsonl", some_records()),), objective="reward",
+               seq_len=SEQ_LEN, batch_size=8, steps=4, lr=1e-2, warmup_steps=0, mesh="fsdp8", log_every=1,
+               progress=False)
+    train(TrainConfig(out=str(tmp_path / "whole"), **run))
+    assert train(TrainConfig(out=str(tmp_path / "cut"), **run), sigterm_at(2))["steps"] == 2
+    assert train(TrainConfig(out=str(tmp_path / "cut"), **run))["resumed_from"] == 2
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
 
 
 def test_a_reward_checkpoint_where_a_causal_lm_is_needed_is_one_line(tmp_path):
