@@ -52,7 +52,7 @@ def extra_requirements(text: str) -> set[str]:
 
 def test_the_readme_shows_every_tool():
     assert {argv[0] for argv in commands(README)} == {"llama_jax.train", "llama_jax.infer", "llama_jax.convert",
-                                                       "llama_jax.data", "llama_jax.serve"}
+                                                       "llama_jax.data", "llama_jax.serve", "llama_jax.reward"}
 
 
 @pytest.mark.parametrize("where, argv", documented_commands(),
