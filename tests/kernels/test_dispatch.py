@@ -144,12 +144,18 @@ def test_splash_kernel_built_once_serves_later_traces():
 
 def _assert_same_attention(fn, args, atol):
     q, k, v, seg = args
-    want = attention_reference(q, k, v, seg)
-    np.testing.assert_allclose(fn(q, k, v, seg), want, atol=atol)
-    do = jnp.cos(want)
-    grads = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)[1](do)
-    want_grads = jax.vjp(lambda q, k, v: attention_reference(q, k, v, seg), q, k, v)[1](do)
-    for name, g, w in zip("qkv", grads, want_grads):
+
+    def out_and_grads(f):
+        """f's output and input gradients under the cotangent cos(reference output), one compiled program
+        (op by op, every op of the reference and of the interpreted kernel compiled on its own)."""
+        def run(q, k, v):
+            out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
+            return (out, *vjp(jnp.cos(attention_reference(q, k, v, seg))))
+        return jax.jit(run)(q, k, v)
+
+    got, want = out_and_grads(fn), out_and_grads(attention_reference)
+    np.testing.assert_allclose(got[0], want[0], atol=atol)
+    for name, g, w in zip("qkv", got[1:], want[1:]):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol, err_msg=f"d{name}")
 
 
