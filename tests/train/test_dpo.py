@@ -71,12 +71,18 @@ def unpacked_logprobs(params, pairs):
     return np.asarray(sums).reshape(len(pairs), 2)
 
 
-@pytest.mark.parametrize("mesh_spec", ["dp2,fsdp2,tp2", "fsdp2,cp4"])
-def test_packed_sharded_loss_equals_the_formula_on_unpacked_sequences(tmp_path, tokenizer, mesh_spec):
-    pairs = PreferencePairs(read_preferences([write_jsonl(tmp_path / "p.jsonl", some_records())]), tokenizer, SEQ_LEN)
+@pytest.fixture(scope="module")
+def unpacked(tmp_path_factory, tokenizer):
+    """some_records' pairs, a policy and a reference model, and their unpacked forwards' log-probs."""
+    path = write_jsonl(tmp_path_factory.mktemp("pairs") / "p.jsonl", some_records())
+    pairs = PreferencePairs(read_preferences([path]), tokenizer, SEQ_LEN)
     policy, reference = init_single(CFG, 0), init_single(CFG, 1)
-    want_policy, want_reference = unpacked_logprobs(policy, pairs), unpacked_logprobs(reference, pairs)
+    return pairs, policy, reference, unpacked_logprobs(policy, pairs), unpacked_logprobs(reference, pairs)
 
+
+@pytest.mark.parametrize("mesh_spec", ["dp2,fsdp2,tp2", "fsdp2,cp4"])
+def test_packed_sharded_loss_equals_the_formula_on_unpacked_sequences(unpacked, mesh_spec):
+    pairs, policy, reference, want_policy, want_reference = unpacked
     mesh = make_mesh(mesh_spec)  # cp: each row's tokens split over 4 devices, in load-balanced order
     B = 8  # a multiple of dp x fsdp x grad_accum
     shardings = param_shardings(CFG, mesh)
