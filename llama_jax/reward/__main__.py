@@ -75,11 +75,12 @@ def load_reward(path: str, mesh, dtype):
 def run(args) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.command == "score":
-        from llama_jax.reward.score import score_file
+        from llama_jax.reward.score import read_records, score_file
 
+        records = read_records(args.data)  # a bad record fails before the weights load
         cfg, params, tokenizer = load_reward(args.checkpoint, mesh, args.dtype)
         scores = score_file(cfg, params, tokenizer, args.data, args.out, batch_size=args.score_batch_size, mesh=mesh,
-                            progress=args.progress)
+                            progress=args.progress, records=records)
         print(f"scored {len(scores)} records: mean {scores.mean():.4g}, min {scores.min():.4g}, max {scores.max():.4g}",
               file=sys.stderr)
         return 0

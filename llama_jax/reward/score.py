@@ -21,8 +21,8 @@ from llama_jax.reward.records import read_jsonl, scored_record
 CHUNK = 256  # records scored per call of score_sequences (the progress bar moves by it)
 
 
-def record_ids(tokenizer, record: dict, where: str, max_len: int) -> list[int]:
-    held = scored_record(record, where)
+def record_ids(tokenizer, held, where: str, max_len: int) -> list[int]:
+    """The ids scored for a record's scored_record: bos + text, or the conversation (sequence_ids)."""
     if isinstance(held, str):
         ids = tokenizer.encode(held, bos=True, eos=False)
     else:
@@ -32,15 +32,22 @@ def record_ids(tokenizer, record: dict, where: str, max_len: int) -> list[int]:
     return ids
 
 
-def score_file(cfg, params, tokenizer, data: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 16,
-               mesh=None, progress: bool = True) -> np.ndarray:
-    """Score every record of `data` into `out` (written to a temporary name and moved into place once
-    all are scored, so a failed run leaves no partial file); returns the scores."""
-    records = [(number, record) for number, record in read_jsonl(data, "--data")]
+def read_records(data: str | os.PathLike) -> list[tuple[str, list | str | tuple]]:
+    """(where, what to score) of every record, checked before any model loads."""
+    records = [(f"--data {data} line {number}", scored_record(record, f"--data {data} line {number}"))
+               for number, record in read_jsonl(data, "--data")]
     if not records:
         raise ValueError(f"--data: {data} holds no records")
-    ids = [record_ids(tokenizer, record, f"--data {data} line {number}", cfg.max_seq_len)
-           for number, record in records]
+    return records
+
+
+def score_file(cfg, params, tokenizer, data: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 16,
+               mesh=None, progress: bool = True, records=None) -> np.ndarray:
+    """Score every record of `data` into `out` (written to a temporary name and moved into place once
+    all are scored, so a failed run leaves no partial file); returns the scores. records: the file's
+    read_records, when the caller read them already."""
+    records = read_records(data) if records is None else records
+    ids = [record_ids(tokenizer, held, where, cfg.max_seq_len) for where, held in records]
     scores = np.zeros(len(ids), np.float32)
     with tqdm(total=len(ids), desc="scoring", unit="record", disable=None if progress else True) as bar:
         for start in range(0, len(ids), CHUNK):
@@ -56,4 +63,4 @@ def score_file(cfg, params, tokenizer, data: str | os.PathLike, out: str | os.Pa
     return scores
 
 
-__all__ = ["score_file", "record_ids"]
+__all__ = ["score_file", "read_records", "record_ids"]

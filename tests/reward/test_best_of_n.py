@@ -140,3 +140,28 @@ def test_a_causal_lm_is_not_a_reward_model(models, tmp_path, capsys):
                  tmp_path / "o.jsonl", "--no-progress")
     err = capsys.readouterr().err
     assert status == 1 and "is a causal language model, not a reward model" in err and err.count("\n") == 1
+
+
+def test_min_score_and_min_margin_leave_records_out(models, tmp_path, capsys):
+    out = tmp_path / "all.jsonl"
+    assert best_of_n(models, out) == 0
+    sft = read(out)
+    best = sorted(r["best_score"] for r in sft)
+    cut = tmp_path / "cut.jsonl"
+    assert best_of_n(models, cut, "--min-score", best[2], "--min-margin", 1e9) == 0
+    assert [r["best_score"] for r in read(cut)] == [s for s in (r["best_score"] for r in sft) if s >= best[2]]
+    assert read(bon.pairs_path(cut)) == []
+    assert "3 SFT records, 0 DPO pairs written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "x"}]}, "line 2: the last message must be the assistant's answer"),
+    ({"text": 3}, "line 2: expected"),
+])
+def test_a_bad_record_to_score_is_one_line_before_the_model_loads(tmp_path, capsys, record, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    status = run("score", "--checkpoint", tmp_path / "nowhere", "--data", data, "--out", tmp_path / "s.jsonl")
+    err = capsys.readouterr().err
+    assert status == 1 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s.jsonl").exists()
