@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # and every comparison with a reference keeps its tolerance.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# torch (the HF references) would start an OpenMP pool of a thread per core in each of the two xdist
+# workers, spinning against each other and XLA on a 2-core host for its tiny matmuls: one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests rebuild the same small programs in fresh jit closures, other workers and child processes:
 # one compilation cache for this run (made by the first process to import this file, whose
 # environment the xdist workers and children inherit; it removes the cache at the end).
