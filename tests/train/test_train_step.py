@@ -191,10 +191,10 @@ def test_a_32k_row_trains_on_cp8_and_needs_an_eighth_of_one_devices_memory():
     """Two steps of a 32,768-token row on cp8, and the per-device temporaries of that compiled step
     against one device's at the same length, whose dense XLA attention holds [T, T] scores per head
     while cp8 runs the blocked flash_xla on T/8 queries (one device's is only compiled). One layer of
-    the tiny preset at half its width (2 query heads over 1 kv head of 16 dims): running the step at
-    32K tokens is what takes the time, attention most of it. A 32K step's temporaries are ~40 MiB
-    per device, one device's ~6.5x that."""
-    cfg = LlamaConfig.preset("tiny", n_layers=1, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=32768)
+    the tiny preset with one head of its 16 dims (grouped heads: the tests above): running the step
+    at 32K tokens is what takes the time, attention most of it. A 32K step's temporaries are ~33 MiB
+    per device, one device's ~6x that."""
+    cfg = LlamaConfig.preset("tiny", n_layers=1, dim=16, n_heads=1, n_kv_heads=1, max_seq_len=32768)
     optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10))
     T = 32768
     one = make_mesh("dp1", devices=jax.devices()[:1])
